@@ -1,0 +1,1 @@
+"""The retrieval-augmented multimodal reader, its answer vocabulary and training."""

