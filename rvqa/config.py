@@ -254,7 +254,9 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} settings, got {value!r}")
+            raise ConfigError(
+                f"{where}: expected a mapping of {tp.__name__} settings, got {value!r}"
+            )
         return _build(tp, value, where)
     if origin is list:
         if not isinstance(value, list):
@@ -346,7 +348,9 @@ def apply_overrides(cfg: Any, overrides: list[str] | None) -> Any:
     data = config_to_dict(cfg)
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. reader.learning_rate=1e-4")
+            raise ConfigError(
+                f"override {item!r}: expected KEY=VALUE, e.g. reader.learning_rate=1e-4"
+            )
         key, raw = item.split("=", 1)
         key = key.strip()
         value = _parse_scalar(raw)
@@ -354,7 +358,11 @@ def apply_overrides(cfg: Any, overrides: list[str] | None) -> Any:
         parts = key.split(".")
         created = False
         for i, part in enumerate(parts[:-1]):
-            if isinstance(node, dict) and part not in node and _is_free_mapping(cfg, parts[: i + 1]):
+            if (
+                isinstance(node, dict)
+                and part not in node
+                and _is_free_mapping(cfg, parts[: i + 1])
+            ):
                 node[part] = {}  # a new entry of a mapping field, e.g. data.splits.val
                 created = True
             if not isinstance(node, dict) or part not in node:
@@ -394,7 +402,9 @@ def _parse_scalar(raw: str) -> Any:
     return value
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
+def load_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | None = None
+) -> RunConfig:
     """Load a :class:`RunConfig` from YAML (``yaml.safe_load``) and apply overrides.
 
     Args:

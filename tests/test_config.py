@@ -40,7 +40,10 @@ def test_defaults_are_the_demo():
 def test_unknown_key_names_key_and_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("reader:\n  learnig_rate: 0.1\n")
-    with pytest.raises(ConfigError, match=r"bad\.yaml.*unknown key 'reader\.learnig_rate'.*Did you mean 'reader\.learning_rate'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"bad\.yaml.*unknown key 'reader\.learnig_rate'.*Did you mean 'reader\.learning_rate'",
+    ):
         load_config(path)
 
 
@@ -72,7 +75,14 @@ def test_malformed_yaml_and_missing_file(tmp_path):
 
 
 def test_overrides_are_type_checked():
-    cfg = load_config(None, ["reader.learning_rate=1e-4", "reader.max_grad_norm=null", "data.splits.val.questions=q.json"])
+    cfg = load_config(
+        None,
+        [
+            "reader.learning_rate=1e-4",
+            "reader.max_grad_norm=null",
+            "data.splits.val.questions=q.json",
+        ],
+    )
     assert cfg.reader.learning_rate == pytest.approx(1e-4)
     assert isinstance(cfg.reader.learning_rate, float)
     assert cfg.reader.max_grad_norm is None
