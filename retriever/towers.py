@@ -1,0 +1,155 @@
+"""Build image and text towers (any ``transformers`` backbone, or the small CNN).
+
+Shared by the retriever and the reader. A tower is described by a plain config
+dict (``PretrainedConfig.to_dict()``, with ``model_type``) so a composite model
+can rebuild it from its own config in ``__init__`` — the ``transformers`` way —
+while :func:`load_vision_tower` / :func:`load_text_tower` load pretrained
+weights when a run starts from named checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+
+try:  # transformers >= 5: the PIL backend, no torchvision needed
+    from transformers import ViTImageProcessorPil as _CNNImageProcessor
+except ImportError:  # pragma: no cover - transformers 4.x
+    from transformers import ViTImageProcessor as _CNNImageProcessor
+
+from retriever.cnn import SmallCNNConfig, SmallCNNModel
+from rvqa.backbones import resolve_text_backbone
+
+logger = logging.getLogger(__name__)
+
+AutoConfig.register("rvqa-small-cnn", SmallCNNConfig, exist_ok=True)
+AutoModel.register(SmallCNNConfig, SmallCNNModel, exist_ok=True)
+
+BUILTIN_VISION = ("cnn",)
+# Composite configs (CLIP, SigLIP, ...) whose image tower lives in `vision_config`.
+_COMPOSITE_VISION = {"clip", "siglip", "siglip2", "blip", "align", "owlvit", "chinese_clip"}
+_COMPOSITE_TEXT = {"clip", "siglip", "siglip2", "t5", "mt5", "umt5"}
+
+
+def small_cnn_processor(image_size: int):
+    """Resize to ``image_size``² and scale to [-1, 1]; saved/loaded like any HF processor."""
+    return _CNNImageProcessor(
+        do_resize=True,
+        size={"height": image_size, "width": image_size},
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+
+
+def _from_pretrained(fn, name: str, what: str):
+    try:
+        return fn(name)
+    except OSError as err:
+        raise ValueError(
+            f"cannot load {what} {name!r}: {str(err).splitlines()[0]} "
+            f"(known built-in names: 'cnn' for images, 'minilm' for text; any transformers "
+            f"checkpoint name or local folder works where a model hub or the folder is reachable)"
+        ) from None
+
+
+def vision_config_from_name(name: str, image_size: int = 64, grid_size: int | None = 4) -> dict:
+    """The config dict of a vision tower: ``'cnn'`` or a transformers checkpoint/folder."""
+    if name == "cnn":
+        return SmallCNNConfig(image_size=image_size, grid_size=grid_size).to_dict()
+    cfg = _from_pretrained(AutoConfig.from_pretrained, name, "vision backbone")
+    if cfg.model_type in _COMPOSITE_VISION and hasattr(cfg, "vision_config"):
+        cfg = cfg.vision_config
+    return cfg.to_dict()
+
+
+def text_config_from_name(name: str, num_layers: int | None = None) -> dict:
+    """The config dict of a text tower (BERT-like / MiniLM / ALBERT / T5 encoder)."""
+    cfg = _from_pretrained(AutoConfig.from_pretrained, resolve_text_backbone(name), "text backbone")
+    if cfg.model_type in {"clip", "siglip", "siglip2"}:
+        cfg = cfg.text_config
+    if num_layers is not None:
+        _set_num_layers(cfg, num_layers)
+    return cfg.to_dict()
+
+
+def _set_num_layers(cfg: PretrainedConfig, num_layers: int) -> None:
+    for attr in ("num_hidden_layers", "num_layers", "n_layers"):
+        if hasattr(cfg, attr):
+            if num_layers > getattr(cfg, attr):
+                raise ValueError(
+                    f"num_text_layers={num_layers} but the backbone has only {getattr(cfg, attr)} layers"
+                )
+            setattr(cfg, attr, num_layers)
+            return
+    raise ValueError(f"cannot truncate layers of a {cfg.model_type!r} text backbone")
+
+
+def config_from_dict(d: dict) -> PretrainedConfig:
+    """Rebuild a backbone config from its dict (needs ``model_type``)."""
+    if "model_type" not in d:
+        raise ValueError(f"tower config has no 'model_type': keys {sorted(d)[:10]}")
+    d = dict(d)
+    model_type = d.pop("model_type")
+    return AutoConfig.for_model(model_type, **d)
+
+
+def build_tower(config_dict: dict) -> PreTrainedModel:
+    """A randomly initialised tower from its config dict (weights loaded later)."""
+    cfg = config_from_dict(config_dict)
+    if cfg.model_type in {"t5", "mt5", "umt5"}:
+        from transformers import T5EncoderModel
+
+        return T5EncoderModel(cfg)
+    if cfg.model_type == "clip_text_model":
+        from transformers import CLIPTextModel
+
+        return CLIPTextModel(cfg)
+    return AutoModel.from_config(cfg)
+
+
+def load_tower_weights(tower: nn.Module, name: str, text: bool) -> None:
+    """Copy pretrained weights of checkpoint ``name`` into ``tower`` (layers may be fewer)."""
+    if name == "cnn":
+        return
+    path = resolve_text_backbone(name) if text else name
+    # Load the full checkpoint, then copy what the (possibly truncated) tower has.
+    pretrained = _from_pretrained(type(tower).from_pretrained, path, "backbone weights")
+    missing, _unexpected = tower.load_state_dict(pretrained.state_dict(), strict=False)
+    if missing:
+        logger.warning(
+            "%s: %d tower weights not in the checkpoint (e.g. %s)", name, len(missing), missing[:3]
+        )
+
+
+def hidden_size_of(config_dict: dict) -> int:
+    """Output width of a tower's features."""
+    for key in ("hidden_size", "d_model", "dim"):
+        if key in config_dict and isinstance(config_dict[key], int):
+            return config_dict[key]
+    if isinstance(config_dict.get("hidden_sizes"), list):
+        return config_dict["hidden_sizes"][-1]
+    raise ValueError(f"cannot tell the output size of a {config_dict.get('model_type')!r} tower")
+
+
+def load_tokenizer(name: str) -> Any:
+    """The tokenizer of a text backbone (``'minilm'`` = the packaged one)."""
+    return _from_pretrained(AutoTokenizer.from_pretrained, resolve_text_backbone(name), "tokenizer")
+
+
+def load_image_processor(name: str, image_size: int) -> Any:
+    """The image processor of a vision backbone (``'cnn'`` = resize + [-1, 1])."""
+    if name == "cnn":
+        return small_cnn_processor(image_size)
+    return _from_pretrained(AutoImageProcessor.from_pretrained, name, "image processor")

@@ -1,0 +1,195 @@
+"""Train the retriever: ``rvqa train-retriever --config FILE.yaml`` or :func:`train_retriever`.
+
+Works unchanged on one CPU process, several CPU processes
+(``ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 -m rvqa train-retriever``)
+and multi-GPU (``accelerate launch --multi_gpu -m rvqa train-retriever``).
+Writes ``OUTPUT_DIR/retriever/``: ``final/`` and ``best/`` (``save_pretrained``
+folders, tokenizer and image processor included), ``checkpoints/`` (resumable),
+``train_result.json``, ``metrics.json`` (test recall@K) and ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from retriever.data import (
+    PairCollator,
+    PairDataset,
+    PixelCache,
+    has_split,
+    holdout_by_image,
+    load_caption_split,
+)
+from retriever.evaluation import evaluate_retriever
+from retriever.modeling import RetrieverModel
+from rvqa.config import RunConfig, save_config
+from rvqa.io import write_text_atomic
+from rvqa.training import TrainResult, make_accelerator, train
+
+logger = logging.getLogger(__name__)
+
+CACHE_LIMIT_BYTES = 2 * 1024**3
+
+
+def build_retriever(cfg: RunConfig, load_weights: bool = True) -> RetrieverModel:
+    """A fresh retriever from the run config's named backbones."""
+    s = cfg.retriever
+    from retriever.configuration import RetrieverConfig
+    from retriever.towers import (
+        load_image_processor,
+        load_tokenizer,
+        load_tower_weights,
+        text_config_from_name,
+        vision_config_from_name,
+    )
+
+    vision_config = vision_config_from_name(s.vision_backbone, s.image_size, grid_size=None)
+    if s.vision_backbone == "cnn":
+        vision_config["hidden_sizes"] = list(s.cnn_hidden_sizes)
+        vision_config["hidden_size"] = s.cnn_hidden_sizes[-1]
+    config = RetrieverConfig(
+        vision_config=vision_config,
+        text_config=text_config_from_name(s.text_backbone, s.num_text_layers),
+        vision_backbone=s.vision_backbone,
+        text_backbone=s.text_backbone,
+        vision_pooling=s.vision_pooling,
+        text_pooling=s.text_pooling,
+        embed_dim=s.embed_dim,
+        projection=s.projection,
+        image_size=s.image_size,
+        max_caption_length=s.max_caption_length,
+        loss=s.loss,
+        margin=s.margin,
+        max_violation_warmup=s.max_violation_warmup * s.gradient_accumulation_steps,
+        init_temperature=s.temperature,
+        freeze_vision=s.freeze_vision,
+        freeze_text=s.freeze_text,
+    )
+    model = RetrieverModel(config)
+    if load_weights:
+        load_tower_weights(model.vision_model, s.vision_backbone, text=False)
+        load_tower_weights(model.text_model, s.text_backbone, text=True)
+        model.apply_freezing()
+    model.tokenizer = load_tokenizer(s.text_backbone)
+    model.image_processor = load_image_processor(s.vision_backbone, s.image_size)
+    return model
+
+
+def _signature(model: RetrieverModel, cfg: RunConfig) -> dict:
+    conf = model.config.to_dict()
+    for key in ("transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype"):
+        conf.pop(key, None)
+    s = cfg.retriever
+    return {
+        "model": conf,
+        "batch_size": s.batch_size,
+        "gradient_accumulation_steps": s.gradient_accumulation_steps,
+        "seed": s.seed,
+        "captions": dataclasses.asdict(s.captions),
+    }
+
+
+def train_retriever(
+    cfg: RunConfig,
+    *,
+    resume: bool | str = False,
+    model: RetrieverModel | None = None,
+    end_training: bool = True,
+) -> dict[str, Any]:
+    """Train the alignment model of ``cfg.retriever`` and report recall@K.
+
+    Args:
+        cfg: The run config (``retriever`` section and its ``captions`` source).
+        resume: Continue from the newest (or the given) checkpoint.
+        model: A pre-built model (tests pass tiny random ones); default: built from
+            the config's named backbones with pretrained weights.
+        end_training: Tear down the process group at the end.
+
+    Returns:
+        ``{"result": TrainResult, "model_dir": Path, "test": {recall...} | None}``.
+    """
+    s = cfg.retriever
+    out = Path(cfg.output_dir) / "retriever"
+    accelerator = make_accelerator(s, out)
+    if accelerator.is_main_process:
+        save_config(cfg, out / "config.yaml")
+
+    train_records = load_caption_split(s.captions, "train")
+    if not train_records:
+        raise ValueError(f"caption source {s.captions.source!r} gave no training captions")
+    if has_split(s.captions, s.eval_split):
+        val_records = load_caption_split(s.captions, s.eval_split)
+    else:
+        train_records, val_records = holdout_by_image(train_records, s.val_fraction, s.seed)
+    test_records = (
+        load_caption_split(s.captions, s.test_split) if has_split(s.captions, s.test_split) else []
+    )
+    logger.info(
+        "retriever data: %d train pairs, %d val pairs, %d test pairs",
+        len(train_records),
+        len(val_records),
+        len(test_records),
+    )
+
+    model = model if model is not None else build_retriever(cfg)
+    processor = model.image_processor
+    n_images = len({str(r.image_id) for r in train_records})
+    cache_ok = PixelCache.nbytes(n_images, s.image_size) <= CACHE_LIMIT_BYTES
+    use_cache = cache_ok if s.cache_images is None else s.cache_images
+    cache = PixelCache([r.image for r in train_records], processor) if use_cache else None
+    dataset = PairDataset(train_records, processor, cache)
+    collate = PairCollator(model.tokenizer, s.max_caption_length, augment=s.augment)
+
+    def evaluate(m: Any, acc: Any) -> dict[str, float]:
+        return evaluate_retriever(acc.unwrap_model(m), val_records, accelerator=acc)
+
+    result: TrainResult = train(
+        model,
+        dataset,
+        collate,
+        s,
+        out,
+        evaluate=evaluate if val_records else None,
+        metric="rsum" if val_records else None,
+        resume=resume,
+        signature=_signature(model, cfg),
+        accelerator=accelerator,
+        desc="training retriever",
+        end_training=False,
+    )
+    model_dir = result.best_model_dir or result.final_model_dir
+    test_metrics = None
+    if test_records:
+        best = (
+            RetrieverModel.from_pretrained(model_dir)
+            if model_dir != result.final_model_dir
+            else None
+        )
+        unwrapped = best or accelerator.unwrap_model(model)
+        test_metrics = evaluate_retriever(unwrapped, test_records, accelerator=accelerator)
+        if accelerator.is_main_process:
+            logger.info("test recall: %s", {k: round(v, 2) for k, v in test_metrics.items()})
+    if accelerator.is_main_process:
+        write_text_atomic(
+            out / "metrics.json",
+            json.dumps(
+                {
+                    "model_dir": str(model_dir),
+                    "val": result.history[-1] if result.history else None,
+                    "best_val_rsum": result.best_metric,
+                    "test": test_metrics,
+                    "steps": result.steps,
+                    "num_processes": result.num_processes,
+                    "wall_time_s": round(result.wall_time_s, 1),
+                },
+                indent=1,
+            ),
+        )
+    accelerator.wait_for_everyone()
+    if end_training:
+        accelerator.end_training()
+    return {"result": result, "model_dir": model_dir, "test": test_metrics}

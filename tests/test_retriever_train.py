@@ -1,0 +1,130 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import rvqa.training as training
+from retriever.modeling import RetrieverModel
+from retriever.train import train_retriever
+from rvqa.config import config_from_dict
+from tests.tiny import coco_caption_fixture, tiny_text_backbone
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_run_dict(tmp_path: Path, **retriever) -> dict:
+    captions, images = coco_caption_fixture(tmp_path / "coco", n_per_class=3)
+    settings = {
+        "vision_backbone": "cnn",
+        "cnn_hidden_sizes": [8, 16],
+        "text_backbone": str(tiny_text_backbone(tmp_path)),
+        "embed_dim": 16,
+        "image_size": 32,
+        "max_caption_length": 12,
+        "batch_size": 8,
+        "max_steps": 6,
+        "eval_every": 3,
+        "checkpoint_every": 3,
+        "learning_rate": 3e-3,
+        "max_violation_warmup": 2,
+        "val_fraction": 0.25,
+        "log_every": 1,
+        "captions": {"source": "coco", "path": str(captions), "images": str(images)},
+    }
+    settings.update(retriever)
+    return {"output_dir": str(tmp_path / "run"), "retriever": settings}
+
+
+def test_train_single_process(tmp_path):
+    cfg = config_from_dict(tiny_run_dict(tmp_path))
+    out = train_retriever(cfg)
+    res = out["result"]
+    run = tmp_path / "run" / "retriever"
+    assert res.steps == 6 and res.num_processes == 1
+    assert (run / "final" / "model.safetensors").is_file()
+    assert (run / "best" / "config.json").is_file() and res.best_metric is not None
+    assert (run / "config.yaml").is_file()
+    assert yaml.safe_load((run / "config.yaml").read_text())["retriever"]["max_steps"] == 6
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "step_00000003",
+        "step_00000006",
+    ]
+    assert [h["step"] for h in res.history] == [3, 6]
+    assert {"i2t_r1", "t2i_r10", "rsum"} <= set(res.history[0])
+    model = RetrieverModel.from_pretrained(run / "final")
+    assert model.embed_texts(["a red circle"]).shape == (1, 16)
+    result = json.loads((run / "train_result.json").read_text())
+    assert result["steps"] == 6 and result["num_processes"] == 1
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    full = train_retriever(config_from_dict(tiny_run_dict(tmp_path / "a")))["result"]
+
+    cfg = config_from_dict(tiny_run_dict(tmp_path / "b"))
+    original = training._save_checkpoint
+
+    def crash_after_first(accelerator, output_dir, step, state, keep):
+        path = original(accelerator, output_dir, step, state, keep)
+        if step == 3:
+            raise _Crash("simulated interruption")
+        return path
+
+    monkeypatch.setattr(training, "_save_checkpoint", crash_after_first)
+    with pytest.raises(_Crash):
+        train_retriever(cfg)
+    monkeypatch.setattr(training, "_save_checkpoint", original)
+    assert not (tmp_path / "b" / "run" / "retriever" / "final").exists()
+
+    resumed = train_retriever(cfg, resume=True)["result"]
+    assert resumed.resumed_from_step == 3 and resumed.steps == 6
+    # Same data order, RNG and schedule: the last 3 losses equal the uninterrupted run's.
+    assert resumed.losses == pytest.approx(full.losses[3:], rel=1e-5, abs=1e-6)
+
+
+def test_resume_with_changed_model_config_refused(tmp_path):
+    train_retriever(config_from_dict(tiny_run_dict(tmp_path, max_steps=3)))
+    changed = config_from_dict(tiny_run_dict(tmp_path, max_steps=3, embed_dim=8))
+    with pytest.raises(ValueError, match=r"cannot resume .*model\.embed_dim: 16 -> 8"):
+        train_retriever(changed, resume=True)
+
+
+def test_resume_without_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint found"):
+        train_retriever(config_from_dict(tiny_run_dict(tmp_path)), resume=True)
+
+
+@pytest.mark.slow
+def test_two_cpu_processes(tmp_path):
+    cfg = tiny_run_dict(tmp_path, max_steps=4, eval_every=2, checkpoint_every=0)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "rvqa",
+        "train-retriever",
+        "--config",
+        str(path),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "run" / "retriever" / "train_result.json").read_text())
+    assert result["num_processes"] == 2
+    assert result["steps"] == 4
+    model = RetrieverModel.from_pretrained(tmp_path / "run" / "retriever" / "final")
+    assert model.embed_texts(["a blue square"]).shape == (1, 16)
