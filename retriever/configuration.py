@@ -39,6 +39,7 @@ class RetrieverConfig(PretrainedConfig):
         init_temperature: Initial InfoNCE temperature (learned as ``logit_scale``).
         freeze_vision: Do not train the image tower (projections still train).
         freeze_text: Do not train the text tower.
+        augment: Random flips and small shifts of images in training forward passes.
     """
 
     model_type = "rvqa-retriever"
@@ -61,6 +62,7 @@ class RetrieverConfig(PretrainedConfig):
         init_temperature: float = 0.07,
         freeze_vision: bool = False,
         freeze_text: bool = False,
+        augment: bool = False,
         **kwargs,
     ):
         _check_choice("vision_pooling", vision_pooling, POOLINGS_VISION)
@@ -85,6 +87,7 @@ class RetrieverConfig(PretrainedConfig):
         self.init_temperature = init_temperature
         self.freeze_vision = freeze_vision
         self.freeze_text = freeze_text
+        self.augment = augment
         super().__init__(**kwargs)
 
 

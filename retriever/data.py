@@ -7,7 +7,6 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
@@ -118,17 +117,19 @@ class PairDataset(Dataset):
 
 
 class PairCollator:
-    """Stacks pixels, tokenises captions, marks extra positives, augments (training)."""
+    """Stacks pixels, tokenises captions, marks extra positives.
 
-    def __init__(self, tokenizer: Any, max_length: int, augment: bool = False):
+    No randomness here: augmentation happens in the model's training forward, so
+    the data loader (which runs a batch ahead) never consumes RNG state that a
+    checkpoint would then miss on resume.
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int):
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.augment = augment
 
     def __call__(self, items: list[dict]) -> dict:
         pixels = torch.stack([it["pixel_values"] for it in items])  # (B, 3, H, W)
-        if self.augment:
-            pixels = augment_pixels(pixels)
         captions = [it["caption"] for it in items]
         enc = self.tokenizer(
             captions, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
@@ -147,21 +148,3 @@ class PairCollator:
             "attention_mask": enc["attention_mask"],
             "positive_mask": pos,
         }
-
-
-def augment_pixels(pixels: torch.Tensor, max_shift: float = 0.0625) -> torch.Tensor:
-    """Random horizontal flips and small translations (reflect-padded), per image.
-
-    Colour is left alone on purpose: it is often what the captions are about.
-    """
-    b, _, h, w = pixels.shape
-    out = pixels.clone()
-    flip = torch.rand(b) < 0.5
-    out[flip] = out[flip].flip(-1)
-    pad = max(1, int(round(max_shift * h)))
-    padded = torch.nn.functional.pad(out, (pad, pad, pad, pad), mode="reflect")
-    dx = np.random.randint(0, 2 * pad + 1, size=b)
-    dy = np.random.randint(0, 2 * pad + 1, size=b)
-    for i in range(b):
-        out[i] = padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
-    return out

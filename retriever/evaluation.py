@@ -90,31 +90,49 @@ def evaluate_retriever(
             return recall_at_k_folds(img_emb, txt_emb, img_of_caption, n_folds=folds)
         return recall_at_k(img_emb, txt_emb, img_of_caption)
 
-    # Distinct caption strings as the gallery; one caption string per image.
+    # Distinct caption strings as the gallery: many-to-many ground truth.
     distinct: dict[str, int] = {}
-    caption_of_image = np.full(len(images), -1)
+    texts_of_image: list[set[int]] = [set() for _ in images]
     for t, im in zip(texts, img_of_caption):
-        key = t.strip().lower()
-        idx = distinct.setdefault(key, len(distinct))
-        if caption_of_image[im] not in (-1, idx):
-            raise ValueError(
-                "dedupe=True needs one distinct caption per image; image "
-                f"{list(image_order)[im]!r} has several"
-            )
-        caption_of_image[im] = idx
+        idx = distinct.setdefault(t.strip().lower(), len(distinct))
+        texts_of_image[im].add(idx)
+    images_of_text: list[set[int]] = [set() for _ in distinct]
+    for im, idxs in enumerate(texts_of_image):
+        for idx in idxs:
+            images_of_text[idx].add(im)
     gallery = list(distinct)
     txt_emb = embed_texts(gallery, batch_size=batch_size)
-    # Swap roles: "texts" = images (each belongs to one caption string), so the
-    # text→"image" direction is image→caption and vice versa.
-    swapped = recall_at_k(txt_emb, img_emb, caption_of_image)
-    out: dict[str, float] = {}
-    for k, v in swapped.items():
-        if k.startswith("i2t_"):
-            out["t2i_" + k[4:]] = v
-        elif k.startswith("t2i_"):
-            out["i2t_" + k[4:]] = v
-        else:
-            out[k] = v
+    ks = (1, 5, 10)
+    i2t = recall_multi(img_emb, txt_emb, texts_of_image, ks)
+    t2i = recall_multi(txt_emb, img_emb, images_of_text, ks)
+    out = {f"i2t_r{k}": v for k, v in zip(ks, i2t)}
+    out.update({f"t2i_r{k}": v for k, v in zip(ks, t2i)})
+    out["rsum"] = float(sum(i2t) + sum(t2i))
     out["num_images"] = float(len(images))
     out["num_captions"] = float(len(gallery))
     return dict(sorted(out.items()))
+
+
+def recall_multi(
+    queries: np.ndarray,
+    gallery: np.ndarray,
+    positives: Sequence[set[int]],
+    ks: Sequence[int] = (1, 5, 10),
+    chunk_size: int = 1024,
+) -> list[float]:
+    """Recall@K (percent) where query i's hits are any gallery item in ``positives[i]``.
+
+    Rank of a query = rank of its best positive; ties go to the lower gallery
+    index (a stable sort), as in :func:`rvqa.metrics.recall_at_k`.
+    """
+    ranks = np.empty(len(queries), dtype=np.int64)
+    for s in range(0, len(queries), chunk_size):
+        sims = queries[s : s + chunk_size] @ gallery.T  # (chunk, G)
+        for row, i in enumerate(range(s, min(s + chunk_size, len(queries)))):
+            pos = np.fromiter(sorted(positives[i]), dtype=np.int64)
+            if len(pos) == 0:
+                raise ValueError(f"query {i} has no positive in the gallery")
+            sc = sims[row]
+            best = pos[np.lexsort((pos, -sc[pos]))[0]]  # highest score, then lowest index
+            ranks[i] = np.count_nonzero(sc > sc[best]) + np.count_nonzero(sc[:best] == sc[best])
+    return [float(100.0 * np.mean(ranks < k)) for k in ks]

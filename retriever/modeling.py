@@ -85,6 +85,14 @@ class RetrieverModel(PreTrainedModel):
             )
         self.vision_model = build_tower(config.vision_config)
         self.text_model = build_tower(config.text_config)
+        # Drop pooler heads that this model never reads: under DDP a parameter
+        # without gradient is an error (and they cost memory).
+        if getattr(self.text_model, "pooler", None) is not None:
+            self.text_model.pooler = None
+        if config.vision_pooling != "pooled" and isinstance(
+            getattr(self.vision_model, "pooler", None), nn.Module
+        ):
+            self.vision_model.pooler = None
         self.vision_projection = _head(
             hidden_size_of(config.vision_config), config.embed_dim, config.projection
         )
@@ -119,6 +127,8 @@ class RetrieverModel(PreTrainedModel):
             p.requires_grad_(not self.config.freeze_vision)
         for p in self.text_model.parameters():
             p.requires_grad_(not self.config.freeze_text)
+        # Only InfoNCE uses the temperature; DDP refuses parameters that get no gradient.
+        self.logit_scale.requires_grad_(self.config.loss == "infonce")
 
     # ------------------------------------------------------------------ building
 
@@ -245,6 +255,8 @@ class RetrieverModel(PreTrainedModel):
             positive_mask: (B, B) bool, True where image i and caption j also match
                 (same image id or identical caption): excluded from the negatives.
         """
+        if self.training and self.config.augment:
+            pixel_values = augment_pixels(pixel_values)
         im = self.encode_images(pixel_values)  # (B, D)
         txt = self.encode_texts(input_ids, attention_mask)  # (B, D)
         loss = None
@@ -351,6 +363,23 @@ class RetrieverModel(PreTrainedModel):
             h.update(name.encode())
             h.update(tensor.detach().to("cpu").contiguous().float().numpy().tobytes())
         return "sha256:" + h.hexdigest()[:24]
+
+
+def augment_pixels(pixels: torch.Tensor, max_shift: float = 0.0625) -> torch.Tensor:
+    """Random horizontal flips and small translations (reflect-padded), per image.
+
+    Colour is left alone on purpose: it is often what captions are about. Uses
+    the torch RNG only (restored exactly by checkpoint resume).
+    """
+    b, _, h, w = pixels.shape
+    flip = torch.rand(b, device=pixels.device) < 0.5
+    out = torch.where(flip.view(b, 1, 1, 1), pixels.flip(-1), pixels)
+    pad = max(1, int(round(max_shift * h)))
+    padded = F.pad(out, (pad, pad, pad, pad), mode="reflect")
+    shifts = torch.randint(0, 2 * pad + 1, (b, 2))
+    return torch.stack(
+        [padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(shifts.tolist())]
+    )
 
 
 def _check_texts(texts: Sequence[Any]) -> None:

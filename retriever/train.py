@@ -16,6 +16,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from accelerate.utils import set_seed
+
 from retriever.data import (
     PairCollator,
     PairDataset,
@@ -68,6 +70,7 @@ def build_retriever(cfg: RunConfig, load_weights: bool = True) -> RetrieverModel
         init_temperature=s.temperature,
         freeze_vision=s.freeze_vision,
         freeze_text=s.freeze_text,
+        augment=s.augment,
     )
     model = RetrieverModel(config)
     if load_weights:
@@ -135,6 +138,7 @@ def train_retriever(
         len(test_records),
     )
 
+    set_seed(s.seed)  # the same config gives the same initial weights
     model = model if model is not None else build_retriever(cfg)
     processor = model.image_processor
     n_images = len({str(r.image_id) for r in train_records})
@@ -142,7 +146,7 @@ def train_retriever(
     use_cache = cache_ok if s.cache_images is None else s.cache_images
     cache = PixelCache([r.image for r in train_records], processor) if use_cache else None
     dataset = PairDataset(train_records, processor, cache)
-    collate = PairCollator(model.tokenizer, s.max_caption_length, augment=s.augment)
+    collate = PairCollator(model.tokenizer, s.max_caption_length)
 
     def evaluate(m: Any, acc: Any) -> dict[str, float]:
         return evaluate_retriever(acc.unwrap_model(m), val_records, accelerator=acc)

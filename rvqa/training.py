@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import shutil
 import time
@@ -28,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
@@ -244,6 +246,7 @@ def train(
     scheduler = accelerator.prepare(scheduler)
 
     step = 0
+    restored_rng: dict | None = None
     best_metric: float | None = None
     history: list[dict] = []
     resumed_from = 0
@@ -258,6 +261,10 @@ def train(
         state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
         _check_signature(state.get("signature", {}), signature, ckpt)
         accelerator.load_state(str(ckpt))
+        # Creating the data iterator draws from the global RNG (its worker base
+        # seed); the uninterrupted run did that at the epoch start, before the
+        # checkpoint. Re-apply the restored states once the first batch is out.
+        restored_rng = _rng_states()
         step = resumed_from = int(state["step"])
         best_metric = state.get("best_metric")
         history = state.get("history", [])
@@ -327,6 +334,9 @@ def train(
             epoch_loader = accelerator.skip_first_batches(loader, skip)
         running, count = 0.0, 0
         for batch in epoch_loader:
+            if restored_rng is not None:
+                _set_rng_states(restored_rng)
+                restored_rng = None
             with accelerator.accumulate(model):
                 out = model(**batch)
                 loss = out.loss
@@ -403,6 +413,25 @@ def train(
     if end_training:
         accelerator.end_training()
     return result
+
+
+def _rng_states() -> dict:
+    states = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states:
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def _fmt(metrics: dict) -> str:

@@ -49,11 +49,11 @@ def test_train_single_process(tmp_path):
     assert (run / "best" / "config.json").is_file() and res.best_metric is not None
     assert (run / "config.yaml").is_file()
     assert yaml.safe_load((run / "config.yaml").read_text())["retriever"]["max_steps"] == 6
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
-        "step_00000003",
-        "step_00000006",
-    ]
-    assert [h["step"] for h in res.history] == [3, 6]
+    # 36 training pairs / batch 8 = 4 steps an epoch: evaluations and checkpoints
+    # every 3 steps and at each epoch end; the newest 2 checkpoints are kept.
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert kept == ["step_00000004", "step_00000006"]
+    assert [h["step"] for h in res.history] == [3, 4, 6]
     assert {"i2t_r1", "t2i_r10", "rsum"} <= set(res.history[0])
     model = RetrieverModel.from_pretrained(run / "final")
     assert model.embed_texts(["a red circle"]).shape == (1, 16)

@@ -34,6 +34,9 @@ def tiny_text_backbone(root: Path) -> Path:
         intermediate_size=37,
         max_position_embeddings=64,
     )
+    import torch
+
+    torch.manual_seed(0)  # the same tiny backbone in every folder
     BertModel(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path

@@ -1,0 +1,149 @@
+"""Configuration of the retrieval-augmented multimodal reader."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from transformers import AutoConfig, PretrainedConfig
+
+SOFT_TARGET_RULES = ("min3", "loo")
+
+
+class ReaderConfig(PretrainedConfig):
+    """Configuration of :class:`~reader.modeling.ReaderModel`.
+
+    The reader is a single-stream (VisualBERT / MMBT style) transformer: the text
+    backbone's embeddings and layers read ``[CLS] question [SEP] caption_1 [SEP]
+    ... caption_k [SEP]`` followed by projected visual tokens, and an MLP on the
+    ``[CLS]`` state scores every answer of the vocabulary.
+
+    Args:
+        text_config: Config dict (with ``model_type``) of a BERT-like encoder that
+            has ``embeddings`` and ``encoder`` modules (BERT, MiniLM, RoBERTa, ELECTRA...).
+        vision_config: Config dict of the image tower: the small CNN
+            (``"rvqa-small-cnn"``) or any ``transformers`` vision model (ViT,
+            CLIP-vision, ResNet...). Its ``last_hidden_state`` gives the visual tokens.
+        text_backbone: Name the text weights came from (provenance; ``"minilm"`` =
+            the packaged all-MiniLM-L6-v2).
+        vision_backbone: Name the image weights came from (``"cnn"`` = from
+            scratch, ``"retriever"`` = the retriever's image tower).
+        image_size: Side length the image processor resizes to.
+        visual_grid: Square patch grids (ViT/CLIP/CNN) are average-pooled to
+            ``visual_grid × visual_grid`` tokens (a leading CLS token is kept), which
+            keeps the joint sequence short; ``None`` uses the tower's tokens as they are.
+        max_visual_tokens: Size of the visual position table; an image giving more
+            tokens is an error (raise it or lower ``visual_grid``).
+        top_k: Default number of retrieved captions per question (``0`` = no retrieval).
+        max_question_length: Question tokens kept (excluding ``[CLS]``/``[SEP]``).
+        max_caption_length: Tokens kept per caption (excluding its ``[SEP]``); the
+            per-caption budget keeps long captions from pushing the question out.
+        use_retrieval_scores: Add a learned function of each caption's retrieval
+            score to the embeddings of that caption's tokens.
+        classifier_hidden: Width of the answer MLP (``None`` = 2 × text hidden size,
+            the VisualBERT/Pythia VQA head).
+        dropout: Dropout of the visual embeddings and the answer MLP (the text
+            backbone keeps its own dropout settings).
+        answers: The answer vocabulary (normalised strings); ``num_answers = len(answers)``.
+        soft_target_rule: How training targets are made from the human answers:
+            ``"min3"`` = ``min(1, count / 3)`` (the standard VQA recipe),
+            ``"loo"`` = the leave-one-out average the official metric uses.
+        initializer_range: Std of the normal init of the reader's own weights.
+    """
+
+    model_type = "rvqa-reader"
+
+    # `top_k` is also a generation parameter name; PreTrainedConfig refuses to save
+    # those unless they are declared fields of the config class, so declare it.
+    top_k: int = 5
+
+    def __init__(
+        self,
+        text_config: dict | None = None,
+        vision_config: dict | None = None,
+        text_backbone: str = "minilm",
+        vision_backbone: str = "cnn",
+        image_size: int = 64,
+        visual_grid: int | None = 4,
+        max_visual_tokens: int = 64,
+        top_k: int = 5,
+        max_question_length: int = 16,
+        max_caption_length: int = 10,
+        use_retrieval_scores: bool = True,
+        classifier_hidden: int | None = None,
+        dropout: float = 0.1,
+        answers: Sequence[str] | None = None,
+        soft_target_rule: str = "min3",
+        initializer_range: float = 0.02,
+        **kwargs: Any,
+    ):
+        for name, value, low in (
+            ("top_k", top_k, 0),
+            ("max_question_length", max_question_length, 1),
+            ("max_caption_length", max_caption_length, 1),
+            ("max_visual_tokens", max_visual_tokens, 1),
+        ):
+            _check_int(name, value, low)
+        for name, value in (
+            ("visual_grid", visual_grid),
+            ("classifier_hidden", classifier_hidden),
+        ):
+            if value is not None:
+                _check_int(name, value, 1)
+        if soft_target_rule not in SOFT_TARGET_RULES:
+            raise ValueError(
+                f"soft_target_rule must be one of {', '.join(SOFT_TARGET_RULES)}; "
+                f"got {soft_target_rule!r}"
+            )
+        if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        answers = [] if answers is None else list(answers)
+        if not all(isinstance(a, str) for a in answers):
+            raise TypeError("answers must be a list of strings")
+        if len(set(answers)) != len(answers):
+            raise ValueError("answers must be unique (the vocabulary has duplicates)")
+        for name, value in (("text_config", text_config), ("vision_config", vision_config)):
+            if value is not None and not isinstance(value, dict):
+                raise TypeError(f"{name} must be a config dict (with model_type), got {value!r}")
+
+        self.text_config = dict(text_config) if text_config else None
+        self.vision_config = dict(vision_config) if vision_config else None
+        self.text_backbone = text_backbone
+        self.vision_backbone = vision_backbone
+        self.image_size = image_size
+        self.visual_grid = visual_grid
+        self.max_visual_tokens = max_visual_tokens
+        self.top_k = top_k
+        self.max_question_length = max_question_length
+        self.max_caption_length = max_caption_length
+        self.use_retrieval_scores = use_retrieval_scores
+        self.classifier_hidden = classifier_hidden
+        self.dropout = float(dropout)
+        self.answers = answers
+        self.soft_target_rule = soft_target_rule
+        self.initializer_range = initializer_range
+        super().__init__(**kwargs)
+
+    @property
+    def num_answers(self) -> int:
+        """Size of the answer vocabulary (the classifier's output width)."""
+        return len(self.answers)
+
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> Any:
+        """The text tower's config as a ``PretrainedConfig`` (generic transformers code asks).
+
+        The base implementation would hand back the plain ``text_config`` dict.
+        """
+        if not self.text_config:
+            return self
+        from retriever.towers import config_from_dict
+
+        return config_from_dict(self.text_config)
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+AutoConfig.register(ReaderConfig.model_type, ReaderConfig, exist_ok=True)

@@ -1,0 +1,440 @@
+"""The retrieval-augmented multimodal reader (single-stream, VisualBERT / MMBT style).
+
+One transformer reads everything at once::
+
+    [CLS] question [SEP] caption_1 [SEP] ... caption_k [SEP] | v_1 ... v_V
+    <-- type 0 ------><------------ type 1 ---------------->   <- visual type ->
+
+The text half goes through the text backbone's own embeddings (word + position +
+token type), so pretrained BERT / MiniLM weights mean what they were trained to
+mean. The visual half is the image tower's patch/grid tokens, projected to the
+text width, with its own position table and its own type vector (BERT has only
+two token types). The concatenation runs through the text backbone's encoder
+layers, and an MLP on the final ``[CLS]`` state scores every answer.
+
+Each caption's retrieval score enters as ``score_embedding(score)`` added to the
+embeddings of that caption's tokens, so the reader can learn how far to trust a
+weakly matching caption. ``k = 0`` (no retrieval) is the same model reading
+``[CLS] question [SEP]`` and the image.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.utils import ModelOutput
+
+from reader.configuration import ReaderConfig
+from retriever.towers import (
+    build_tower,
+    hidden_size_of,
+    load_tower_weights,
+    text_config_from_name,
+    vision_config_from_name,
+)
+
+logger = logging.getLogger(__name__)
+
+# Options from_backbones takes (from a ReaderSettings or as keyword arguments) besides
+# the ReaderConfig fields it does not fill itself.
+_BUILD_KEYS = ("text_backbone", "vision_backbone", "num_text_layers", "cnn_hidden_sizes")
+_FILLED_KEYS = ("self", "kwargs", "answers", "text_config", "vision_config")
+
+
+@dataclass
+class ReaderOutput(ModelOutput):
+    """Output of :meth:`ReaderModel.forward`.
+
+    Attributes:
+        loss: Soft-target BCE (when ``labels`` are given), see :meth:`ReaderModel.forward`.
+        logits: (B, num_answers) answer scores (sigmoid → per-answer probability).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+
+
+class ReaderModel(PreTrainedModel):
+    """Question + retrieved captions + image → answer logits (see the module docstring)."""
+
+    config_class = ReaderConfig
+    base_model_prefix = "reader"
+    main_input_name = "input_ids"
+    _no_split_modules: list[str] = []
+
+    def __init__(self, config: ReaderConfig):
+        super().__init__(config)
+        if not config.text_config or not config.vision_config:
+            raise ValueError(
+                "ReaderConfig needs text_config and vision_config dicts; build one with "
+                "ReaderModel.from_backbones(...) or retriever.towers.*_config_from_name"
+            )
+        if config.num_answers == 0:
+            raise ValueError("ReaderConfig.answers is empty; build the answer vocabulary first")
+        self.text_model = build_tower(config.text_config)
+        self.vision_model = build_tower(config.vision_config)
+        for tower in (self.text_model, self.vision_model):
+            # The reader uses token states only. A pooler left in place would hold weights
+            # that never get gradients, which DistributedDataParallel rejects by default.
+            if isinstance(getattr(tower, "pooler", None), nn.Module):
+                tower.pooler = None
+        if not all(hasattr(self.text_model, m) for m in ("embeddings", "encoder")):
+            raise ValueError(
+                f"text backbone {config.text_backbone!r} ({config.text_config.get('model_type')}) "
+                "has no `embeddings` + `encoder` modules; the single-stream reader needs a "
+                "BERT-like encoder (BERT, MiniLM, RoBERTa, ELECTRA, ...)"
+            )
+        hidden = hidden_size_of(config.text_config)
+        embed_dim = self.text_model.get_input_embeddings().embedding_dim  # = hidden for BERT
+
+        # Visual tokens: Linear to the text width, + own positions + own type, LayerNorm.
+        self.visual_projection = nn.Linear(hidden_size_of(config.vision_config), hidden)
+        self.visual_position_embeddings = nn.Embedding(config.max_visual_tokens, hidden)
+        self.visual_type_embedding = nn.Parameter(torch.zeros(hidden))
+        self.visual_norm = nn.LayerNorm(hidden, eps=config.text_config.get("layer_norm_eps", 1e-12))
+        self.visual_dropout = nn.Dropout(config.dropout)
+
+        # Retrieval score → a vector added to every token of that caption (before the
+        # backbone's LayerNorm, like BERT's own position and type embeddings).
+        self.score_embedding = nn.Linear(1, embed_dim) if config.use_retrieval_scores else None
+
+        # VQA head of VisualBERT / Pythia: Linear → GELU → LayerNorm → Linear.
+        width = config.classifier_hidden or 2 * hidden
+        self.classifier = nn.Sequential(
+            nn.Dropout(config.dropout),
+            nn.Linear(hidden, width),
+            nn.GELU(),
+            nn.LayerNorm(width, eps=1e-12),
+            nn.Dropout(config.dropout),
+            nn.Linear(width, config.num_answers),
+        )
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Linear / Embedding / LayerNorm of the reader itself: the transformers default
+        # (normal(initializer_range), zeros, ones). The towers init themselves.
+        super()._init_weights(module)
+        if module is self:
+            nn.init.normal_(self.visual_type_embedding, std=self.config.initializer_range)
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def from_backbones(
+        cls,
+        answers: Sequence[str],
+        settings: Any | None = None,
+        *,
+        vision_tower: PreTrainedModel | None = None,
+        load_weights: bool = True,
+        **overrides: Any,
+    ) -> ReaderModel:
+        """Build a reader from named backbones, loading their pretrained weights.
+
+        Args:
+            answers: The answer vocabulary (e.g. ``AnswerVocab.answers``).
+            settings: A :class:`rvqa.config.ReaderSettings` (or any object): its
+                attributes named like an option below are used; ``None`` = the
+                ``ReaderSettings`` defaults.
+            vision_tower: An existing image tower (e.g. ``retriever.vision_model``) whose
+                config and weights the reader starts from; required when
+                ``vision_backbone == "retriever"``.
+            load_weights: Load pretrained tower weights (False: random init, for tests).
+            **overrides: Options that win over ``settings``: ``text_backbone``,
+                ``vision_backbone``, ``num_text_layers`` (keep the first N text layers),
+                ``cnn_hidden_sizes`` (small CNN stages) and any :class:`ReaderConfig`
+                field except ``answers`` / ``text_config`` / ``vision_config``.
+
+        Raises:
+            TypeError: An unknown override name.
+            ValueError: ``vision_backbone="retriever"`` without ``vision_tower``, or a
+                backbone that cannot be loaded.
+        """
+        if settings is None:
+            from rvqa.config import ReaderSettings
+
+            settings = ReaderSettings()
+        config_keys = set(inspect.signature(ReaderConfig.__init__).parameters)
+        known = (config_keys - set(_FILLED_KEYS)) | set(_BUILD_KEYS)
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(
+                f"unknown reader option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        # Settings fields named like a known option are used (training fields are not).
+        opts = {k: getattr(settings, k) for k in sorted(known) if hasattr(settings, k)}
+        opts.update(overrides)
+        text_backbone = opts.pop("text_backbone", "minilm")
+        vision_backbone = opts.pop("vision_backbone", "cnn")
+        num_text_layers = opts.pop("num_text_layers", None)
+        cnn_hidden_sizes = opts.pop("cnn_hidden_sizes", None)
+        image_size = opts.setdefault("image_size", 64)
+        grid = opts.setdefault("visual_grid", 4)
+
+        if vision_tower is not None:
+            vision_config = vision_tower.config.to_dict()
+        elif vision_backbone == "retriever":
+            raise ValueError(
+                "vision_backbone='retriever' needs vision_tower=<the retriever's image tower>, "
+                "e.g. RetrieverModel.from_pretrained(path).vision_model"
+            )
+        else:
+            vision_config = vision_config_from_name(vision_backbone, image_size, grid)
+        if vision_config["model_type"] == "rvqa-small-cnn":
+            vision_config["grid_size"] = grid  # the CNN's weights do not depend on the grid
+            if cnn_hidden_sizes is not None:
+                if vision_tower is not None:
+                    raise ValueError("cnn_hidden_sizes cannot change a given vision_tower")
+                vision_config["hidden_sizes"] = list(cnn_hidden_sizes)
+                vision_config["hidden_size"] = cnn_hidden_sizes[-1]
+        opts.setdefault(
+            "max_visual_tokens", max(64, _visual_token_bound(vision_config, grid, image_size))
+        )
+        config = ReaderConfig(
+            text_config=text_config_from_name(text_backbone, num_text_layers),
+            vision_config=vision_config,
+            text_backbone=text_backbone,
+            vision_backbone=vision_backbone,
+            answers=list(answers),
+            **opts,
+        )
+        model = cls(config)
+        if vision_tower is not None:
+            missing, _ = model.vision_model.load_state_dict(vision_tower.state_dict(), strict=False)
+            if missing:
+                raise ValueError(f"vision_tower lacks weights the reader needs: {missing[:5]}")
+        elif load_weights:
+            load_tower_weights(model.vision_model, vision_backbone, text=False)
+        if load_weights:
+            load_tower_weights(model.text_model, text_backbone, text=True)
+        return model
+
+    # ------------------------------------------------------------------ embeddings
+
+    def embed_text(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None,
+        caption_index: torch.Tensor | None,
+        caption_scores: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """(B, L) token ids → (B, L, H) embeddings (word + score + position + type, LayerNorm)."""
+        words = self.text_model.get_input_embeddings()(input_ids)  # (B, L, E)
+        if self.score_embedding is not None:
+            words = words + self._score_signal(caption_index, caption_scores, words.dtype)
+        emb = self.text_model.embeddings(inputs_embeds=words, token_type_ids=token_type_ids)
+        project = getattr(self.text_model, "embeddings_project", None)  # ELECTRA: E != H
+        return project(emb) if project is not None else emb  # (B, L, H)
+
+    def _score_signal(
+        self, caption_index: torch.Tensor | None, scores: torch.Tensor | None, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """(B, L) caption index + (B, k) scores → (B, L, E), zero off the caption tokens."""
+        if caption_index is None or scores is None or scores.shape[1] == 0:
+            # Still run the layer (on zeros, masked out): DDP expects a gradient for every
+            # parameter, also in batches without captions.
+            ref = caption_index if caption_index is not None else scores
+            shape = ref.shape[0] if ref is not None else 1
+            token_scores = torch.zeros(shape, 1, device=self.device, dtype=dtype)
+            is_caption = torch.zeros_like(token_scores)
+        else:
+            is_caption = (caption_index >= 0).to(dtype)  # (B, L)
+            token_scores = scores.to(dtype).gather(1, caption_index.clamp(min=0)) * is_caption
+        return self.score_embedding(token_scores.unsqueeze(-1)) * is_caption.unsqueeze(-1)
+
+    def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) pixels → (B, V, H) visual token embeddings."""
+        feats = self.vision_model(pixel_values=pixel_values).last_hidden_state
+        if feats.ndim == 4:  # conv feature map (ResNet, ConvNeXt): (B, C, h, w) → (B, h*w, C)
+            feats = feats.flatten(2).transpose(1, 2)
+        if self.config.visual_grid is not None:
+            feats = _pool_to_grid(feats, self.config.visual_grid)  # (B, V, C)
+        num_tokens = feats.shape[1]
+        if num_tokens > self.config.max_visual_tokens:
+            raise ValueError(
+                f"the image tower gives {num_tokens} visual tokens but max_visual_tokens is "
+                f"{self.config.max_visual_tokens}; raise max_visual_tokens or lower visual_grid"
+            )
+        positions = torch.arange(num_tokens, device=feats.device)
+        x = (
+            self.visual_projection(feats)  # (B, V, H)
+            + self.visual_position_embeddings(positions)  # (V, H)
+            + self.visual_type_embedding  # (H,)
+        )
+        return self.visual_dropout(self.visual_norm(x))
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        caption_index: torch.Tensor | None = None,
+        caption_scores: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> ReaderOutput:
+        """Score every answer for a batch (the :class:`~reader.processing.ReaderProcessor` output).
+
+        Args:
+            pixel_values: (B, 3, H, W) images.
+            input_ids: (B, L) ``[CLS] question [SEP] caption_1 [SEP] ...`` token ids.
+            attention_mask: (B, L) 1 for real tokens, 0 for padding (None = all real).
+            token_type_ids: (B, L) 0 for the question segment, 1 for captions (None = all 0).
+            caption_index: (B, L) which caption (0..k-1) a token belongs to, -1 elsewhere.
+            caption_scores: (B, k) retrieval scores; needed when ``use_retrieval_scores``
+                and the batch has captions, ignored otherwise.
+            labels: (B, num_answers) soft targets in [0, 1]. The loss is
+                ``binary_cross_entropy_with_logits(logits, labels, reduction="mean") *
+                num_answers`` — per question the *sum* over answers, averaged over the batch
+                (Bottom-Up / Pythia), so the loss scale does not shrink with the vocabulary.
+
+        Raises:
+            TypeError / ValueError: Inputs of the wrong type, shape or range.
+        """
+        batch, length = self._check_inputs(
+            pixel_values, input_ids, attention_mask, token_type_ids, caption_index, caption_scores
+        )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+
+        text = self.embed_text(
+            input_ids, token_type_ids, caption_index, caption_scores
+        )  # (B, L, H)
+        vision_dtype = next(self.vision_model.parameters()).dtype
+        visual = self.embed_image(pixel_values.to(vision_dtype)).to(text.dtype)  # (B, V, H)
+        x = torch.cat([text, visual], dim=1)  # (B, L+V, H)
+        mask = torch.cat(  # visual tokens are never padding
+            [attention_mask, attention_mask.new_ones(batch, visual.shape[1])], dim=1
+        )  # (B, L+V)
+        # The mask in the form the backbone's attention implementation wants (eager/sdpa/...).
+        mask = create_bidirectional_mask(
+            config=self.text_model.config, inputs_embeds=x, attention_mask=mask
+        )
+        hidden = self.text_model.encoder(x, attention_mask=mask).last_hidden_state  # (B, L+V, H)
+        logits = self.classifier(hidden[:, 0])  # (B, A): from the [CLS] state
+
+        loss = None
+        if labels is not None:
+            if labels.shape != logits.shape:
+                raise ValueError(
+                    f"labels must be soft targets of shape (batch, num_answers) = "
+                    f"{tuple(logits.shape)}, got {tuple(labels.shape)}"
+                )
+            loss = F.binary_cross_entropy_with_logits(
+                logits, labels.to(logits.dtype), reduction="mean"
+            )
+            loss = loss * logits.shape[1]
+        return ReaderOutput(loss=loss, logits=logits)
+
+    def _check_inputs(
+        self,
+        pixel_values: Any,
+        input_ids: Any,
+        attention_mask: Any,
+        token_type_ids: Any,
+        caption_index: Any,
+        caption_scores: Any,
+    ) -> tuple[int, int]:
+        for name, value in (("pixel_values", pixel_values), ("input_ids", input_ids)):
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if input_ids.ndim != 2 or input_ids.dtype.is_floating_point:
+            raise ValueError(
+                f"input_ids must be integer token ids of shape (batch, length), got "
+                f"{input_ids.dtype} {tuple(input_ids.shape)}"
+            )
+        batch, length = input_ids.shape
+        if pixel_values.ndim != 4 or pixel_values.shape[0] != batch:
+            raise ValueError(
+                f"pixel_values must be (batch={batch}, 3, H, W), got {tuple(pixel_values.shape)}"
+            )
+        for name, value in (
+            ("attention_mask", attention_mask),
+            ("token_type_ids", token_type_ids),
+            ("caption_index", caption_index),
+        ):
+            if value is not None and tuple(value.shape) != (batch, length):
+                raise ValueError(
+                    f"{name} must have the shape of input_ids {(batch, length)}, "
+                    f"got {tuple(value.shape)}"
+                )
+        max_positions = getattr(self.text_model.config, "max_position_embeddings", None)
+        if max_positions is not None and length > max_positions:
+            raise ValueError(
+                f"the text is {length} tokens but the text backbone has {max_positions} "
+                "positions; lower top_k, max_question_length or max_caption_length"
+            )
+        if caption_scores is None:
+            if self.score_embedding is not None and caption_index is not None:
+                if bool((caption_index >= 0).any()):
+                    raise ValueError(
+                        "this reader uses retrieval scores (use_retrieval_scores=True) but the "
+                        "batch has captions and no caption_scores"
+                    )
+            return batch, length
+        if caption_index is None:
+            raise ValueError("caption_scores needs caption_index (which caption each token is)")
+        if caption_scores.ndim != 2 or caption_scores.shape[0] != batch:
+            raise ValueError(
+                f"caption_scores must be (batch={batch}, k), got {tuple(caption_scores.shape)}"
+            )
+        if bool((caption_index >= caption_scores.shape[1]).any()):
+            raise ValueError(
+                f"caption_index refers to caption {int(caption_index.max())} but caption_scores "
+                f"has only {caption_scores.shape[1]} columns"
+            )
+        return batch, length
+
+
+def _pool_to_grid(tokens: torch.Tensor, grid: int) -> torch.Tensor:
+    """Average-pool a square patch grid (optionally after one CLS token) to grid × grid.
+
+    (B, N, C) → (B, grid² [+1], C). Token sets that are not a square grid, and grids
+    already no larger than ``grid``, pass through unchanged.
+    """
+    batch, n, channels = tokens.shape
+    side = math.isqrt(n)
+    has_cls = side * side != n
+    if has_cls:
+        side = math.isqrt(n - 1)
+        if side * side != n - 1:
+            return tokens
+    if side <= grid:
+        return tokens
+    cls, patches = (tokens[:, :1], tokens[:, 1:]) if has_cls else (None, tokens)
+    fmap = patches.transpose(1, 2).reshape(batch, channels, side, side)  # (B, C, s, s)
+    patches = F.adaptive_avg_pool2d(fmap, grid).flatten(2).transpose(1, 2)  # (B, g², C)
+    return torch.cat([cls, patches], dim=1) if cls is not None else patches
+
+
+def _visual_token_bound(vision_config: dict, grid: int | None, image_size: int) -> int:
+    """An upper bound on the visual tokens a tower config gives (sizes the position table)."""
+    if grid is not None:
+        return grid * grid + 1
+    if vision_config.get("model_type") == "rvqa-small-cnn":
+        side = vision_config.get("grid_size") or image_size // 2 ** len(
+            vision_config["hidden_sizes"]
+        )
+        return side * side
+    patch = vision_config.get("patch_size")
+    if isinstance(patch, int):
+        side = vision_config.get("image_size", image_size) // patch
+        return side * side + 1
+    return 64
+
+
+AutoModel.register(ReaderConfig, ReaderModel, exist_ok=True)
+AutoConfig.register(ReaderConfig.model_type, ReaderConfig, exist_ok=True)

@@ -1,0 +1,322 @@
+"""Turn (image, question, retrieved captions, scores) into reader inputs.
+
+The text layout is ``[CLS] question [SEP] caption_1 [SEP] ... caption_k [SEP]``
+with token type 0 for the question segment and 1 for the captions. Budgets are
+per part — the question keeps up to ``max_question_length`` tokens and every
+caption up to ``max_caption_length`` — so long captions can never push the
+question out of the sequence. Each distinct string is tokenised once (a cache):
+VQA datasets repeat questions and retrieved captions a lot, so a batch costs
+little more than list concatenation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoImageProcessor, AutoTokenizer, BatchEncoding
+
+logger = logging.getLogger(__name__)
+
+PROCESSOR_FILE = "reader_processor.json"
+
+
+class ReaderProcessor:
+    """Tokenizer + image processor + token budgets of the reader.
+
+    Args:
+        tokenizer: A ``transformers`` tokenizer of the reader's text backbone.
+        image_processor: A ``transformers`` image processor (``None``: text only;
+            pass ``pixel_values`` yourself).
+        max_question_length: Question tokens kept, excluding ``[CLS]``/``[SEP]``.
+        max_caption_length: Tokens kept per caption, excluding its ``[SEP]``.
+        cache_size: Distinct strings whose token ids are kept; the cache is emptied
+            when it grows past this.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        image_processor: Any = None,
+        max_question_length: int = 16,
+        max_caption_length: int = 10,
+        cache_size: int = 200_000,
+    ):
+        for name, value in (
+            ("max_question_length", max_question_length),
+            ("max_caption_length", max_caption_length),
+            ("cache_size", cache_size),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.max_question_length = max_question_length
+        self.max_caption_length = max_caption_length
+        self.cache_size = cache_size
+        # Like BERT; RoBERTa-style tokenizers have only <s> / </s>.
+        self.cls_id = _first_id(tokenizer, ("cls_token_id", "bos_token_id"), "[CLS]/<s>")
+        self.sep_id = _first_id(tokenizer, ("sep_token_id", "eos_token_id"), "[SEP]/</s>")
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else 0
+        self._ids: dict[str, tuple[int, ...]] = {}
+        self._warned: set[str] = set()  # long questions already reported
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def from_config(
+        cls, config: Any, tokenizer: Any = None, image_processor: Any = None
+    ) -> ReaderProcessor:
+        """The processor matching a :class:`~reader.configuration.ReaderConfig`.
+
+        Args:
+            config: The reader's config (backbone names, image size, budgets).
+            tokenizer: Use this tokenizer instead of loading ``config.text_backbone``'s.
+            image_processor: Use this image processor; needed when the vision tower is
+                not the small CNN and ``config.vision_backbone`` is not loadable by name
+                (e.g. ``"retriever"``: pass the retriever's image processor).
+        """
+        from retriever.towers import load_image_processor, load_tokenizer, small_cnn_processor
+
+        if tokenizer is None:
+            tokenizer = load_tokenizer(config.text_backbone)
+        if image_processor is None:
+            vision_type = (config.vision_config or {}).get("model_type")
+            if vision_type == "rvqa-small-cnn":
+                image_processor = small_cnn_processor(config.image_size)
+            elif config.vision_backbone == "retriever":
+                raise ValueError(
+                    "vision_backbone='retriever': pass image_processor=<the retriever's image "
+                    "processor> (it cannot be loaded by name)"
+                )
+            else:
+                image_processor = load_image_processor(config.vision_backbone, config.image_size)
+        return cls(
+            tokenizer,
+            image_processor,
+            max_question_length=config.max_question_length,
+            max_caption_length=config.max_caption_length,
+        )
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write the tokenizer, the image processor and the budgets into a folder."""
+        path = Path(save_directory)
+        path.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(path)
+        if self.image_processor is not None:
+            self.image_processor.save_pretrained(path)
+        budgets = {
+            "max_question_length": self.max_question_length,
+            "max_caption_length": self.max_caption_length,
+            "has_image_processor": self.image_processor is not None,
+        }
+        tmp = path / (PROCESSOR_FILE + ".tmp")
+        tmp.write_text(json.dumps(budgets, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path / PROCESSOR_FILE)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> ReaderProcessor:
+        """Load a processor written by :meth:`save_pretrained`.
+
+        Raises:
+            FileNotFoundError: The folder or its ``reader_processor.json`` is missing.
+        """
+        path = Path(directory)
+        if not (path / PROCESSOR_FILE).is_file():
+            raise FileNotFoundError(
+                f"{path} holds no reader processor ({PROCESSOR_FILE} missing); "
+                "write one with ReaderProcessor.save_pretrained"
+            )
+        budgets = json.loads((path / PROCESSOR_FILE).read_text(encoding="utf-8"))
+        image_processor = None
+        if budgets.get("has_image_processor", True):
+            image_processor = AutoImageProcessor.from_pretrained(path)
+        return cls(
+            AutoTokenizer.from_pretrained(path),
+            image_processor,
+            max_question_length=budgets["max_question_length"],
+            max_caption_length=budgets["max_caption_length"],
+        )
+
+    # ------------------------------------------------------------------ tokens
+
+    def token_ids(self, texts: Sequence[str]) -> list[tuple[int, ...]]:
+        """Token ids (no special tokens, not truncated) of each text, through the cache."""
+        new = list(dict.fromkeys(t for t in texts if t not in self._ids))
+        if new and len(self._ids) + len(new) > self.cache_size:
+            self._ids.clear()  # simple bound on memory; a cleared string is re-tokenised
+            self._warned.clear()
+            new = list(dict.fromkeys(texts))
+        if new:
+            encoded = self.tokenizer(
+                new,
+                add_special_tokens=False,
+                return_attention_mask=False,
+                return_token_type_ids=False,
+            )["input_ids"]
+            self._ids.update(zip(new, map(tuple, encoded)))
+        return [self._ids[t] for t in texts]
+
+    def _question_ids(self, questions: Any) -> list[tuple[int, ...]]:
+        if isinstance(questions, (str, bytes)) or not hasattr(questions, "__iter__"):
+            raise TypeError(f"questions must be a list of strings, got {type(questions).__name__}")
+        questions = list(questions)
+        for i, q in enumerate(questions):
+            if not isinstance(q, str):
+                raise TypeError(f"question {i} must be a string, got {type(q).__name__}: {q!r}")
+        ids = self.token_ids(questions)
+        limit = self.max_question_length
+        for q, q_ids in zip(questions, ids):
+            if not q_ids:
+                raise ValueError(
+                    f"question {q!r} has no tokens after tokenisation; expected a non-empty question"
+                )
+            if len(q_ids) > limit and q not in self._warned:
+                self._warned.add(q)
+                logger.warning(
+                    "question of %d tokens truncated to max_question_length=%d: %r",
+                    len(q_ids),
+                    limit,
+                    q,
+                )
+        return [q_ids[:limit] for q_ids in ids]
+
+    def _caption_ids(
+        self, captions: Sequence[Sequence[str]] | None, scores: Any, batch: int
+    ) -> tuple[list[list[tuple[int, ...]]], list[list[float]] | None]:
+        if captions is None:
+            if scores is not None:
+                raise ValueError("scores were given without captions")
+            return [[] for _ in range(batch)], None
+        if isinstance(captions, str) or len(captions) != batch:
+            raise ValueError(
+                f"captions must be a list with one list of strings per question ({batch})"
+            )
+        if scores is not None and (isinstance(scores, str) or len(scores) != batch):
+            raise ValueError(
+                f"scores must be a list with one list of floats per question ({batch})"
+            )
+        flat: list[str] = []
+        for i, caps in enumerate(captions):
+            if isinstance(caps, str):
+                raise TypeError(f"captions[{i}] must be a list of strings, got a string")
+            for c in caps:
+                if not isinstance(c, str):
+                    raise TypeError(f"captions[{i}] holds a {type(c).__name__}, expected strings")
+            if scores is not None:
+                if len(scores[i]) != len(caps):
+                    raise ValueError(
+                        f"example {i}: {len(caps)} captions but {len(scores[i])} scores"
+                    )
+                if not all(isinstance(s, (int, float)) and math.isfinite(s) for s in scores[i]):
+                    raise ValueError(f"scores[{i}] must be finite numbers, got {list(scores[i])}")
+            flat.extend(caps)
+        # A caption that tokenises to nothing stays as a bare [SEP], so caption j still
+        # lines up with score j.
+        ids = iter(c[: self.max_caption_length] for c in self.token_ids(flat))
+        per_example = [[next(ids) for _ in caps] for caps in captions]
+        return per_example, ([list(map(float, s)) for s in scores] if scores is not None else None)
+
+    # ------------------------------------------------------------------ batch
+
+    def __call__(
+        self,
+        images: Sequence[Any] | None,
+        questions: Sequence[str],
+        captions: Sequence[Sequence[str]] | None = None,
+        scores: Sequence[Sequence[float]] | None = None,
+        pixel_values: torch.Tensor | None = None,
+    ) -> BatchEncoding:
+        """Build a padded batch.
+
+        Args:
+            images: PIL images (converted to RGB), or ``None`` when ``pixel_values`` are
+                given or only text is wanted.
+            questions: One question per example.
+            captions: Retrieved captions per example, best first; lists may have
+                different lengths (0..k). ``None`` = no retrieval.
+            scores: Retrieval score of each caption (same shape as ``captions``).
+            pixel_values: Pre-processed (B, 3, H, W) images instead of ``images``.
+
+        Returns:
+            ``input_ids``, ``attention_mask``, ``token_type_ids`` and ``caption_index``
+            (B, L) (-1 off captions; padded to the longest example), ``caption_scores``
+            (B, k_max) when ``scores`` are given (0 where an example has fewer
+            captions), ``pixel_values`` (B, 3, H, W) when images are given.
+
+        Raises:
+            TypeError: A question or caption that is not a string.
+            ValueError: Mismatched lengths, a question with no tokens, bad scores.
+        """
+        q_ids = self._question_ids(questions)
+        batch = len(q_ids)
+        if batch == 0:
+            raise ValueError("questions is empty; expected at least one question")
+        c_ids, score_lists = self._caption_ids(captions, scores, batch)
+
+        rows = []
+        for q, caps in zip(q_ids, c_ids):
+            ids = [self.cls_id, *q, self.sep_id]
+            types = [0] * len(ids)
+            index = [-1] * len(ids)
+            for j, c in enumerate(caps):
+                ids += [*c, self.sep_id]
+                types += [1] * (len(c) + 1)
+                index += [j] * (len(c) + 1)
+            rows.append((ids, types, index))
+        length = max(len(r[0]) for r in rows)
+        # Pad as Python lists, then one tensor each: far cheaper than per-row tensors.
+        pads = [length - len(r[0]) for r in rows]
+        input_ids = torch.tensor([r[0] + [self.pad_id] * p for r, p in zip(rows, pads)])
+        attention_mask = torch.tensor([[1] * len(r[0]) + [0] * p for r, p in zip(rows, pads)])
+        token_type_ids = torch.tensor([r[1] + [0] * p for r, p in zip(rows, pads)])
+        caption_index = torch.tensor([r[2] + [-1] * p for r, p in zip(rows, pads)])
+        data: dict[str, torch.Tensor] = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "token_type_ids": token_type_ids,
+            "caption_index": caption_index,
+        }
+        if score_lists is not None:
+            k_max = max(len(s) for s in score_lists)
+            caption_scores = torch.zeros((batch, k_max), dtype=torch.float32)
+            for i, s in enumerate(score_lists):
+                caption_scores[i, : len(s)] = torch.tensor(s, dtype=torch.float32)
+            data["caption_scores"] = caption_scores
+        pixels = self._pixels(images, pixel_values, batch)
+        if pixels is not None:
+            data["pixel_values"] = pixels
+        return BatchEncoding(data)
+
+    def _pixels(self, images: Any, pixel_values: Any, batch: int) -> torch.Tensor | None:
+        if images is not None and pixel_values is not None:
+            raise ValueError("give images or pixel_values, not both")
+        if pixel_values is not None:
+            if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4:
+                raise ValueError("pixel_values must be a (batch, 3, H, W) tensor")
+            if pixel_values.shape[0] != batch:
+                raise ValueError(f"{pixel_values.shape[0]} pixel_values rows for {batch} questions")
+            return pixel_values
+        if images is None:
+            return None
+        if self.image_processor is None:
+            raise ValueError("this processor has no image processor; pass pixel_values")
+        if len(images) != batch:
+            raise ValueError(f"{len(images)} images for {batch} questions")
+        rgb = [im.convert("RGB") if getattr(im, "mode", "RGB") != "RGB" else im for im in images]
+        return self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
+
+
+def _first_id(tokenizer: Any, names: tuple[str, ...], what: str) -> int:
+    for name in names:
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return value
+    raise ValueError(f"the tokenizer has no {what} token ({' / '.join(names)})")

@@ -1,0 +1,59 @@
+"""Data adapters: VQA questions, captions and images as plain typed records.
+
+This layer depends on neither model package and does not import torch:
+``import rvqa.data`` loads only the standard library, numpy and PIL
+(``datasets`` and ``easy_vqa`` are imported when an adapter needs them).
+
+* :func:`load_image` — paths, PIL images, arrays → RGB PIL images.
+* :func:`load_vqa` — a run config's VQA split → :class:`VQADataset` of :class:`VQARecord`.
+* :func:`load_captions` — a run config's captions → :class:`CaptionCorpus` of :class:`CaptionRecord`.
+"""
+
+from rvqa.data.captions import (
+    KARPATHY_SPLITS,
+    CaptionCorpus,
+    load_captions,
+    read_captions_datasets,
+    read_coco_captions,
+    read_jsonl_captions,
+    read_karpathy_captions,
+    read_text_captions,
+)
+from rvqa.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+from rvqa.data.records import CaptionRecord, VQARecord
+from rvqa.data.vqa import (
+    EASY_VQA_SPLITS,
+    VQADataset,
+    coco_image_name,
+    easy_vqa_captions,
+    easy_vqa_question_type,
+    load_vqa,
+    read_easy_vqa,
+    read_vqa_datasets,
+    read_vqa_files,
+)
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "EASY_VQA_SPLITS",
+    "KARPATHY_SPLITS",
+    "CaptionCorpus",
+    "CaptionRecord",
+    "ImageLoadError",
+    "VQADataset",
+    "VQARecord",
+    "coco_image_name",
+    "easy_vqa_captions",
+    "easy_vqa_question_type",
+    "load_captions",
+    "load_image",
+    "load_vqa",
+    "read_captions_datasets",
+    "read_coco_captions",
+    "read_easy_vqa",
+    "read_jsonl_captions",
+    "read_karpathy_captions",
+    "read_text_captions",
+    "read_vqa_datasets",
+    "read_vqa_files",
+]

@@ -1,0 +1,201 @@
+"""Image loading, in one place: paths, PIL images and numpy arrays → RGB PIL images.
+
+Every component (retriever, reader, pipeline, index building) loads pixels through
+:func:`load_image`, so mode conversion, size limits and error messages are the
+same everywhere.
+
+Conversions (all results are mode ``"RGB"``, fully loaded, no open file handle):
+
+* ``L`` / ``1`` (grayscale, bilevel): the gray value is repeated in R, G and B.
+* ``P`` (palette): looked up; a palette with transparency is treated like RGBA.
+* ``RGBA`` / ``LA`` / ``PA`` / ``RGBa``: **alpha-composited onto white**, so a
+  transparent background looks like paper rather than black (a plain
+  ``convert("RGB")`` would expose whatever colour the transparent pixels store).
+* ``I;16`` / ``I;16B`` / ``I;16L`` / ``I`` (16-bit / 32-bit integer gray, e.g.
+  16-bit PNGs): values are taken as 16-bit, clipped to ``[0, 65535]`` and scaled
+  to 8 bit with rounding (``v * 255 / 65535``), so full white stays white
+  (PIL's own ``convert("L")`` clips instead of scaling, turning most 16-bit
+  images white).
+* ``F`` (32-bit float gray): taken as ``[0, 1]`` when the image's maximum is at
+  most 1, else as ``[0, 255]``; clipped and rounded.
+* ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``: PIL's conversion to RGB.
+
+Multi-frame files (GIF, TIFF) give their first frame. EXIF orientation is not
+applied: datasets such as COCO annotate the stored pixel orientation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+__all__ = ["DEFAULT_MAX_PIXELS", "ImageLoadError", "load_image"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_PIXELS = 40_000_000
+"""Largest accepted image, in pixels (width × height): 40 megapixels.
+
+Decoded, that is 120 MB of RGB bytes — far above any VQA / caption image (COCO
+images are ≤ 640 × 640, ~0.4 MP) yet small enough that a corrupt or hostile
+header cannot make a data loader allocate gigabytes. It is below PIL's own
+decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, ~89 MP), so by default
+rvqa's limit is the one that applies. PIL's limit stays in force as an upper
+bound even when a larger ``max_pixels`` (or ``None``) is passed.
+"""
+
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_INT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+class _ImageTooLarge(ValueError):
+    """Raised by the size check (kept apart from decoder errors)."""
+
+
+class ImageLoadError(ValueError):
+    """An image file could not be read: missing, empty, truncated or not an image.
+
+    Attributes:
+        path: The file that failed.
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = os.fspath(path)
+        self.reason = reason
+        super().__init__(f"cannot load image {self.path!r}: {reason}")
+
+
+def load_image(image: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Load an image as a fully decoded RGB PIL image.
+
+    Args:
+        image: A file path (``str`` or ``os.PathLike``), a PIL image (any mode; it
+            is loaded if it was opened lazily, and returned unchanged when it is
+            already RGB), or a ``uint8`` numpy array of shape ``(H, W)``,
+            ``(H, W, 1)``, ``(H, W, 3)`` (RGB) or ``(H, W, 4)`` (RGBA).
+        max_pixels: Refuse images with more than this many pixels (width ×
+            height), checked from the file header before any pixel is decoded.
+            ``None`` disables rvqa's limit (PIL's ~89 MP bomb limit still applies).
+            See :data:`DEFAULT_MAX_PIXELS`.
+
+    Returns:
+        An RGB ``PIL.Image.Image`` whose pixels are in memory (no open file).
+
+    Raises:
+        ImageLoadError: (a ``ValueError``) The file is missing, empty, truncated or
+            not an image; the message names the file.
+        ValueError: The image is larger than ``max_pixels`` (message names the size
+            and the limit), or an array has the wrong shape.
+        TypeError: ``image`` is of an unsupported type, or an array is not uint8.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return _load_path(image, max_pixels)
+    if isinstance(image, Image.Image):
+        _check_size(image.size, max_pixels, what="PIL image")
+        image.load()
+        return _to_rgb(image)
+    if isinstance(image, np.ndarray):
+        return _from_array(image, max_pixels)
+    raise TypeError(
+        f"load_image expects a file path, a PIL.Image.Image or a uint8 numpy array, "
+        f"got {type(image).__module__}.{type(image).__qualname__}"
+    )
+
+
+def _check_size(size: tuple[int, int], max_pixels: int | None, what: str) -> None:
+    width, height = size
+    if max_pixels is not None and width * height > max_pixels:
+        raise _ImageTooLarge(
+            f"{what} is {width}x{height} = {width * height:,} pixels, above the limit of "
+            f"max_pixels={max_pixels:,}; pass a larger max_pixels (or None) to load it"
+        )
+
+
+def _load_path(path: str | os.PathLike, max_pixels: int | None) -> Image.Image:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ImageLoadError(path, "file not found")
+    if not os.path.isfile(path):
+        raise ImageLoadError(path, "not a regular file")
+    if os.path.getsize(path) == 0:
+        raise ImageLoadError(path, "the file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (rather than raises) between MAX_IMAGE_PIXELS and twice that.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                _check_size(im.size, max_pixels, what=f"image {path!r}")
+                im.load()
+                rgb = _to_rgb(im)
+                if rgb is im:  # leaving the with-block closes `im`: keep a copy
+                    rgb = im.copy()
+    except _ImageTooLarge:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ValueError(
+            f"image {path!r} is above PIL's decompression-bomb limit "
+            f"(PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS:,} pixels): {err}"
+        ) from None
+    except UnidentifiedImageError:
+        raise ImageLoadError(path, "not an image file PIL can identify") from None
+    except (OSError, SyntaxError, EOFError) as err:
+        # OSError: "image file is truncated", broken data streams; SyntaxError:
+        # PIL's "broken PNG file" and friends.
+        raise ImageLoadError(path, f"corrupt or truncated image data ({err})") from None
+    except Exception as err:  # zlib.error, struct.error, ValueError ... from a decoder
+        raise ImageLoadError(path, f"corrupt image data ({type(err).__name__}: {err})") from None
+    return rgb
+
+
+def _from_array(array: np.ndarray, max_pixels: int | None) -> Image.Image:
+    if array.dtype != np.uint8:
+        raise TypeError(
+            f"image array has dtype {array.dtype}, expected uint8 with values 0..255 "
+            f"(e.g. convert floats in [0, 1] with (x * 255).round().astype(np.uint8))"
+        )
+    shape = array.shape
+    ok = (array.ndim == 2) or (array.ndim == 3 and shape[2] in (1, 3, 4))
+    if not ok or array.size == 0:
+        raise ValueError(
+            f"image array has shape {shape}, expected (H, W) grayscale, (H, W, 3) RGB or "
+            f"(H, W, 4) RGBA with H, W > 0 (channels last)"
+        )
+    _check_size((shape[1], shape[0]), max_pixels, what="image array")
+    if array.ndim == 3 and shape[2] == 1:
+        array = array[:, :, 0]
+    array = np.ascontiguousarray(array)
+    mode = {2: "L", 3: "RGB", 4: "RGBA"}[array.ndim if array.ndim == 2 else shape[2]]
+    return _to_rgb(Image.fromarray(array, mode=mode))
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Convert a loaded image of any mode to RGB (see the module docstring)."""
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        mode = im.mode
+        if mode == "RGB":
+            return im
+    if mode in _INT_MODES:
+        values = np.asarray(im).astype(np.int64)
+        values = np.clip(values, 0, 65535)
+        gray = ((values * 255 + 32767) // 65535).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if mode == "F":
+        values = np.asarray(im, dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        scale = 255.0 if finite.size and finite.max() <= 1.0 else 1.0
+        gray = np.clip(np.nan_to_num(values * scale), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if mode in _ALPHA_MODES:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
