@@ -72,6 +72,8 @@ class ReaderConfig(PretrainedConfig):
         use_retrieval_scores: bool = True,
         classifier_hidden: int | None = None,
         dropout: float = 0.1,
+        freeze_vision: bool = False,
+        freeze_word_embeddings: bool = False,
         answers: Sequence[str] | None = None,
         soft_target_rule: str = "min3",
         initializer_range: float = 0.02,
@@ -119,6 +121,8 @@ class ReaderConfig(PretrainedConfig):
         self.use_retrieval_scores = use_retrieval_scores
         self.classifier_hidden = classifier_hidden
         self.dropout = float(dropout)
+        self.freeze_vision = bool(freeze_vision)
+        self.freeze_word_embeddings = bool(freeze_word_embeddings)
         self.answers = answers
         self.soft_target_rule = soft_target_rule
         self.initializer_range = initializer_range

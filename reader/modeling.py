@@ -119,6 +119,23 @@ class ReaderModel(PreTrainedModel):
             nn.Linear(width, config.num_answers),
         )
         self.post_init()
+        self.apply_freezing()
+
+    def apply_freezing(self) -> None:
+        """A frozen image tower is a fixed feature extractor (its features can be
+        cached per image); frozen word embeddings skip the vocabulary-sized update."""
+        for p in self.vision_model.parameters():
+            p.requires_grad_(not self.config.freeze_vision)
+        self.text_model.get_input_embeddings().weight.requires_grad_(
+            not self.config.freeze_word_embeddings
+        )
+
+    def train(self, mode: bool = True) -> ReaderModel:
+        """Like ``nn.Module.train``; a frozen image tower stays in eval mode."""
+        super().train(mode)
+        if mode and self.config.freeze_vision:
+            self.vision_model.eval()
+        return self
 
     def _init_weights(self, module: nn.Module) -> None:
         # Linear / Embedding / LayerNorm of the reader itself: the transformers default
@@ -217,6 +234,7 @@ class ReaderModel(PreTrainedModel):
             load_tower_weights(model.vision_model, vision_backbone, text=False)
         if load_weights:
             load_tower_weights(model.text_model, text_backbone, text=True)
+        model.apply_freezing()
         return model
 
     # ------------------------------------------------------------------ embeddings
@@ -252,13 +270,25 @@ class ReaderModel(PreTrainedModel):
             token_scores = scores.to(dtype).gather(1, caption_index.clamp(min=0)) * is_caption
         return self.score_embedding(token_scores.unsqueeze(-1)) * is_caption.unsqueeze(-1)
 
-    def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) pixels → (B, V, H) visual token embeddings."""
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) pixels → (B, V, C) image-tower tokens (pooled to the grid).
+
+        With ``freeze_vision`` these are a fixed function of the image, so training
+        can compute them once per image and pass ``visual_features`` instead.
+        """
         feats = self.vision_model(pixel_values=pixel_values).last_hidden_state
         if feats.ndim == 4:  # conv feature map (ResNet, ConvNeXt): (B, C, h, w) → (B, h*w, C)
             feats = feats.flatten(2).transpose(1, 2)
         if self.config.visual_grid is not None:
             feats = _pool_to_grid(feats, self.config.visual_grid)  # (B, V, C)
+        return feats
+
+    def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) pixels → (B, V, H) visual token embeddings."""
+        return self.embed_visual(self.vision_features(pixel_values))
+
+    def embed_visual(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B, V, C) image-tower tokens → (B, V, H) visual token embeddings."""
         num_tokens = feats.shape[1]
         if num_tokens > self.config.max_visual_tokens:
             raise ValueError(
@@ -277,13 +307,14 @@ class ReaderModel(PreTrainedModel):
 
     def forward(
         self,
-        pixel_values: torch.Tensor,
-        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         caption_index: torch.Tensor | None = None,
         caption_scores: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        visual_features: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> ReaderOutput:
         """Score every answer for a batch (the :class:`~reader.processing.ReaderProcessor` output).
@@ -296,6 +327,8 @@ class ReaderModel(PreTrainedModel):
             caption_index: (B, L) which caption (0..k-1) a token belongs to, -1 elsewhere.
             caption_scores: (B, k) retrieval scores; needed when ``use_retrieval_scores``
                 and the batch has captions, ignored otherwise.
+            visual_features: (B, V, C) precomputed :meth:`vision_features` instead of
+                ``pixel_values`` (a frozen image tower's output, cached by training).
             labels: (B, num_answers) soft targets in [0, 1]. The loss is
                 ``binary_cross_entropy_with_logits(logits, labels, reduction="mean") *
                 num_answers`` — per question the *sum* over answers, averaged over the batch
@@ -304,8 +337,21 @@ class ReaderModel(PreTrainedModel):
         Raises:
             TypeError / ValueError: Inputs of the wrong type, shape or range.
         """
+        if visual_features is not None:
+            if pixel_values is not None:
+                raise ValueError("give pixel_values or visual_features, not both")
+            if not isinstance(visual_features, torch.Tensor) or visual_features.ndim != 3:
+                raise ValueError(
+                    "visual_features must be a (batch, tokens, channels) tensor, got "
+                    f"{getattr(visual_features, 'shape', type(visual_features).__name__)}"
+                )
         batch, length = self._check_inputs(
-            pixel_values, input_ids, attention_mask, token_type_ids, caption_index, caption_scores
+            pixel_values if visual_features is None else visual_features,
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            caption_index,
+            caption_scores,
         )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -314,7 +360,9 @@ class ReaderModel(PreTrainedModel):
             input_ids, token_type_ids, caption_index, caption_scores
         )  # (B, L, H)
         vision_dtype = next(self.vision_model.parameters()).dtype
-        visual = self.embed_image(pixel_values.to(vision_dtype)).to(text.dtype)  # (B, V, H)
+        if visual_features is None:
+            visual_features = self.vision_features(pixel_values.to(vision_dtype))  # (B, V, C)
+        visual = self.embed_visual(visual_features.to(vision_dtype)).to(text.dtype)  # (B, V, H)
         x = torch.cat([text, visual], dim=1)  # (B, L+V, H)
         mask = torch.cat(  # visual tokens are never padding
             [attention_mask, attention_mask.new_ones(batch, visual.shape[1])], dim=1
@@ -357,7 +405,9 @@ class ReaderModel(PreTrainedModel):
                 f"{input_ids.dtype} {tuple(input_ids.shape)}"
             )
         batch, length = input_ids.shape
-        if pixel_values.ndim != 4 or pixel_values.shape[0] != batch:
+        if pixel_values.ndim == 3 and pixel_values.shape[0] == batch:
+            pass  # visual_features (B, V, C)
+        elif pixel_values.ndim != 4 or pixel_values.shape[0] != batch:
             raise ValueError(
                 f"pixel_values must be (batch={batch}, 3, H, W), got {tuple(pixel_values.shape)}"
             )

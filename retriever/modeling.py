@@ -105,6 +105,9 @@ class RetrieverModel(PreTrainedModel):
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         self.tokenizer: Any = None
         self.image_processor: Any = None
+        # Frozen text tower: pooled features per distinct caption, computed once
+        # while training (cleared whenever the mode changes).
+        self._text_cache: dict[bytes, torch.Tensor] = {}
         self.post_init()
         self.apply_freezing()
 
@@ -129,6 +132,17 @@ class RetrieverModel(PreTrainedModel):
             p.requires_grad_(not self.config.freeze_text)
         # Only InfoNCE uses the temperature; DDP refuses parameters that get no gradient.
         self.logit_scale.requires_grad_(self.config.loss == "infonce")
+
+    def train(self, mode: bool = True) -> RetrieverModel:
+        """Like ``nn.Module.train``, but frozen towers stay in eval mode (no dropout,
+        fixed BatchNorm statistics): a frozen tower is a fixed feature extractor."""
+        super().train(mode)
+        if mode and self.config.freeze_vision:
+            self.vision_model.eval()
+        if mode and self.config.freeze_text:
+            self.text_model.eval()
+        self._text_cache = {}
+        return self
 
     # ------------------------------------------------------------------ building
 

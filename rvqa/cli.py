@@ -187,6 +187,126 @@ COMMANDS["evaluate-retriever"] = (
 )
 
 
+def _build_index_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument(
+        "--retriever", help="retriever folder (default: OUTPUT_DIR/retriever/best or final)"
+    )
+    p.add_argument(
+        "--captions",
+        help="caption source: a .jsonl / .txt file, a COCO captions .json, or 'easy_vqa' "
+        "(default: the config's index.captions)",
+    )
+    p.add_argument("--out", help="index folder (default: the config's index folder, indices/NAME)")
+    p.add_argument(
+        "--from-index", help="rebuild from this index's stored embeddings (no re-encoding)"
+    )
+    p.add_argument(
+        "--factory",
+        help="FAISS factory string, e.g. Flat, HNSW32, IVF4096,PQ32 (default: automatic)",
+    )
+    p.add_argument("--max-memory", help="memory budget of the automatic choice, e.g. 4GB")
+    p.add_argument("--no-dedupe", action="store_true", help="keep duplicate captions")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
+
+
+def _cmd_build_index(args: argparse.Namespace) -> int:
+    from rvqa.indexing import build_index_from_config
+
+    cfg = _load_cfg(args)
+    path = build_index_from_config(
+        cfg,
+        retriever=args.retriever,
+        captions=args.captions,
+        out=args.out,
+        from_index=args.from_index,
+        factory=args.factory,
+        max_memory=args.max_memory,
+        dedupe=False if args.no_dedupe else None,
+        overwrite=args.overwrite,
+    )
+    if path is not None:
+        from retriever.index_format import read_manifest
+
+        m = read_manifest(path)
+        _print_main(f"built {path}: {m['count']} captions, {m['factory']}, dim {m['embed_dim']}")
+    return 0
+
+
+def _index_info_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="index folder, e.g. indices/easyvqa-captions")
+    p.add_argument(
+        "--retriever", help="retriever folder: check the fingerprint and re-encode captions"
+    )
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+
+
+def _cmd_index_info(args: argparse.Namespace) -> int:
+    import json
+
+    from retriever.index import index_info
+    from retriever.index_format import read_manifest
+
+    if args.json:
+        print(json.dumps(read_manifest(args.path), indent=1))
+        return 0
+    encoder = None
+    if args.retriever:
+        from retriever.modeling import RetrieverModel
+
+        encoder = RetrieverModel.from_pretrained(args.retriever)
+    print(index_info(args.path, encoder))
+    return 0
+
+
+def _cmd_train_reader(args: argparse.Namespace) -> int:
+    from reader.train import train_reader
+
+    cfg = _load_cfg(args)
+    out = train_reader(cfg, resume=args.resume)
+    acc = out["best_val_accuracy"]
+    _print_main(
+        f"reader saved to {out['model_dir']}"
+        + (f" (best validation VQA accuracy {acc:.2f})" if acc is not None else "")
+    )
+    return 0
+
+
+COMMANDS["train-reader"] = (
+    "train the retrieval-augmented reader (needs a trained retriever and a built index)",
+    """
+    rvqa train-reader                                       # the offline easy-vqa demo settings
+    rvqa train-reader --set reader.top_k=0                  # no retrieval (ablation)
+    rvqa train-reader --set data.train_fraction=0.1         # low-data run
+    rvqa train-reader --config configs/demo.yaml --resume
+    ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 -m rvqa train-reader
+    accelerate launch --multi_gpu --num_processes 8 -m rvqa train-reader --config configs/coco_vqav2.yaml
+    """,
+    _train_args,
+    _cmd_train_reader,
+)
+COMMANDS["build-index"] = (
+    "embed a caption corpus with the retriever and build a FAISS knowledge index",
+    """
+    rvqa build-index --retriever runs/demo/retriever/best --captions easy_vqa --out indices/easyvqa-captions
+    rvqa build-index --retriever runs/demo/retriever/best --captions my_corpus.jsonl --out indices/mine --factory HNSW32
+    rvqa build-index --from-index indices/easyvqa-captions --factory HNSW32 --out indices/easyvqa-hnsw
+    accelerate launch --multi_gpu -m rvqa build-index --config configs/coco_vqav2.yaml   # every GPU encodes a shard
+    """,
+    _build_index_args,
+    _cmd_build_index,
+)
+COMMANDS["index-info"] = (
+    "print a knowledge index's manifest and a sanity search",
+    """
+    rvqa index-info indices/easyvqa-captions
+    rvqa index-info indices/easyvqa-captions --retriever runs/demo/retriever/best
+    """,
+    _index_info_args,
+    _cmd_index_info,
+)
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -231,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     fn = COMMANDS[args.command][3]
     try:
         return int(fn(args) or 0)

@@ -154,7 +154,8 @@ class RetrieverSettings(TrainSettings):
     image_size: int = 64
     max_caption_length: int = 16
     freeze_vision: bool = False
-    freeze_text: bool = False
+    freeze_text: bool = True
+    """The demo keeps the packaged MiniLM frozen (its caption features are computed once)."""
     loss: Literal["vse_max", "vse_sum", "infonce"] = "vse_max"
     margin: float = 0.2
     max_violation_warmup: int = 100
@@ -178,7 +179,10 @@ class RetrieverSettings(TrainSettings):
 class IndexSettings:
     """The knowledge index built after retriever training."""
 
-    name: str = "captions"
+    name: str = "easyvqa-captions"
+    """Name of the index (its folder is indices/NAME unless `path` is set)."""
+    path: str | None = None
+    """Index folder; None = indices/NAME."""
     captions: CaptionDataConfig = field(default_factory=CaptionDataConfig)
     factory: str | None = None
     """FAISS factory string; None = automatic choice from size and max_memory."""
@@ -186,7 +190,16 @@ class IndexSettings:
     dedupe: bool = True
     batch_size: int = 256
     store_embeddings: bool = True
+    embeddings_dtype: Literal["float16", "float32"] = "float16"
     use_gpu: bool = False
+    nprobe: int | None = None
+    """IVF indices: lists probed per query (None = the value tuned at build time)."""
+    ef_search: int | None = None
+    """HNSW indices: efSearch (None = the value tuned at build time)."""
+
+    def folder(self) -> str:
+        """The index folder."""
+        return self.path or f"indices/{self.name}"
 
 
 @dataclass
@@ -198,6 +211,11 @@ class ReaderSettings(TrainSettings):
     """Keep only the first N layers of the text backbone (None = all)."""
     vision_backbone: str = "cnn"
     """'cnn', 'retriever' (reuse the retriever's image tower) or a transformers vision checkpoint."""
+    cnn_hidden_sizes: list[int] | None = None
+    """Channels of the small CNN's stages (vision_backbone='cnn'); None = [32, 64, 128, 128]."""
+    freeze_vision: bool = False
+    """Keep the image tower fixed (its features are then computed once per image)."""
+    freeze_word_embeddings: bool = False
     image_size: int = 64
     visual_grid: int = 4
     """Visual tokens per side for CNN features (grid × grid tokens)."""
@@ -207,9 +225,15 @@ class ReaderSettings(TrainSettings):
     use_retrieval_scores: bool = True
     answer_vocab_size: int = 3129
     min_answer_count: int = 1
-    exclude_own_captions: bool = False
+    exclude_own_captions: bool = True
+    """Never retrieve a training image's own captions (needs captions that share the VQA image ids)."""
     k_dropout: float = 0.0
     """Probability of training a sample with a random k in [0, top_k] (robustness to index changes)."""
+    eval_split: str | None = None
+    """VQA split for validation during training; None = hold out val_fraction of the training images."""
+    val_fraction: float = 0.05
+    max_eval_questions: int | None = 2000
+    """Cap on validation questions evaluated every eval_every steps."""
 
 
 @dataclass

@@ -6,3 +6,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A whole tiny run folder (retriever, index, reader), built once per test session."""
+    from tests.tiny import build_tiny_run
+
+    return build_tiny_run(tmp_path_factory.mktemp("tiny"))

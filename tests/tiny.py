@@ -75,3 +75,63 @@ def coco_caption_fixture(
     path = root / f"captions_{split}.json"
     path.write_text(json.dumps({"images": images, "annotations": annotations}))
     return path, images_dir
+
+
+def tiny_run_config(root: Path, **overrides):
+    """A RunConfig for a whole tiny run on easy-vqa (tiny random towers, a few steps)."""
+    from rvqa.config import config_from_dict
+
+    root = Path(root)
+    text = str(tiny_text_backbone(root))
+    data = {
+        "output_dir": str(root / "run"),
+        "data": {"source": "easy_vqa", "train_fraction": 0.02, "max_eval_questions": 64},
+        "retriever": {
+            "vision_backbone": "cnn",
+            "cnn_hidden_sizes": [8, 16],
+            "text_backbone": text,
+            "freeze_text": False,
+            "embed_dim": 16,
+            "image_size": 32,
+            "max_caption_length": 8,
+            "batch_size": 32,
+            "max_steps": 3,
+            "max_violation_warmup": 1,
+            "test_split": None,
+            "val_fraction": 0.02,
+        },
+        "index": {"name": "tiny-captions", "path": str(root / "indices" / "tiny-captions")},
+        "reader": {
+            "text_backbone": text,
+            "num_text_layers": None,
+            "vision_backbone": "cnn",
+            "cnn_hidden_sizes": [8, 16],
+            "image_size": 32,
+            "visual_grid": 2,
+            "top_k": 2,
+            "max_question_length": 12,
+            "max_caption_length": 6,
+            "answer_vocab_size": 16,
+            "batch_size": 32,
+            "max_steps": 3,
+            "max_eval_questions": 32,
+            "learning_rate": 1e-3,
+        },
+    }
+    for key, value in overrides.items():
+        section, name = key.split(".", 1)
+        data.setdefault(section, {})[name] = value
+    return config_from_dict(data)
+
+
+def build_tiny_run(root: Path, **overrides) -> Path:
+    """Train a tiny retriever, build its index, train a tiny reader: a loadable run folder."""
+    from reader.train import train_reader
+    from retriever.train import train_retriever
+    from rvqa.indexing import build_index_from_config
+
+    cfg = tiny_run_config(root, **overrides)
+    train_retriever(cfg)
+    build_index_from_config(cfg)
+    train_reader(cfg)
+    return Path(cfg.output_dir)

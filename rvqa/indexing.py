@@ -1,0 +1,128 @@
+"""Build knowledge indices from a run config (``rvqa build-index``)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from rvqa.config import CaptionDataConfig, RunConfig
+
+logger = logging.getLogger(__name__)
+
+
+def retriever_dir(run_dir: str | Path) -> Path:
+    """The retriever a run trained: ``retriever/best`` if it exists, else ``retriever/final``."""
+    run_dir = Path(run_dir)
+    for name in ("best", "final"):
+        p = run_dir / "retriever" / name
+        if (p / "config.json").is_file():
+            return p
+    raise FileNotFoundError(
+        f"no trained retriever under {run_dir}/retriever (expected best/ or final/ with "
+        "config.json); run `rvqa train-retriever` first or pass --retriever"
+    )
+
+
+def caption_source_from_arg(arg: str) -> CaptionDataConfig:
+    """``--captions`` → a caption source: easy_vqa, .jsonl, .txt, COCO/Karpathy .json, a datasets folder."""
+    if arg == "easy_vqa":
+        return CaptionDataConfig(source="easy_vqa")
+    p = Path(arg)
+    if not p.exists():
+        raise FileNotFoundError(f"--captions: {arg} does not exist (or use 'easy_vqa')")
+    if p.is_dir():
+        return CaptionDataConfig(source="datasets", path=str(p))
+    suffix = p.suffix.lower()
+    if suffix == ".jsonl":
+        return CaptionDataConfig(source="jsonl", path=str(p))
+    if suffix == ".txt":
+        return CaptionDataConfig(source="text", path=str(p))
+    if suffix == ".json":
+        kind = "karpathy" if p.name.startswith("dataset_") else "coco"
+        return CaptionDataConfig(source=kind, path=str(p))
+    raise ValueError(
+        f"--captions: cannot tell the format of {arg} (expected .jsonl, .txt, .json or a folder)"
+    )
+
+
+def build_index_from_config(
+    cfg: RunConfig,
+    *,
+    retriever: str | Path | Any | None = None,
+    captions: str | CaptionDataConfig | None = None,
+    out: str | Path | None = None,
+    from_index: str | Path | None = None,
+    factory: str | None = None,
+    max_memory: str | None = None,
+    dedupe: bool | None = None,
+    overwrite: bool = False,
+    split: str | None = None,
+) -> Path:
+    """Encode a caption corpus with the retriever and write an index folder.
+
+    Args:
+        cfg: Run config; its ``index`` section gives the defaults.
+        retriever: A retriever folder or model (default: the run's trained one).
+        captions: A caption source (``--captions`` string or config); default ``cfg.index.captions``.
+        out: Index folder (default ``cfg.index.folder()``).
+        from_index: Rebuild from this index's stored embeddings instead of encoding.
+        factory, max_memory, dedupe: Override ``cfg.index``.
+        overwrite: Replace an existing folder.
+        split: Caption split (easy_vqa: train/test; karpathy: a split name).
+    """
+    from retriever.index import build_index, rebuild_index
+
+    s = cfg.index
+    out = Path(out or s.folder())
+    factory = factory if factory is not None else s.factory
+    max_memory = max_memory or s.max_memory
+    if from_index is not None:
+        return rebuild_index(from_index, out, factory, max_memory=max_memory, overwrite=overwrite)
+    from retriever.modeling import RetrieverModel
+
+    if retriever is None:
+        retriever = retriever_dir(cfg.output_dir)
+    model = (
+        retriever
+        if not isinstance(retriever, (str, Path))
+        else RetrieverModel.from_pretrained(retriever)
+    )
+    source = (
+        captions
+        if isinstance(captions, CaptionDataConfig)
+        else (caption_source_from_arg(captions) if captions else s.captions)
+    )
+    from rvqa.data import load_captions
+
+    split_arg = split if split is not None else ("train" if source.source == "easy_vqa" else None)
+    if source.source == "karpathy":
+        split_arg = [split] if split else list(source.splits)
+    corpus = load_captions(source, split=split_arg)
+    if len(corpus) == 0:
+        raise ValueError(f"the caption source {source.source} {source.path or ''} is empty")
+    accelerator = None
+    from rvqa.training import is_distributed_launch
+
+    if is_distributed_launch():
+        from accelerate import Accelerator
+
+        accelerator = Accelerator()
+    desc = f"{source.source}:{source.path or ''}{':' + str(split_arg) if split_arg else ''}"
+    path = build_index(
+        model,
+        corpus,
+        out,
+        factory=factory,
+        max_memory=max_memory,
+        dedupe=s.dedupe if dedupe is None else dedupe,
+        batch_size=s.batch_size,
+        store_embeddings=s.store_embeddings,
+        embeddings_dtype=s.embeddings_dtype,
+        caption_source=desc,
+        overwrite=overwrite,
+        accelerator=accelerator,
+    )
+    if accelerator is not None:
+        accelerator.end_training()
+    return path
