@@ -104,8 +104,8 @@ def tiny_run_config(root: Path, **overrides):
         "reader": {
             "text_backbone": text,
             "num_text_layers": None,
-            "vision_backbone": "cnn",
-            "cnn_hidden_sizes": [8, 16],
+            "vision_backbone": "retriever",
+            "freeze_word_embeddings": False,
             "image_size": 32,
             "visual_grid": 2,
             "top_k": 2,

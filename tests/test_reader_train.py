@@ -1,0 +1,167 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import reader.retrieval as retrieval
+import rvqa.training as training
+from reader.train import _k_for, train_reader
+from retriever.index import KnowledgeIndex
+from retriever.modeling import RetrieverModel
+from retriever.train import train_retriever
+from rvqa.config import config_to_dict
+from rvqa.indexing import build_index_from_config, retriever_dir
+from tests.tiny import tiny_run_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def retriever_run(tmp_path_factory):
+    """A tiny trained retriever and its index, shared by the reader tests."""
+    root = tmp_path_factory.mktemp("reader-train")
+    cfg = tiny_run_config(root)
+    train_retriever(cfg)
+    build_index_from_config(cfg)
+    return root, cfg
+
+
+def _cfg(retriever_run, out: Path, **reader):
+    root, base = retriever_run
+    cfg = tiny_run_config(root, **{f"reader.{k}": v for k, v in reader.items()})
+    cfg.output_dir = str(out)
+    # Reuse the trained retriever: link it into the new run folder.
+    (out / "retriever").mkdir(parents=True, exist_ok=True)
+    src = retriever_dir(base.output_dir)
+    dst = out / "retriever" / src.name
+    if not dst.exists():
+        dst.symlink_to(src, target_is_directory=True)
+    return cfg
+
+
+def test_train_saves_model_and_run_file(retriever_run, tmp_path):
+    cfg = _cfg(retriever_run, tmp_path / "run")
+    out = train_reader(cfg)
+    res = out["result"]
+    assert res.steps == 3 and res.num_processes == 1
+    model_dir = out["model_dir"]
+    for f in ("model.safetensors", "config.json", "answers.json", "reader_processor.json"):
+        assert (model_dir / f).is_file(), f
+    run = json.loads((tmp_path / "run" / "rvqa_run.json").read_text())
+    assert run["indices"] and run["top_k"] == 2
+    assert (tmp_path / "run" / run["reader"] / "model.safetensors").is_file()
+    assert out["best_val_accuracy"] is not None and 0 <= out["best_val_accuracy"] <= 100
+
+
+def test_retrieval_cache_reused_and_invalidated(retriever_run, tmp_path, monkeypatch):
+    root, base = retriever_run
+    retriever = RetrieverModel.from_pretrained(retriever_dir(base.output_dir))
+    index = KnowledgeIndex.load(base.index.folder(), retriever=retriever)
+    images = {"a": "x"}  # image refs are not read when the cache hits
+    calls = []
+
+    def fake_embed(imgs, batch_size=64, show_progress=False):
+        calls.append(len(imgs))
+        import numpy as np
+
+        return (
+            np.ones((len(imgs), retriever.embed_dim), dtype=np.float32) / retriever.embed_dim**0.5
+        )
+
+    monkeypatch.setattr(retriever, "embed_images", fake_embed)
+    first = retrieval.retrieve_for_images(retriever, index, images, 2, cache_dir=tmp_path)
+    second = retrieval.retrieve_for_images(retriever, index, images, 2, cache_dir=tmp_path)
+    assert calls == [1] and first == second and len(first["a"]) == 2
+    # Another k, or a rebuilt index, is a different cache entry.
+    retrieval.retrieve_for_images(retriever, index, images, 1, cache_dir=tmp_path)
+    assert calls == [1, 1]
+    rebuilt = build_index_from_config(base, retriever=retriever, out=tmp_path / "idx2")
+    index2 = KnowledgeIndex.load(rebuilt, retriever=retriever)
+    assert retrieval.index_fingerprint(index2) != retrieval.index_fingerprint(index)
+    retrieval.retrieve_for_images(retriever, index2, images, 2, cache_dir=tmp_path)
+    assert calls == [1, 1, 1]
+    assert len(list(tmp_path.glob("retrieval-*.json"))) == 3
+
+
+def test_own_captions_excluded(retriever_run, tmp_path):
+    root, base = retriever_run
+    retriever = RetrieverModel.from_pretrained(retriever_dir(base.output_dir))
+    index = KnowledgeIndex.load(base.index.folder(), retriever=retriever)
+    import easy_vqa
+
+    paths = easy_vqa.get_train_image_paths()
+    hits = retrieval.retrieve_for_images(retriever, index, {"0": paths[0]}, 36)["0"]
+    own = hits[0][2]
+    again = retrieval.retrieve_for_images(
+        retriever, index, {"0": paths[0]}, 36, exclude_ids={"0": {own}}
+    )["0"]
+    assert own not in [h[2] for h in again] and len(again) == len(hits) - 1
+
+
+def test_k_dropout_is_deterministic():
+    ks = [_k_for(q, 3, 0.5, 0) for q in range(2000)]
+    assert ks == [_k_for(q, 3, 0.5, 0) for q in range(2000)]
+    assert 0.33 < sum(k != 3 for k in ks) / len(ks) < 0.42  # 50 % redrawn × 3/4 not landing on 3
+    assert set(ks) == {0, 1, 2, 3}
+    assert all(_k_for(q, 3, 0.0, 0) == 3 for q in range(100))
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def test_resume_continues_from_saved_step(retriever_run, tmp_path, monkeypatch):
+    kw = {"max_steps": 4, "checkpoint_every": 2, "eval_every": 0}
+    full = train_reader(_cfg(retriever_run, tmp_path / "a", **kw))["result"]
+    cfg = _cfg(retriever_run, tmp_path / "b", **kw)
+    original = training._save_checkpoint
+
+    def crash(accelerator, output_dir, step, state, keep):
+        path = original(accelerator, output_dir, step, state, keep)
+        if step == 2:
+            raise _Crash("interrupted")
+        return path
+
+    monkeypatch.setattr(training, "_save_checkpoint", crash)
+    with pytest.raises(_Crash):
+        train_reader(cfg)
+    monkeypatch.setattr(training, "_save_checkpoint", original)
+    resumed = train_reader(cfg, resume=True)["result"]
+    assert resumed.resumed_from_step == 2 and resumed.steps == 4
+    assert resumed.losses == pytest.approx(full.losses[2:], rel=1e-5, abs=1e-6)
+    # A different answer vocabulary is a different model: refused.
+    changed = _cfg(retriever_run, tmp_path / "b", answer_vocab_size=5, **kw)
+    with pytest.raises(ValueError, match="cannot resume .*answers"):
+        train_reader(changed, resume=True)
+
+
+@pytest.mark.slow
+def test_two_cpu_processes(retriever_run, tmp_path):
+    cfg = _cfg(retriever_run, tmp_path / "run", max_steps=2, eval_every=0)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29544",
+        "-m",
+        "rvqa",
+        "train-reader",
+        "--config",
+        str(path),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "run" / "reader" / "train_result.json").read_text())
+    assert result["num_processes"] == 2 and result["steps"] == 2
+    assert (tmp_path / "run" / "reader" / "final" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "rvqa_run.json").is_file()
