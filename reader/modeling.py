@@ -86,7 +86,10 @@ class ReaderModel(PreTrainedModel):
         for tower in (self.text_model, self.vision_model):
             # The reader uses token states only. A pooler left in place would hold weights
             # that never get gradients, which DistributedDataParallel rejects by default.
-            if isinstance(getattr(tower, "pooler", None), nn.Module):
+            # (Parameter-free poolers such as ResNet's average pool are called
+            # unconditionally by their models and cost nothing: keep them.)
+            pooler = getattr(tower, "pooler", None)
+            if isinstance(pooler, nn.Module) and any(True for _ in pooler.parameters()):
                 tower.pooler = None
         if not all(hasattr(self.text_model, m) for m in ("embeddings", "encoder")):
             raise ValueError(

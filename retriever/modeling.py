@@ -89,8 +89,12 @@ class RetrieverModel(PreTrainedModel):
         # without gradient is an error (and they cost memory).
         if getattr(self.text_model, "pooler", None) is not None:
             self.text_model.pooler = None
-        if config.vision_pooling != "pooled" and isinstance(
-            getattr(self.vision_model, "pooler", None), nn.Module
+        pooler = getattr(self.vision_model, "pooler", None)
+        # (parameter-free poolers, e.g. ResNet's average pool, are called unconditionally)
+        if (
+            config.vision_pooling != "pooled"
+            and isinstance(pooler, nn.Module)
+            and any(True for _ in pooler.parameters())
         ):
             self.vision_model.pooler = None
         self.vision_projection = _head(

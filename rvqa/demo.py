@@ -40,6 +40,24 @@ def _say(msg: str = "") -> None:
     print(msg, flush=True)
 
 
+def _accuracy(model: Any, records: list, index: Any, label: str, batch_size: int = 128) -> Any:
+    """Official VQA accuracy of ``model`` on ``records`` with one index condition."""
+    from tqdm.auto import tqdm
+
+    from rvqa.metrics import evaluate_vqa
+
+    preds = []
+    for s in tqdm(range(0, len(records), batch_size), desc=f"evaluating ({label})", unit="batch"):
+        chunk = records[s : s + batch_size]
+        outs = model.answer_batch(
+            [r.image for r in chunk], [r.question for r in chunk], index=index
+        )
+        preds.extend(
+            {"question_id": r.question_id, "answer": o.answer} for r, o in zip(chunk, outs)
+        )
+    return evaluate_vqa(preds, records)
+
+
 def paraphrased(texts: list[str]) -> list[str]:
     """A second caption source: the same facts in other words ("a picture of a blue circle")."""
     return [f"a picture of {t}" for t in texts]
@@ -67,7 +85,6 @@ def run_demo(
     from retriever.index import build_index_from_embeddings
     from retriever.train import train_retriever
     from rvqa.data import easy_vqa_captions, load_vqa
-    from rvqa.evaluation import evaluate_run
     from rvqa.indexing import build_index_from_config
     from rvqa.pipeline import RVQA
 
@@ -157,8 +174,7 @@ def run_demo(
     ]
     rows = []
     for label, index in conditions:
-        res = evaluate_run(model, records, index=index, show_progress=True)
-        acc = res.accuracy
+        acc = _accuracy(model, records, index, label)
         rows.append(
             {
                 "condition": label,
@@ -183,7 +199,9 @@ def run_demo(
     )
     (run_dir / "demo_results.md").write_text(table + "\n")
 
-    _say("\nA few test questions, with the evidence the reader read:")
+    model.unload_index("paraphrased")
+    model.unload_index("shuffled")
+    _say(f"\nA few test questions (index {name}), with the evidence the reader read:")
     for r in records[:: max(1, len(records) // max(examples, 1))][:examples]:
         out = model.answer(r.image, r.question)
         _say(f"\n  Q: {r.question}   (image {r.image_id}, truth: {r.answers[0]})")

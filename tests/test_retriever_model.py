@@ -228,3 +228,126 @@ def test_unknown_backbone_lists_known_names(monkeypatch):
 
     with pytest.raises(ValueError, match="cannot load vision backbone 'no-such/model'.*'cnn'"):
         vision_config_from_name("no-such/model")
+
+
+# ----------------------------------------------------------------------------- other towers
+
+TEXT_TOWERS = {
+    "albert": {
+        "model_type": "albert",
+        "vocab_size": 100,
+        "embedding_size": 16,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 37,
+    },
+    "t5": {
+        "model_type": "t5",
+        "vocab_size": 100,
+        "d_model": 32,
+        "d_kv": 8,
+        "d_ff": 37,
+        "num_layers": 2,
+        "num_heads": 2,
+    },
+    "bert": {
+        "model_type": "bert",
+        "vocab_size": 100,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 37,
+    },
+}
+VISION_TOWERS = {
+    "vit": {
+        "model_type": "vit",
+        "image_size": 32,
+        "patch_size": 8,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 37,
+    },
+    "clip_vision_model": {
+        "model_type": "clip_vision_model",
+        "image_size": 32,
+        "patch_size": 8,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 37,
+    },
+    "resnet": {
+        "model_type": "resnet",
+        "embedding_size": 8,
+        "hidden_sizes": [8, 16],
+        "depths": [1, 1],
+        "layer_type": "basic",
+    },
+}
+
+
+@pytest.mark.parametrize("text", sorted(TEXT_TOWERS))
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_text_towers(text, pooling):
+    cfg = RetrieverConfig(
+        vision_config=VISION_TOWERS["vit"],
+        text_config=TEXT_TOWERS[text],
+        embed_dim=8,
+        text_pooling=pooling,
+        vision_pooling="cls",
+    )
+    model = RetrieverModel(cfg).eval()
+    ids = torch.randint(1, 100, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    emb = model.encode_texts(ids, mask)
+    assert emb.shape == (3, 8)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3))
+    # Padding does not change a caption's embedding (masked pooling / attention).
+    if pooling == "mean" and text != "t5":
+        short = model.encode_texts(ids[:1, :5], mask[:1, :5])
+        torch.testing.assert_close(short, emb[:1], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("vision", sorted(VISION_TOWERS))
+@pytest.mark.parametrize("pooling", ["pooled", "cls", "mean"])
+def test_vision_towers(vision, pooling):
+    if vision == "resnet" and pooling == "cls":
+        pytest.skip("a conv net has no CLS token")
+    cfg = RetrieverConfig(
+        vision_config=VISION_TOWERS[vision],
+        text_config=TEXT_TOWERS["bert"],
+        embed_dim=8,
+        vision_pooling=pooling,
+    )
+    model = RetrieverModel(cfg).eval()
+    emb = model.encode_images(torch.randn(2, 3, 32, 32))
+    assert emb.shape == (2, 8)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(2))
+
+
+def test_recall_multi_matches_brute_force():
+    from retriever.evaluation import recall_multi
+
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(40, 6)).astype(np.float32)
+    g = rng.normal(size=(25, 6)).astype(np.float32)
+    g[5] = g[3]  # an exact tie
+    positives = [set(rng.choice(25, size=rng.integers(1, 4), replace=False).tolist()) for _ in q]
+    positives[0] = {5}
+    ks = (1, 5, 10)
+    got = recall_multi(q, g, positives, ks, chunk_size=7)
+    sims = q @ g.T
+    want = []
+    for k in ks:
+        hits = 0
+        for i in range(len(q)):
+            order = sorted(
+                range(25), key=lambda j: (-float(sims[i, j]), j)
+            )  # stable: lower index first
+            hits += any(j in positives[i] for j in order[:k])
+        want.append(100.0 * hits / len(q))
+    assert got == pytest.approx(want)

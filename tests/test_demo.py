@@ -1,0 +1,35 @@
+import json
+
+import pytest
+
+from rvqa import RVQA
+from rvqa.demo import run_demo
+
+
+@pytest.mark.slow
+def test_demo_fast_end_to_end(tmp_path, capsys):
+    out = run_demo(
+        tmp_path / "runs" / "demo", fast=True, indices_dir=tmp_path / "indices", examples=2
+    )
+    printed = capsys.readouterr().out
+    conditions = [r["condition"] for r in out["rows"]]
+    assert conditions == [
+        "retrieval: easyvqa-captions",
+        "swapped: paraphrased",
+        "swapped: shuffled (corrupted)",
+        "no retrieval",
+    ]
+    assert all(0 <= r["overall"] <= 100 for r in out["rows"])
+    assert "| condition | overall |" in printed and "rvqa ask --model" in printed
+    for name in ("easyvqa-captions", "easyvqa-paraphrased", "easyvqa-shuffled"):
+        assert (tmp_path / "indices" / name / "manifest.json").is_file()
+    saved = json.loads((tmp_path / "runs" / "demo" / "demo_results.json").read_text())
+    assert saved["questions"] == 300
+    # The run folder is reusable by the Python API.
+    model = RVQA.from_pretrained(tmp_path / "runs" / "demo")
+    assert list(model.indices) == ["easyvqa-captions"]
+    import easy_vqa
+
+    ans = model.answer(easy_vqa.get_test_image_paths()[0], "what color is the shape?")
+    assert ans.answer in model.answers and len(ans.evidence) == 3
+    assert all(e.index == "easyvqa-captions" for e in ans.evidence)
