@@ -191,7 +191,7 @@ def test_from_backbones_loads_pretrained_text_weights(tmp_path):
     torch.manual_seed(1)
     tower = SmallCNNModel(SmallCNNConfig(hidden_sizes=[8, 16], grid_size=4))
     reused = ReaderModel.from_backbones(
-        ANSWERS, vision_backbone="retriever", vision_tower=tower, **kw
+        ANSWERS, vision_tower=tower, **{**kw, "vision_backbone": "retriever"}
     )
     for name, tensor in tower.state_dict().items():
         assert torch.equal(reused.vision_model.state_dict()[name], tensor), name
