@@ -204,7 +204,7 @@ def test_from_backbones_loads_pretrained_text_weights(tmp_path):
     with pytest.raises(TypeError, match="unknown reader option"):
         ReaderModel.from_backbones(ANSWERS, text_backbone=str(path), num_layers=1)
     with pytest.raises(ValueError, match="vision_tower"):
-        ReaderModel.from_backbones(ANSWERS, vision_backbone="retriever", **kw)
+        ReaderModel.from_backbones(ANSWERS, **{**kw, "vision_backbone": "retriever"})
 
 
 def test_vit_tower_patches_pooled_to_grid(tokenizer, processor):
