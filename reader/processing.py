@@ -184,7 +184,7 @@ class ReaderProcessor:
                     "question of %d tokens truncated to max_question_length=%d: %r",
                     len(q_ids),
                     limit,
-                    q,
+                    q if len(q) <= 120 else q[:120] + "...",
                 )
         return [q_ids[:limit] for q_ids in ids]
 

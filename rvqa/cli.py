@@ -307,6 +307,184 @@ COMMANDS["index-info"] = (
 )
 
 
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output-dir", default="runs/demo", help="run folder (default runs/demo)")
+    p.add_argument("--indices-dir", default="indices", help="where the demo's indices go")
+    p.add_argument("--fast", action="store_true", help="small data and few steps (about a minute)")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from rvqa.demo import run_demo
+
+    run_demo(args.output_dir, fast=args.fast, indices_dir=args.indices_dir)
+    return 0
+
+
+COMMANDS["demo"] = (
+    "the offline easy-vqa demo: train retriever, build indices, train reader, evaluate, answer",
+    """
+    rvqa demo                       # ~10 minutes on 2 CPU cores, writes runs/demo and indices/
+    rvqa demo --fast                # about a minute: a smoke test of the whole chain
+    """,
+    _demo_args,
+    _cmd_demo,
+)
+
+
+def _ask_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="RUN",
+        help="run folder with rvqa_run.json, e.g. runs/demo",
+    )
+    p.add_argument("--image", required=True, metavar="PATH", help="the image file")
+    p.add_argument("--question", required=True, metavar="TEXT", help="the question to answer")
+    p.add_argument(
+        "--index",
+        action="append",
+        default=[],
+        metavar="PATH_OR_NAME",
+        help="knowledge index to retrieve from: an index folder (loaded under its folder name) "
+        "or the name of one of the run's indices; repeatable (hits merged by score); "
+        "default: every index the run loads",
+    )
+    p.add_argument(
+        "--no-retrieval", action="store_true", help="answer from the image and question alone"
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=None,
+        metavar="K",
+        help="captions to retrieve (default: the number the reader was trained with)",
+    )
+    p.add_argument("--json", action="store_true", help="print the answer as JSON")
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available)"
+    )
+
+
+def _cmd_ask(args: argparse.Namespace) -> int:
+    import json
+
+    from rvqa.data.images import load_image
+    from rvqa.pipeline import RVQA
+
+    # Cheap checks first: a typo should not cost loading the models.
+    if args.no_retrieval and args.index:
+        raise ValueError("--index and --no-retrieval exclude each other")
+    if not args.question.strip():
+        raise ValueError("--question is empty; expected e.g. --question 'what color is the shape?'")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(
+            f"--top-k must be ≥ 1, got {args.top_k} (use --no-retrieval to answer without captions)"
+        )
+    image = load_image(args.image)
+    with _QuietLoading(args.debug):
+        model = RVQA.from_pretrained(
+            args.model, device=args.device, load_indices=not args.no_retrieval
+        )
+        index = None if args.no_retrieval else _ask_indices(model, args.index)
+        out = model.answer(image, args.question, top_k=args.top_k, index=index)
+    if args.json:
+        print(json.dumps(out.to_dict(), indent=1, ensure_ascii=False, default=str))
+    else:
+        print(_format_answer(out, retrieval=index is not None and bool(model.indices)))
+    return 0
+
+
+def _ask_indices(model, specs: list[str]):
+    """``--index`` values → index names: folders are loaded, names must be loaded already."""
+    from pathlib import Path
+
+    from rvqa.pipeline import ALL_INDICES
+
+    if not specs:
+        return ALL_INDICES
+    names: list[str] = []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            name = path.resolve().name
+            if name in model.registry:  # e.g. the run's own index, or a newer build of it
+                model.swap_index(path, name=name)
+            else:
+                model.load_index(path, name=name)
+        elif spec in model.registry:
+            name = spec
+        else:
+            known = ", ".join(model.indices) or "none"
+            raise KeyError(
+                f"--index {spec!r} is neither an index folder nor the name of one of the run's "
+                f"indices (loaded: {known})"
+            )
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def _format_answer(out, retrieval: bool) -> str:
+    """The human-readable ``rvqa ask`` result: answer, alternatives, evidence table."""
+    lines = [f"Q: {out.question}", f"A: {out.answer}  (score {out.score:.3f})"]
+    if out.alternatives:
+        lines.append("   also: " + ", ".join(f"{a} {s:.3f}" for a, s in out.alternatives))
+    if not out.evidence:
+        why = "no captions retrieved" if retrieval else "answered without retrieval"
+        lines.append(f"Evidence: none ({why})")
+        return "\n".join(lines)
+    lines.append(f"Evidence ({len(out.evidence)} captions, best first):")
+    rows = [("score", "index", "id", "caption")] + [
+        (f"{e.score:.3f}", e.index, str(e.id), e.text) for e in out.evidence
+    ]
+    widths = [max(len(r[c]) for r in rows) for c in range(3)]
+    for r in rows:
+        lines.append("  " + "  ".join(v.ljust(w) for v, w in zip(r[:3], widths)) + "  " + r[3])
+    return "\n".join(lines)
+
+
+class _QuietLoading:
+    """Hide load-time chatter (progress bars, INFO logs); warnings and errors still show."""
+
+    def __init__(self, debug: bool):
+        self.debug = debug
+        self.loggers = [logging.getLogger(n) for n in ("rvqa", "retriever", "reader")]
+
+    def __enter__(self) -> None:
+        if self.debug:
+            return
+        from transformers.utils import logging as hf_logging
+
+        self.hf = hf_logging
+        self.bars, self.verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+        self.levels = [lg.level for lg in self.loggers]
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        for lg in self.loggers:
+            lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+
+    def __exit__(self, *exc: object) -> None:
+        if self.debug:
+            return
+        for lg, level in zip(self.loggers, self.levels):
+            lg.setLevel(level)
+        self.hf.set_verbosity(self.verbosity)
+        if self.bars:
+            self.hf.enable_progress_bar()
+
+
+COMMANDS["ask"] = (
+    "answer one question about one image, with the retrieved evidence",
+    """
+    rvqa ask --model runs/demo --image shape.png --question "what color is the shape?"
+    rvqa ask --model runs/demo --image shape.png --question "what shape is it?" --index indices/easyvqa-paraphrased --top-k 3
+    rvqa ask --model runs/demo --image shape.png --question "what color is the shape?" --no-retrieval --json
+    """,
+    _ask_args,
+    _cmd_ask,
+)
+
+
 # --------------------------------------------------------------------------- entry point
 
 

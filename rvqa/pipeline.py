@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,13 @@ class RVQA:
 
     Build with :meth:`from_pretrained` (a run folder written by training or
     ``rvqa demo``) or from loaded components.
+
+    Attributes:
+        answers: The reader's answer vocabulary.
+        default_top_k: Captions retrieved when ``top_k`` is not given (the run's).
+        max_top_k: The largest ``top_k`` whose captions always fit the reader's text
+            positions (``None``: no known limit).
+        registry: The loaded knowledge indices (:class:`retriever.index.IndexRegistry`).
     """
 
     def __init__(
@@ -103,15 +111,24 @@ class RVQA:
     ):
         from retriever.index import IndexRegistry
 
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = _resolve_device(device)
         self.retriever = retriever.to(self.device).eval()
         self.reader = reader.to(self.device).eval()
         self.processor = processor
         self.answers = list(reader.config.answers)
+        self.max_top_k = _max_top_k(self.reader, processor)
         self.default_top_k = _check_top_k(top_k)
+        if self.max_top_k is not None and self.default_top_k > self.max_top_k:
+            logger.warning(
+                "top_k=%d may not fit the reader's text (at most %d captions always fit)",
+                self.default_top_k,
+                self.max_top_k,
+            )
         self.run_dir = Path(run_dir) if run_dir else None
         self.registry = IndexRegistry()
         self._swap_lock = threading.Lock()
+        # (retriever object, its fingerprint): hashing every weight once, not per index load.
+        self._fingerprint: tuple[Any, str] | None = None
 
     # ------------------------------------------------------------------ loading
 
@@ -134,11 +151,14 @@ class RVQA:
         Raises:
             FileNotFoundError: The folder, ``rvqa_run.json`` or a component file is
                 missing (named in the message).
+            ValueError: ``rvqa_run.json`` is malformed, or ``device`` is unknown or
+                not available.
         """
         from reader.modeling import ReaderModel
         from reader.processing import PROCESSOR_FILE, ReaderProcessor
         from retriever.modeling import RetrieverModel
 
+        _resolve_device(device)  # fail before loading anything
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
             raise FileNotFoundError(f"run folder {run_dir} does not exist")
@@ -154,8 +174,22 @@ class RVQA:
             reader_path = run_dir / run["reader"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{run_file} is malformed: {err}") from None
-        _require(retriever_path, ("config.json", "model.safetensors"), "retriever")
+        # The retriever embeds the query images (its image processor is needed); the
+        # reader reads text (its tokenizer is needed: without a vocabulary file
+        # transformers silently builds a 5-token tokenizer) and pixels.
+        _require(
+            retriever_path,
+            ("config.json", "model.safetensors", "preprocessor_config.json"),
+            "retriever",
+        )
         _require(reader_path, ("config.json", "model.safetensors", PROCESSOR_FILE), "reader")
+        _require_tokenizer(reader_path, "reader")
+        try:
+            budgets = json.loads((reader_path / PROCESSOR_FILE).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{reader_path / PROCESSOR_FILE} is malformed: {err}") from None
+        if budgets.get("has_image_processor", True):
+            _require(reader_path, ("preprocessor_config.json",), "reader")
         retriever = RetrieverModel.from_pretrained(retriever_path)
         reader = ReaderModel.from_pretrained(reader_path)
         processor = ReaderProcessor.from_pretrained(reader_path)
@@ -176,18 +210,39 @@ class RVQA:
 
     @property
     def indices(self) -> dict[str, dict]:
-        """Loaded indices: name → manifest."""
-        return {n: self.registry.get(n).manifest for n in self.registry.names}
+        """Loaded indices, in loading order: name → manifest (a copy)."""
+        out = {}
+        for n in self.registry.names:
+            try:
+                out[n] = self.registry.get(n).manifest
+            except KeyError:  # unloaded by another thread meanwhile
+                pass
+        return out
+
+    def _retriever_fingerprint(self) -> str:
+        cached = self._fingerprint
+        if cached is None or cached[0] is not self.retriever:
+            cached = (self.retriever, self.retriever.fingerprint())
+            self._fingerprint = cached
+        return cached[1]
 
     def _load(self, path: str | Path, name: str) -> Any:
         from retriever.index import KnowledgeIndex
 
-        return KnowledgeIndex.load(path, retriever=self.retriever, name=name)
+        # Checked against the cached fingerprint (the check is the same as passing the
+        # retriever, which would hash all its weights again on every load or swap).
+        index = KnowledgeIndex.load(path, retriever=self._retriever_fingerprint(), name=name)
+        index.encoder = self.retriever  # enables index.search_images / index.add
+        return index
 
     def load_index(self, path: str | Path, name: str | None = None) -> str:
         """Load a knowledge index folder under ``name`` (default: the folder name).
 
+        Returns:
+            The name it is loaded under.
+
         Raises:
+            FileNotFoundError: The folder or one of its files is missing.
             ValueError: The index was built with another retriever (both fingerprints
                 named), or ``name`` is already loaded (use :meth:`swap_index`).
         """
@@ -202,7 +257,14 @@ class RVQA:
         """Replace the index ``name`` for subsequent calls (no retraining).
 
         The new index is loaded and checked against the retriever first; if that
-        fails, the old index keeps serving and the error is raised.
+        fails, the old index keeps serving and the error is raised. Calls already
+        running finish with the old index. A ``name`` that is not loaded yet is
+        simply loaded.
+
+        Raises:
+            FileNotFoundError: The folder or one of its files is missing.
+            ValueError: The index was built with another retriever (both fingerprints
+                named).
         """
         name = name or Path(path).resolve().name
         new = self._load(path, name)  # validates before anything changes
@@ -210,7 +272,11 @@ class RVQA:
             self.registry.swap(name, new)
 
     def unload_index(self, name: str) -> None:
-        """Stop using an index."""
+        """Stop using an index.
+
+        Raises:
+            KeyError: No index of that name is loaded (the loaded ones are listed).
+        """
         with self._swap_lock:
             self.registry.unload(name)
 
@@ -236,8 +302,13 @@ class RVQA:
             num_alternatives: How many runner-up answers to report.
 
         Raises:
-            TypeError / ValueError: Bad image, question, top_k or index name.
+            TypeError: ``question`` is not a string, ``top_k`` not an int, ``image`` of
+                an unsupported type or an array that is not uint8.
+            ValueError: An empty question, ``top_k`` < 1, an image that cannot be
+                loaded (missing, corrupt, not an image, wrong array shape, too large).
+            KeyError: An unknown index name (the loaded ones are listed).
         """
+        _check_question(question, "question")
         return self.answer_batch([image], [question], top_k, index, num_alternatives)[0]
 
     @torch.inference_mode()
@@ -250,34 +321,74 @@ class RVQA:
         num_alternatives: int = 4,
         batch_size: int = 64,
     ) -> list[Answer]:
-        """Answer a batch: one retrieval search and one reader forward per ``batch_size``."""
-        from rvqa.data.images import load_image
+        """Answer a batch: one retrieval search and one reader forward per ``batch_size``.
 
+        Arguments and errors are those of :meth:`answer`, with one image per question
+        (an image error in a batch names the image's position). The results equal
+        calling :meth:`answer` for each question.
+        """
         if isinstance(images, (str, Path)) or not isinstance(images, Sequence):
-            raise TypeError("images must be a list (one image per question)")
+            raise TypeError(
+                f"images must be a list with one image per question, got {type(images).__name__}"
+            )
         if isinstance(questions, str) or not isinstance(questions, Sequence):
-            raise TypeError("questions must be a list of strings")
+            raise TypeError(f"questions must be a list of strings, got {type(questions).__name__}")
         if len(images) != len(questions):
             raise ValueError(f"got {len(images)} images but {len(questions)} questions")
         for i, q in enumerate(questions):
-            _check_question(q, i)
-        k = self.default_top_k if top_k is None else _check_top_k(top_k)
+            _check_question(q, f"question {i}")
+        k = self.default_top_k if top_k is None else self._check_top_k(top_k)
         names = self._resolve_index(index)
+        n_alt = _check_int(num_alternatives, "num_alternatives", minimum=0)
+        batch_size = _check_int(batch_size, "batch_size", minimum=1)
         out: list[Answer] = []
         for s in range(0, len(images), batch_size):
-            pil = [load_image(im) for im in images[s : s + batch_size]]
+            chunk = images[s : s + batch_size]
+            # VQA asks several questions per image: load, embed, retrieve for and run
+            # the image tower on each distinct image of the batch once.
+            keys = [_image_key(im) for im in chunk]
+            unique: dict[Any, tuple[int, Any]] = {}
+            for i, (key, im) in enumerate(zip(keys, chunk), start=s):
+                if key not in unique:
+                    unique[key] = (len(unique), _load_image(im, i, len(images)))
+            pil = [im for _, im in unique.values()]
+            rows = [unique[key][0] for key in keys]
             qs = list(questions[s : s + batch_size])
-            evidence = self._retrieve(pil, k, names)
-            out.extend(self._read(pil, qs, evidence, num_alternatives))
+            found = self._retrieve(pil, k, names)
+            evidence = [found[r] for r in rows]
+            out.extend(self._read(pil, rows, qs, evidence, n_alt))
         return out
 
+    def _check_top_k(self, k: Any) -> int:
+        k = _check_top_k(k)
+        if self.max_top_k is not None and k > self.max_top_k:
+            # Checked up front: whether k captions fit would otherwise depend on their
+            # lengths, i.e. on the image.
+            p = self.processor
+            raise ValueError(
+                f"top_k={k} is more captions than the reader's text fits: at most "
+                f"{self.max_top_k} ({_text_positions(self.reader)} positions, questions up "
+                f"to {p.max_question_length} tokens, captions up to {p.max_caption_length})"
+            )
+        return k
+
     def _resolve_index(self, index: Any) -> list[str] | None:
-        if index is None or (isinstance(index, (list, tuple)) and not index):
+        if index is None:
             return None
         if index is ALL_INDICES:
             names = self.registry.names
             return names or None
-        chosen = [index] if isinstance(index, str) else list(index)
+        if isinstance(index, str):
+            chosen = [index]
+        elif isinstance(index, (list, tuple)):
+            chosen = list(index)
+        else:
+            raise TypeError(
+                "index must be an index name, a list of names, None (no retrieval) or "
+                f"ALL_INDICES, got {type(index).__name__}"
+            )
+        if not chosen:
+            return None
         for n in chosen:
             if not isinstance(n, str):
                 raise TypeError(f"index names must be strings, got {n!r}")
@@ -297,15 +408,26 @@ class RVQA:
         ]
 
     def _read(
-        self, pil: list, questions: list[str], evidence: list[list[Evidence]], n_alt: int
+        self,
+        pil: list,
+        rows: list[int],
+        questions: list[str],
+        evidence: list[list[Evidence]],
+        n_alt: int,
     ) -> list[Answer]:
+        """Reader forward; ``pil`` are the distinct images, ``rows[i]`` question i's image."""
+        retrieved = any(evidence)  # no captions at all: the reader's k = 0 input
         batch = self.processor(
-            pil,
+            None,
             questions,
-            captions=[[e.text for e in ev] for ev in evidence],
-            scores=[[e.score for e in ev] for ev in evidence],
+            captions=[[e.text for e in ev] for ev in evidence] if retrieved else None,
+            scores=[[e.score for e in ev] for ev in evidence] if retrieved else None,
         )
         batch = {k: v.to(self.device) for k, v in batch.items()}
+        pixels = self.processor.image_processor(images=pil, return_tensors="pt")["pixel_values"]
+        vision_dtype = next(self.reader.vision_model.parameters()).dtype
+        feats = self.reader.vision_features(pixels.to(self.device, vision_dtype))  # (U, V, C)
+        batch["visual_features"] = feats[torch.tensor(rows, device=self.device)]  # (B, V, C)
         probs = torch.sigmoid(self.reader(**batch).logits.float())  # (B, A)
         p, idx = probs.topk(min(1 + max(n_alt, 0), probs.shape[-1]), dim=-1)
         answers = []
@@ -315,16 +437,107 @@ class RVQA:
         return answers
 
 
-def _check_question(q: Any, i: int) -> None:
+def _image_key(image: Any) -> Any:
+    """Images given by path are the same image when the path is; others by identity."""
+    return ("path", str(image)) if isinstance(image, (str, Path)) else ("obj", id(image))
+
+
+def _require_tokenizer(path: Path, what: str) -> None:
+    if not (path / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(f"{what} folder {path} is missing tokenizer_config.json")
+    if not any((path / f).is_file() for f in _VOCAB_FILES):
+        raise FileNotFoundError(
+            f"{what} folder {path} has no tokenizer vocabulary (expected one of "
+            f"{', '.join(_VOCAB_FILES)})"
+        )
+
+
+_VOCAB_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
+
+
+def _resolve_device(device: Any) -> torch.device:
+    """``None`` → CUDA when available, else CPU; otherwise a checked ``torch.device``."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(
+            f"unknown device {device!r}; expected e.g. 'cpu', 'cuda' or 'cuda:1'"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {device!r} requested but CUDA is not available to torch "
+                f"{torch.__version__}; use device='cpu'"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {device!r} requested but only {torch.cuda.device_count()} "
+                "CUDA device(s) are visible"
+            )
+    return dev
+
+
+def _load_image(image: Any, i: int, n: int) -> Any:
+    """``load_image``, with the image's position named in a batch of several."""
+    from rvqa.data.images import ImageLoadError, load_image
+
+    try:
+        return load_image(image)
+    except ImageLoadError:
+        raise  # names the file already
+    except (TypeError, ValueError) as err:
+        if n == 1:
+            raise
+        raise type(err)(f"image {i}: {err}") from None
+    except OSError as err:  # a lazily opened PIL image whose data is corrupt or truncated
+        where = f"image {i}" if n > 1 else "image"
+        raise ValueError(f"{where}: cannot decode the PIL image ({err})") from None
+
+
+def _check_question(q: Any, what: str) -> None:
     if not isinstance(q, str):
-        raise TypeError(f"question {i} must be a string, got {type(q).__name__}")
+        raise TypeError(f"{what} must be a string, got {type(q).__name__}")
     if not q.strip():
-        raise ValueError(f"question {i} is empty")
+        raise ValueError(
+            f"{what} is empty or whitespace; expected a question such as 'what color is the shape?'"
+        )
+
+
+def _check_int(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be ≥ {minimum}, got {value}")
+    return int(value)
+
+
+def _text_positions(reader: Any) -> int | None:
+    text_model = getattr(reader, "text_model", None)
+    return getattr(getattr(text_model, "config", None), "max_position_embeddings", None)
+
+
+def _max_top_k(reader: Any, processor: Any) -> int | None:
+    """Most captions that always fit: [CLS] question [SEP] (caption [SEP]) x k."""
+    positions = _text_positions(reader)
+    q_len = getattr(processor, "max_question_length", None)
+    c_len = getattr(processor, "max_caption_length", None)
+    if not all(isinstance(v, int) for v in (positions, q_len, c_len)):
+        return None
+    return max(0, (positions - q_len - 2) // (c_len + 1))
 
 
 def _check_top_k(k: Any) -> int:
-    if isinstance(k, bool) or not isinstance(k, int):
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise TypeError(f"top_k must be an integer, got {k!r}")
     if k <= 0:
         raise ValueError(f"top_k must be ≥ 1, got {k} (use index=None to answer without retrieval)")
-    return k
+    return int(k)
