@@ -74,7 +74,16 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--work", default="benchmarks/_work")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch and faiss threads (default: theirs)"
+    )
     args = ap.parse_args()
+    if args.threads:
+        import faiss
+        import torch
+
+        torch.set_num_threads(args.threads)
+        faiss.omp_set_num_threads(args.threads)
 
     import easy_vqa
 
@@ -101,7 +110,7 @@ def main() -> None:
     model.load_index(index_dir, name="bench")
     manifest = model.indices["bench"]
 
-    qs, ims, _ = easy_vqa.get_test_questions()
+    qs, _, ims = easy_vqa.get_test_questions()
     paths = easy_vqa.get_test_image_paths()
     pairs = [(paths[ims[i]], qs[i]) for i in range(args.queries)]
 
@@ -142,7 +151,10 @@ def main() -> None:
         model.answer_batch(images, questions, top_k=5, batch_size=args.batch)
         runs.append(time.perf_counter() - t)
     qps = len(images) / statistics.median(runs)
+    import torch
+
     result = {
+        "threads": torch.get_num_threads(),
         "index": {"count": manifest["count"], "factory": manifest["factory"]},
         "latency_ms_p50_p95": lat,
         "answer_batch_questions_per_s": qps,
