@@ -213,7 +213,8 @@ def run_demo(
     _say(f"\nDone in {time.time() - t0:.0f} s. Try next:")
     _say(f'  rvqa ask --model {run_dir} --image {example.image} --question "{example.question}"')
     _say(
-        f"  rvqa evaluate --model {run_dir} --split test --compare --index {para_dir} --out {run_dir}/eval"
+        f"  rvqa ask --model {run_dir} --image {example.image} "
+        f'--question "{example.question}" --index {para_dir}   # a swapped index'
     )
     _say(
         "  python -c \"from rvqa import RVQA; m = RVQA.from_pretrained('" + str(run_dir) + "'); "
