@@ -485,6 +485,113 @@ COMMANDS["ask"] = (
 )
 
 
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("--model", required=True, help="run folder (with rvqa_run.json)")
+    p.add_argument("--split", required=True, help="VQA split, e.g. test (easy-vqa), val, test-dev")
+    p.add_argument(
+        "--index",
+        action="append",
+        default=[],
+        metavar="NAME_OR_PATH",
+        help="a loaded index name or an index folder (repeatable; default: the run's indices)",
+    )
+    p.add_argument("--no-retrieval", action="store_true", help="answer without retrieval")
+    p.add_argument("--k", type=int, default=None, help="captions per question (default: the run's)")
+    p.add_argument("--max-questions", type=int, default=None, help="evaluate only the first N")
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="one table: each index alone and no retrieval, with the difference to no retrieval",
+    )
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--out", required=True, help="output folder")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rvqa.config import load_config
+    from rvqa.data import load_vqa
+    from rvqa.evaluation import compare, evaluate_run
+    from rvqa.pipeline import ALL_INDICES, RVQA
+
+    if args.k is not None and args.k <= 0:
+        raise ValueError(f"--k must be ≥ 1, got {args.k} (use --no-retrieval for none)")
+    if args.no_retrieval and (args.index or args.compare):
+        raise ValueError("--no-retrieval cannot be combined with --index or --compare")
+    run_cfg = Path(args.model) / "reader" / "config.yaml"
+    cfg = load_config(args.config or (run_cfg if run_cfg.is_file() else None), args.overrides)
+    with _QuietLoading(args.debug):
+        model = RVQA.from_pretrained(args.model)
+    names = []
+    for item in args.index:
+        if Path(item).is_dir():
+            name = Path(item).resolve().name
+            if name in model.registry:
+                model.swap_index(item, name=name)
+            else:
+                model.load_index(item, name=name)
+            names.append(name)
+        elif item in model.registry:
+            names.append(item)
+        else:
+            loaded = ", ".join(model.registry.names) or "none"
+            raise ValueError(
+                f"--index {item!r} is neither an index folder nor a loaded index ({loaded})"
+            )
+    records = list(load_vqa(cfg.data, args.split))
+    if args.max_questions:
+        records = records[: args.max_questions]
+    if args.compare:
+        conditions = [(n, n) for n in (names or model.registry.names)] + [("no retrieval", None)]
+        _rows, table = compare(
+            model,
+            records,
+            conditions,
+            out_dir=args.out,
+            split_name=args.split,
+            top_k=args.k,
+            batch_size=args.batch_size,
+        )
+        print(f"{len(records)} questions ({args.split})\n")
+        print(table)
+        return 0
+    index = None if args.no_retrieval else (names or ALL_INDICES)
+    run = evaluate_run(
+        model,
+        records,
+        index=index,
+        condition="no retrieval" if index is None else ",".join(names) or "run indices",
+        top_k=args.k,
+        batch_size=args.batch_size,
+        out_dir=args.out,
+        split_name=args.split,
+    )
+    if run.accuracy is None:
+        print(f"{len(records)} predictions written to {args.out}/predictions.json (no annotations)")
+    else:
+        acc = run.accuracy
+        types = "  ".join(f"{k} {v:.2f}" for k, v in sorted(acc.per_answer_type.items()))
+        print(
+            f"VQA accuracy {acc.overall:.2f}  ({types})  on {len(records)} questions; files in {args.out}"
+        )
+    return 0
+
+
+COMMANDS["evaluate"] = (
+    "official VQA accuracy of a run on a split: predictions, accuracy JSON, evidence, ablation table",
+    """
+    rvqa evaluate --model runs/demo --split test --out runs/demo/eval
+    rvqa evaluate --model runs/demo --split test --compare --index indices/easyvqa-paraphrased --out runs/demo/compare
+    rvqa evaluate --model runs/demo --split test --no-retrieval --out runs/demo/eval-k0
+    rvqa evaluate --model runs/coco_vqav2 --split test-dev --out runs/coco_vqav2/test-dev   # predictions only
+    """,
+    _evaluate_args,
+    _cmd_evaluate,
+)
+
+
 # --------------------------------------------------------------------------- entry point
 
 
