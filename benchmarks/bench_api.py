@@ -75,6 +75,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--work", default="benchmarks/_work")
     ap.add_argument(
+        "--factory", default=None, help="rebuild the index with this FAISS factory, e.g. HNSW32"
+    )
+    ap.add_argument(
         "--threads", type=int, default=None, help="torch and faiss threads (default: theirs)"
     )
     args = ap.parse_args()
@@ -105,6 +108,14 @@ def main() -> None:
             model.retriever.fingerprint(),
             caption_source="templated",
         )
+    if args.factory:
+        from retriever.index import rebuild_index
+
+        tag = args.factory.replace(",", "_")
+        fdir = Path(args.work) / f"api-index-{args.n_captions}-{tag}"
+        if not fdir.exists():
+            rebuild_index(index_dir, fdir, args.factory)
+        index_dir = fdir
     for name in list(model.registry.names):
         model.unload_index(name)
     model.load_index(index_dir, name="bench")
