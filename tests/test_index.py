@@ -695,3 +695,14 @@ def test_two_process_build_equals_one_process(tmp_path):
     assert mp._state.id_col.to_pylist() == one._state.id_col.to_pylist()
     assert mp.manifest["dedupe"] == one.manifest["dedupe"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_take_from_many_chunks_matches_arrow_take():
+    import pyarrow as pa
+
+    from retriever.index import _chunk_starts, _take
+
+    col = pa.chunked_array([[f"c{i}" for i in range(s, s + 7)] for s in range(0, 70, 7)])
+    rows = np.array([0, 6, 7, 69, 13, 13, 42], dtype=np.int64)
+    assert _take(col, rows, _chunk_starts(col)) == col.take(pa.array(rows)).to_pylist()
+    assert _take(col, rows[:0], _chunk_starts(col)) == []
