@@ -177,7 +177,13 @@ def test_from_backbones_loads_pretrained_text_weights(tmp_path):
     from rvqa.config import ReaderSettings
 
     path = tiny_text_backbone(tmp_path)
-    kw = dict(text_backbone=str(path), vision_backbone="cnn", image_size=32, visual_grid=2, max_question_length=8)
+    kw = dict(
+        text_backbone=str(path),
+        vision_backbone="cnn",
+        image_size=32,
+        visual_grid=2,
+        max_question_length=8,
+    )
     settings = ReaderSettings(**kw, learning_rate=0.5)  # training fields are not read
     model = ReaderModel.from_backbones(ANSWERS, settings, cnn_hidden_sizes=[8, 16])
     pretrained = BertModel.from_pretrained(path)
