@@ -34,7 +34,7 @@ from retriever.data import PixelCache, holdout_by_image
 from retriever.evaluation import sharded_map
 from rvqa.config import RunConfig, save_config
 from rvqa.io import write_text_atomic
-from rvqa.training import make_accelerator, train
+from rvqa.training import make_accelerator, run_signature, train
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class VQADataset(Dataset):
         k = _k_for(r.question_id, self.top_k, self.k_dropout, self.seed) if self.retrieved else 0
         hits = hits[:k]
         visual = (
-            {"visual_features": self.features[self.pixels.index[_key(r.image)]]}
+            {"visual_features": self.features[self.pixels.row(r.image)]}
             if self.features is not None
             else {"pixel_values": self.pixels[r.image]}
         )
@@ -151,10 +151,6 @@ class ReaderCollator:
         if self.with_labels:
             out["labels"] = torch.from_numpy(np.stack([it["labels"] for it in items]))
         return out
-
-
-def _key(image: Any) -> Any:
-    return image if isinstance(image, (str, int)) else id(image)
 
 
 @torch.no_grad()
@@ -240,21 +236,6 @@ def build_reader(
         model.config, image_processor=retriever.image_processor if tower is not None else None
     )
     return model, processor
-
-
-def _signature(model: ReaderModel, cfg: RunConfig) -> dict:
-    conf = model.config.to_dict()
-    for key in ("transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype"):
-        conf.pop(key, None)
-    s = cfg.reader
-    return {
-        "model": conf,
-        "batch_size": s.batch_size,
-        "gradient_accumulation_steps": s.gradient_accumulation_steps,
-        "seed": s.seed,
-        "data": dataclasses.asdict(cfg.data),
-        "index": cfg.index.folder(),
-    }
 
 
 def write_run_file(
@@ -402,7 +383,9 @@ def train_reader(
         evaluate=evaluate if val_records else None,
         metric="accuracy" if val_records else None,
         resume=resume,
-        signature=_signature(model, cfg),
+        signature=run_signature(
+            model.config, s, data=dataclasses.asdict(cfg.data), index=cfg.index.folder()
+        ),
         save_fn=save,
         accelerator=accelerator,
         desc="training reader",

@@ -80,8 +80,12 @@ class PixelCache:
             )
         self.pixels = torch.cat(chunks) if chunks else torch.empty(0)
 
+    def row(self, image: Any) -> int:
+        """Row of ``image`` in :attr:`pixels` (and in anything computed from them in order)."""
+        return self.index[_image_key(image)]
+
     def __getitem__(self, image: Any) -> torch.Tensor:
-        return self.pixels[self.index[_image_key(image)]].float()
+        return self.pixels[self.row(image)].float()
 
     @staticmethod
     def nbytes(n_images: int, image_size: int) -> int:

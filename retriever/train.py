@@ -30,7 +30,7 @@ from retriever.evaluation import evaluate_retriever
 from retriever.modeling import RetrieverModel
 from rvqa.config import RunConfig, save_config
 from rvqa.io import write_text_atomic
-from rvqa.training import TrainResult, make_accelerator, train
+from rvqa.training import TrainResult, make_accelerator, run_signature, train
 
 logger = logging.getLogger(__name__)
 
@@ -80,20 +80,6 @@ def build_retriever(cfg: RunConfig, load_weights: bool = True) -> RetrieverModel
     model.tokenizer = load_tokenizer(s.text_backbone)
     model.image_processor = load_image_processor(s.vision_backbone, s.image_size)
     return model
-
-
-def _signature(model: RetrieverModel, cfg: RunConfig) -> dict:
-    conf = model.config.to_dict()
-    for key in ("transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype"):
-        conf.pop(key, None)
-    s = cfg.retriever
-    return {
-        "model": conf,
-        "batch_size": s.batch_size,
-        "gradient_accumulation_steps": s.gradient_accumulation_steps,
-        "seed": s.seed,
-        "captions": dataclasses.asdict(s.captions),
-    }
 
 
 def train_retriever(
@@ -160,7 +146,7 @@ def train_retriever(
         evaluate=evaluate if val_records else None,
         metric="rsum" if val_records else None,
         resume=resume,
-        signature=_signature(model, cfg),
+        signature=run_signature(model.config, s, captions=dataclasses.asdict(s.captions)),
         accelerator=accelerator,
         desc="training retriever",
         end_training=False,

@@ -106,6 +106,30 @@ def find_last_checkpoint(output_dir: str | Path) -> Path | None:
     return max(steps)[1] if steps else None
 
 
+VOLATILE_CONFIG_KEYS = (
+    "transformers_version",
+    "_name_or_path",
+    "architectures",
+    "dtype",
+    "torch_dtype",
+)
+
+
+def run_signature(model_config: Any, settings: TrainSettings, **extra: Any) -> dict:
+    """What a checkpoint must agree with to be resumed: the model config (minus
+    bookkeeping keys), the settings that fix the data order, and ``extra``."""
+    conf = model_config.to_dict()
+    for key in VOLATILE_CONFIG_KEYS:
+        conf.pop(key, None)
+    return {
+        "model": conf,
+        "batch_size": settings.batch_size,
+        "gradient_accumulation_steps": settings.gradient_accumulation_steps,
+        "seed": settings.seed,
+        **extra,
+    }
+
+
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(d, dict):
         out: dict[str, Any] = {}
