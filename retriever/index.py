@@ -37,7 +37,6 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import faiss
 import numpy as np
-import pyarrow as pa
 
 from retriever.index_build import (
     add_vectors,
@@ -241,8 +240,8 @@ class _State:
     memory_mapped: bool
     on_gpu: bool
     gpu_lock: Any = None
-    caption_starts: np.ndarray | None = None  # first row of each Arrow chunk of caption_col
-    id_starts: np.ndarray | None = None
+    caption_rows: _Rows | None = None  # row access to caption_col / id_col
+    id_rows: _Rows | None = None
 
 
 def _to_gpu(index: faiss.Index) -> tuple[faiss.Index, bool]:
@@ -284,8 +283,8 @@ def _make_state(
         captions=captions,
         caption_col=caption_col,
         id_col=id_col,
-        caption_starts=_chunk_starts(caption_col),
-        id_starts=_chunk_starts(id_col),
+        caption_rows=_Rows(caption_col),
+        id_rows=_Rows(id_col),
         embeddings=embeddings,
         manifest=manifest,
         params=params,
@@ -466,6 +465,32 @@ class KnowledgeIndex:
             "on_gpu": st.on_gpu,
             "search_params_in_effect": dict(st.params),
         }
+
+    # ---------------------------------------------------------------- rows
+
+    def lookup(self, rows: Sequence[int] | np.ndarray) -> tuple[list, list[str]]:
+        """``(ids, captions)`` of the given row numbers (0 <= row < len(self)).
+
+        Raises:
+            IndexError: A row outside ``[0, len(self))`` (the first one is named).
+        """
+        st = self._state
+        r = np.asarray(rows, dtype=np.int64).reshape(-1)
+        bad = (r < 0) | (r >= len(st.caption_col))
+        if bad.any():
+            raise IndexError(
+                f"row {int(r[bad][0])} out of range for index {self.name!r} "
+                f"with {len(st.caption_col)} captions"
+            )
+        return st.id_rows.take(r), st.caption_rows.take(r)
+
+    def caption_word_counts(self) -> np.ndarray:
+        """Number of whitespace-separated words of every caption, by row (int32)."""
+        import pyarrow.compute as pc
+
+        col = self._state.caption_col
+        counts = pc.list_value_length(pc.utf8_split_whitespace(col))
+        return counts.to_numpy(zero_copy_only=False).astype(np.int32)
 
     # ---------------------------------------------------------------- search
 
@@ -687,32 +712,36 @@ class KnowledgeIndex:
         return len(texts)
 
 
-def _take(col: Any, rows: np.ndarray, starts: np.ndarray | None) -> list:
-    """Rows of a (memory-mapped, many-chunk) Arrow column as Python values.
+class _Rows:
+    """Row access to a (memory-mapped, many-chunk) Arrow column as Python values.
 
-    ``ChunkedArray.take`` costs time proportional to the number of chunks (3–4 ms
-    per query at 1M captions); locating each row's chunk by binary search costs
-    microseconds.
+    ``ChunkedArray.take`` and even ``ChunkedArray.chunks`` (a new list of wrappers
+    per call) cost time proportional to the number of chunks: 3–4 ms per query at
+    1M captions in 1,000 chunks. The chunk list and chunk offsets are built once;
+    each row's chunk is found by binary search (microseconds).
     """
-    if len(rows) == 0:
-        return []
-    chunks = col.chunks
-    if starts is None or len(chunks) == 1:
-        return col.take(pa.array(rows)).to_pylist()
-    which = np.searchsorted(starts, rows, side="right") - 1
-    return [chunks[c][int(r - starts[c])].as_py() for c, r in zip(which, rows)]
 
+    __slots__ = ("chunks", "starts")
 
-def _chunk_starts(col: Any) -> np.ndarray:
-    return np.cumsum([0] + [len(c) for c in col.chunks[:-1]]).astype(np.int64)
+    def __init__(self, col: Any) -> None:
+        self.chunks = col.chunks
+        self.starts = np.cumsum([0] + [len(c) for c in self.chunks[:-1]]).astype(np.int64)
+
+    def take(self, rows: np.ndarray) -> list:
+        if len(rows) == 0:
+            return []
+        which = np.searchsorted(self.starts, rows, side="right") - 1
+        offsets = (np.asarray(rows, dtype=np.int64) - self.starts[which]).tolist()
+        ch = self.chunks
+        return [ch[c][o].as_py() for c, o in zip(which.tolist(), offsets)]
 
 
 def _results(st: _State, scores: np.ndarray, rows: np.ndarray, name: str) -> list[SearchResult]:
     """faiss (scores, rows) → SearchResults, dropping the -1 rows of missing hits."""
     valid = rows >= 0
     flat = rows[valid]
-    caps = _take(st.caption_col, flat, st.caption_starts)
-    ids = _take(st.id_col, flat, st.id_starts)
+    caps = st.caption_rows.take(flat)
+    ids = st.id_rows.take(flat)
     out, pos = [], 0
     for q in range(len(rows)):
         n = int(valid[q].sum())

@@ -374,6 +374,18 @@ def proxy_queries(xb: np.ndarray, n: int, seed: int = 0, noise: float = 1.0) -> 
     return q
 
 
+def _grid(lo: int, hi: int) -> list[int]:
+    """Search-parameter grid from ``lo`` to ``hi`` in steps of x1.5 / x1.33 (1, 2, 3, 4,
+    6, 8, 12, 16, 24, ...): a coarser x2 grid left up to 25% of the speed unused."""
+    out, v = [], 1
+    while v <= hi:
+        for w in (v, v * 3 // 2):
+            if lo <= w <= hi and w not in out:
+                out.append(w)
+        v *= 2
+    return out
+
+
 def tune_search_params(
     index: faiss.Index,
     xb: np.ndarray,
@@ -407,9 +419,9 @@ def tune_search_params(
         candidates: list[int] = [0]
     elif name == "nprobe":
         nlist = faiss.try_extract_index_ivf(index).nlist
-        candidates = sorted({min(2**i, nlist) for i in range(int(math.log2(nlist)) + 2)})
+        candidates = sorted({min(v, nlist) for v in _grid(1, 2 * nlist)})
     else:
-        candidates = [16, 32, 64, 128, 256, 512, 1024]
+        candidates = _grid(16, 1024)
     curve: list[tuple[int, float]] = []
     for value in candidates:
         if name is not None:

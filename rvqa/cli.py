@@ -504,6 +504,23 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="one table: each index alone and no retrieval, with the difference to no retrieval",
     )
+    p.add_argument(
+        "--random-captions",
+        action="store_true",
+        help="control: each retrieved caption replaced by a random caption of the same index "
+        "with as many words (scores kept); with --compare, one more row",
+    )
+    p.add_argument(
+        "--report",
+        type=int,
+        default=0,
+        metavar="N",
+        help="write report.html: N sampled questions with image, captions, prediction, answers",
+    )
+    p.add_argument(
+        "--report-errors", action="store_true", help="sample the report from wrong answers only"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the report sample and the control")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--out", required=True, help="output folder")
 
@@ -513,13 +530,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     from rvqa.config import load_config
     from rvqa.data import load_vqa
-    from rvqa.evaluation import compare, evaluate_run
+    from rvqa.evaluation import RandomCaptions, compare, evaluate_run
     from rvqa.pipeline import ALL_INDICES, RVQA
 
     if args.k is not None and args.k <= 0:
         raise ValueError(f"--k must be ≥ 1, got {args.k} (use --no-retrieval for none)")
-    if args.no_retrieval and (args.index or args.compare):
-        raise ValueError("--no-retrieval cannot be combined with --index or --compare")
+    if args.report < 0:
+        raise ValueError(f"--report must be a number of questions ≥ 0, got {args.report}")
+    if args.no_retrieval and (args.index or args.compare or args.random_captions):
+        raise ValueError(
+            "--no-retrieval cannot be combined with --index, --compare or --random-captions"
+        )
     run_cfg = Path(args.model) / "reader" / "config.yaml"
     cfg = load_config(args.config or (run_cfg if run_cfg.is_file() else None), args.overrides)
     with _QuietLoading(args.debug):
@@ -540,11 +561,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"--index {item!r} is neither an index folder nor a loaded index ({loaded})"
             )
+    if args.random_captions and not model.registry.names:
+        raise ValueError("--random-captions needs an index (--index, or a run with indices)")
     records = list(load_vqa(cfg.data, args.split))
     if args.max_questions:
         records = records[: args.max_questions]
+    control = RandomCaptions(model.registry, seed=args.seed) if args.random_captions else None
+    report = {"report": args.report, "report_errors": args.report_errors, "seed": args.seed}
     if args.compare:
-        conditions = [(n, n) for n in (names or model.registry.names)] + [("no retrieval", None)]
+        conditions: list[tuple] = [(n, n) for n in (names or model.registry.names)]
+        if control is not None:
+            conditions.append((control.label, names or ALL_INDICES, control))
+        conditions.append(("no retrieval", None))
         _rows, table = compare(
             model,
             records,
@@ -553,20 +581,26 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             split_name=args.split,
             top_k=args.k,
             batch_size=args.batch_size,
+            **report,
         )
         print(f"{len(records)} questions ({args.split})\n")
         print(table)
+        if args.report:
+            print(f"\nreports: {args.out}/<condition>/report.html")
         return 0
     index = None if args.no_retrieval else (names or ALL_INDICES)
+    label = "no retrieval" if index is None else ",".join(names) or "run indices"
     run = evaluate_run(
         model,
         records,
         index=index,
-        condition="no retrieval" if index is None else ",".join(names) or "run indices",
+        condition=f"{control.label} ({label})" if control is not None else label,
         top_k=args.k,
         batch_size=args.batch_size,
         out_dir=args.out,
         split_name=args.split,
+        control=control,
+        **report,
     )
     if run.accuracy is None:
         print(f"{len(records)} predictions written to {args.out}/predictions.json (no annotations)")
@@ -576,6 +610,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         print(
             f"VQA accuracy {acc.overall:.2f}  ({types})  on {len(records)} questions; files in {args.out}"
         )
+    if args.report:
+        print(f"report: {args.out}/report.html")
     return 0
 
 
@@ -585,6 +621,7 @@ COMMANDS["evaluate"] = (
     rvqa evaluate --model runs/demo --split test --out runs/demo/eval
     rvqa evaluate --model runs/demo --split test --compare --index indices/easyvqa-paraphrased --out runs/demo/compare
     rvqa evaluate --model runs/demo --split test --no-retrieval --out runs/demo/eval-k0
+    rvqa evaluate --model runs/demo --split test --compare --random-captions --report 50 --out runs/demo/ablation
     rvqa evaluate --model runs/coco_vqav2 --split test-dev --out runs/coco_vqav2/test-dev   # predictions only
     """,
     _evaluate_args,

@@ -9,16 +9,22 @@ question of a split in batches and writes into ``out_dir``:
   perAnswerType, ×100, two decimals) — absent for splits without annotations;
 - ``evidence.jsonl``: per question, the prediction, its score and the retrieved
   captions (text, score, index, id);
-- ``summary.md``: a short human-readable summary.
+- ``summary.md``: a short human-readable summary;
+- ``report.html`` (``report=N``): a self-contained page with a sample of N
+  questions: image thumbnail (inlined), question, retrieved captions and
+  scores, prediction marked correct / partly correct / wrong, human answers.
 
-:func:`compare` runs several conditions (each index alone, no retrieval) and
-returns one table with the difference to no retrieval.
+:func:`compare` runs several conditions (each index alone, no retrieval, and
+optionally :class:`RandomCaptions`, a control) and returns one table with the
+difference to no retrieval.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +59,10 @@ def evaluate_run(
     out_dir: str | Path | None = None,
     split_name: str = "",
     show_progress: bool = True,
+    control: RandomCaptions | None = None,
+    report: int = 0,
+    report_errors: bool = False,
+    seed: int = 0,
 ) -> EvalRun:
     """Answer every record with ``model`` (an :class:`rvqa.RVQA`) and score it.
 
@@ -67,6 +77,10 @@ def evaluate_run(
         out_dir: Write the files listed in the module docstring here.
         split_name: Recorded in the summary.
         show_progress: tqdm bar.
+        control: Replace the retrieved captions before reading (:class:`RandomCaptions`).
+        report: Write ``report.html`` with this many sampled questions (0: none).
+        report_errors: Sample the report from questions not fully correct only.
+        seed: Seed of the report's sample (the same questions for every condition).
     """
     from tqdm.auto import tqdm
 
@@ -74,6 +88,10 @@ def evaluate_run(
 
     if not records:
         raise ValueError("no questions to evaluate")
+    if isinstance(report, bool) or not isinstance(report, int) or report < 0:
+        raise ValueError(f"report must be a number of questions >= 0, got {report!r}")
+    if report and out_dir is None:
+        raise ValueError("report= needs out_dir (the page is written there)")
     if isinstance(index, str) and index == "__all__":
         from rvqa.pipeline import ALL_INDICES
 
@@ -87,9 +105,13 @@ def evaluate_run(
         disable=not show_progress,
     ):
         chunk = records[s : s + batch_size]
-        outs = model.answer_batch(
-            [r.image for r in chunk], [r.question for r in chunk], top_k=top_k, index=index
-        )
+        images, questions = [r.image for r in chunk], [r.question for r in chunk]
+        if control is None:
+            outs = model.answer_batch(images, questions, top_k=top_k, index=index)
+        else:
+            found = model.retrieve(images, top_k=top_k, index=index)
+            swapped = control(found, [r.question_id for r in chunk])
+            outs = model.answer_batch(images, questions, evidence=swapped)
         for r, o in zip(chunk, outs):
             predictions.append({"question_id": r.question_id, "answer": o.answer})
             evidence.append(
@@ -110,6 +132,10 @@ def evaluate_run(
     run = EvalRun(condition, predictions, accuracy, evidence, time.time() - t0)
     if out_dir is not None:
         write_run_files(run, Path(out_dir), split_name)
+        if report:
+            write_report(
+                run, records, Path(out_dir) / "report.html", report, report_errors, seed, split_name
+            )
     return run
 
 
@@ -152,16 +178,23 @@ def compare(
     split_name: str = "",
     top_k: int | None = None,
     batch_size: int = 128,
+    report: int = 0,
+    report_errors: bool = False,
+    seed: int = 0,
 ) -> tuple[list[dict], str]:
     """Evaluate several retrieval conditions; return rows and a markdown table.
 
     Args:
-        conditions: (label, index) pairs; index as in :func:`evaluate_run`. A
-            condition labelled ``"no retrieval"`` (index None) is the baseline of
-            the Δ column when present.
+        conditions: (label, index) or (label, index, control) tuples; index as in
+            :func:`evaluate_run`, control e.g. a :class:`RandomCaptions`. The
+            condition with index None is the baseline of the Δ column when present.
+        report, report_errors, seed: As in :func:`evaluate_run`, one page per
+            condition (in its sub-folder), all showing the same questions when
+            ``report_errors`` is off.
     """
     rows = []
-    for label, index in conditions:
+    for cond in conditions:
+        label, index, control = (*cond, None) if len(cond) == 2 else cond
         sub = Path(out_dir) / _slug(label) if out_dir is not None else None
         run = evaluate_run(
             model,
@@ -172,6 +205,10 @@ def compare(
             batch_size=batch_size,
             out_dir=sub,
             split_name=split_name,
+            control=control,
+            report=report,
+            report_errors=report_errors,
+            seed=seed,
         )
         if run.accuracy is None:
             raise ValueError("--compare needs a split with annotations")
@@ -182,7 +219,7 @@ def compare(
                 **dict(sorted(run.accuracy.per_answer_type.items())),
             }
         )
-    base = next((r["overall"] for r, (_, ix) in zip(rows, conditions) if ix is None), None)
+    base = next((r["overall"] for r, c in zip(rows, conditions) if c[1] is None), None)
     types = sorted({k for r in rows for k in r if k not in ("condition", "overall")})
     head = ["condition", "overall", *types] + (["Δ vs no retrieval"] if base is not None else [])
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -204,3 +241,211 @@ def compare(
 
 def _slug(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in label).strip("_") or "run"
+
+
+# --------------------------------------------------------------------------- control
+
+
+class RandomCaptions:
+    """Control condition: retrieved captions replaced by random ones of the same length.
+
+    Each retrieved caption is replaced by a caption drawn uniformly at random from
+    the same index among those with the same number of words (the nearest number
+    when none has it), never the retrieved caption itself when another exists.
+    The number of captions, their order and their retrieval scores are kept, so
+    the reader sees the same input shape and score signal as with real retrieval
+    and only the content differs. Draws are seeded by ``seed`` and the question id,
+    so they do not depend on batching or on the order of questions.
+
+    Args:
+        registry: The model's :class:`retriever.index.IndexRegistry` (``model.registry``).
+        seed: Random seed.
+    """
+
+    label = "random captions"
+
+    def __init__(self, registry: Any, seed: int = 0) -> None:
+        self.registry = registry
+        self.seed = int(seed)
+        self._pools: dict[str, tuple[Any, Any, Any]] = {}
+
+    def _pool(self, name: str) -> tuple[Any, Any, Any]:
+        import numpy as np
+
+        index = self.registry.get(name)
+        pool = self._pools.get(name)
+        if pool is None or pool[0] is not index:  # first use, or the index was swapped
+            counts = index.caption_word_counts()
+            order = np.argsort(counts, kind="stable")
+            pool = (index, order, counts[order])
+            self._pools[name] = pool
+        return pool
+
+    def _draw(self, e: Any, rng: Any) -> Any:
+        import numpy as np
+
+        from rvqa.pipeline import Evidence
+
+        index, order, lengths = self._pool(e.index)
+        n = len(e.text.split())
+        lo, hi = np.searchsorted(lengths, n, "left"), np.searchsorted(lengths, n, "right")
+        if lo == hi:  # no caption of this length: the nearest length present
+            near = [i for i in (lo - 1, lo) if 0 <= i < len(lengths)]
+            best = lengths[min(near, key=lambda i: abs(int(lengths[i]) - n))]
+            lo, hi = np.searchsorted(lengths, best, "left"), np.searchsorted(lengths, best, "right")
+        for _ in range(16):
+            ids, caps = index.lookup([int(order[rng.integers(lo, hi)])])
+            if caps[0] != e.text:
+                break
+        return Evidence(caps[0], e.score, e.index, ids[0])
+
+    def __call__(self, evidence: Sequence[Sequence[Any]], question_ids: Sequence[Any]) -> list:
+        """Per question (with its id), the retrieved :class:`Evidence` list → a random one."""
+        import numpy as np
+
+        out = []
+        for ev, qid in zip(evidence, question_ids):
+            rng = np.random.default_rng([self.seed, zlib.crc32(str(qid).encode())])
+            out.append([self._draw(e, rng) for e in ev])
+        return out
+
+
+# --------------------------------------------------------------------------- report
+
+_REPORT_CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
+h1{font-size:1.3em}table{border-collapse:collapse}td,th{padding:2px 8px;text-align:left}
+.acc td:nth-child(2){text-align:right}.card{display:flex;gap:14px;background:#fff;
+border:1px solid #ddd;border-left:6px solid #999;border-radius:4px;padding:10px;margin:10px 0}
+.card.correct{border-left-color:#2a9d3a}.card.partial{border-left-color:#e0a100}
+.card.wrong{border-left-color:#d33}.card img{width:160px;height:auto;flex:none;
+image-rendering:auto;border:1px solid #ccc}.q{font-weight:600;font-size:1.05em}
+.meta{color:#777;font-size:.85em}.mark{font-weight:700}.correct .mark{color:#2a9d3a}
+.partial .mark{color:#b07d00}.wrong .mark{color:#d33}.ev td{border-top:1px solid #eee;
+font-size:.92em}.ev td.s{text-align:right;font-variant-numeric:tabular-nums}
+#only-errors:checked~.cards .card.correct{display:none}
+"""
+
+
+def _thumbnail(image: Any, size: int) -> str:
+    import base64
+    import io
+
+    from rvqa.data.images import load_image
+
+    im = load_image(image).copy()
+    im.thumbnail((size, size))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _answer_counts(answers: Sequence[str]) -> str:
+    from collections import Counter
+
+    from rvqa.metrics import normalize_answer
+
+    counts = Counter(normalize_answer(a) for a in answers)
+    return ", ".join(f"{a} ×{c}" if c > 1 else a for a, c in counts.most_common())
+
+
+def write_report(
+    run: EvalRun,
+    records: Sequence[Any],
+    path: str | Path,
+    n: int,
+    errors_only: bool = False,
+    seed: int = 0,
+    split_name: str = "",
+    thumbnail_px: int = 160,
+) -> Path:
+    """A self-contained HTML page (no server, no network) with a sample of questions.
+
+    Shows ``n`` questions sampled with ``seed`` (the same positions for every
+    condition of a comparison), each with its image inlined as a JPEG thumbnail,
+    the question, the retrieved captions with scores and index names, the
+    prediction marked correct (VQA accuracy 100), partly correct or wrong (0), and
+    the human answers (normalised, with counts). ``errors_only`` samples from the
+    questions not fully correct. A checkbox on the page hides the correct ones.
+    """
+    import html
+
+    from tqdm.auto import tqdm
+
+    esc = html.escape
+    path = Path(path)
+    per_q = run.accuracy.per_question if run.accuracy is not None else None
+    by_id = {e["question_id"]: e for e in run.evidence}
+    pool = list(range(len(records)))
+    if errors_only and per_q is not None:
+        pool = [i for i in pool if per_q.get(records[i].question_id, 0.0) < 100.0]
+    chosen = sorted(random.Random(seed).sample(pool, min(n, len(pool))))
+    title = f"rvqa evaluation: {run.condition or 'default'}"
+    head = [
+        f"<h1>{esc(title)}</h1>",
+        f"<p>split <b>{esc(split_name or '?')}</b> · {len(run.predictions)} questions · "
+        f"{len(chosen)} shown (random sample, seed {seed}"
+        f"{', questions not fully correct only' if errors_only and per_q is not None else ''})</p>",
+    ]
+    if run.accuracy is not None:
+        acc = run.accuracy
+        head.append('<table class="acc"><tr><th>answer type</th><th>VQA accuracy</th></tr>')
+        head.append(f"<tr><td>overall</td><td>{acc.overall:.2f}</td></tr>")
+        head += [
+            f"<tr><td>{esc(str(t))}</td><td>{v:.2f}</td></tr>"
+            for t, v in sorted(acc.per_answer_type.items())
+        ]
+        head.append("</table>")
+        head.append(
+            '<p>Marks: <span style="color:#2a9d3a">✔ correct</span> (accuracy 100) · '
+            '<span style="color:#b07d00">◐ partly correct</span> · '
+            '<span style="color:#d33">✘ wrong</span> (0).</p>'
+        )
+    else:
+        head.append("<p>No annotations in this split: predictions only.</p>")
+    cards = []
+    thumbs: dict[Any, str] = {}
+    for i in tqdm(chosen, desc="report", unit="question", disable=len(chosen) < 50):
+        r = records[i]
+        e = by_id[r.question_id]
+        key = r.image_id if r.image_id is not None else id(r.image)
+        if key not in thumbs:
+            thumbs[key] = _thumbnail(r.image, thumbnail_px)
+        if per_q is not None:
+            a = per_q.get(r.question_id, 0.0)
+            cls, mark = (
+                ("correct", "✔") if a >= 100.0 else ("wrong", "✘") if a <= 0.0 else ("partial", "◐")
+            )
+            verdict = f'<span class="mark">{mark} {a:.2f}</span>'
+            humans = f"<div>human answers: {esc(_answer_counts(r.answers))}</div>"
+        else:
+            cls, verdict, humans = "", "", ""
+        ev_rows = "".join(
+            f'<tr><td>{j}</td><td class="s">{x["score"]:.3f}</td><td>{esc(str(x["index"]))}</td>'
+            f"<td>{esc(x['text'])}</td></tr>"
+            for j, x in enumerate(e["evidence"], 1)
+        )
+        evidence = (
+            f'<table class="ev"><tr><th>#</th><th>score</th><th>index</th><th>caption</th></tr>'
+            f"{ev_rows}</table>"
+            if ev_rows
+            else "<div class='meta'>no retrieval</div>"
+        )
+        cards.append(
+            f'<div class="card {cls}" data-question-id="{esc(str(r.question_id))}">'
+            f'<img src="{thumbs[key]}" alt="image {esc(str(r.image_id))}">'
+            f'<div><div class="q">{esc(r.question)}</div>'
+            f'<div class="meta">question {esc(str(r.question_id))} · image '
+            f"{esc(str(r.image_id))} · {esc(str(r.answer_type or ''))}</div>"
+            f"<div>prediction: <b>{esc(e['prediction'])}</b> ({e['score']:.3f}) {verdict}</div>"
+            f"{humans}{evidence}</div></div>"
+        )
+    page = (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{esc(title)}</title><style>{_REPORT_CSS}</style></head><body>\n"
+        + "\n".join(head)
+        + '\n<input type="checkbox" id="only-errors"> <label for="only-errors">hide correct '
+        'answers</label>\n<div class="cards">\n' + "\n".join(cards) + "\n</div></body></html>\n"
+    )
+    write_text_atomic(path, page)
+    return path

@@ -320,12 +320,19 @@ class RVQA:
         index: str | Sequence[str] | None = ALL_INDICES,
         num_alternatives: int = 4,
         batch_size: int = 64,
+        evidence: Sequence[Sequence[Evidence | tuple[str, float]]] | None = None,
     ) -> list[Answer]:
         """Answer a batch: one retrieval search and one reader forward per ``batch_size``.
 
         Arguments and errors are those of :meth:`answer`, with one image per question
         (an image error in a batch names the image's position). The results equal
         calling :meth:`answer` for each question.
+
+        Args:
+            evidence: Instead of retrieving, read these captions: per question a list
+                of :class:`Evidence` or ``(text, score)`` pairs (e.g. from
+                :meth:`retrieve`, edited; or oracle captions). Excludes ``top_k`` and
+                ``index``.
         """
         if isinstance(images, (str, Path)) or not isinstance(images, Sequence):
             raise TypeError(
@@ -337,26 +344,86 @@ class RVQA:
             raise ValueError(f"got {len(images)} images but {len(questions)} questions")
         for i, q in enumerate(questions):
             _check_question(q, f"question {i}")
-        k = self.default_top_k if top_k is None else self._check_top_k(top_k)
-        names = self._resolve_index(index)
         n_alt = _check_int(num_alternatives, "num_alternatives", minimum=0)
         batch_size = _check_int(batch_size, "batch_size", minimum=1)
+        if evidence is not None:
+            if top_k is not None or index is not ALL_INDICES:
+                raise ValueError("evidence= replaces retrieval: do not pass top_k or index with it")
+            given = self._check_evidence(evidence, len(questions))
+            k, names = 0, None
+        else:
+            k = self.default_top_k if top_k is None else self._check_top_k(top_k)
+            names = self._resolve_index(index)
         out: list[Answer] = []
         for s in range(0, len(images), batch_size):
-            chunk = images[s : s + batch_size]
-            # VQA asks several questions per image: load, embed, retrieve for and run
-            # the image tower on each distinct image of the batch once.
-            keys = [_image_key(im) for im in chunk]
-            unique: dict[Any, tuple[int, Any]] = {}
-            for i, (key, im) in enumerate(zip(keys, chunk), start=s):
-                if key not in unique:
-                    unique[key] = (len(unique), _load_image(im, i, len(images)))
-            pil = [im for _, im in unique.values()]
-            rows = [unique[key][0] for key in keys]
+            pil, rows = _distinct_images(images, s, batch_size)
             qs = list(questions[s : s + batch_size])
+            if evidence is not None:
+                ev = given[s : s + batch_size]
+            else:
+                found = self._retrieve(pil, k, names)
+                ev = [found[r] for r in rows]
+            out.extend(self._read(pil, rows, qs, ev, n_alt))
+        return out
+
+    @torch.inference_mode()
+    def retrieve(
+        self,
+        images: Sequence[Any],
+        top_k: int | None = None,
+        index: str | Sequence[str] | None = ALL_INDICES,
+        batch_size: int = 64,
+    ) -> list[list[Evidence]]:
+        """The captions :meth:`answer_batch` would read for each image, without reading.
+
+        Arguments and errors are those of :meth:`answer_batch`; ``index=None`` gives
+        empty lists.
+        """
+        if isinstance(images, (str, Path)) or not isinstance(images, Sequence):
+            raise TypeError(f"images must be a list of images, got {type(images).__name__}")
+        k = self.default_top_k if top_k is None else self._check_top_k(top_k)
+        names = self._resolve_index(index)
+        batch_size = _check_int(batch_size, "batch_size", minimum=1)
+        out: list[list[Evidence]] = []
+        for s in range(0, len(images), batch_size):
+            pil, rows = _distinct_images(images, s, batch_size)
             found = self._retrieve(pil, k, names)
-            evidence = [found[r] for r in rows]
-            out.extend(self._read(pil, rows, qs, evidence, n_alt))
+            out.extend(list(found[r]) for r in rows)
+        return out
+
+    def _check_evidence(self, evidence: Any, n: int) -> list[list[Evidence]]:
+        if isinstance(evidence, (str, bytes)) or not isinstance(evidence, Sequence):
+            raise TypeError(
+                f"evidence must be a list (one list of captions per question), "
+                f"got {type(evidence).__name__}"
+            )
+        if len(evidence) != n:
+            raise ValueError(f"got evidence for {len(evidence)} questions but {n} questions")
+        out = []
+        for i, ev in enumerate(evidence):
+            if isinstance(ev, (str, bytes)) or not isinstance(ev, Sequence):
+                raise TypeError(
+                    f"evidence[{i}] must be a list of Evidence or (text, score) pairs, "
+                    f"got {type(ev).__name__}"
+                )
+            if self.max_top_k is not None and len(ev) > self.max_top_k:
+                raise ValueError(
+                    f"evidence[{i}] has {len(ev)} captions; the reader fits at most {self.max_top_k}"
+                )
+            row = []
+            for j, e in enumerate(ev):
+                if isinstance(e, Evidence):
+                    row.append(e)
+                    continue
+                ok = isinstance(e, (tuple, list)) and len(e) == 2
+                if not ok or not isinstance(e[0], str) or not isinstance(e[1], (int, float)):
+                    raise TypeError(
+                        f"evidence[{i}][{j}] must be an Evidence or a (text, score) pair, got {e!r}"
+                    )
+                if not e[0].strip():
+                    raise ValueError(f"evidence[{i}][{j}] is an empty caption")
+                row.append(Evidence(e[0], float(e[1]), "", None))
+            out.append(row)
         return out
 
     def _check_top_k(self, k: Any) -> int:
@@ -435,6 +502,21 @@ class RVQA:
             ranked = [(self.answers[j], float(v)) for j, v in zip(ii, pi)]
             answers.append(Answer(ranked[0][0], ranked[0][1], ranked[1:], ev, question=q))
         return answers
+
+
+def _distinct_images(images: Sequence[Any], s: int, batch_size: int) -> tuple[list, list[int]]:
+    """Load the distinct images of ``images[s:s+batch_size]``; ``rows[i]``: item i's image.
+
+    VQA asks several questions per image: each distinct image is loaded, embedded,
+    searched for and run through the image tower once per batch.
+    """
+    chunk = images[s : s + batch_size]
+    keys = [_image_key(im) for im in chunk]
+    unique: dict[Any, tuple[int, Any]] = {}
+    for i, (key, im) in enumerate(zip(keys, chunk), start=s):
+        if key not in unique:
+            unique[key] = (len(unique), _load_image(im, i, len(images)))
+    return [im for _, im in unique.values()], [unique[key][0] for key in keys]
 
 
 def _image_key(image: Any) -> Any:

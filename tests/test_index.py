@@ -700,9 +700,11 @@ def test_two_process_build_equals_one_process(tmp_path):
 def test_take_from_many_chunks_matches_arrow_take():
     import pyarrow as pa
 
-    from retriever.index import _chunk_starts, _take
+    from retriever.index import _Rows
 
     col = pa.chunked_array([[f"c{i}" for i in range(s, s + 7)] for s in range(0, 70, 7)])
     rows = np.array([0, 6, 7, 69, 13, 13, 42], dtype=np.int64)
-    assert _take(col, rows, _chunk_starts(col)) == col.take(pa.array(rows)).to_pylist()
-    assert _take(col, rows[:0], _chunk_starts(col)) == []
+    assert _Rows(col).take(rows) == col.take(pa.array(rows)).to_pylist()
+    assert _Rows(col).take(rows[:0]) == []
+    one = pa.chunked_array([["a", "b", "c"]])
+    assert _Rows(one).take(np.array([2, 0])) == ["c", "a"]
