@@ -967,7 +967,9 @@ def index_info(
             else "off"
         ),
         f"  vectors           dim {m['embed_dim']}, inner product on L2-normalised vectors",
-        f"  faiss             {m['factory']}" + (f" (automatic: {auto['reason']})" if auto else ""),
+        f"  faiss             {m['factory']}"
+        + (f" (automatic: {auto['reason']})" if auto else "")
+        + "".join(f", {k}={v}" for k, v in (m.get("build_params") or {}).items()),
         "  search params     "
         + (", ".join(f"{k}={v}" for k, v in m["search_params"].items()) or "none (exact)")
         + (f"; measured {_fmt_recall(recall)}" if recall else ""),

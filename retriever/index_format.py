@@ -165,6 +165,7 @@ def make_manifest(
     id_type: str = "int",
     embeddings_dtype: str | None = None,
     created: str | None = None,
+    build_params: dict | None = None,
 ) -> dict[str, Any]:
     """The manifest of a knowledge index (``files`` is filled in by :func:`write_index_folder`)."""
     return {
@@ -181,6 +182,7 @@ def make_manifest(
         "count": int(count),
         "caption_source": caption_source,
         "id_type": id_type,
+        "build_params": dict(build_params or {}),
         "search_params": dict(search_params or {}),
         "search_tuning": search_tuning,
         "dedupe": dedupe,

@@ -189,6 +189,8 @@ class IndexSettings:
     factory: str | None = None
     """FAISS factory string; None = automatic choice from size and max_memory."""
     max_memory: str = "4GB"
+    ef_construction: int = 200
+    """HNSW indices: efConstruction of the graph (build time against search speed)."""
     dedupe: bool = True
     batch_size: int = 256
     store_embeddings: bool = True

@@ -240,7 +240,8 @@ def compare(
 
 
 def _slug(label: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in label).strip("_") or "run"
+    slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
+    return "_".join(part for part in slug.split("_") if part) or "run"
 
 
 # --------------------------------------------------------------------------- control

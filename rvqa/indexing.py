@@ -56,6 +56,7 @@ def build_index_from_config(
     factory: str | None = None,
     max_memory: str | None = None,
     dedupe: bool | None = None,
+    ef_construction: int | None = None,
     overwrite: bool = False,
     split: str | None = None,
 ) -> Path:
@@ -67,7 +68,7 @@ def build_index_from_config(
         captions: A caption source (``--captions`` string or config); default ``cfg.index.captions``.
         out: Index folder (default ``cfg.index.folder()``).
         from_index: Rebuild from this index's stored embeddings instead of encoding.
-        factory, max_memory, dedupe: Override ``cfg.index``.
+        factory, max_memory, dedupe, ef_construction: Override ``cfg.index``.
         overwrite: Replace an existing folder.
         split: Caption split (easy_vqa: train/test; karpathy: a split name).
     """
@@ -77,8 +78,16 @@ def build_index_from_config(
     out = Path(out or s.folder())
     factory = factory if factory is not None else s.factory
     max_memory = max_memory or s.max_memory
+    ef_construction = ef_construction if ef_construction is not None else s.ef_construction
     if from_index is not None:
-        return rebuild_index(from_index, out, factory, max_memory=max_memory, overwrite=overwrite)
+        return rebuild_index(
+            from_index,
+            out,
+            factory,
+            max_memory=max_memory,
+            overwrite=overwrite,
+            ef_construction=ef_construction,
+        )
     from retriever.modeling import RetrieverModel
 
     if retriever is None:
@@ -122,6 +131,7 @@ def build_index_from_config(
         caption_source=desc,
         overwrite=overwrite,
         accelerator=accelerator,
+        ef_construction=ef_construction,
     )
     if accelerator is not None:
         accelerator.end_training()

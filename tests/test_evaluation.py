@@ -1,5 +1,6 @@
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -332,3 +333,36 @@ def test_cli_compare_random_control_and_report(tiny_run, tmp_path, capsys):
     rc = main([*args, "--report", "-2", "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and "--report must be" in err[0]
+
+
+def test_cli_compare_two_indices_and_control_on_first(tiny_run, tmp_path, capsys):
+    """Two index folders → one row each, the control replaces the first one's retrieval."""
+    from tests.test_pipeline import OTHER_CAPTIONS, write_other_index
+
+    model = RVQA.from_pretrained(tiny_run)
+    first = Path(model.registry.get(model.registry.names[0]).path)
+    other = write_other_index(tiny_run, tmp_path / "idx" / "other-captions", model.retriever)
+    out = tmp_path / "cmp"
+    args = ["evaluate", "--model", str(tiny_run), "--split", "test", "--max-questions", "12"]
+    rc = main(
+        [*args, "--compare", "--index", str(first), "--index", str(other), "--random-captions"]
+        + ["--out", str(out)]
+    )
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    text = captured.out
+    rows = [r["condition"] for r in json.loads((out / "compare.json").read_text())]
+    control = f"random captions ({first.name})"
+    assert rows == [first.name, "other-captions", control, "no retrieval"]
+    assert all(f"| {r} |" in text for r in rows)
+
+    def evidence(sub):
+        lines = (out / sub / "evidence.jsonl").read_text().splitlines()
+        return [e for line in lines for e in json.loads(line)["evidence"]]
+
+    assert {e["text"] for e in evidence("other-captions")} <= set(OTHER_CAPTIONS)
+    drawn = evidence("random_captions_" + first.name)
+    real = evidence(first.name)
+    assert drawn and {e["index"] for e in drawn} == {first.name}
+    assert [e["score"] for e in drawn] == [e["score"] for e in real]
+    assert not set(OTHER_CAPTIONS) & {e["text"] for e in drawn}

@@ -708,3 +708,34 @@ def test_take_from_many_chunks_matches_arrow_take():
     assert _Rows(col).take(rows[:0]) == []
     one = pa.chunked_array([["a", "b", "c"]])
     assert _Rows(one).take(np.array([2, 0])) == ["c", "a"]
+
+
+def test_hnsw_ef_construction_set_and_recorded(tmp_path):
+    from retriever.index_build import HNSW_EF_CONSTRUCTION, make_index
+
+    x = unit_rows(2000, 16, seed=0)
+    path = build_arrays(tmp_path, x, factory="HNSW16")
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["build_params"] == {"efConstruction": HNSW_EF_CONSTRUCTION}
+    graph = faiss.downcast_index(faiss.read_index(str(path / "index.faiss"))).hnsw
+    assert graph.efConstruction == HNSW_EF_CONSTRUCTION
+    ivf = make_index("IVF16_HNSW8,Flat", 16, ef_construction=77)
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(ivf).quantizer)
+    assert quantizer.hnsw.efConstruction == 77
+    assert (
+        faiss.downcast_index(make_index("HNSW8", 16, ef_construction=None)).hnsw.efConstruction
+        == 40
+    )
+    flat = json.loads((build_arrays(tmp_path, x, name="f") / "manifest.json").read_text())
+    assert flat["build_params"] == {}
+    low = build_arrays(tmp_path, x, name="low", factory="HNSW16", ef_construction=24)
+    assert json.loads((low / "manifest.json").read_text())["build_params"] == {"efConstruction": 24}
+    rebuilt = rebuild_index(low, tmp_path / "re", "HNSW16", ef_construction=64)
+    assert (
+        faiss.downcast_index(faiss.read_index(str(rebuilt / "index.faiss"))).hnsw.efConstruction
+        == 64
+    )
+    for bad in (0, -3, 2.5, "40", True):
+        with pytest.raises(ValueError, match="ef_construction must be an integer ≥ 1"):
+            build_arrays(tmp_path, x, name="bad", factory="HNSW16", ef_construction=bad)
+    assert not (tmp_path / "bad").exists()

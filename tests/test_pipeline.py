@@ -553,3 +553,40 @@ def test_readme_quickstart(tiny_run, run_index, other_index, monkeypatch):
     code = code.replace("image.png", easy_vqa.get_test_image_paths()[0])
     monkeypatch.chdir(tiny_run.parent)
     exec(compile(code, str(readme) + ":python-api", "exec"), {"__name__": "__readme__"})
+
+
+def test_cli_build_index_rebuild_and_info(tiny_run, tmp_path, capsys):
+    """`rvqa build-index` (encode; --from-index rebuild), `index-info`, --overwrite guard."""
+    from rvqa.cli import main
+    from rvqa.indexing import retriever_dir
+
+    jsonl = tmp_path / "captions.jsonl"
+    jsonl.write_text("".join(json.dumps({"caption": c}) + "\n" for c in OTHER_CAPTIONS))
+    out, re_out = tmp_path / "idx" / "cli-hnsw", tmp_path / "idx" / "cli-flat"
+    args = ["build-index", "--retriever", str(retriever_dir(tiny_run)), "--captions", str(jsonl)]
+    hnsw = [*args, "--out", str(out), "--factory", "HNSW8", "--ef-construction", "16"]
+    assert main(hnsw) == 0
+    assert f"built {out}: {len(OTHER_CAPTIONS)} captions, HNSW8" in capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["build_params"] == {"efConstruction": 16}
+    assert manifest["count"] == len(OTHER_CAPTIONS)
+    before = (out / "manifest.json").read_bytes()
+    assert main(hnsw) == 1  # exists: refused, untouched
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "manifest.json").read_bytes() == before
+
+    rebuild = ["build-index", "--from-index", str(out), "--factory", "Flat", "--out", str(re_out)]
+    assert main(rebuild) == 0
+    capsys.readouterr()
+    assert main(["index-info", str(out)]) == 0
+    assert "HNSW8, efConstruction=16" in capsys.readouterr().out
+    x = np.load(out / "embeddings.npy")
+    y = np.load(re_out / "embeddings.npy")
+    np.testing.assert_array_equal(x, y)
+    assert json.loads((re_out / "manifest.json").read_text())["factory"] == "Flat"
+
+    assert main(["index-info", str(re_out), "--retriever", str(retriever_dir(tiny_run))]) == 0
+    info = capsys.readouterr().out
+    assert "Flat" in info and str(len(OTHER_CAPTIONS)) in info
+    assert main(["index-info", str(re_out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["factory"] == "Flat"
