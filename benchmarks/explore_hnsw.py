@@ -170,7 +170,7 @@ def main() -> None:
     names = [s for s in args.only.split(",") if s] or list(CANDIDATES)
 
     log(f"faiss {faiss.__version__} {faiss.get_compile_options()}; generating N={args.n:,}")
-    xb, xq = synthetic_embeddings(args.n, 1000, 384, 0)  # as bench_index.py main() defaults
+    xb, xq, _ = synthetic_embeddings(args.n, 1000, 384, 0)  # as bench_index.py main() defaults
     log(f"data {xb.shape} {xq.shape}")
     truth = load_truth(xb, xq, args.n)
 

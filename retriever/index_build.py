@@ -434,6 +434,7 @@ def tune_search_params(
     target: float = TARGET_RECALL,
     n_queries: int = TUNE_QUERIES,
     seed: int = 0,
+    queries: np.ndarray | None = None,
 ) -> tuple[dict[str, int], dict[str, Any] | None]:
     """Smallest ``nprobe`` / ``efSearch`` with recall@k >= ``target`` against exact search.
 
@@ -445,6 +446,10 @@ def tune_search_params(
             0.01 of the best recall is kept (warning logged).
         n_queries: Number of proxy queries (:func:`proxy_queries`).
         seed: Query sampling seed.
+        queries: Representative queries, (m, d) L2-normalised (e.g. the retriever's
+            embeddings of held-out images), used instead of the proxy queries: the
+            proxy only approximates how far real queries lie from the corpus, and
+            errs on the safe side (slower) on clustered data.
 
     Returns:
         ``(params, tuning)``: params for :func:`set_search_params` (empty for exact
@@ -453,7 +458,12 @@ def tune_search_params(
     name = search_param_name(index)
     if name is None and isinstance(_core(index), faiss.IndexFlat):
         return {}, None
-    xq = proxy_queries(xb, n_queries, seed)
+    if queries is None:
+        xq = proxy_queries(xb, n_queries, seed)
+        proxy = "stored vectors + Gaussian noise of norm 1, renormalised"
+    else:
+        xq = check_tuning_queries(queries, xb.shape[1])
+        proxy = "given queries"
     _, truth = exact_knn(xq, xb, k)
     k_eff = truth.shape[1]
     if name is None:
@@ -491,9 +501,30 @@ def tune_search_params(
         f"recall_at_{k}": round(recall, 4),
         "target": target,
         "queries": len(xq),
-        "query_proxy": "stored vectors + Gaussian noise of norm 1, renormalised",
+        "query_proxy": proxy,
     }
     return params, tuning
+
+
+def check_tuning_queries(queries: Any, d: int) -> np.ndarray:
+    """Validate tuning queries: a non-empty (m, d) float array of finite, non-zero rows;
+    returned as L2-normalised float32."""
+    if not isinstance(queries, np.ndarray) or queries.dtype.kind != "f":
+        raise TypeError(
+            "tuning queries must be a float numpy array of shape (m, d), got "
+            + (
+                f"dtype {queries.dtype}"
+                if isinstance(queries, np.ndarray)
+                else type(queries).__name__
+            )
+        )
+    if queries.ndim != 2 or queries.shape[1] != d or len(queries) == 0:
+        raise ValueError(f"tuning queries must have shape (m >= 1, {d}), got {queries.shape}")
+    q = np.array(queries, dtype=np.float32)
+    norms = np.linalg.norm(q, axis=1)
+    if not np.all(np.isfinite(norms)) or np.any(norms == 0):
+        raise ValueError("tuning queries contain a zero, NaN or infinite row")
+    return q / norms[:, None]
 
 
 # --------------------------------------------------------------------------- corpus
@@ -686,6 +717,7 @@ def build_index_from_embeddings(
     normalize: bool = False,
     dedupe_info: dict | None = None,
     ef_construction: int = HNSW_EF_CONSTRUCTION,
+    tuning_queries: np.ndarray | None = None,
     seed: int = 0,
     show_progress: bool = True,
 ) -> Path:
@@ -707,6 +739,9 @@ def build_index_from_embeddings(
         normalize: L2-normalise the rows first instead of requiring normalised input.
         dedupe_info: Dedupe record of an earlier stage (build_index), kept in the manifest.
         ef_construction: ``efConstruction`` of HNSW graphs (ignored by other indices).
+        tuning_queries: (m, d) representative queries (e.g. image embeddings of
+            held-out images) to tune ``efSearch``/``nprobe`` on, instead of proxy
+            queries made from the corpus (:func:`tune_search_params`).
         seed: Seed of the training sample and of the tuning queries.
         show_progress: tqdm progress bars.
 
@@ -730,6 +765,8 @@ def build_index_from_embeddings(
         faiss.normalize_L2(x)
     x = check_embeddings(x, len(texts))
     n, d = x.shape
+    if tuning_queries is not None:
+        tuning_queries = check_tuning_queries(tuning_queries, d)
     if dedupe:
         texts, ids, keep = dedupe_captions(texts, ids)
         if len(keep) < n:
@@ -745,10 +782,11 @@ def build_index_from_embeddings(
         choice = choose_factory(n, d, max_memory)
         factory, auto = choice.factory, asdict(choice)
         logger.info("automatic index choice: %s (%s)", factory, choice.reason)
-    index = make_index(factory, d, ef_construction=_check_ef_construction(ef_construction))
+    ef_construction = _check_ef_construction(ef_construction)
+    index = make_index(factory, d, ef_construction=ef_construction)
     train_index(index, x, seed=seed)
     add_vectors(index, x, show_progress=show_progress)
-    params, tuning = tune_search_params(index, x, seed=seed)
+    params, tuning = tune_search_params(index, x, seed=seed, queries=tuning_queries)
     if params:
         set_search_params(index, params)
         logger.info("search params %s: %s", params, tuning)
@@ -787,6 +825,7 @@ def build_index(
     overwrite: bool = False,
     accelerator: Any = None,
     ef_construction: int = HNSW_EF_CONSTRUCTION,
+    tuning_queries: np.ndarray | None = None,
     seed: int = 0,
     show_progress: bool = True,
 ) -> Path:
@@ -809,6 +848,8 @@ def build_index(
         accelerator: An ``accelerate.Accelerator``; with several processes each encodes a
             contiguous shard, only the main process writes, the others wait.
         ef_construction: ``efConstruction`` of HNSW graphs.
+        tuning_queries: Representative queries to tune search parameters on
+            (:func:`build_index_from_embeddings`).
         seed: Training sample / tuning seed.
         show_progress: tqdm progress bars (main process only).
 
@@ -818,6 +859,8 @@ def build_index(
     out_dir = Path(out_dir)
     check_out_dir(out_dir, overwrite)  # every process: fail before hours of encoding
     _check_ef_construction(ef_construction)
+    if tuning_queries is not None:
+        check_tuning_queries(tuning_queries, encoder.embed_dim)
     texts, ids = prepare_corpus(captions, ids)
     n_in = len(texts)
     if dedupe:
@@ -852,6 +895,7 @@ def build_index(
             overwrite=overwrite,
             dedupe_info=dedupe_info,
             ef_construction=ef_construction,
+            tuning_queries=tuning_queries,
             seed=seed,
             show_progress=show_progress,
         )
@@ -886,6 +930,7 @@ def rebuild_index(
     embeddings_dtype: str | None = None,
     overwrite: bool = False,
     ef_construction: int = HNSW_EF_CONSTRUCTION,
+    tuning_queries: np.ndarray | None = None,
     seed: int = 0,
     show_progress: bool = True,
 ) -> Path:
@@ -904,6 +949,7 @@ def rebuild_index(
         embeddings_dtype: Their dtype (None = as stored).
         overwrite: Replace an existing ``out_dir``.
         ef_construction: ``efConstruction`` of HNSW graphs.
+        tuning_queries: Representative queries to tune search parameters on.
         seed: Training sample / tuning seed.
         show_progress: Progress bars.
     """
@@ -932,6 +978,7 @@ def rebuild_index(
         overwrite=overwrite,
         dedupe_info=manifest.get("dedupe"),
         ef_construction=ef_construction,
+        tuning_queries=tuning_queries,
         seed=seed,
         show_progress=show_progress,
     )

@@ -212,6 +212,12 @@ def _build_index_args(p: argparse.ArgumentParser) -> None:
         help="HNSW indices: efConstruction of the graph (default 200; lower builds faster, "
         "higher searches faster at equal recall)",
     )
+    p.add_argument(
+        "--tuning-queries",
+        metavar="FILE.npy",
+        help="(m, d) query embeddings (e.g. held-out images through the retriever) to tune "
+        "efSearch/nprobe on (default: proxy queries made from the captions)",
+    )
     p.add_argument("--no-dedupe", action="store_true", help="keep duplicate captions")
     p.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
 
@@ -230,6 +236,7 @@ def _cmd_build_index(args: argparse.Namespace) -> int:
         max_memory=args.max_memory,
         dedupe=False if args.no_dedupe else None,
         ef_construction=args.ef_construction,
+        tuning_queries=args.tuning_queries,
         overwrite=args.overwrite,
     )
     if path is not None:

@@ -46,6 +46,19 @@ def caption_source_from_arg(arg: str) -> CaptionDataConfig:
     )
 
 
+def load_query_file(path: str | Path) -> Any:
+    """A ``.npy`` file of query embeddings, with an error that names the file."""
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tuning queries file {path} does not exist")
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as err:
+        raise ValueError(f"{path} is not a numpy .npy array file: {err}") from None
+
+
 def build_index_from_config(
     cfg: RunConfig,
     *,
@@ -57,6 +70,7 @@ def build_index_from_config(
     max_memory: str | None = None,
     dedupe: bool | None = None,
     ef_construction: int | None = None,
+    tuning_queries: str | Path | Any | None = None,
     overwrite: bool = False,
     split: str | None = None,
 ) -> Path:
@@ -69,6 +83,9 @@ def build_index_from_config(
         out: Index folder (default ``cfg.index.folder()``).
         from_index: Rebuild from this index's stored embeddings instead of encoding.
         factory, max_memory, dedupe, ef_construction: Override ``cfg.index``.
+        tuning_queries: Representative query embeddings (an (m, d) array or a ``.npy``
+            file), e.g. the retriever's embeddings of held-out images, to tune
+            ``efSearch``/``nprobe`` on instead of proxy queries.
         overwrite: Replace an existing folder.
         split: Caption split (easy_vqa: train/test; karpathy: a split name).
     """
@@ -79,6 +96,8 @@ def build_index_from_config(
     factory = factory if factory is not None else s.factory
     max_memory = max_memory or s.max_memory
     ef_construction = ef_construction if ef_construction is not None else s.ef_construction
+    if isinstance(tuning_queries, (str, Path)):
+        tuning_queries = load_query_file(tuning_queries)
     if from_index is not None:
         return rebuild_index(
             from_index,
@@ -87,6 +106,7 @@ def build_index_from_config(
             max_memory=max_memory,
             overwrite=overwrite,
             ef_construction=ef_construction,
+            tuning_queries=tuning_queries,
         )
     from retriever.modeling import RetrieverModel
 
@@ -132,6 +152,7 @@ def build_index_from_config(
         overwrite=overwrite,
         accelerator=accelerator,
         ef_construction=ef_construction,
+        tuning_queries=tuning_queries,
     )
     if accelerator is not None:
         accelerator.end_training()

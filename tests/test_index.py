@@ -180,6 +180,43 @@ def test_approximate_recall_at_10(tmp_path, clustered_data, factory, threshold):
     assert m["search_tuning"]["recall_at_10"] >= threshold - 0.1
 
 
+def test_tuning_on_given_queries_is_minimal(tmp_path, clustered_data):
+    """With representative queries, the tuned efSearch is the smallest grid value whose
+    recall@10 on those queries reaches the target; recorded in the manifest."""
+    from retriever.index_build import _grid, set_search_params
+
+    x, q, truth = clustered_data
+    path = build_arrays(tmp_path, x, factory="HNSW16", store_embeddings=False, tuning_queries=q)
+    index = KnowledgeIndex.load(path)
+    tuning = index.manifest["search_tuning"]
+    ef = index.manifest["search_params"]["efSearch"]
+    assert tuning["query_proxy"] == "given queries" and tuning["queries"] == len(q)
+    raw = faiss.read_index(str(path / "index.faiss"))
+
+    def recall_at(value):
+        set_search_params(raw, {"efSearch": value})
+        return recall_at_k(raw.search(q, 10)[1], truth)
+
+    assert recall_at(ef) >= 0.95 and tuning["recall_at_10"] == round(recall_at(ef), 4)
+    smaller = [v for v in _grid(16, 1024) if v < ef]
+    assert all(recall_at(v) < 0.95 for v in smaller)
+
+
+def test_tuning_queries_bad_input(tmp_path):
+    x = unit_rows(500, 16, seed=0)
+    cases = [
+        (unit_rows(5, 8), ValueError, r"shape \(m >= 1, 16\), got \(5, 8\)"),
+        (np.zeros((0, 16), np.float32), ValueError, r"got \(0, 16\)"),
+        (np.ones((3, 16), np.int64), TypeError, "float numpy array .* dtype int64"),
+        ([[0.1] * 16], TypeError, "got list"),
+        (np.full((2, 16), np.nan, np.float32), ValueError, "zero, NaN or infinite row"),
+    ]
+    for queries, err, msg in cases:
+        with pytest.raises(err, match=msg):
+            build_arrays(tmp_path, x, name="bad", factory="HNSW8", tuning_queries=queries)
+    assert not (tmp_path / "bad").exists()
+
+
 # --------------------------------------------------------------------------- automatic choice
 
 

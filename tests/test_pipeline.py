@@ -564,11 +564,24 @@ def test_cli_build_index_rebuild_and_info(tiny_run, tmp_path, capsys):
     jsonl.write_text("".join(json.dumps({"caption": c}) + "\n" for c in OTHER_CAPTIONS))
     out, re_out = tmp_path / "idx" / "cli-hnsw", tmp_path / "idx" / "cli-flat"
     args = ["build-index", "--retriever", str(retriever_dir(tiny_run)), "--captions", str(jsonl)]
+    queries = tmp_path / "queries.npy"
+    np.save(queries, np.random.default_rng(0).standard_normal((5, 7)).astype(np.float32))
     hnsw = [*args, "--out", str(out), "--factory", "HNSW8", "--ef-construction", "16"]
+    missing = [*hnsw, "--tuning-queries", str(tmp_path / "nope.npy")]
+    assert main(missing) == 1
+    assert "nope.npy does not exist" in capsys.readouterr().err
+    assert main([*hnsw, "--tuning-queries", str(queries)]) == 1  # 7 columns, not the dim
+    assert "tuning queries must have shape" in capsys.readouterr().err
+    assert not out.exists()
+    dim = json.loads((retriever_dir(tiny_run) / "config.json").read_text())["embed_dim"]
+    np.save(queries, np.random.default_rng(0).standard_normal((5, dim)).astype(np.float32))
+    hnsw += ["--tuning-queries", str(queries)]
     assert main(hnsw) == 0
     assert f"built {out}: {len(OTHER_CAPTIONS)} captions, HNSW8" in capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["build_params"] == {"efConstruction": 16}
+    assert manifest["search_tuning"]["query_proxy"] == "given queries"
+    assert manifest["search_tuning"]["queries"] == 5
     assert manifest["count"] == len(OTHER_CAPTIONS)
     before = (out / "manifest.json").read_bytes()
     assert main(hnsw) == 1  # exists: refused, untouched
