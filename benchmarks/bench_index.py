@@ -103,10 +103,19 @@ def synthetic_embeddings(
     spectrum: float = 0.5,
     per_cluster: int = 100,
     n_tune: int = 0,
+    local_dim: int = 0,
+    iso: float = 0.3,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Clustered L2-normalised database vectors, out-of-database queries and ``n_tune``
     more queries drawn the same way after them, for search-parameter tuning (the
-    database and the measured queries do not depend on ``n_tune``; see module doc)."""
+    database and the measured queries do not depend on ``n_tune``; see module doc).
+
+    ``local_dim`` = 0: within-cluster noise spans all d dimensions (with the decaying
+    spectrum), which gives a local intrinsic dimensionality of ~40 — three times that
+    of real MiniLM caption embeddings (``calibrate_synthetic.py``). ``local_dim`` = r > 0:
+    each cluster varies mainly along its own r-dimensional subspace (one of 64 random
+    orthonormal bases, drawn along the global spectrum), plus isotropic noise carrying ``iso`` of the noise norm — points
+    near a low-dimensional manifold, as real embeddings are."""
     rng = np.random.default_rng(seed)
     k = max(1, n // per_cluster)
     rot, _ = np.linalg.qr(rng.standard_normal((d, d)))
@@ -121,14 +130,31 @@ def synthetic_embeddings(
     weights = rng.lognormal(0.0, 1.0, size=k)
     weights /= weights.sum()
     sigma = (noise * rng.uniform(0.7, 1.3, size=k)).astype(np.float32)
+    if local_dim:
+        n_bases = 64
+        # Subspaces favour the high-variance directions of the global spectrum.
+        raw = rot @ (s[:, None] * rng.standard_normal((n_bases, d, local_dim)))
+        bases = np.linalg.qr(raw)[0].astype(np.float32)
+        basis_of = rng.integers(n_bases, size=k)
+
+    def noise_of(lab: np.ndarray) -> np.ndarray:
+        if not local_dim:
+            return (rng.standard_normal((len(lab), d)).astype(np.float32) * s) @ rot.T
+        z = rng.standard_normal((len(lab), local_dim)).astype(np.float32) / np.sqrt(local_dim)
+        e = np.empty((len(lab), d), dtype=np.float32)
+        which = basis_of[lab]
+        for g in np.unique(which):
+            rows = np.flatnonzero(which == g)
+            e[rows] = z[rows] @ bases[g].T
+        g = rng.standard_normal((len(lab), d)).astype(np.float32) / np.sqrt(d)
+        return np.sqrt(1 - iso**2) * e + iso * g
 
     def points(m: int) -> np.ndarray:
         out = np.empty((m, d), dtype=np.float32)
         for a in range(0, m, 1 << 16):
             b = min(m, a + (1 << 16))
             lab = rng.choice(k, size=b - a, p=weights)
-            e = (rng.standard_normal((b - a, d)).astype(np.float32) * s) @ rot.T
-            x = centres[lab] + sigma[lab, None] * e
+            x = centres[lab] + sigma[lab, None] * noise_of(lab)
             out[a:b] = x / np.linalg.norm(x, axis=1, keepdims=True)
         return out
 
@@ -354,6 +380,29 @@ def build_rvqa(
         "auto_choice": manifest["auto_choice"],
         "index_bytes": (folder / "index.faiss").stat().st_size,
         "total_bytes": folder_bytes(folder),
+    }
+
+
+def retune_rvqa(folder: Path, xb, xt, auto_row: dict) -> dict:
+    """The auto row's index with ``efSearch``/``nprobe`` re-tuned on held-out queries
+    (what ``build_index(..., tuning_queries=xt)`` does after building the same graph):
+    the same :func:`~retriever.index_build.tune_search_params`, applied at load time.
+    Build time = the auto row's build + this tuning."""
+    from retriever.index_build import tune_search_params
+    from retriever.index_format import read_faiss_index
+
+    index, _ = read_faiss_index(folder / "index.faiss", mmap=True)
+    t = time.perf_counter()
+    params, tuning = tune_search_params(index, xb, queries=xt)
+    tune_s = time.perf_counter() - t
+    load_kw = {{"nprobe": "nprobe", "efSearch": "ef_search"}[k]: v for k, v in params.items()}
+    return {
+        **{k: auto_row[k] for k in ("factory", "auto_choice", "index_bytes", "total_bytes")},
+        "build_s": auto_row["build_s"] + tune_s,
+        "tune_s": tune_s,
+        "search_params": params,
+        "tuning": tuning,
+        "load_kw": load_kw,
     }
 
 
@@ -785,9 +834,9 @@ def run_dataset(name: str, xb, xq, captions, args, work: Path, xt=None) -> dict:
         (
             "auto_tuned",
             f"rvqa auto → {auto}, tuned on {len(xt) if xt is not None else 0:,} held-out queries",
-            "rvqa",
+            "retune",
             None,
-            {"tuning_queries": xt},
+            {},
         ),
         ("ivfpq", f"rvqa IVF{nlist},PQ48np", "rvqa", f"IVF{nlist},PQ48np", {}),
         ("ivfflat", f"IVF{nlist},Flat @ nprobe 8 (difficulty)", "rvqa", f"IVF{nlist},Flat", {}),
@@ -795,7 +844,9 @@ def run_dataset(name: str, xb, xq, captions, args, work: Path, xt=None) -> dict:
     ]
     if not args.no_autofaiss:
         plans.append(("autofaiss", "autofaiss auto", "autofaiss", None, {}))
-    rows = []
+    rows: list[dict] = []
+    by_label: dict[str, dict] = {}
+    tune_next = auto != "Flat" and xt is not None and len(xt) > 0
     for label, title, kind, factory, build_kw in plans:
         if label in ("flat", "hnsw") and factory == auto:
             log(f"{name}: {title}: same factory as the automatic choice, measured once (auto row)")
@@ -804,7 +855,11 @@ def run_dataset(name: str, xb, xq, captions, args, work: Path, xt=None) -> dict:
             continue  # exact search has nothing to tune; or no tuning queries
         folder = work / label
         log(f"{name}: building {title}")
-        if kind == "rvqa":
+        if kind == "retune":  # the auto row's very index, search parameter re-tuned
+            folder = work / "auto"
+            rec = retune_rvqa(folder, xb, xt, by_label["auto"])
+            kind = "rvqa"
+        elif kind == "rvqa":
             rec = build_rvqa(folder, xb, captions, factory, args.max_memory, **build_kw)
         elif kind == "datasets":
             rec = build_datasets(folder, xb, captions)
@@ -825,23 +880,26 @@ def run_dataset(name: str, xb, xq, captions, args, work: Path, xt=None) -> dict:
             "sweep_cap_s": args.sweep_cap_s,
             "b1_threads": args.b1_threads,
             "sweep": not args.no_sweep
-            and label in ("auto", "hnsw", "ivfpq", "ivfflat", "autofaiss", "auto_tuned"),
+            and label in ("auto", "hnsw", "ivfpq", "ivfflat", "autofaiss"),  # auto_tuned = auto's
             "index_param": rec["search_params"] if kind == "autofaiss" else None,
-            "load_kw": {"nprobe": 8} if label == "ivfflat" else {},
+            "load_kw": {"nprobe": 8} if label == "ivfflat" else rec.get("load_kw", {}),
         }
         load_before = os.getloadavg()[0]
         m = run_measure(spec, work)
         row = {"label": label, "name": title, **rec, **m, "load_kw": spec["load_kw"]}
         row["loadavg_1min"] = [load_before, os.getloadavg()[0]]
         rows.append(row)
+        by_label[label] = row
         log(
             f"{name}: {title}: recall@10 {m['recall']:.3f}, b=1 {_f(m['qps1_api'])} "
             f"({m['qps1_raw']:,.0f} raw) q/s, b={args.batch} {_f(m['qpsb_api'])} q/s, "
             f"load {m['load_s'] * 1e3:.0f} ms, RSS anon +{m['rss_anon_load'] / 1e6:.0f} MB; "
             f"load average {row['loadavg_1min'][0]:.1f} -> {row['loadavg_1min'][1]:.1f}"
         )
-        if not args.keep:
+        if not args.keep and not (label == "auto" and tune_next):
             shutil.rmtree(folder, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(work / "auto", ignore_errors=True)
     by = {r["label"]: r for r in rows}
     if "auto" in by and auto in ("Flat", "HNSW32"):  # it stands for the explicit row too
         by["auto"]["name"] += f" (= the {'exact Flat' if auto == 'Flat' else auto} row)"
@@ -894,6 +952,21 @@ def main() -> None:
         help="within-cluster noise of the synthetic set (1.6: hard; ~1.45 matches real MiniLM)",
     )
     ap.add_argument(
+        "--spectrum",
+        type=float,
+        default=0.5,
+        help="decay exponent of the synthetic set's spectrum (larger: fewer effective "
+        "dimensions; see benchmarks/calibrate_synthetic.py)",
+    )
+    ap.add_argument(
+        "--local-dim",
+        type=int,
+        default=0,
+        help="0: full-dimensional within-cluster noise; r: each cluster varies along its own "
+        "r-dim subspace (16 with --noise 1.7: matched to real MiniLM captions)",
+    )
+    ap.add_argument("--iso", type=float, default=0.3, help="isotropic share with --local-dim")
+    ap.add_argument(
         "--tune-queries",
         type=int,
         default=1000,
@@ -923,10 +996,22 @@ def main() -> None:
     if not args.no_synthetic:
         log(f"synthetic: generating {args.n:,} + {args.queries:,} clustered vectors, d={args.d}")
         xb, xq, xt = synthetic_embeddings(
-            args.n, args.queries, args.d, args.seed, noise=args.noise, n_tune=args.tune_queries
+            args.n,
+            args.queries,
+            args.d,
+            args.seed,
+            noise=args.noise,
+            spectrum=args.spectrum,
+            n_tune=args.tune_queries,
+            local_dim=args.local_dim,
+            iso=args.iso,
         )
         captions = [f"synthetic caption {i}" for i in range(args.n)]
         name = "synthetic" if args.noise == 1.6 else f"synthetic-noise{args.noise:g}"
+        if args.spectrum != 0.5:
+            name += f"-spectrum{args.spectrum:g}"
+        if args.local_dim:
+            name += f"-local{args.local_dim}-iso{args.iso:g}"
         results["datasets"][name] = run_dataset(
             name, xb, xq, captions, args, work / f"{name}_{args.n}", xt=xt
         )

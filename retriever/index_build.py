@@ -438,6 +438,10 @@ def tune_search_params(
 ) -> tuple[dict[str, int], dict[str, Any] | None]:
     """Smallest ``nprobe`` / ``efSearch`` with recall@k >= ``target`` against exact search.
 
+    Walks a x1.5 grid up to the first value reaching the target, then bisects
+    between it and the grid value below to within ~10%. Every measured point goes
+    into the manifest record (``curve``: ``[value, recall]`` pairs).
+
     Args:
         index: A trained, filled index holding the rows of ``xb``.
         xb: The indexed vectors (float32 or float16).
@@ -474,14 +478,32 @@ def tune_search_params(
     else:
         candidates = _grid(16, 1024)
     curve: list[tuple[int, float]] = []
-    for value in candidates:
+
+    def measure(value: int) -> float:
         if name is not None:
             set_search_params(index, {name: value})
         _, found = index.search(xq, k_eff)
         curve.append((value, recall_at_k(found, truth)))
-        if curve[-1][1] >= target:
+        return curve[-1][1]
+
+    for value in candidates:
+        if measure(value) >= target:
             break
     value, recall = curve[-1]
+    if recall >= target and len(curve) > 1:
+        # Bisect between the last grid value that missed the target and the first
+        # that reached it, to within ~10% (2-3 more searches): the grid's x1.5 steps
+        # alone leave up to a third of the speed unused.
+        lo = curve[-2][0]
+        while value - lo > max(1, lo // 10):
+            mid = (lo + value) // 2
+            r = measure(mid)
+            if r >= target:
+                value, recall = mid, r
+            else:
+                lo = mid
+        if name is not None:
+            set_search_params(index, {name: value})
     if recall < target:
         # Unreachable (e.g. PQ's quantisation error caps recall): take the smallest
         # setting within 0.01 of the best instead of the slowest one.
@@ -502,6 +524,7 @@ def tune_search_params(
         "target": target,
         "queries": len(xq),
         "query_proxy": proxy,
+        "curve": [[int(v), round(r, 4)] for v, r in sorted(curve)] if name else [],
     }
     return params, tuning
 

@@ -200,6 +200,39 @@ def test_tuning_on_given_queries_is_minimal(tmp_path, clustered_data):
     assert recall_at(ef) >= 0.95 and tuning["recall_at_10"] == round(recall_at(ef), 4)
     smaller = [v for v in _grid(16, 1024) if v < ef]
     assert all(recall_at(v) < 0.95 for v in smaller)
+    curve = dict(map(tuple, tuning["curve"]))
+    assert curve[ef] == tuning["recall_at_10"]
+    assert all(curve[v] == round(recall_at(v), 4) for v in curve)
+
+
+@pytest.mark.parametrize("factory, target", [("IVF128,Flat", 0.99), ("HNSW8", 0.99)])
+def test_tuning_bisects_between_grid_values(clustered_data, factory, target):
+    """Past the x1.5 grid, tuning bisects between the last miss and the first hit: the
+    choice reaches the target, is at most the first grid value that does, lies within
+    ~10% of a measured miss, and every measured point is in the recorded curve."""
+    from retriever.index_build import _grid, make_index, set_search_params, tune_search_params
+
+    x, q, truth = clustered_data
+    index = make_index(factory, x.shape[1])
+    index.train(x)
+    index.add(x)
+    params, tuning = tune_search_params(index, x, target=target, queries=q)
+    ((name, value),) = params.items()
+
+    def recall_at(v):
+        set_search_params(index, {name: v})
+        return recall_at_k(index.search(q, 10)[1], truth)
+
+    lo_grid = 1 if name == "nprobe" else 16
+    first_hit = next(v for v in _grid(lo_grid, 1024) if recall_at(v) >= target)
+    assert first_hit > lo_grid, "test data too easy: the first grid value already hits"
+    assert recall_at(value) >= target and value <= first_hit
+    curve = dict(map(tuple, tuning["curve"]))
+    misses = [v for v in curve if v < value]
+    assert misses and all(curve[v] < target for v in misses)
+    assert value - max(misses) <= max(1, max(misses) // 10)
+    assert all(curve[v] == round(recall_at(v), 4) for v in curve)
+    assert tuning["recall_at_10"] == curve[value]
 
 
 def test_tuning_queries_bad_input(tmp_path):
