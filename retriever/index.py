@@ -973,6 +973,15 @@ def index_info(
         "  search params     "
         + (", ".join(f"{k}={v}" for k, v in m["search_params"].items()) or "none (exact)")
         + (f"; measured {_fmt_recall(recall)}" if recall else ""),
+    ]
+    if tuning.get("curve"):
+        knob = next(iter(m["search_params"]), "value")
+        lines.append(
+            f"  tuning            recall@10 by {knob} on {tuning.get('queries')} "
+            f"{tuning.get('query_proxy')}: "
+            + ", ".join(f"{v}: {r:.3f}" for v, r in tuning["curve"])
+        )
+    lines += [
         f"  memory-mapped     {index.memory_mapped}",
         f"  files             {INDEX_FILE} {_mb(files[INDEX_FILE]['bytes'])}, {CAPTIONS_DIR}/ "
         f"{_mb(caption_bytes)}"

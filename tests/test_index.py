@@ -687,6 +687,18 @@ def test_index_info_sanity_search(tmp_path):
     assert "Flat" in text and "20" in text and "sha256:fake-retriever" in text
     assert "3/3 captions find themselves at rank 1 (stored embeddings)" in text
     assert "3/3" in index_info(path, enc) and "re-encoded" in index_info(path, enc)
+    assert "tuning" not in text  # exact search: nothing tuned
+
+
+def test_index_info_shows_tuning_curve(tmp_path):
+    x = clustered(2000, 16, n_clusters=20)
+    path = build_arrays(tmp_path, x, factory="IVF16,Flat")
+    m = KnowledgeIndex.load(path).manifest
+    curve = m["search_tuning"]["curve"]
+    assert curve and curve[-1][0] >= m["search_params"]["nprobe"]
+    line = next(ln for ln in index_info(path).splitlines() if ln.strip().startswith("tuning"))
+    assert "recall@10 by nprobe on 200 stored vectors + Gaussian noise" in line
+    assert line.endswith(", ".join(f"{v}: {r:.3f}" for v, r in curve))
 
 
 def test_search_params_override(tmp_path):
