@@ -27,6 +27,9 @@ Data:
   decaying spectrum (anisotropic, like real embeddings) around N/2000 super-centres,
   log-normal cluster sizes, within-cluster noise of norm ~1.6 (0.7-1.3x per cluster),
   queries = held-out points (never in the database) moved by noise of norm 0.3.
+  ``--local-dim 16 --noise 1.7``: each cluster varies mainly along its own
+  16-dim subspace (the "manifold" set, matched to real MiniLM captions on IVF and
+  HNSW difficulty and intrinsic dimension; ``calibrate_synthetic.py``).
 - ``real`` (``--real``): template captions (objects, colours, attributes, materials,
   relations, people, actions, places) encoded with the packaged all-MiniLM-L6-v2;
   queries are other, held-out captions.
@@ -35,8 +38,9 @@ Usage::
 
     python benchmarks/bench_index.py --n 100000 [--no-autofaiss] [--real] \\
         --out benchmarks/_work/index_results.json
-    python benchmarks/bench_index.py --n 1000000 --out benchmarks/_work/index_results_1m.json
-    # (1M: ~13 min without autofaiss on 2 shared cores, 20+ min with it; run by hand)
+    python benchmarks/bench_index.py --n 1000000 --noise 1.7 --local-dim 16 --iso 0.3 \
+        --out benchmarks/_work/index_results_1m_manifold.json
+    # (1M: ~32 min on 2 idle cores incl. autofaiss; the HNSW32 build alone ~18 min)
 
 Batch-1 search runs with one OpenMP thread (``--b1-threads``), batched search with
 faiss' default thread count.
@@ -949,7 +953,8 @@ def main() -> None:
         "--noise",
         type=float,
         default=1.6,
-        help="within-cluster noise of the synthetic set (1.6: hard; ~1.45 matches real MiniLM)",
+        help="within-cluster noise of the synthetic set (1.45: real MiniLM's IVF difficulty, "
+        "but 3x its intrinsic dimension; see benchmarks/calibrate_synthetic.py)",
     )
     ap.add_argument(
         "--spectrum",

@@ -404,7 +404,10 @@ def proxy_queries(xb: np.ndarray, n: int, seed: int = 0, noise: float = 1.0) -> 
     from the corpus than its own vectors (which trivially find themselves). Corpus
     vectors moved by noise of norm 1 (cosine ~0.7 to their source) are a proxy whose
     recall tracked out-of-sample queries within ~0.01 on clustered test data, where
-    noise 0.5 overestimated recall by up to 0.06.
+    noise 0.5 overestimated recall by up to 0.06. It is only a proxy: at 1M
+    synthetic vectors (benchmarks/README.md) it underestimated recall on
+    full-dimensional clusters and overestimated it (0.963 vs 0.909 at efSearch 16)
+    on clusters lying near low-dimensional subspaces; prefer real queries.
     """
     rng = np.random.default_rng(seed)
     rows = rng.choice(len(xb), size=min(n, len(xb)), replace=False)
@@ -453,7 +456,7 @@ def tune_search_params(
         queries: Representative queries, (m, d) L2-normalised (e.g. the retriever's
             embeddings of held-out images), used instead of the proxy queries: the
             proxy only approximates how far real queries lie from the corpus, and
-            errs on the safe side (slower) on clustered data.
+            can err either way (:func:`proxy_queries`).
 
     Returns:
         ``(params, tuning)``: params for :func:`set_search_params` (empty for exact
