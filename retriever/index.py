@@ -979,7 +979,7 @@ def index_info(
         lines.append(
             f"  tuning            recall@10 by {knob} on {tuning.get('queries')} "
             f"{tuning.get('query_proxy')}: "
-            + ", ".join(f"{v}: {r:.3f}" for v, r in tuning["curve"])
+            + ", ".join(f"{c[0]}: {c[1]:.3f}" for c in tuning["curve"])
         )
     lines += [
         f"  memory-mapped     {index.memory_mapped}",

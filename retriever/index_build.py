@@ -364,6 +364,21 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean(hits) / k) if len(hits) else 1.0
 
 
+def recall_bound(found: np.ndarray, truth: np.ndarray, z: float = 2.0) -> tuple[float, float]:
+    """Mean recall over query rows and its lower confidence bound, mean − z·stderr
+    (z = 2: one-sided ~97.7%), so a target is "reached" only when a fresh set of
+    queries from the same distribution would very likely reach it too."""
+    k = truth.shape[1]
+    per_query = np.array(
+        [len(set(f[f >= 0].tolist()) & set(t.tolist())) / k for f, t in zip(found, truth)]
+    )
+    if len(per_query) == 0:
+        return 1.0, 1.0
+    mean = float(per_query.mean())
+    se = float(per_query.std(ddof=1) / np.sqrt(len(per_query))) if len(per_query) > 1 else 0.0
+    return mean, mean - z * se
+
+
 def search_param_name(index: faiss.Index) -> str | None:
     """The speed/recall knob of an index: ``nprobe`` (IVF), ``efSearch`` (HNSW) or None."""
     if faiss.try_extract_index_ivf(index) is not None:
@@ -441,9 +456,13 @@ def tune_search_params(
 ) -> tuple[dict[str, int], dict[str, Any] | None]:
     """Smallest ``nprobe`` / ``efSearch`` with recall@k >= ``target`` against exact search.
 
+    "Reaching" the target means the recall's lower confidence bound (mean − 2
+    standard errors over the tuning queries, :func:`recall_bound`) is >= ``target``:
+    a point estimate just at the target would miss it on new queries about half the
+    time (measured: 0.949 on held-out queries for 0.95 on the tuning set, 1M vectors).
     Walks a x1.5 grid up to the first value reaching the target, then bisects
     between it and the grid value below to within ~10%. Every measured point goes
-    into the manifest record (``curve``: ``[value, recall]`` pairs).
+    into the manifest record (``curve``: ``[value, recall, lower bound]``).
 
     Args:
         index: A trained, filled index holding the rows of ``xb``.
@@ -480,38 +499,38 @@ def tune_search_params(
         candidates = sorted({min(v, nlist) for v in _grid(1, 2 * nlist)})
     else:
         candidates = _grid(16, 1024)
-    curve: list[tuple[int, float]] = []
+    curve: list[tuple[int, float, float]] = []  # (value, recall, its lower bound)
 
-    def measure(value: int) -> float:
+    def reaches(value: int) -> bool:
         if name is not None:
             set_search_params(index, {name: value})
         _, found = index.search(xq, k_eff)
-        curve.append((value, recall_at_k(found, truth)))
-        return curve[-1][1]
+        mean, lower = recall_bound(found, truth)
+        curve.append((value, mean, lower))
+        return lower >= target
 
     for value in candidates:
-        if measure(value) >= target:
+        if reaches(value):
             break
-    value, recall = curve[-1]
-    if recall >= target and len(curve) > 1:
+    value, recall, lower = curve[-1]
+    if lower >= target and len(curve) > 1:
         # Bisect between the last grid value that missed the target and the first
         # that reached it, to within ~10% (2-3 more searches): the grid's x1.5 steps
         # alone leave up to a third of the speed unused.
         lo = curve[-2][0]
         while value - lo > max(1, lo // 10):
             mid = (lo + value) // 2
-            r = measure(mid)
-            if r >= target:
-                value, recall = mid, r
+            if reaches(mid):
+                value, recall, lower = curve[-1]
             else:
                 lo = mid
         if name is not None:
             set_search_params(index, {name: value})
-    if recall < target:
+    if lower < target:
         # Unreachable (e.g. PQ's quantisation error caps recall): take the smallest
         # setting within 0.01 of the best instead of the slowest one.
-        best = max(r for _, r in curve)
-        value, recall = next((v, r) for v, r in curve if r >= best - 0.01)
+        best = max(r for _, r, _ in curve)
+        value, recall, lower = next(c for c in sorted(curve) if c[1] >= best - 0.01)
         logger.warning(
             "recall@%d target %.2f is not reachable with this index (best %.3f); using %s",
             k,
@@ -524,10 +543,13 @@ def tune_search_params(
     params = {name: int(value)} if name is not None else {}
     tuning = {
         f"recall_at_{k}": round(recall, 4),
+        "recall_lower_bound": round(lower, 4),
         "target": target,
         "queries": len(xq),
         "query_proxy": proxy,
-        "curve": [[int(v), round(r, 4)] for v, r in sorted(curve)] if name else [],
+        "curve": [[int(v), round(r, 4), round(lb, 4)] for v, r, lb in sorted(curve)]
+        if name
+        else [],
     }
     return params, tuning
 
@@ -1030,6 +1052,7 @@ __all__ = [
     "prepare_corpus",
     "rebuild_index",
     "recall_at_k",
+    "recall_bound",
     "search_param_name",
     "set_search_params",
     "shard_bounds",

@@ -182,8 +182,9 @@ def test_approximate_recall_at_10(tmp_path, clustered_data, factory, threshold):
 
 def test_tuning_on_given_queries_is_minimal(tmp_path, clustered_data):
     """With representative queries, the tuned efSearch is the smallest grid value whose
-    recall@10 on those queries reaches the target; recorded in the manifest."""
-    from retriever.index_build import _grid, set_search_params
+    recall@10 on those queries reaches the target (with 2 standard errors to spare);
+    recorded in the manifest."""
+    from retriever.index_build import _grid, recall_bound, set_search_params
 
     x, q, truth = clustered_data
     path = build_arrays(tmp_path, x, factory="HNSW16", store_embeddings=False, tuning_queries=q)
@@ -195,14 +196,29 @@ def test_tuning_on_given_queries_is_minimal(tmp_path, clustered_data):
 
     def recall_at(value):
         set_search_params(raw, {"efSearch": value})
-        return recall_at_k(raw.search(q, 10)[1], truth)
+        return recall_bound(raw.search(q, 10)[1], truth)
 
-    assert recall_at(ef) >= 0.95 and tuning["recall_at_10"] == round(recall_at(ef), 4)
+    mean, lower = recall_at(ef)
+    assert lower >= 0.95 and mean > lower
+    assert tuning["recall_at_10"] == round(mean, 4)
+    assert tuning["recall_lower_bound"] == round(lower, 4)
     smaller = [v for v in _grid(16, 1024) if v < ef]
-    assert all(recall_at(v) < 0.95 for v in smaller)
-    curve = dict(map(tuple, tuning["curve"]))
-    assert curve[ef] == tuning["recall_at_10"]
-    assert all(curve[v] == round(recall_at(v), 4) for v in curve)
+    assert all(recall_at(v)[1] < 0.95 for v in smaller)
+    curve = {v: (r, lb) for v, r, lb in tuning["curve"]}
+    assert curve[ef] == (tuning["recall_at_10"], tuning["recall_lower_bound"])
+    assert all(curve[v] == tuple(round(x, 4) for x in recall_at(v)) for v in curve)
+
+
+def test_recall_bound_matches_hand_computation():
+    from retriever.index_build import recall_bound
+
+    truth = np.array([[0, 1], [2, 3], [4, 5], [6, 7]])
+    found = np.array([[0, 1], [2, -1], [9, 8], [7, 6]])  # per query 1, 0.5, 0, 1
+    mean, lower = recall_bound(found, truth)
+    per_query = np.array([1.0, 0.5, 0.0, 1.0])
+    se = per_query.std(ddof=1) / 2.0
+    assert mean == pytest.approx(0.625) and lower == pytest.approx(0.625 - 2 * se)
+    assert recall_bound(found[:1], truth[:1]) == (1.0, 1.0)  # one query: no spread
 
 
 @pytest.mark.parametrize("factory, target", [("IVF128,Flat", 0.99), ("HNSW8", 0.99)])
@@ -210,7 +226,13 @@ def test_tuning_bisects_between_grid_values(clustered_data, factory, target):
     """Past the x1.5 grid, tuning bisects between the last miss and the first hit: the
     choice reaches the target, is at most the first grid value that does, lies within
     ~10% of a measured miss, and every measured point is in the recorded curve."""
-    from retriever.index_build import _grid, make_index, set_search_params, tune_search_params
+    from retriever.index_build import (
+        _grid,
+        make_index,
+        recall_bound,
+        set_search_params,
+        tune_search_params,
+    )
 
     x, q, truth = clustered_data
     index = make_index(factory, x.shape[1])
@@ -221,18 +243,18 @@ def test_tuning_bisects_between_grid_values(clustered_data, factory, target):
 
     def recall_at(v):
         set_search_params(index, {name: v})
-        return recall_at_k(index.search(q, 10)[1], truth)
+        return recall_bound(index.search(q, 10)[1], truth)
 
     lo_grid = 1 if name == "nprobe" else 16
-    first_hit = next(v for v in _grid(lo_grid, 1024) if recall_at(v) >= target)
+    first_hit = next(v for v in _grid(lo_grid, 1024) if recall_at(v)[1] >= target)
     assert first_hit > lo_grid, "test data too easy: the first grid value already hits"
-    assert recall_at(value) >= target and value <= first_hit
-    curve = dict(map(tuple, tuning["curve"]))
+    assert recall_at(value)[1] >= target and value <= first_hit
+    curve = {v: (r, lb) for v, r, lb in tuning["curve"]}
     misses = [v for v in curve if v < value]
-    assert misses and all(curve[v] < target for v in misses)
+    assert misses and all(curve[v][1] < target for v in misses)
     assert value - max(misses) <= max(1, max(misses) // 10)
-    assert all(curve[v] == round(recall_at(v), 4) for v in curve)
-    assert tuning["recall_at_10"] == curve[value]
+    assert all(curve[v] == tuple(round(x, 4) for x in recall_at(v)) for v in curve)
+    assert (tuning["recall_at_10"], tuning["recall_lower_bound"]) == curve[value]
 
 
 def test_tuning_queries_bad_input(tmp_path):
@@ -698,7 +720,7 @@ def test_index_info_shows_tuning_curve(tmp_path):
     assert curve and curve[-1][0] >= m["search_params"]["nprobe"]
     line = next(ln for ln in index_info(path).splitlines() if ln.strip().startswith("tuning"))
     assert "recall@10 by nprobe on 200 stored vectors + Gaussian noise" in line
-    assert line.endswith(", ".join(f"{v}: {r:.3f}" for v, r in curve))
+    assert line.endswith(", ".join(f"{v}: {r:.3f}" for v, r, _ in curve))
 
 
 def test_search_params_override(tmp_path):
