@@ -389,7 +389,8 @@ def build_rvqa(
 
 def retune_rvqa(folder: Path, xb, xt, auto_row: dict) -> dict:
     """The auto row's index with ``efSearch``/``nprobe`` re-tuned on held-out queries
-    (what ``build_index(..., tuning_queries=xt)`` does after building the same graph):
+    (what ``build_index(..., tuning_queries=xt)`` does after building the same graph;
+    ``xt=None``: the default proxy queries, as a plain build):
     the same :func:`~retriever.index_build.tune_search_params`, applied at load time.
     Build time = the auto row's build + this tuning."""
     from retriever.index_build import tune_search_params

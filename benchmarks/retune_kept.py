@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -41,9 +40,6 @@ def main() -> None:
     ap.add_argument("--results", required=True, help="the kept run's results JSON")
     ap.add_argument("--work", default=str(HERE / "_work" / "index"))
     args = ap.parse_args()
-
-    from retriever.index_build import tune_search_params
-    from retriever.index_format import read_faiss_index
 
     results = json.loads(Path(args.results).read_text())
     ((name, res),) = results["datasets"].items()
@@ -72,14 +68,12 @@ def main() -> None:
     )
     if not (bi.np.load(work / "xq.npy") == xq).all():
         raise SystemExit("regenerated queries differ from the kept run's xq.npy")
-    index, _ = read_faiss_index(folder / "index.faiss", mmap=True)
     new_rows = []
     for label, queries in (("auto", None), ("auto_tuned", xt)):
-        t = time.perf_counter()
-        params, tuning = tune_search_params(index, xb, queries=queries)
-        tune_s = time.perf_counter() - t
-        load_kw = {{"nprobe": "nprobe", "efSearch": "ef_search"}[k]: v for k, v in params.items()}
-        bi.log(f"{label}: tuned {params} in {tune_s:.1f} s: {tuning}")
+        old = rows[label]
+        rec = bi.retune_rvqa(folder, xb, queries, old)  # the same tuning bench_index does
+        params, tuning, load_kw = rec["search_params"], rec["tuning"], rec["load_kw"]
+        bi.log(f"{label}: tuned {params} in {rec['tune_s']:.1f} s: {tuning}")
         spec = {
             "label": label + "_retuned",
             "kind": "rvqa",
@@ -98,7 +92,6 @@ def main() -> None:
             "load_kw": load_kw,
         }
         m = bi.run_measure(spec, work)
-        old = rows[label]
         title = "rvqa auto → HNSW32" + (
             ", tuned on 1,000 held-out queries" if queries is not None else ""
         )
@@ -109,7 +102,7 @@ def main() -> None:
             "search_params": params,
             "tuning": tuning,
             "load_kw": load_kw,
-            "tune_s": tune_s,  # build_s stays the kept run's (graph + its tuning)
+            "tune_s": rec["tune_s"],  # build_s stays the kept run's (graph + its tuning)
         }
         new_rows.append(row)
         flat = bi.exact_row(res["rows"])
