@@ -530,10 +530,13 @@ def tune_search_params(
         best = max(r for _, r, _ in curve)
         value, recall, lower = next(c for c in sorted(curve) if c[1] >= best - 0.01)
         logger.warning(
-            "recall@%d target %.2f is not reachable with this index (best %.3f); using %s",
+            "recall@%d target %.2f is not reached with 2 standard errors to spare on %d "
+            "queries (best recall %.3f, best bound %.3f); using %s",
             k,
             target,
+            len(xq),
             best,
+            max(lb for _, _, lb in curve),
             f"{name}={value} (recall {recall:.3f})" if name else "its default search",
         )
         if name is not None:
