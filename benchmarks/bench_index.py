@@ -38,7 +38,7 @@ Usage::
 
     python benchmarks/bench_index.py --n 100000 [--no-autofaiss] [--real] \\
         --out benchmarks/_work/index_results.json
-    python benchmarks/bench_index.py --n 1000000 --noise 1.7 --local-dim 16 --iso 0.3 \
+    python benchmarks/bench_index.py --n 1000000 --noise 1.7 --local-dim 16 --iso 0.3 \\
         --out benchmarks/_work/index_results_1m_manifold.json
     # (1M: ~32 min on 2 idle cores incl. autofaiss; the HNSW32 build alone ~18 min)
 
@@ -118,8 +118,9 @@ def synthetic_embeddings(
     spectrum), which gives a local intrinsic dimensionality of ~40 — three times that
     of real MiniLM caption embeddings (``calibrate_synthetic.py``). ``local_dim`` = r > 0:
     each cluster varies mainly along its own r-dimensional subspace (one of 64 random
-    orthonormal bases, drawn along the global spectrum), plus isotropic noise carrying ``iso`` of the noise norm — points
-    near a low-dimensional manifold, as real embeddings are."""
+    orthonormal bases, drawn along the global spectrum), plus isotropic noise carrying
+    ``iso`` of the noise norm — points near a low-dimensional manifold, as real
+    embeddings are."""
     rng = np.random.default_rng(seed)
     k = max(1, n // per_cluster)
     rot, _ = np.linalg.qr(rng.standard_normal((d, d)))

@@ -17,7 +17,7 @@ decide how hard approximate search is:
 
 Usage::
 
-    python benchmarks/calibrate_synthetic.py [--n 50000] [--grid "1.6:0.5,1.45:0.5,..."]
+    python benchmarks/calibrate_synthetic.py [--n 50000] [--grid "1.6:0.5,1.7:0.5:16:0.3,..."]
 
 ``--grid`` lists ``noise:spectrum[:local_dim[:iso]]`` settings (within-cluster
 noise, spectrum decay exponent, dimension of each cluster's own subspace and the
@@ -92,7 +92,7 @@ def main() -> None:
     ap.add_argument("--nlist", type=int, default=1024)
     ap.add_argument(
         "--grid",
-        default="1.6:0.5,1.45:0.5,1.3:0.5,1.45:0.75,1.45:1.0,1.2:1.0",
+        default="1.6:0.5,1.45:0.5,1.7:0.5:16:0.3",  # the sets in benchmarks/README.md
         help="noise:spectrum[:local_dim[:iso]] settings, comma-separated",
     )
     ap.add_argument("--work", default=str(HERE / "_work" / "index"))
