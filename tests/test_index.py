@@ -257,6 +257,94 @@ def test_tuning_bisects_between_grid_values(clustered_data, factory, target):
     assert (tuning["recall_at_10"], tuning["recall_lower_bound"]) == curve[value]
 
 
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [["a cat", "", "ünïcode ✓"], ["x"] * 4, ["dog on a mat", "b"]],  # string
+        [[3, -7, 2**40], [0], [5, 6, 7, 8]],  # int64
+        [["s"], [None, "t"], ["u", "v"]],  # a chunk with a null: pyarrow fallback
+        [[0.5, 1.5], [2.5]],  # float: pyarrow fallback
+    ],
+)
+def test_rows_take_matches_pyarrow(chunks):
+    """Row access by buffer views equals ``ChunkedArray.to_pylist`` — across chunks,
+    for sliced chunks (non-zero offset), large strings and fallback types."""
+    import pyarrow as pa
+
+    from retriever.index import _Rows
+
+    col = pa.chunked_array(chunks)
+    variants = [col, pa.chunked_array([c.slice(1) for c in col.chunks if len(c) > 1])]
+    if pa.types.is_string(col.type):
+        variants.append(col.cast(pa.large_string()))
+    rng = np.random.default_rng(0)
+    for v in variants:
+        ref = v.to_pylist()
+        rows = rng.integers(0, len(ref), 50)
+        assert _Rows(v).take(rows) == [ref[r] for r in rows]
+        assert _Rows(v).take(np.arange(len(ref))) == ref
+        assert _Rows(v).take(np.array([], dtype=np.int64)) == []
+
+
+def test_drop_rows_leaves_out_own_row_or_last():
+    from retriever.index_build import drop_rows
+
+    found = np.array([[5, 3, 7], [1, 2, 4], [-1, -1, -1], [0, -1, -1]])
+    own = np.array([3, 9, 0, 0])
+    assert drop_rows(found, own).tolist() == [[5, 7], [1, 2], [-1, -1], [-1, -1]]
+
+
+@pytest.mark.parametrize("factory", ["IVF128,Flat", "HNSW8"])
+def test_proxy_tuning_counts_worse_of_noise_and_leave_one_out(clustered_data, factory):
+    """Without given queries, every tuning point is the worse (by lower bound) of the
+    noise proxy and leave-one-out corpus queries, each checked here by brute force
+    (own row removed by hand); the choice is the first measured value both reach."""
+    from retriever.index_build import (
+        leave_one_out_queries,
+        make_index,
+        proxy_queries,
+        recall_bound,
+        set_search_params,
+        tune_search_params,
+    )
+
+    x, _, _ = clustered_data
+    index = make_index(factory, x.shape[1])
+    index.train(x)
+    index.add(x)
+    params, tuning = tune_search_params(index, x, target=0.99, n_queries=150)
+    ((name, value),) = params.items()
+    assert tuning["queries"] == 300 and "leave-one-out" in tuning["query_proxy"]
+
+    qn = proxy_queries(x, 150, 0)
+    truth_n = np.argsort(-(qn @ x.T), axis=1, kind="stable")[:, :10]
+    ql, own = leave_one_out_queries(x, 150, 1)
+    assert np.array_equal(ql, x[own])
+    scores = ql @ x.T
+    scores[np.arange(len(own)), own] = -np.inf
+    truth_l = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+
+    def both(v):
+        set_search_params(index, {name: v})
+        found_n = index.search(qn, 10)[1]
+        rows = index.search(ql, 11)[1]
+        found_l = np.array([[f for f in r if f != o][:10] for r, o in zip(rows, own)])
+        return {
+            "noise": recall_bound(found_n, truth_n),
+            "leave_one_out": recall_bound(found_l, truth_l),
+        }
+
+    curve = {v: (r, lb) for v, r, lb in tuning["curve"]}
+    for v, point in curve.items():
+        per = both(v)
+        worse = min(per.values(), key=lambda r: r[1])
+        assert point == tuple(round(t, 4) for t in worse)
+        if v == value:
+            assert tuning["proxies"] == {k: [round(t, 4) for t in r] for k, r in per.items()}
+    assert curve[value][1] >= 0.99
+    assert all(curve[v][1] < 0.99 for v in curve if v < value)
+
+
 def test_tuning_queries_bad_input(tmp_path):
     x = unit_rows(500, 16, seed=0)
     cases = [
@@ -719,7 +807,10 @@ def test_index_info_shows_tuning_curve(tmp_path):
     curve = m["search_tuning"]["curve"]
     assert curve and curve[-1][0] >= m["search_params"]["nprobe"]
     line = next(ln for ln in index_info(path).splitlines() if ln.strip().startswith("tuning"))
-    assert "recall@10 by nprobe on 200 stored vectors + Gaussian noise" in line
+    assert (
+        "recall@10 by nprobe (400 queries: the worse of 200 stored vectors + Gaussian noise of "
+        "norm 1, renormalised and 200 leave-one-out stored vectors): "
+    ) in line
     assert line.endswith(", ".join(f"{v}: {r:.3f}" for v, r, _ in curve))
 
 
