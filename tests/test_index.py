@@ -286,21 +286,12 @@ def test_rows_take_matches_pyarrow(chunks):
         assert _Rows(v).take(np.array([], dtype=np.int64)) == []
 
 
-def test_drop_rows_leaves_out_own_row_or_last():
-    from retriever.index_build import drop_rows
-
-    found = np.array([[5, 3, 7], [1, 2, 4], [-1, -1, -1], [0, -1, -1]])
-    own = np.array([3, 9, 0, 0])
-    assert drop_rows(found, own).tolist() == [[5, 7], [1, 2], [-1, -1], [-1, -1]]
-
-
 @pytest.mark.parametrize("factory", ["IVF128,Flat", "HNSW8"])
-def test_proxy_tuning_counts_worse_of_noise_and_leave_one_out(clustered_data, factory):
-    """Without given queries, every tuning point is the worse (by lower bound) of the
-    noise proxy and leave-one-out corpus queries, each checked here by brute force
-    (own row removed by hand); the choice is the first measured value both reach."""
+def test_proxy_tuning_counts_worse_of_noise_and_held_out(clustered_data, factory):
+    """With held-out corpus vectors (not in the index), every tuning point is the worse
+    (by lower bound) of the noise proxy and those vectors, each checked against numpy
+    brute force over the indexed rows; the choice is the first value both reach."""
     from retriever.index_build import (
-        leave_one_out_queries,
         make_index,
         proxy_queries,
         recall_bound,
@@ -309,40 +300,47 @@ def test_proxy_tuning_counts_worse_of_noise_and_leave_one_out(clustered_data, fa
     )
 
     x, _, _ = clustered_data
+    head, tail = x[:-150], x[-150:]
     index = make_index(factory, x.shape[1])
     index.train(x)
-    index.add(x)
-    params, tuning = tune_search_params(index, x, target=0.99, n_queries=150)
+    index.add(head)
+    params, tuning = tune_search_params(index, head, target=0.99, held_out=tail)
     ((name, value),) = params.items()
-    assert tuning["queries"] == 300 and "leave-one-out" in tuning["query_proxy"]
-
-    qn = proxy_queries(x, 150, 0)
-    truth_n = np.argsort(-(qn @ x.T), axis=1, kind="stable")[:, :10]
-    ql, own = leave_one_out_queries(x, 150, 1)
-    assert np.array_equal(ql, x[own])
-    scores = ql @ x.T
-    scores[np.arange(len(own)), own] = -np.inf
-    truth_l = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+    assert tuning["queries"] == 350 and "last 150 vectors" in tuning["query_proxy"]
+    qn = proxy_queries(head, 200, 0)
+    truth = {
+        "noise": np.argsort(-(qn @ head.T), axis=1, kind="stable")[:, :10],
+        "held_out": np.argsort(-(tail @ head.T), axis=1, kind="stable")[:, :10],
+    }
 
     def both(v):
         set_search_params(index, {name: v})
-        found_n = index.search(qn, 10)[1]
-        rows = index.search(ql, 11)[1]
-        found_l = np.array([[f for f in r if f != o][:10] for r, o in zip(rows, own)])
-        return {
-            "noise": recall_bound(found_n, truth_n),
-            "leave_one_out": recall_bound(found_l, truth_l),
-        }
+        q = {"noise": qn, "held_out": tail}
+        return {s: recall_bound(index.search(q[s], 10)[1], truth[s]) for s in q}
 
     curve = {v: (r, lb) for v, r, lb in tuning["curve"]}
     for v, point in curve.items():
         per = both(v)
-        worse = min(per.values(), key=lambda r: r[1])
-        assert point == tuple(round(t, 4) for t in worse)
+        assert point == tuple(round(t, 4) for t in min(per.values(), key=lambda r: r[1]))
         if v == value:
-            assert tuning["proxies"] == {k: [round(t, 4) for t in r] for k, r in per.items()}
+            assert tuning["proxies"] == {s: [round(t, 4) for t in r] for s, r in per.items()}
     assert curve[value][1] >= 0.99
     assert all(curve[v][1] < 0.99 for v in curve if v < value)
+
+
+def test_build_tunes_on_corpus_tail_before_adding_it(tmp_path, clustered_data):
+    """A build without tuning queries holds out its last min(200, N/10) vectors for
+    tuning, then adds them: the index holds every caption at its own row."""
+    x, _, _ = clustered_data
+    path = build_arrays(tmp_path, x, factory="IVF64,Flat", store_embeddings=False)
+    index = KnowledgeIndex.load(path, nprobe=64)
+    tuning = index.manifest["search_tuning"]
+    m = min(200, len(x) // 10)
+    assert set(tuning["proxies"]) == {"noise", "held_out"}
+    assert f"the corpus' last {m} vectors" in tuning["query_proxy"]
+    assert len(index) == len(x)
+    top = [r.ids[0] for r in index.search(x[-m - 5 :], 1)]
+    assert top == list(range(len(x) - m - 5, len(x)))
 
 
 def test_tuning_queries_bad_input(tmp_path):
@@ -809,7 +807,8 @@ def test_index_info_shows_tuning_curve(tmp_path):
     line = next(ln for ln in index_info(path).splitlines() if ln.strip().startswith("tuning"))
     assert (
         "recall@10 by nprobe (400 queries: the worse of 200 stored vectors + Gaussian noise of "
-        "norm 1, renormalised and 200 leave-one-out stored vectors): "
+        "norm 1, renormalised and the corpus' last 200 vectors, searched before they were "
+        "added): "
     ) in line
     assert line.endswith(", ".join(f"{v}: {r:.3f}" for v, r, _ in curve))
 
