@@ -1002,12 +1002,21 @@ def index_info(
         + (", ".join(f"{k}={v}" for k, v in m["search_params"].items()) or "none (exact)")
         + (f"; measured {_fmt_recall(recall)}" if recall else ""),
     ]
+    knob = next(iter(m["search_params"]), "value")
     if tuning.get("curve"):
-        knob = next(iter(m["search_params"]), "value")
         lines.append(
             f"  tuning            recall@10 by {knob} ({tuning.get('queries')} queries: "
             f"{tuning.get('query_proxy')}): "
             + ", ".join(f"{c[0]}: {c[1]:.3f}" for c in tuning["curve"])
+        )
+    if tuning.get("proxies"):
+        names = {"noise": "noise", "held_out": "corpus tail"}
+        lines.append(
+            f"  proxies           at {knob}={m['search_params'].get(knob)}: "
+            + ", ".join(
+                f"{names.get(name, name)} {r:.3f} (bound {lb:.3f})"
+                for name, (r, lb) in tuning["proxies"].items()
+            )
         )
     lines += [
         f"  memory-mapped     {index.memory_mapped}",

@@ -823,7 +823,8 @@ def build_index_from_embeddings(
         tuning_queries: (m, d) representative queries (e.g. image embeddings of
             held-out images) to tune ``efSearch``/``nprobe`` on, instead of proxy
             queries made from the corpus (noisy stored vectors, and the last
-            min(200, N/10) vectors, added after tuning; :func:`tune_search_params`).
+            min(200, N/10) vectors, added after tuning — representative only when
+            the corpus is not sorted by source or topic; :func:`tune_search_params`).
         seed: Seed of the training sample and of the tuning queries.
         show_progress: tqdm progress bars.
 

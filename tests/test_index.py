@@ -811,6 +811,14 @@ def test_index_info_shows_tuning_curve(tmp_path):
         "added): "
     ) in line
     assert line.endswith(", ".join(f"{v}: {r:.3f}" for v, r, _ in curve))
+    proxies = m["search_tuning"]["proxies"]
+    line = next(ln for ln in index_info(path).splitlines() if ln.strip().startswith("proxies"))
+    noise, tail = proxies["noise"], proxies["held_out"]
+    assert line == (
+        f"  proxies           at nprobe={m['search_params']['nprobe']}: "
+        f"noise {noise[0]:.3f} (bound {noise[1]:.3f}), "
+        f"corpus tail {tail[0]:.3f} (bound {tail[1]:.3f})"
+    )
 
 
 def test_search_params_override(tmp_path):
