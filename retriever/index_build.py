@@ -88,6 +88,12 @@ MAX_TRAIN_POINTS = 100_000
 """Training sample cap (raised to 256·nlist for large nlist, faiss' own subsampling limit)."""
 TARGET_RECALL = 0.95
 TUNE_QUERIES = 200
+# A held-out tail smaller than this gives no usable recall estimate (its standard
+# error is too coarse): builds of fewer than 10x this many vectors tune on noise only.
+MIN_HELD_OUT = 30
+# Held-out vectors this close to a stored one (cosine) are duplicates of it: searched,
+# they land on their twin's node, whose edges lead to the answer (like a stored query).
+DUPLICATE_COSINE = 1 - 1e-4
 ADD_CHUNK = 1 << 16
 
 _UNITS = {
@@ -469,10 +475,10 @@ def tune_search_params(
     Held-out vectors are what :func:`build_index_from_embeddings` passes: the corpus'
     last vectors, searched before they are added — new samples of the corpus'
     own distribution, which the noise proxy misjudges (it overestimated recall
-    on real MiniLM captions and on manifold-like synthetic data: 0.967 where
-    held-out queries got 0.940, 1M vectors). A stored vector is no substitute: an
-    HNSW node's own edges lead to its neighbours (recall 0.995 where held-out
-    queries got 0.937).
+    on real MiniLM captions and on manifold-like synthetic data: 0.975 where two
+    held-out query sets got 0.947 / 0.940, HNSW32 efSearch 16, 200k vectors;
+    benchmarks/README.md, "Tuning proxies"). A stored vector is no substitute: an
+    HNSW node's own edges lead to its neighbours (0.989 there).
 
     Args:
         index: A trained, filled index holding the rows of ``xb``.
@@ -487,7 +493,10 @@ def tune_search_params(
             proxy only approximates how far real queries lie from the corpus, and
             can err either way (:func:`proxy_queries`).
         held_out: (m, d) corpus vectors that are not (yet) in ``index``: a second
-            proxy set, searched against ``xb`` (the vectors in the index).
+            proxy set, searched against ``xb`` (the vectors in the index). Rows that
+            duplicate a stored vector (cosine >= ``DUPLICATE_COSINE``) are left out,
+            and the set is skipped when fewer than ``MIN_HELD_OUT`` remain. Ignored
+            when ``queries`` are given.
 
     Returns:
         ``(params, tuning)``: params for :func:`set_search_params` (empty for exact
@@ -503,12 +512,17 @@ def tune_search_params(
         sets.append(("noise", xq, exact_knn(xq, xb, k)[1]))
         proxy = "stored vectors + Gaussian noise of norm 1, renormalised"
         if held_out is not None and len(held_out):
-            xh = check_tuning_queries(np.asarray(held_out, dtype=np.float32), xb.shape[1])
-            sets.append(("held_out", xh, exact_knn(xh, xb, k)[1]))
-            proxy = (
-                f"the worse of {len(xq)} {proxy} and the corpus' last {len(xh)} vectors, "
-                "searched before they were added"
-            )
+            xh = check_tuning_queries(held_out, xb.shape[1], what="held-out vectors")
+            top_scores, top_rows = exact_knn(xh, xb, k)
+            fresh = top_scores[:, 0] < DUPLICATE_COSINE
+            if fresh.sum() >= MIN_HELD_OUT:
+                dupes = int(len(xh) - fresh.sum())
+                sets.append(("held_out", xh[fresh], top_rows[fresh]))
+                proxy = (
+                    f"the worse of {len(xq)} {proxy} and the corpus' last {len(xh)} vectors, "
+                    "searched before they were added"
+                    + (f" ({dupes} duplicates of stored vectors left out)" if dupes else "")
+                )
     else:
         xq = check_tuning_queries(queries, xb.shape[1])
         sets.append(("given", xq, exact_knn(xq, xb, k)[1]))
@@ -587,12 +601,12 @@ def tune_search_params(
     return params, tuning
 
 
-def check_tuning_queries(queries: Any, d: int) -> np.ndarray:
+def check_tuning_queries(queries: Any, d: int, what: str = "tuning queries") -> np.ndarray:
     """Validate tuning queries: a non-empty (m, d) float array of finite, non-zero rows;
-    returned as L2-normalised float32."""
+    returned as L2-normalised float32. ``what`` names them in error messages."""
     if not isinstance(queries, np.ndarray) or queries.dtype.kind != "f":
         raise TypeError(
-            "tuning queries must be a float numpy array of shape (m, d), got "
+            f"{what} must be a float numpy array of shape (m, d), got "
             + (
                 f"dtype {queries.dtype}"
                 if isinstance(queries, np.ndarray)
@@ -600,11 +614,11 @@ def check_tuning_queries(queries: Any, d: int) -> np.ndarray:
             )
         )
     if queries.ndim != 2 or queries.shape[1] != d or len(queries) == 0:
-        raise ValueError(f"tuning queries must have shape (m >= 1, {d}), got {queries.shape}")
+        raise ValueError(f"{what} must have shape (m >= 1, {d}), got {queries.shape}")
     q = np.array(queries, dtype=np.float32)
     norms = np.linalg.norm(q, axis=1)
     if not np.all(np.isfinite(norms)) or np.any(norms == 0):
-        raise ValueError("tuning queries contain a zero, NaN or infinite row")
+        raise ValueError(f"{what} contain a zero, NaN or infinite row")
     return q / norms[:, None]
 
 
@@ -823,8 +837,10 @@ def build_index_from_embeddings(
         tuning_queries: (m, d) representative queries (e.g. image embeddings of
             held-out images) to tune ``efSearch``/``nprobe`` on, instead of proxy
             queries made from the corpus (noisy stored vectors, and the last
-            min(200, N/10) vectors, added after tuning — representative only when
-            the corpus is not sorted by source or topic; :func:`tune_search_params`).
+            min(200, N/10) vectors when that is >= ``MIN_HELD_OUT``, left out of
+            training when the rest suffices and added after tuning — representative
+            only when the corpus is not sorted by source or topic;
+            :func:`tune_search_params`).
         seed: Seed of the training sample and of the tuning queries.
         show_progress: tqdm progress bars.
 
@@ -867,11 +883,14 @@ def build_index_from_embeddings(
         logger.info("automatic index choice: %s (%s)", factory, choice.reason)
     ef_construction = _check_ef_construction(ef_construction)
     index = make_index(factory, d, ef_construction=ef_construction)
-    train_index(index, x, seed=seed)
     # Without given queries, the last few vectors are added only after tuning: they
-    # are searched as new samples of the corpus (see tune_search_params).
+    # are searched as new samples of the corpus (see tune_search_params), so they stay
+    # out of the training sample too when the rest suffices.
     tunable = search_param_name(index) is not None
     m = min(TUNE_QUERIES, n // 10) if tuning_queries is None and tunable else 0
+    m = m if m >= MIN_HELD_OUT else 0
+    enough = n - m >= min_training_size(index)[0]
+    train_index(index, x[: n - m] if enough else x, seed=seed)
     add_vectors(index, x[: n - m], show_progress=show_progress)
     params, tuning = tune_search_params(
         index, x[: n - m], seed=seed, queries=tuning_queries, held_out=x[n - m :] if m else None

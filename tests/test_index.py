@@ -276,11 +276,16 @@ def test_rows_take_matches_pyarrow(chunks):
     col = pa.chunked_array(chunks)
     variants = [col, pa.chunked_array([c.slice(1) for c in col.chunks if len(c) > 1])]
     if pa.types.is_string(col.type):
-        variants.append(col.cast(pa.large_string()))
+        large = col.cast(pa.large_string())
+        variants += [large, pa.chunked_array([c.slice(1) for c in large.chunks if len(c) > 1])]
     rng = np.random.default_rng(0)
+    fast = {"string": tuple, "int64": np.ndarray}.get(str(col.type))
     for v in variants:
         ref = v.to_pylist()
         rows = rng.integers(0, len(ref), 50)
+        # string/int chunks without nulls are read through buffer views, others via pyarrow
+        expect = [fast if fast and not c.null_count else type(None) for c in v.chunks]
+        assert [type(w) for w in _Rows(v).views] == expect
         assert _Rows(v).take(rows) == [ref[r] for r in rows]
         assert _Rows(v).take(np.arange(len(ref))) == ref
         assert _Rows(v).take(np.array([], dtype=np.int64)) == []
@@ -328,19 +333,71 @@ def test_proxy_tuning_counts_worse_of_noise_and_held_out(clustered_data, factory
     assert all(curve[v][1] < 0.99 for v in curve if v < value)
 
 
-def test_build_tunes_on_corpus_tail_before_adding_it(tmp_path, clustered_data):
-    """A build without tuning queries holds out its last min(200, N/10) vectors for
-    tuning, then adds them: the index holds every caption at its own row."""
+@pytest.mark.parametrize(
+    "factory, override", [("IVF64,Flat", {"nprobe": 64}), ("HNSW8", {"ef_search": 256})]
+)
+def test_build_tunes_on_corpus_tail_before_adding_it(
+    tmp_path, clustered_data, monkeypatch, factory, override
+):
+    """A build without tuning queries holds out its last min(200, N/10) vectors from
+    training and from the index while it tunes, then adds them: the index holds every
+    caption at its own row."""
+    import retriever.index_build as ib
+
     x, _, _ = clustered_data
-    path = build_arrays(tmp_path, x, factory="IVF64,Flat", store_embeddings=False)
-    index = KnowledgeIndex.load(path, nprobe=64)
-    tuning = index.manifest["search_tuning"]
     m = min(200, len(x) // 10)
+    seen = {}
+    train, tune = ib.train_index, ib.tune_search_params
+
+    def spy_train(index, xs, **kw):
+        seen.setdefault("train_rows", len(xs))
+        return train(index, xs, **kw)
+
+    def spy_tune(index, xb, **kw):
+        seen.update(ntotal=index.ntotal, xb=len(xb), held_out=kw["held_out"].copy())
+        return tune(index, xb, **kw)
+
+    monkeypatch.setattr(ib, "train_index", spy_train)
+    monkeypatch.setattr(ib, "tune_search_params", spy_tune)
+    path = build_arrays(tmp_path, x, factory=factory, store_embeddings=False)
+    if factory.startswith("IVF"):
+        assert seen.pop("train_rows") == len(x) - m
+    assert seen["ntotal"] == seen["xb"] == len(x) - m
+    np.testing.assert_array_equal(seen["held_out"], x[-m:])
+    index = KnowledgeIndex.load(path, **override)
+    tuning = index.manifest["search_tuning"]
     assert set(tuning["proxies"]) == {"noise", "held_out"}
-    assert f"the corpus' last {m} vectors" in tuning["query_proxy"]
+    assert f"the corpus' last {m} vectors, searched before they were added" in tuning["query_proxy"]
+    assert "duplicates" not in tuning["query_proxy"]
     assert len(index) == len(x)
     top = [r.ids[0] for r in index.search(x[-m - 5 :], 1)]
     assert top == list(range(len(x) - m - 5, len(x)))
+
+
+def test_held_out_duplicates_and_small_tails_are_left_out(tmp_path, clustered_data):
+    """Held-out vectors that duplicate a stored one would find their twin's node (like
+    a stored query) and are left out; a tail under MIN_HELD_OUT vectors is not used."""
+    from retriever.index_build import MIN_HELD_OUT, make_index, tune_search_params
+
+    x, _, _ = clustered_data
+    head = x[:-100]
+    tail = np.concatenate([head[:60], x[-40:]])  # 60 exact copies of stored rows
+    index = make_index("HNSW8", x.shape[1])
+    index.add(head)
+    _, tuning = tune_search_params(index, head, held_out=tail)
+    assert tuning["queries"] == 200 + 40
+    assert tuning["query_proxy"].endswith(
+        "the corpus' last 100 vectors, searched before they were added "
+        "(60 duplicates of stored vectors left out)"
+    )
+    _, tuning = tune_search_params(index, head, held_out=np.concatenate([head[:60], x[-29:]]))
+    assert MIN_HELD_OUT == 30 and tuning["queries"] == 200 and "proxies" not in tuning
+    with pytest.raises(ValueError, match=r"held-out vectors must have shape \(m >= 1, 64\)"):
+        tune_search_params(index, head, held_out=x[:5, :8])
+    # 299 vectors: a tail of 29 would be too small, so the build tunes on noise only.
+    small = build_arrays(tmp_path, x[:299], factory="HNSW8", store_embeddings=False)
+    tuning = KnowledgeIndex.load(small).manifest["search_tuning"]
+    assert "proxies" not in tuning and "last" not in tuning["query_proxy"]
 
 
 def test_tuning_queries_bad_input(tmp_path):
