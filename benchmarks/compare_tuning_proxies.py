@@ -16,7 +16,7 @@ efSearch for:
 Usage::
 
     python benchmarks/compare_tuning_proxies.py --n 200000 --noise 1.7 --local-dim 16
-    python benchmarks/compare_tuning_proxies.py --n 200000 --noise 1.45
+    python benchmarks/compare_tuning_proxies.py --n 200000 --noise 1.45 --local-dim 0
     python benchmarks/compare_tuning_proxies.py --real --n 50000
 """
 
@@ -61,7 +61,6 @@ def main() -> None:
         work = Path(args.work)
         work.mkdir(parents=True, exist_ok=True)
         xb, xt, _ = bi.real_embeddings(args.n, 1000, work)
-        held = {"held-out A": xt[:300], "held-out B": xt[300:600]}
     else:
         xb, _, xt = bi.synthetic_embeddings(
             args.n,
@@ -73,7 +72,7 @@ def main() -> None:
             local_dim=args.local_dim,
             iso=args.iso,
         )
-        held = {"held-out A": xt[:300], "held-out B": xt[300:600]}
+    held = {"held-out A": xt[:300], "held-out B": xt[300:600]}
     head, tail = xb[:-TAIL], xb[-TAIL:]
     t = time.perf_counter()
     index = make_index("HNSW32", xb.shape[1], ef_construction=200)

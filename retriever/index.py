@@ -37,7 +37,6 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import faiss
 import numpy as np
-import pyarrow as pa
 
 from retriever.index_build import (
     add_vectors,
@@ -719,19 +718,14 @@ class _Rows:
     ``ChunkedArray.take`` and even ``ChunkedArray.chunks`` (a new list of wrappers
     per call) cost time proportional to the number of chunks: 3–4 ms per query at
     1M captions in 1,000 chunks. The chunk list and chunk offsets are built once;
-    each row's chunk is found by binary search. String and integer chunks without
-    nulls are read straight from their (memory-mapped) buffers — numpy views made
-    once, nothing copied — which is 2–3x faster than a pyarrow scalar per value
-    (10 random rows of 1M: ~20 µs vs ~55 µs for captions and ids); other types
-    fall back to ``as_py``.
+    each row's chunk is found by binary search (10 random rows of 1M: ~13 µs).
     """
 
-    __slots__ = ("chunks", "starts", "views")
+    __slots__ = ("chunks", "starts")
 
     def __init__(self, col: Any) -> None:
         self.chunks = col.chunks
         self.starts = np.cumsum([0] + [len(c) for c in self.chunks[:-1]]).astype(np.int64)
-        self.views = [_buffer_view(c) for c in self.chunks]
 
     def take(self, rows: np.ndarray) -> list:
         if len(rows) == 0:
@@ -739,34 +733,8 @@ class _Rows:
         rows = np.asarray(rows, dtype=np.int64)
         which = np.searchsorted(self.starts, rows, side="right") - 1
         offsets = (rows - self.starts[which]).tolist()
-        out = []
-        views, chunks = self.views, self.chunks
-        for c, o in zip(which.tolist(), offsets):
-            view = views[c]
-            if type(view) is tuple:  # string chunk: (offsets, data)
-                start, end = view[0][o : o + 2].tolist()
-                out.append(str(view[1][start:end], "utf-8"))
-            elif view is None:
-                out.append(chunks[c][o].as_py())
-            else:  # integer chunk
-                out.append(int(view[o]))
-        return out
-
-
-def _buffer_view(chunk: Any) -> Any:
-    """Zero-copy numpy views of one Arrow chunk: ``(offsets, data)`` for strings, the
-    values for integers, None for anything else (or any chunk with nulls)."""
-    kind = chunk.type
-    if chunk.null_count or len(chunk) == 0:
-        return None
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        _, offsets, data = chunk.buffers()
-        dtype = np.int32 if pa.types.is_string(kind) else np.int64
-        offsets = np.frombuffer(offsets, dtype=dtype)[chunk.offset : chunk.offset + len(chunk) + 1]
-        return offsets, memoryview(data) if data is not None else memoryview(b"")
-    if pa.types.is_integer(kind):
-        return chunk.to_numpy(zero_copy_only=True)
-    return None
+        ch = self.chunks
+        return [ch[c][o].as_py() for c, o in zip(which.tolist(), offsets)]
 
 
 def _results(st: _State, scores: np.ndarray, rows: np.ndarray, name: str) -> list[SearchResult]:
@@ -1010,7 +978,7 @@ def index_info(
             + ", ".join(f"{c[0]}: {c[1]:.3f}" for c in tuning["curve"])
         )
     if tuning.get("proxies"):
-        names = {"noise": "noise", "held_out": "corpus tail"}
+        names = {"held_out": "corpus tail"}
         lines.append(
             f"  proxies           at {knob}={m['search_params'].get(knob)}: "
             + ", ".join(
