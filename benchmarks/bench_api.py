@@ -90,8 +90,8 @@ def main() -> None:
 
     import easy_vqa
 
-    from retriever.index import build_index_from_embeddings
     from rvqa import RVQA
+    from rvqa.retriever.index import build_index_from_embeddings
 
     model = RVQA.from_pretrained(args.model, device="cpu")
     index_dir = Path(args.work) / f"api-index-{args.n_captions}"
@@ -109,7 +109,7 @@ def main() -> None:
             caption_source="templated",
         )
     if args.factory:
-        from retriever.index import rebuild_index
+        from rvqa.retriever.index import rebuild_index
 
         tag = args.factory.replace(",", "_")
         fdir = Path(args.work) / f"api-index-{args.n_captions}-{tag}"

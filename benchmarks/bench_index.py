@@ -360,7 +360,7 @@ def recall(found, truth: np.ndarray) -> float:
 def build_rvqa(
     folder: Path, xb, captions, factory: str | None, max_memory: str, **kw: object
 ) -> dict:
-    from retriever.index import build_index_from_embeddings
+    from rvqa.retriever.index import build_index_from_embeddings
 
     t = time.perf_counter()
     build_index_from_embeddings(
@@ -392,10 +392,10 @@ def retune_rvqa(folder: Path, xb, xt, auto_row: dict) -> dict:
     """The auto row's index with ``efSearch``/``nprobe`` re-tuned on held-out queries
     (what ``build_index(..., tuning_queries=xt)`` does after building the same graph;
     ``xt=None``: the default proxy queries, as a plain build):
-    the same :func:`~retriever.index_build.tune_search_params`, applied at load time.
+    the same :func:`~rvqa.retriever.index_build.tune_search_params`, applied at load time.
     Build time = the auto row's build + this tuning."""
-    from retriever.index_build import tune_search_params
-    from retriever.index_format import read_faiss_index
+    from rvqa.retriever.index_build import tune_search_params
+    from rvqa.retriever.index_format import read_faiss_index
 
     index, _ = read_faiss_index(folder / "index.faiss", mmap=True)
     t = time.perf_counter()
@@ -576,8 +576,8 @@ def measure(spec: dict) -> dict:
     import datasets  # noqa: F401  (imports first, so the RSS baseline holds all code)
     import faiss
 
-    from retriever.index import KnowledgeIndex
-    from retriever.index_format import read_faiss_index
+    from rvqa.retriever.index import KnowledgeIndex
+    from rvqa.retriever.index_format import read_faiss_index
 
     xq = np.load(spec["xq"])
     truth = np.load(spec["truth"])
@@ -838,7 +838,7 @@ def summary(rows: list[dict], n: int) -> dict:
 def run_dataset(name: str, xb, xq, captions, args, work: Path, xt=None) -> dict:
     import faiss
 
-    from retriever.index_build import auto_nlist, choose_factory, parse_memory
+    from rvqa.retriever.index_build import auto_nlist, choose_factory, parse_memory
 
     n, d = xb.shape
     work.mkdir(parents=True, exist_ok=True)

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from retriever.modeling import RetrieverModel
-from retriever.train import build_retriever
 from rvqa.config import load_config
+from rvqa.retriever.modeling import RetrieverModel
+from rvqa.retriever.train import build_retriever
 
 
 def _time(fn, repeats: int) -> float:

@@ -47,10 +47,10 @@ def make_items(n: int, vocab_size: int, seed: int = 0) -> list[dict]:
 
 
 def build(args):
-    from reader.modeling import ReaderModel
-    from reader.processing import ReaderProcessor
-    from retriever.cnn import SmallCNNConfig, SmallCNNModel
     from rvqa.config import ReaderSettings
+    from rvqa.reader.modeling import ReaderModel
+    from rvqa.reader.processing import ReaderProcessor
+    from rvqa.towers.cnn import SmallCNNConfig, SmallCNNModel
 
     torch.manual_seed(0)
     answers = [f"a{i}" for i in range(13)]
@@ -62,7 +62,7 @@ def build(args):
 
 
 def rvqa_steps(steps: int, args) -> float:
-    from reader.train import ReaderCollator
+    from rvqa.reader.train import ReaderCollator
     from rvqa.training import train
 
     model, processor, settings = build(args)
@@ -84,7 +84,7 @@ def rvqa_steps(steps: int, args) -> float:
 def bare_steps(steps: int, args) -> float:
     from transformers import get_scheduler
 
-    from reader.train import ReaderCollator
+    from rvqa.reader.train import ReaderCollator
     from rvqa.training import _optimizer
 
     model, processor, settings = build(args)

@@ -8,7 +8,7 @@ efSearch for:
 - ``held-out A`` / ``held-out B``: two sets of 300 queries from the data's own
   query distribution (never in the index) — the truth the proxies should predict;
 - ``noise 1.0`` / ``noise 1.2``: stored vectors + Gaussian noise of that norm
-  (:func:`retriever.index_build.proxy_queries`; rvqa uses 1.0);
+  (:func:`rvqa.retriever.index_build.proxy_queries`; rvqa uses 1.0);
 - ``corpus tail``: the 200 vectors left out of the graph (what a build without
   tuning queries measures, next to noise 1.0);
 - ``stored (LOO)``: 300 stored vectors, their own row left out of both results.
@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--work", default=str(HERE / "_work" / "index"))
     args = ap.parse_args()
 
-    from retriever.index_build import (
+    from rvqa.retriever.index_build import (
         exact_knn,
         make_index,
         proxy_queries,

@@ -31,11 +31,11 @@ def main() -> None:
     ap.add_argument("--low-epochs", type=int, default=5)
     args = ap.parse_args()
 
-    from reader.train import train_reader
     from rvqa import RVQA
     from rvqa.data import load_vqa
     from rvqa.demo import _accuracy, demo_config
-    from rvqa.indexing import retriever_dir
+    from rvqa.reader.train import train_reader
+    from rvqa.run_layout import retriever_dir
 
     variants = {
         "k0": ["reader.top_k=0"],

@@ -32,10 +32,10 @@ _WHERE = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from reader.answers import AnswerCoverage, AnswerVocab, build_vocab, soft_score
-    from reader.configuration import ReaderConfig
-    from reader.modeling import ReaderModel, ReaderOutput
-    from reader.processing import ReaderProcessor
+    from rvqa.reader.answers import AnswerCoverage, AnswerVocab, build_vocab, soft_score
+    from rvqa.reader.configuration import ReaderConfig
+    from rvqa.reader.modeling import ReaderModel, ReaderOutput
+    from rvqa.reader.processing import ReaderProcessor
 
 
 def __getattr__(name: str) -> Any:

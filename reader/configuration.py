@@ -7,11 +7,13 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
+from rvqa.towers import config_from_dict
+
 SOFT_TARGET_RULES = ("min3", "loo")
 
 
 class ReaderConfig(PretrainedConfig):
-    """Configuration of :class:`~reader.modeling.ReaderModel`.
+    """Configuration of :class:`~rvqa.reader.modeling.ReaderModel`.
 
     The reader is a single-stream (VisualBERT / MMBT style) transformer: the text
     backbone's embeddings and layers read ``[CLS] question [SEP] caption_1 [SEP]
@@ -140,7 +142,6 @@ class ReaderConfig(PretrainedConfig):
         """
         if not self.text_config:
             return self
-        from retriever.towers import config_from_dict
 
         return config_from_dict(self.text_config)
 

@@ -34,8 +34,9 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import ModelOutput
 
-from reader.configuration import ReaderConfig
-from retriever.towers import (
+from rvqa.config import ReaderSettings
+from rvqa.reader.configuration import ReaderConfig
+from rvqa.towers import (
     build_tower,
     hidden_size_of,
     load_tower_weights,
@@ -77,7 +78,7 @@ class ReaderModel(PreTrainedModel):
         if not config.text_config or not config.vision_config:
             raise ValueError(
                 "ReaderConfig needs text_config and vision_config dicts; build one with "
-                "ReaderModel.from_backbones(...) or retriever.towers.*_config_from_name"
+                "ReaderModel.from_backbones(...) or rvqa.towers.*_config_from_name"
             )
         if config.num_answers == 0:
             raise ValueError("ReaderConfig.answers is empty; build the answer vocabulary first")
@@ -181,8 +182,6 @@ class ReaderModel(PreTrainedModel):
                 backbone that cannot be loaded.
         """
         if settings is None:
-            from rvqa.config import ReaderSettings
-
             settings = ReaderSettings()
         config_keys = set(inspect.signature(ReaderConfig.__init__).parameters)
         known = (config_keys - set(_FILLED_KEYS)) | set(_BUILD_KEYS)
@@ -320,7 +319,7 @@ class ReaderModel(PreTrainedModel):
         visual_features: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> ReaderOutput:
-        """Score every answer for a batch (the :class:`~reader.processing.ReaderProcessor` output).
+        """Score every answer for a batch (the :class:`~rvqa.reader.processing.ReaderProcessor` output).
 
         Args:
             pixel_values: (B, 3, H, W) images.

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer, BatchEncoding
 
+from rvqa.towers import load_image_processor, load_tokenizer, small_cnn_processor
+
 logger = logging.getLogger(__name__)
 
 PROCESSOR_FILE = "reader_processor.json"
@@ -74,7 +76,7 @@ class ReaderProcessor:
     def from_config(
         cls, config: Any, tokenizer: Any = None, image_processor: Any = None
     ) -> ReaderProcessor:
-        """The processor matching a :class:`~reader.configuration.ReaderConfig`.
+        """The processor matching a :class:`~rvqa.reader.configuration.ReaderConfig`.
 
         Args:
             config: The reader's config (backbone names, image size, budgets).
@@ -83,8 +85,6 @@ class ReaderProcessor:
                 not the small CNN and ``config.vision_backbone`` is not loadable by name
                 (e.g. ``"retriever"``: pass the retriever's image processor).
         """
-        from retriever.towers import load_image_processor, load_tokenizer, small_cnn_processor
-
         if tokenizer is None:
             tokenizer = load_tokenizer(config.text_backbone)
         if image_processor is None:

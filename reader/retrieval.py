@@ -48,7 +48,7 @@ def retrieve_for_images(
 
     Args:
         retriever: Has ``embed_images(images, batch_size)`` (a RetrieverModel).
-        index: A :class:`~retriever.index.KnowledgeIndex`.
+        index: A :class:`~rvqa.retriever.index.KnowledgeIndex`.
         images: image key (e.g. str(image_id)) → image reference (path, PIL, array).
         k: Captions per image.
         exclude_ids: image key → caption ids never to return for that image (its own

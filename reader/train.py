@@ -2,7 +2,7 @@
 
 Captions for every training image come from the run's knowledge index through
 the trained retriever, retrieved once per image and cached (see
-:mod:`reader.retrieval`). Same Accelerate loop as the retriever
+:mod:`rvqa.reader.retrieval`). Same Accelerate loop as the retriever
 (:func:`rvqa.training.train`): one CPU process, several (``torchrun``) or
 multi-GPU (``accelerate launch -m rvqa train-reader``). Writes
 ``OUTPUT_DIR/reader/``: ``final/``, ``best/`` (model + processor + answer
@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,20 +24,21 @@ import torch
 from accelerate.utils import set_seed
 from torch.utils.data import Dataset
 
-from reader.answers import AnswerVocab, build_vocab
-from reader.modeling import ReaderModel
-from reader.processing import ReaderProcessor
-from reader.retrieval import own_caption_ids, retrieve_for_images
-from retriever.data import PixelCache, holdout_by_image
-from retriever.evaluation import sharded_map
 from rvqa.config import RunConfig, save_config
-from rvqa.io import write_text_atomic
+from rvqa.data import holdout_by_image, load_captions, load_vqa
+from rvqa.distributed import sharded_map
+from rvqa.metrics import evaluate_vqa
+from rvqa.pixels import PixelCache
+from rvqa.reader.answers import AnswerVocab, build_vocab
+from rvqa.reader.modeling import ReaderModel
+from rvqa.reader.processing import ReaderProcessor
+from rvqa.reader.retrieval import own_caption_ids, retrieve_for_images
+from rvqa.retriever.index import KnowledgeIndex
+from rvqa.retriever.modeling import RetrieverModel
+from rvqa.run_layout import READER_DIR, RETRIEVER_DIR, retriever_dir, write_run_file
 from rvqa.training import make_accelerator, run_signature, train
 
 logger = logging.getLogger(__name__)
-
-RUN_FILE = "rvqa_run.json"
-
 
 # --------------------------------------------------------------------------- data
 
@@ -51,8 +50,6 @@ def image_key(record: Any) -> str:
 
 def load_reader_data(cfg: RunConfig) -> tuple[list, list]:
     """(train, validation) VQA records: validation = ``reader.eval_split`` or held-out images."""
-    from rvqa.data import load_vqa
-
     d, s = cfg.data, cfg.reader
     train_set = load_vqa(d, d.train_split)
     if d.train_fraction < 1.0:
@@ -203,8 +200,6 @@ def evaluate_reader(
     batch_size: int = 128,
 ) -> dict[str, float]:
     """Official VQA accuracy (×100) of the reader on a dataset (split across processes)."""
-    from rvqa.metrics import evaluate_vqa
-
     vocab = dataset.vocab
 
     def run(idx: list[int]) -> np.ndarray:
@@ -238,29 +233,6 @@ def build_reader(
     return model, processor
 
 
-def write_run_file(
-    run_dir: str | Path,
-    retriever: str | Path,
-    reader: str | Path,
-    indices: dict[str, str],
-    top_k: int,
-) -> Path:
-    """``rvqa_run.json``: what :meth:`RVQA.from_pretrained` loads (paths relative to the run)."""
-    run_dir = Path(run_dir)
-
-    def rel(p: str | Path) -> str:
-        return os.path.relpath(Path(p).resolve(), run_dir.resolve())
-
-    data = {
-        "format_version": 1,
-        "retriever": rel(retriever),
-        "reader": rel(reader),
-        "indices": {name: rel(path) for name, path in indices.items()},
-        "top_k": top_k,
-    }
-    return write_text_atomic(run_dir / RUN_FILE, json.dumps(data, indent=1))
-
-
 def train_reader(
     cfg: RunConfig,
     *,
@@ -286,13 +258,9 @@ def train_reader(
     Returns:
         ``{"result": TrainResult, "model_dir": Path, "val": metrics | None}``.
     """
-    from retriever.index import KnowledgeIndex
-    from retriever.modeling import RetrieverModel
-    from rvqa.indexing import retriever_dir
-
     s = cfg.reader
     run_dir = Path(cfg.output_dir)
-    out = run_dir / "reader"
+    out = run_dir / READER_DIR
     accelerator = make_accelerator(s, out)
     if accelerator.is_main_process:
         save_config(cfg, out / "config.yaml")
@@ -327,8 +295,6 @@ def train_reader(
             )
         exclude = None
         if s.exclude_own_captions:
-            from rvqa.data import load_captions
-
             src = cfg.index.captions
             split = (
                 "train"
@@ -394,7 +360,7 @@ def train_reader(
     model_dir = result.best_model_dir or result.final_model_dir
     if accelerator.is_main_process:
         indices = {cfg.index.name: str(index_path)} if index_path is not None else {}
-        ret_dir = retriever_dir(run_dir) if (run_dir / "retriever").is_dir() else None
+        ret_dir = retriever_dir(run_dir) if (run_dir / RETRIEVER_DIR).is_dir() else None
         if ret_dir is not None:
             write_run_file(run_dir, ret_dir, model_dir, indices, s.top_k)
     accelerator.wait_for_everyone()

@@ -11,7 +11,7 @@ LOSSES = ("vse_max", "vse_sum", "infonce")
 
 
 class RetrieverConfig(PretrainedConfig):
-    """Configuration of :class:`~retriever.modeling.RetrieverModel`.
+    """Configuration of :class:`~rvqa.retriever.modeling.RetrieverModel`.
 
     Args:
         vision_config: Config dict (with ``model_type``) of the image tower: the

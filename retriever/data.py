@@ -3,97 +3,16 @@
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
-from rvqa.config import CaptionDataConfig
+from rvqa.data.images import load_image
+from rvqa.pixels import PixelCache
 
 logger = logging.getLogger(__name__)
-
-# Caption sources that have named splits, and which.
-SOURCE_SPLITS = {
-    "easy_vqa": ("train", "test"),
-    "karpathy": ("train", "restval", "val", "test"),
-}
-
-
-def load_caption_split(cfg: CaptionDataConfig, split: str) -> list:
-    """Caption records of ``split`` ("train" for sources without splits)."""
-    from rvqa.data import load_captions
-
-    if cfg.source == "karpathy":
-        splits = list(cfg.splits) if split == "train" else [split]
-        return list(load_captions(cfg, split=splits))
-    return list(load_captions(cfg, split=split if cfg.source in SOURCE_SPLITS else None))
-
-
-def has_split(cfg: CaptionDataConfig, split: str | None) -> bool:
-    """Whether the caption source has a split of that name."""
-    return split is not None and split in SOURCE_SPLITS.get(cfg.source, ())
-
-
-def holdout_by_image(records: Sequence, fraction: float, seed: int) -> tuple[list, list]:
-    """Split records into (train, held-out) by image, deterministically."""
-    if not 0 < fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {fraction}")
-    images = sorted({r.image_id for r in records}, key=str)
-    rng = random.Random(seed)
-    rng.shuffle(images)
-    n_val = max(1, int(round(fraction * len(images))))
-    val_ids = set(images[:n_val])
-    train = [r for r in records if r.image_id not in val_ids]
-    val = [r for r in records if r.image_id in val_ids]
-    return train, val
-
-
-class PixelCache:
-    """Preprocessed pixel values per image reference (computed once, kept as float16)."""
-
-    def __init__(
-        self,
-        images: Sequence[Any],
-        processor: Any,
-        batch_size: int = 256,
-        desc: str = "preprocessing images",
-    ):
-        from rvqa.data.images import load_image
-
-        self.index: dict[Any, int] = {}
-        unique = []
-        for im in images:
-            key = _image_key(im)
-            if key not in self.index:
-                self.index[key] = len(unique)
-                unique.append(im)
-        chunks = []
-        for s in tqdm(
-            range(0, len(unique), batch_size), desc=desc, unit="batch", disable=len(unique) < 2000
-        ):
-            pil = [load_image(im) for im in unique[s : s + batch_size]]
-            chunks.append(
-                processor(images=pil, return_tensors="pt")["pixel_values"].to(torch.float16)
-            )
-        self.pixels = torch.cat(chunks) if chunks else torch.empty(0)
-
-    def row(self, image: Any) -> int:
-        """Row of ``image`` in :attr:`pixels` (and in anything computed from them in order)."""
-        return self.index[_image_key(image)]
-
-    def __getitem__(self, image: Any) -> torch.Tensor:
-        return self.pixels[self.row(image)].float()
-
-    @staticmethod
-    def nbytes(n_images: int, image_size: int) -> int:
-        return n_images * 3 * image_size * image_size * 2
-
-
-def _image_key(image: Any) -> Any:
-    return image if isinstance(image, (str, int)) else id(image)
 
 
 class PairDataset(Dataset):
@@ -108,8 +27,6 @@ class PairDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict:
-        from rvqa.data.images import load_image
-
         r = self.records[i]
         if self.cache is not None:
             pixels = self.cache[r.image]

@@ -15,33 +15,15 @@ hit is any image carrying that caption.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from rvqa.distributed import sharded_map
+from rvqa.metrics import recall_at_k, recall_at_k_folds
+
 logger = logging.getLogger(__name__)
-
-
-def sharded_map(
-    fn: Callable[[list], np.ndarray], items: Sequence[Any], accelerator: Any = None
-) -> np.ndarray:
-    """Apply ``fn`` to this process's share of ``items`` and gather all rows, in order."""
-    items = list(items)
-    if accelerator is None or accelerator.num_processes == 1:
-        return fn(items)
-    from accelerate.utils import gather_object
-
-    rank, world = accelerator.process_index, accelerator.num_processes
-    mine = list(range(rank, len(items), world))
-    part = fn([items[i] for i in mine]) if mine else None
-    gathered = gather_object([(mine, part)])
-    dim = next(p.shape[1] for _, p in gathered if p is not None)
-    out = np.empty((len(items), dim), dtype=np.float32)
-    for idx, rows in gathered:
-        if rows is not None:
-            out[idx] = rows
-    return out
 
 
 def evaluate_retriever(
@@ -64,8 +46,6 @@ def evaluate_retriever(
         accelerator: Split the encoding across processes (every process gets the result).
         folds: ``5`` for the COCO 1K protocol (mean over 5 folds of the images).
     """
-    from rvqa.metrics import recall_at_k, recall_at_k_folds
-
     if not records:
         raise ValueError("no records to evaluate the retriever on")
     image_order: dict[str, int] = {}

@@ -1,6 +1,6 @@
 """The knowledge index: FAISS over retriever caption embeddings, searched with image embeddings.
 
-Build (see :mod:`retriever.index_build` for the automatic factory choice)::
+Build (see :mod:`rvqa.retriever.index_build` for the automatic factory choice)::
 
     build_index(retriever, captions, "indices/coco-captions")            # encode + write
     rebuild_index("indices/coco-captions", "indices/coco-hnsw", "HNSW32")  # no re-encoding
@@ -12,7 +12,7 @@ Load and search::
     registry = IndexRegistry(); registry.register("captions", index)
     registry.search(image_embeddings, k=5, names=["captions", "wiki"])  # merged, tagged
 
-Folder format: :mod:`retriever.index_format`.
+Folder format: :mod:`rvqa.retriever.index_format`.
 
 Thread safety: :meth:`KnowledgeIndex.search` reads one immutable state snapshot
 (faiss CPU search is read-only and releases the GIL), so many threads may search
@@ -38,7 +38,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import faiss
 import numpy as np
 
-from retriever.index_build import (
+from rvqa.retriever.index_build import (
     add_vectors,
     build_index,
     build_index_from_embeddings,
@@ -49,7 +49,7 @@ from retriever.index_build import (
     rebuild_index,
     set_search_params,
 )
-from retriever.index_format import (
+from rvqa.retriever.index_format import (
     CAPTIONS_DIR,
     EMBEDDINGS_FILE,
     INDEX_FILE,
@@ -83,7 +83,7 @@ __all__ = [
 
 @runtime_checkable
 class CaptionEncoder(Protocol):
-    """What the index needs from the retriever (``retriever.modeling.RetrieverModel``)."""
+    """What the index needs from the retriever (``rvqa.retriever.modeling.RetrieverModel``)."""
 
     embed_dim: int
 

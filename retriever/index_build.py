@@ -54,7 +54,8 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from retriever.index_format import (
+from rvqa.distributed import shard_bounds
+from rvqa.retriever.index_format import (
     CAPTIONS_DIR,
     EMBEDDINGS_FILE,
     INDEX_FILE,
@@ -68,7 +69,7 @@ from retriever.index_format import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from retriever.index import CaptionEncoder
+    from rvqa.retriever.index import CaptionEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -701,11 +702,6 @@ def dedupe_captions(texts: list[str], ids: list, seen: set[str] | None = None) -
     return [texts[i] for i in keep], [ids[i] for i in keep], np.asarray(keep, dtype=np.int64)
 
 
-def shard_bounds(n: int, num_shards: int, rank: int) -> tuple[int, int]:
-    """Contiguous ``[lo, hi)`` of shard ``rank`` when ``n`` items are split ``num_shards`` ways."""
-    return n * rank // num_shards, n * (rank + 1) // num_shards
-
-
 def check_embeddings(x: Any, n: int | None = None, d: int | None = None) -> np.ndarray:
     """Validate an (n, d) float embedding matrix; returns it as float32.
 
@@ -942,7 +938,7 @@ def build_index(
     """Encode a caption corpus with the retriever's text tower and build an index folder.
 
     Args:
-        encoder: The retriever (:class:`~retriever.index.CaptionEncoder`).
+        encoder: The retriever (:class:`~rvqa.retriever.index.CaptionEncoder`).
         captions: A list of strings, or objects with ``.caption`` and ``.caption_id``.
         out_dir: The index folder, e.g. ``indices/coco-captions``.
         ids: Caption ids for a list of strings (default 0..N-1, positions in ``captions``).

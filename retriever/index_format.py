@@ -37,6 +37,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from rvqa.version import __version__
+from rvqa.errors import IndexFormatError
 from rvqa.io import atomic_directory
 
 logger = logging.getLogger(__name__)
@@ -60,10 +62,6 @@ _REQUIRED_KEYS: dict[str, type | tuple[type, ...]] = {
 }
 
 
-class IndexFormatError(ValueError):
-    """A knowledge index folder is malformed, truncated, or from a newer rvqa."""
-
-
 def utc_now() -> str:
     """The current time as an ISO 8601 UTC string (seconds)."""
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
@@ -71,8 +69,6 @@ def utc_now() -> str:
 
 def rvqa_version() -> str:
     """The installed rvqa version (recorded in every manifest)."""
-    from rvqa import __version__
-
     return __version__
 
 

@@ -24,9 +24,10 @@ from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from retriever.configuration import RetrieverConfig
-from retriever.losses import retrieval_loss
-from retriever.towers import (
+from rvqa.data.images import load_image
+from rvqa.retriever.configuration import RetrieverConfig
+from rvqa.retriever.losses import retrieval_loss
+from rvqa.towers import (
     build_tower,
     hidden_size_of,
     load_image_processor,
@@ -81,7 +82,7 @@ class RetrieverModel(PreTrainedModel):
         if not config.vision_config or not config.text_config:
             raise ValueError(
                 "RetrieverConfig needs vision_config and text_config dicts; build one with "
-                "RetrieverModel.from_backbones(...) or retriever.towers.*_config_from_name"
+                "RetrieverModel.from_backbones(...) or rvqa.towers.*_config_from_name"
             )
         self.vision_model = build_tower(config.vision_config)
         self.text_model = build_tower(config.text_config)
@@ -316,8 +317,6 @@ class RetrieverModel(PreTrainedModel):
 
     def preprocess_images(self, images: Sequence[Any]) -> torch.Tensor:
         """Paths / PIL images / uint8 arrays → (B, 3, H, W) pixel values."""
-        from rvqa.data.images import load_image
-
         if self.image_processor is None:
             raise ValueError(
                 "this retriever has no image processor attached (set model.image_processor)"

@@ -18,18 +18,21 @@ from typing import Any
 
 from accelerate.utils import set_seed
 
-from retriever.data import (
-    PairCollator,
-    PairDataset,
-    PixelCache,
-    has_split,
-    holdout_by_image,
-    load_caption_split,
-)
-from retriever.evaluation import evaluate_retriever
-from retriever.modeling import RetrieverModel
 from rvqa.config import RunConfig, save_config
+from rvqa.data import has_split, holdout_by_image, load_caption_split
 from rvqa.io import write_text_atomic
+from rvqa.pixels import PixelCache
+from rvqa.retriever.configuration import RetrieverConfig
+from rvqa.retriever.data import PairCollator, PairDataset
+from rvqa.retriever.evaluation import evaluate_retriever
+from rvqa.retriever.modeling import RetrieverModel
+from rvqa.towers import (
+    load_image_processor,
+    load_tokenizer,
+    load_tower_weights,
+    text_config_from_name,
+    vision_config_from_name,
+)
 from rvqa.training import TrainResult, make_accelerator, run_signature, train
 
 logger = logging.getLogger(__name__)
@@ -40,14 +43,6 @@ CACHE_LIMIT_BYTES = 2 * 1024**3
 def build_retriever(cfg: RunConfig, load_weights: bool = True) -> RetrieverModel:
     """A fresh retriever from the run config's named backbones."""
     s = cfg.retriever
-    from retriever.configuration import RetrieverConfig
-    from retriever.towers import (
-        load_image_processor,
-        load_tokenizer,
-        load_tower_weights,
-        text_config_from_name,
-        vision_config_from_name,
-    )
 
     vision_config = vision_config_from_name(s.vision_backbone, s.image_size, grid_size=None)
     if s.vision_backbone == "cnn":

@@ -95,7 +95,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train_retriever(args: argparse.Namespace) -> int:
-    from retriever.train import train_retriever
+    from rvqa.retriever.train import train_retriever
 
     cfg = _load_cfg(args)
     out = train_retriever(cfg, resume=args.resume)
@@ -137,9 +137,9 @@ def _eval_retriever_args(p: argparse.ArgumentParser) -> None:
 def _cmd_eval_retriever(args: argparse.Namespace) -> int:
     import json
 
-    from retriever.data import load_caption_split
-    from retriever.evaluation import evaluate_retriever
-    from retriever.modeling import RetrieverModel
+    from rvqa.data import load_caption_split
+    from rvqa.retriever.evaluation import evaluate_retriever
+    from rvqa.retriever.modeling import RetrieverModel
 
     cfg = _load_cfg(args)
     split = args.split or cfg.retriever.test_split or "test"
@@ -240,7 +240,7 @@ def _cmd_build_index(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     if path is not None:
-        from retriever.index_format import read_manifest
+        from rvqa.retriever.index_format import read_manifest
 
         m = read_manifest(path)
         _print_main(f"built {path}: {m['count']} captions, {m['factory']}, dim {m['embed_dim']}")
@@ -258,15 +258,15 @@ def _index_info_args(p: argparse.ArgumentParser) -> None:
 def _cmd_index_info(args: argparse.Namespace) -> int:
     import json
 
-    from retriever.index import index_info
-    from retriever.index_format import read_manifest
+    from rvqa.retriever.index import index_info
+    from rvqa.retriever.index_format import read_manifest
 
     if args.json:
         print(json.dumps(read_manifest(args.path), indent=1))
         return 0
     encoder = None
     if args.retriever:
-        from retriever.modeling import RetrieverModel
+        from rvqa.retriever.modeling import RetrieverModel
 
         encoder = RetrieverModel.from_pretrained(args.retriever)
     print(index_info(args.path, encoder))
@@ -274,7 +274,7 @@ def _cmd_index_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_reader(args: argparse.Namespace) -> int:
-    from reader.train import train_reader
+    from rvqa.reader.train import train_reader
 
     cfg = _load_cfg(args)
     out = train_reader(cfg, resume=args.resume)
@@ -660,7 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run 'rvqa COMMAND --help' for a command's options and examples.",
     )
-    from rvqa import __version__
+    from rvqa.version import __version__
 
     parser.add_argument("--version", action="version", version=f"rvqa {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -24,6 +24,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from rvqa.errors import ConfigError
+
 __all__ = [
     "ConfigError",
     "TrainSettings",
@@ -41,10 +43,6 @@ __all__ = [
     "apply_overrides",
     "save_config",
 ]
-
-
-class ConfigError(ValueError):
-    """A run config could not be loaded: unknown key, wrong type, bad value."""
 
 
 # --------------------------------------------------------------------------- sections

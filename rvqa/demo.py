@@ -22,6 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from rvqa.config import RunConfig, load_config
+from rvqa.data import easy_vqa_captions, load_vqa
+from rvqa.indexing import build_index_from_config
+from rvqa.metrics import evaluate_vqa
+from rvqa.pipeline import RVQA
+from rvqa.reader.train import train_reader
+from rvqa.retriever.index import build_index_from_embeddings
+from rvqa.retriever.modeling import RetrieverModel
+from rvqa.retriever.train import train_retriever
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +51,6 @@ def _say(msg: str = "") -> None:
 def _accuracy(model: Any, records: list, index: Any, label: str, batch_size: int = 128) -> Any:
     """Official VQA accuracy of ``model`` on ``records`` with one index condition."""
     from tqdm.auto import tqdm
-
-    from rvqa.metrics import evaluate_vqa
 
     preds = []
     for s in tqdm(range(0, len(records), batch_size), desc=f"evaluating ({label})", unit="batch"):
@@ -81,13 +87,6 @@ def run_demo(
     examples: int = 3,
 ) -> dict[str, Any]:
     """Run the whole demo; returns the comparison table and the paths it wrote."""
-    from reader.train import train_reader
-    from retriever.index import build_index_from_embeddings
-    from retriever.train import train_retriever
-    from rvqa.data import easy_vqa_captions, load_vqa
-    from rvqa.indexing import build_index_from_config
-    from rvqa.pipeline import RVQA
-
     t0 = time.time()
     cfg = demo_config(output_dir, fast, indices_dir)
     run_dir = Path(cfg.output_dir)
@@ -115,7 +114,6 @@ def run_demo(
         )
 
     _say(f"== 3/5 knowledge indices under {indices_dir}/")
-    from retriever.modeling import RetrieverModel
 
     retriever = RetrieverModel.from_pretrained(ret["model_dir"])
     main_index = build_index_from_config(cfg, retriever=retriever, overwrite=True)

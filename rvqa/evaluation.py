@@ -30,7 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rvqa.data.images import load_image
 from rvqa.io import write_text_atomic
+from rvqa.metrics import evaluate_vqa, normalize_answer
+from rvqa.pipeline import ALL_INDICES, Evidence
 
 
 @dataclass
@@ -84,8 +87,6 @@ def evaluate_run(
     """
     from tqdm.auto import tqdm
 
-    from rvqa.metrics import evaluate_vqa
-
     if not records:
         raise ValueError("no questions to evaluate")
     if isinstance(report, bool) or not isinstance(report, int) or report < 0:
@@ -93,8 +94,6 @@ def evaluate_run(
     if report and out_dir is None:
         raise ValueError("report= needs out_dir (the page is written there)")
     if isinstance(index, str) and index == "__all__":
-        from rvqa.pipeline import ALL_INDICES
-
         index = ALL_INDICES
     t0 = time.time()
     predictions, evidence = [], []
@@ -259,7 +258,7 @@ class RandomCaptions:
     so they do not depend on batching or on the order of questions.
 
     Args:
-        registry: The model's :class:`retriever.index.IndexRegistry` (``model.registry``).
+        registry: The model's :class:`rvqa.retriever.index.IndexRegistry` (``model.registry``).
         seed: Random seed.
     """
 
@@ -284,8 +283,6 @@ class RandomCaptions:
 
     def _draw(self, e: Any, rng: Any) -> Any:
         import numpy as np
-
-        from rvqa.pipeline import Evidence
 
         index, order, lengths = self._pool(e.index)
         n = len(e.text.split())
@@ -332,8 +329,6 @@ def _thumbnail(image: Any, size: int) -> str:
     import base64
     import io
 
-    from rvqa.data.images import load_image
-
     im = load_image(image).copy()
     im.thumbnail((size, size))
     buf = io.BytesIO()
@@ -343,8 +338,6 @@ def _thumbnail(image: Any, size: int) -> str:
 
 def _answer_counts(answers: Sequence[str]) -> str:
     from collections import Counter
-
-    from rvqa.metrics import normalize_answer
 
     counts = Counter(normalize_answer(a) for a in answers)
     return ", ".join(f"{a} ×{c}" if c > 1 else a for a, c in counts.most_common())

@@ -7,21 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from rvqa.config import CaptionDataConfig, RunConfig
+from rvqa.data import load_captions
+from rvqa.distributed import is_distributed_launch
+from rvqa.retriever.index import build_index, rebuild_index
+from rvqa.retriever.modeling import RetrieverModel
+from rvqa.run_layout import retriever_dir
 
 logger = logging.getLogger(__name__)
-
-
-def retriever_dir(run_dir: str | Path) -> Path:
-    """The retriever a run trained: ``retriever/best`` if it exists, else ``retriever/final``."""
-    run_dir = Path(run_dir)
-    for name in ("best", "final"):
-        p = run_dir / "retriever" / name
-        if (p / "config.json").is_file():
-            return p
-    raise FileNotFoundError(
-        f"no trained retriever under {run_dir}/retriever (expected best/ or final/ with "
-        "config.json); run `rvqa train-retriever` first or pass --retriever"
-    )
 
 
 def caption_source_from_arg(arg: str) -> CaptionDataConfig:
@@ -89,8 +81,6 @@ def build_index_from_config(
         overwrite: Replace an existing folder.
         split: Caption split (easy_vqa: train/test; karpathy: a split name).
     """
-    from retriever.index import build_index, rebuild_index
-
     s = cfg.index
     out = Path(out or s.folder())
     factory = factory if factory is not None else s.factory
@@ -108,7 +98,6 @@ def build_index_from_config(
             ef_construction=ef_construction,
             tuning_queries=tuning_queries,
         )
-    from retriever.modeling import RetrieverModel
 
     if retriever is None:
         retriever = retriever_dir(cfg.output_dir)
@@ -122,7 +111,6 @@ def build_index_from_config(
         if isinstance(captions, CaptionDataConfig)
         else (caption_source_from_arg(captions) if captions else s.captions)
     )
-    from rvqa.data import load_captions
 
     split_arg = split if split is not None else ("train" if source.source == "easy_vqa" else None)
     if source.source == "karpathy":
@@ -131,7 +119,6 @@ def build_index_from_config(
     if len(corpus) == 0:
         raise ValueError(f"the caption source {source.source} {source.path or ''} is empty")
     accelerator = None
-    from rvqa.training import is_distributed_launch
 
     if is_distributed_launch():
         from accelerate import Accelerator

@@ -25,9 +25,14 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-logger = logging.getLogger(__name__)
+from rvqa.data.images import ImageLoadError, image_key, load_image
+from rvqa.reader.modeling import ReaderModel
+from rvqa.reader.processing import PROCESSOR_FILE, ReaderProcessor
+from rvqa.retriever.index import IndexRegistry, KnowledgeIndex
+from rvqa.retriever.modeling import RetrieverModel
+from rvqa.run_layout import read_run_file
 
-RUN_FILE = "rvqa_run.json"
+logger = logging.getLogger(__name__)
 
 
 class _AllIndices:
@@ -96,7 +101,7 @@ class RVQA:
         default_top_k: Captions retrieved when ``top_k`` is not given (the run's).
         max_top_k: The largest ``top_k`` whose captions always fit the reader's text
             positions (``None``: no known limit).
-        registry: The loaded knowledge indices (:class:`retriever.index.IndexRegistry`).
+        registry: The loaded knowledge indices (:class:`rvqa.retriever.index.IndexRegistry`).
     """
 
     def __init__(
@@ -109,8 +114,6 @@ class RVQA:
         device: str | torch.device | None = None,
         run_dir: str | Path | None = None,
     ):
-        from retriever.index import IndexRegistry
-
         self.device = _resolve_device(device)
         self.retriever = retriever.to(self.device).eval()
         self.reader = reader.to(self.device).eval()
@@ -154,26 +157,9 @@ class RVQA:
             ValueError: ``rvqa_run.json`` is malformed, or ``device`` is unknown or
                 not available.
         """
-        from reader.modeling import ReaderModel
-        from reader.processing import PROCESSOR_FILE, ReaderProcessor
-        from retriever.modeling import RetrieverModel
-
         _resolve_device(device)  # fail before loading anything
-        run_dir = Path(run_dir)
-        if not run_dir.is_dir():
-            raise FileNotFoundError(f"run folder {run_dir} does not exist")
-        run_file = run_dir / RUN_FILE
-        if not run_file.is_file():
-            raise FileNotFoundError(
-                f"{run_file} is missing: not an rvqa run folder (train with `rvqa train-reader` "
-                "or run `rvqa demo`)"
-            )
-        try:
-            run = json.loads(run_file.read_text(encoding="utf-8"))
-            retriever_path = run_dir / run["retriever"]
-            reader_path = run_dir / run["reader"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"{run_file} is malformed: {err}") from None
+        run = read_run_file(run_dir)
+        retriever_path, reader_path = run.retriever, run.reader
         # The retriever embeds the query images (its image processor is needed); the
         # reader reads text (its tokenizer is needed: without a vocabulary file
         # transformers silently builds a 5-token tokenizer) and pixels.
@@ -197,13 +183,13 @@ class RVQA:
             retriever,
             reader,
             processor,
-            top_k=int(run.get("top_k") or 5),
+            top_k=run.top_k or reader.config.top_k,
             device=device,
-            run_dir=run_dir,
+            run_dir=run.run_dir,
         )
         if load_indices:
-            for name, rel in (run.get("indices") or {}).items():
-                model.load_index(run_dir / rel, name=name)
+            for name, path in run.indices.items():
+                model.load_index(path, name=name)
         return model
 
     # ------------------------------------------------------------------ indices
@@ -227,8 +213,6 @@ class RVQA:
         return cached[1]
 
     def _load(self, path: str | Path, name: str) -> Any:
-        from retriever.index import KnowledgeIndex
-
         # Checked against the cached fingerprint (the check is the same as passing the
         # retriever, which would hash all its weights again on every load or swap).
         index = KnowledgeIndex.load(path, retriever=self._retriever_fingerprint(), name=name)
@@ -511,17 +495,12 @@ def _distinct_images(images: Sequence[Any], s: int, batch_size: int) -> tuple[li
     searched for and run through the image tower once per batch.
     """
     chunk = images[s : s + batch_size]
-    keys = [_image_key(im) for im in chunk]
+    keys = [image_key(im) for im in chunk]
     unique: dict[Any, tuple[int, Any]] = {}
     for i, (key, im) in enumerate(zip(keys, chunk), start=s):
         if key not in unique:
             unique[key] = (len(unique), _load_image(im, i, len(images)))
     return [im for _, im in unique.values()], [unique[key][0] for key in keys]
-
-
-def _image_key(image: Any) -> Any:
-    """Images given by path are the same image when the path is; others by identity."""
-    return ("path", str(image)) if isinstance(image, (str, Path)) else ("obj", id(image))
 
 
 def _require_tokenizer(path: Path, what: str) -> None:
@@ -570,8 +549,6 @@ def _resolve_device(device: Any) -> torch.device:
 
 def _load_image(image: Any, i: int, n: int) -> Any:
     """``load_image``, with the image's position named in a batch of several."""
-    from rvqa.data.images import ImageLoadError, load_image
-
     try:
         return load_image(image)
     except ImageLoadError:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import re
 import shutil
@@ -462,8 +461,3 @@ def _fmt(metrics: dict) -> str:
     return ", ".join(
         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
     )
-
-
-def is_distributed_launch() -> bool:
-    """True when started by torchrun / accelerate launch with several processes."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1

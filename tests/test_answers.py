@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from reader.answers import AnswerVocab, build_vocab, soft_score
 from rvqa.metrics import vqa_accuracy
+from rvqa.reader.answers import AnswerVocab, build_vocab, soft_score
 
 # 10 annotators: "red" ×4 (spelled three ways), "blue" ×2, "green" ×1, 3 answers outside the vocab.
 TEN = ["red", "Red", "red.", "red", "blue", "a blue", "green", "purple", "pink", "teal"]
@@ -118,6 +118,6 @@ def test_bad_inputs_raise(vocab):
 
 
 def test_answers_module_does_not_import_torch():
-    code = "import sys, reader, reader.answers; print('torch' in sys.modules)"
+    code = "import sys, reader, rvqa.reader.answers; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -19,8 +19,8 @@ import faiss
 import numpy as np
 import pytest
 
-from retriever import index_format
-from retriever.index import (
+from rvqa.retriever import index_format
+from rvqa.retriever.index import (
     Hit,
     IndexFormatError,
     IndexRegistry,
@@ -32,7 +32,7 @@ from retriever.index import (
     merge_results,
     rebuild_index,
 )
-from retriever.index_build import (
+from rvqa.retriever.index_build import (
     FLAT_MAX_VECTORS,
     auto_nlist,
     choose_factory,
@@ -184,7 +184,7 @@ def test_tuning_on_given_queries_is_minimal(tmp_path, clustered_data):
     """With representative queries, the tuned efSearch is the smallest grid value whose
     recall@10 on those queries reaches the target (with 2 standard errors to spare);
     recorded in the manifest."""
-    from retriever.index_build import _grid, recall_bound, set_search_params
+    from rvqa.retriever.index_build import _grid, recall_bound, set_search_params
 
     x, q, truth = clustered_data
     path = build_arrays(tmp_path, x, factory="HNSW16", store_embeddings=False, tuning_queries=q)
@@ -210,7 +210,7 @@ def test_tuning_on_given_queries_is_minimal(tmp_path, clustered_data):
 
 
 def test_recall_bound_matches_hand_computation():
-    from retriever.index_build import recall_bound
+    from rvqa.retriever.index_build import recall_bound
 
     truth = np.array([[0, 1], [2, 3], [4, 5], [6, 7]])
     found = np.array([[0, 1], [2, -1], [9, 8], [7, 6]])  # per query 1, 0.5, 0, 1
@@ -226,7 +226,7 @@ def test_tuning_bisects_between_grid_values(clustered_data, factory, target):
     """Past the x1.5 grid, tuning bisects between the last miss and the first hit: the
     choice reaches the target, is at most the first grid value that does, lies within
     ~10% of a measured miss, and every measured point is in the recorded curve."""
-    from retriever.index_build import (
+    from rvqa.retriever.index_build import (
         _grid,
         make_index,
         recall_bound,
@@ -271,7 +271,7 @@ def test_rows_take_matches_pyarrow(chunks):
     chunks, for sliced chunks (non-zero offset), large strings, nulls and floats."""
     import pyarrow as pa
 
-    from retriever.index import _Rows
+    from rvqa.retriever.index import _Rows
 
     col = pa.chunked_array(chunks)
     variants = [col, pa.chunked_array([c.slice(1) for c in col.chunks if len(c) > 1])]
@@ -292,7 +292,7 @@ def test_proxy_tuning_counts_worse_of_noise_and_held_out(clustered_data, factory
     """With held-out corpus vectors (not in the index), every tuning point is the worse
     (by lower bound) of the noise proxy and those vectors, each checked against numpy
     brute force over the indexed rows; the choice is the first value both reach."""
-    from retriever.index_build import (
+    from rvqa.retriever.index_build import (
         make_index,
         proxy_queries,
         recall_bound,
@@ -338,7 +338,7 @@ def test_build_tunes_on_corpus_tail_before_adding_it(
     """A build without tuning queries holds out its last min(200, N/10) vectors from
     training and from the index while it tunes, then adds them: the index holds every
     caption at its own row."""
-    import retriever.index_build as ib
+    import rvqa.retriever.index_build as ib
 
     x, _, _ = clustered_data
     m = min(200, len(x) // 10)
@@ -373,7 +373,7 @@ def test_build_tunes_on_corpus_tail_before_adding_it(
 def test_held_out_duplicates_and_small_tails_are_left_out(tmp_path, clustered_data):
     """Held-out vectors that duplicate a stored one would find their twin's node (like
     a stored query) and are left out; a tail under MIN_HELD_OUT vectors is not used."""
-    from retriever.index_build import MIN_HELD_OUT, make_index, tune_search_params
+    from rvqa.retriever.index_build import MIN_HELD_OUT, make_index, tune_search_params
 
     x, _, _ = clustered_data
     head = x[:-100]
@@ -889,7 +889,7 @@ def test_search_params_override(tmp_path):
 @pytest.mark.skipif(faiss.get_num_gpus() > 0, reason="checks the CPU fallback")
 def test_use_gpu_without_gpus_warns_and_stays_on_cpu(flat_data, caplog):
     _, q, _, path = flat_data
-    with caplog.at_level(logging.WARNING, logger="retriever.index"):
+    with caplog.at_level(logging.WARNING, logger="rvqa.retriever.index"):
         index = KnowledgeIndex.load(path, use_gpu=True)
     assert not index.on_gpu and "no GPU" in caplog.text
     assert index.search(q, 3) == KnowledgeIndex.load(path).search(q, 3)
@@ -912,7 +912,7 @@ import json, sys
 from pathlib import Path
 sys.path.insert(0, {repo!r})
 from accelerate import Accelerator
-from retriever.index import build_index
+from rvqa.retriever.index import build_index
 from tests.test_index import CORPUS, HashEncoder
 
 out = Path(sys.argv[1])
@@ -955,7 +955,7 @@ def test_two_process_build_equals_one_process(tmp_path):
 def test_take_from_many_chunks_matches_arrow_take():
     import pyarrow as pa
 
-    from retriever.index import _Rows
+    from rvqa.retriever.index import _Rows
 
     col = pa.chunked_array([[f"c{i}" for i in range(s, s + 7)] for s in range(0, 70, 7)])
     rows = np.array([0, 6, 7, 69, 13, 13, 42], dtype=np.int64)
@@ -966,7 +966,7 @@ def test_take_from_many_chunks_matches_arrow_take():
 
 
 def test_hnsw_ef_construction_set_and_recorded(tmp_path):
-    from retriever.index_build import HNSW_EF_CONSTRUCTION, make_index
+    from rvqa.retriever.index_build import HNSW_EF_CONSTRUCTION, make_index
 
     x = unit_rows(2000, 16, seed=0)
     path = build_arrays(tmp_path, x, factory="HNSW16")

@@ -54,7 +54,7 @@ def write_other_index(tiny_run: Path, out: Path, retriever) -> Path:
 
 
 def index_captions(path: Path) -> set[str]:
-    from retriever.index_format import CAPTIONS_DIR, read_captions
+    from rvqa.retriever.index_format import CAPTIONS_DIR, read_captions
 
     return set(read_captions(Path(path) / CAPTIONS_DIR, mmap=False)["caption"])
 
@@ -92,7 +92,7 @@ def other_index(tiny_run, model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def foreign_index(model, tmp_path_factory):
     """A valid index folder, but built with another retriever (another fingerprint)."""
-    from retriever.index import build_index_from_embeddings
+    from rvqa.retriever.index import build_index_from_embeddings
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((len(OTHER_CAPTIONS), model.retriever.embed_dim)).astype(np.float32)
@@ -113,7 +113,7 @@ def images():
 
 
 def test_answer_evidence_matches_direct_search(model, run_index, images):
-    from retriever.index import KnowledgeIndex
+    from rvqa.retriever.index import KnowledgeIndex
 
     k = 3
     index = KnowledgeIndex.load(run_index, model.retriever)
@@ -428,7 +428,7 @@ def test_long_question_is_truncated_with_a_warning(model, images, caplog):
     assert all(len(model.processor.tokenizer.tokenize(w)) == 1 for w in set(words))
     long_q = " ".join(words) + " ?"
     prefix = " ".join(words[:limit])
-    with caplog.at_level(logging.WARNING, logger="reader.processing"):
+    with caplog.at_level(logging.WARNING, logger="rvqa.reader.processing"):
         out = model.answer(images[0], long_q)
     assert f"truncated to max_question_length={limit}" in caplog.text
     assert out.question == long_q  # reported as asked
@@ -558,7 +558,7 @@ def test_readme_quickstart(tiny_run, run_index, other_index, monkeypatch):
 def test_cli_build_index_rebuild_and_info(tiny_run, tmp_path, capsys):
     """`rvqa build-index` (encode; --from-index rebuild), `index-info`, --overwrite guard."""
     from rvqa.cli import main
-    from rvqa.indexing import retriever_dir
+    from rvqa.run_layout import retriever_dir
 
     jsonl = tmp_path / "captions.jsonl"
     jsonl.write_text("".join(json.dumps({"caption": c}) + "\n" for c in OTHER_CAPTIONS))

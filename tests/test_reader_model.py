@@ -7,11 +7,11 @@ import logging
 import pytest
 import torch
 
-from reader.configuration import ReaderConfig
-from reader.modeling import ReaderModel, ReaderOutput
-from reader.processing import ReaderProcessor
-from retriever.cnn import SmallCNNConfig, SmallCNNModel
-from retriever.towers import load_tokenizer, small_cnn_processor
+from rvqa.reader.configuration import ReaderConfig
+from rvqa.reader.modeling import ReaderModel, ReaderOutput
+from rvqa.reader.processing import ReaderProcessor
+from rvqa.towers import load_tokenizer, small_cnn_processor
+from rvqa.towers.cnn import SmallCNNConfig, SmallCNNModel
 from tests.tiny import draw_shape, tiny_text_backbone
 
 ANSWERS = ["yes", "no", "red", "blue", "green", "circle", "square"]
@@ -254,7 +254,7 @@ def test_question_survives_very_long_captions(tokenizer, processor):
 
 def test_long_question_truncated_to_its_own_budget_with_warning(processor, caplog):
     question = "is the shape in the upper left corner of the picture a red or a blue one?"
-    with caplog.at_level(logging.WARNING, logger="reader.processing"):
+    with caplog.at_level(logging.WARNING, logger="rvqa.reader.processing"):
         batch = processor(None, [question, question], [["a red circle"]] * 2)
         processor(None, [question], [["a red circle"]])
     q_tokens = (batch["caption_index"][0] == -1) & (batch["attention_mask"][0] == 1)

@@ -7,14 +7,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-import reader.retrieval as retrieval
+import rvqa.reader.retrieval as retrieval
 import rvqa.training as training
-from reader.train import _k_for, train_reader
-from retriever.index import KnowledgeIndex
-from retriever.modeling import RetrieverModel
-from retriever.train import train_retriever
 from rvqa.config import config_to_dict
-from rvqa.indexing import build_index_from_config, retriever_dir
+from rvqa.indexing import build_index_from_config
+from rvqa.reader.train import _k_for, train_reader
+from rvqa.retriever.index import KnowledgeIndex
+from rvqa.retriever.modeling import RetrieverModel
+from rvqa.retriever.train import train_retriever
+from rvqa.run_layout import retriever_dir
 from tests.tiny import tiny_run_config
 
 REPO = Path(__file__).resolve().parent.parent

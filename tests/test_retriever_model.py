@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from retriever.configuration import RetrieverConfig
-from retriever.losses import info_nce_loss, vse_hinge_loss
-from retriever.modeling import RetrieverModel
-from retriever.towers import load_tokenizer, small_cnn_processor
+from rvqa.retriever.configuration import RetrieverConfig
+from rvqa.retriever.losses import info_nce_loss, vse_hinge_loss
+from rvqa.retriever.modeling import RetrieverModel
+from rvqa.towers import load_tokenizer, small_cnn_processor
 from tests.tiny import draw_shape
 
 
@@ -224,7 +224,7 @@ def test_bad_inputs(tmp_path):
 
 def test_unknown_backbone_lists_known_names(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from retriever.towers import vision_config_from_name
+    from rvqa.towers import vision_config_from_name
 
     with pytest.raises(ValueError, match="cannot load vision backbone 'no-such/model'.*'cnn'"):
         vision_config_from_name("no-such/model")
@@ -330,7 +330,7 @@ def test_vision_towers(vision, pooling):
 
 
 def test_recall_multi_matches_brute_force():
-    from retriever.evaluation import recall_multi
+    from rvqa.retriever.evaluation import recall_multi
 
     rng = np.random.default_rng(0)
     q = rng.normal(size=(40, 6)).astype(np.float32)

@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 import rvqa.training as training
-from retriever.modeling import RetrieverModel
-from retriever.train import train_retriever
 from rvqa.config import config_from_dict
+from rvqa.retriever.modeling import RetrieverModel
+from rvqa.retriever.train import train_retriever
 from tests.tiny import coco_caption_fixture, tiny_text_backbone
 
 REPO = Path(__file__).resolve().parent.parent

@@ -20,7 +20,7 @@ def tiny_text_backbone(root: Path) -> Path:
     """A 2-layer, 32-hidden BERT saved with the packaged MiniLM tokenizer (a local folder)."""
     from transformers import BertConfig, BertModel
 
-    from retriever.towers import load_tokenizer
+    from rvqa.towers import load_tokenizer
 
     path = Path(root) / "tiny-bert"
     if (path / "config.json").is_file():
@@ -126,9 +126,9 @@ def tiny_run_config(root: Path, **overrides):
 
 def build_tiny_run(root: Path, **overrides) -> Path:
     """Train a tiny retriever, build its index, train a tiny reader: a loadable run folder."""
-    from reader.train import train_reader
-    from retriever.train import train_retriever
     from rvqa.indexing import build_index_from_config
+    from rvqa.reader.train import train_reader
+    from rvqa.retriever.train import train_retriever
 
     cfg = tiny_run_config(root, **overrides)
     train_retriever(cfg)

@@ -11,7 +11,10 @@ This layer depends on neither model package and does not import torch:
 
 from rvqa.data.captions import (
     KARPATHY_SPLITS,
+    SOURCE_SPLITS,
     CaptionCorpus,
+    has_split,
+    load_caption_split,
     load_captions,
     read_captions_datasets,
     read_coco_captions,
@@ -19,8 +22,9 @@ from rvqa.data.captions import (
     read_karpathy_captions,
     read_text_captions,
 )
-from rvqa.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+from rvqa.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, image_key, load_image
 from rvqa.data.records import CaptionRecord, VQARecord
+from rvqa.data.splits import holdout_by_image
 from rvqa.data.vqa import (
     EASY_VQA_SPLITS,
     VQADataset,
@@ -37,6 +41,7 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "EASY_VQA_SPLITS",
     "KARPATHY_SPLITS",
+    "SOURCE_SPLITS",
     "CaptionCorpus",
     "CaptionRecord",
     "ImageLoadError",
@@ -45,6 +50,10 @@ __all__ = [
     "coco_image_name",
     "easy_vqa_captions",
     "easy_vqa_question_type",
+    "has_split",
+    "holdout_by_image",
+    "image_key",
+    "load_caption_split",
     "load_captions",
     "load_image",
     "load_vqa",

@@ -46,6 +46,9 @@ __all__ = [
     "read_text_captions",
     "read_captions_datasets",
     "load_captions",
+    "SOURCE_SPLITS",
+    "load_caption_split",
+    "has_split",
 ]
 
 logger = logging.getLogger(__name__)
@@ -587,3 +590,24 @@ def load_captions(
     if source == "jsonl":
         return read_jsonl_captions(cfg.path, cfg.columns, images=cfg.images)
     return read_text_captions(cfg.path)
+
+
+# Caption sources that have named splits, and which.
+SOURCE_SPLITS = {"easy_vqa": tuple(EASY_VQA_SPLITS), "karpathy": KARPATHY_SPLITS}
+
+
+def load_caption_split(cfg: CaptionDataConfig, split: str) -> list[CaptionRecord]:
+    """Caption records of ``split``, as a list.
+
+    ``"train"`` of a karpathy source is every split in ``cfg.splits`` (e.g. train +
+    restval); sources without splits give all their captions for any ``split``.
+    """
+    if cfg.source == "karpathy":
+        splits = list(cfg.splits) if split == "train" else [split]
+        return list(load_captions(cfg, split=splits))
+    return list(load_captions(cfg, split=split if cfg.source in SOURCE_SPLITS else None))
+
+
+def has_split(cfg: CaptionDataConfig, split: str | None) -> bool:
+    """Whether the caption source has a split of that name."""
+    return split is not None and split in SOURCE_SPLITS.get(cfg.source, ())

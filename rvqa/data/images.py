@@ -34,7 +34,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "ImageLoadError", "load_image"]
+from rvqa.errors import ImageLoadError
+
+__all__ = ["DEFAULT_MAX_PIXELS", "ImageLoadError", "image_key", "load_image"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,19 +57,6 @@ _INT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 class _ImageTooLarge(ValueError):
     """Raised by the size check (kept apart from decoder errors)."""
-
-
-class ImageLoadError(ValueError):
-    """An image file could not be read: missing, empty, truncated or not an image.
-
-    Attributes:
-        path: The file that failed.
-    """
-
-    def __init__(self, path: str | os.PathLike, reason: str):
-        self.path = os.fspath(path)
-        self.reason = reason
-        super().__init__(f"cannot load image {self.path!r}: {reason}")
 
 
 def load_image(image: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -199,3 +188,17 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return im.convert("RGB")
+
+
+def image_key(image: Any) -> Any:
+    """A hashable key that is equal for the same image.
+
+    Images given by path (``str`` or ``os.PathLike``) are the same image when the
+    path is; an integer reference (a row of a ``datasets`` table) by its value;
+    anything else (a PIL image, an array) by object identity.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return ("path", os.fspath(image))
+    if isinstance(image, int):
+        return ("row", image)
+    return ("obj", id(image))

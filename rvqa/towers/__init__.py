@@ -27,8 +27,8 @@ try:  # transformers >= 5: the PIL backend, no torchvision needed
 except ImportError:  # pragma: no cover - transformers 4.x
     from transformers import ViTImageProcessor as _CNNImageProcessor
 
-from retriever.cnn import SmallCNNConfig, SmallCNNModel
-from rvqa.backbones import resolve_text_backbone
+from rvqa.towers.backbones import resolve_text_backbone
+from rvqa.towers.cnn import SmallCNNConfig, SmallCNNModel
 
 logger = logging.getLogger(__name__)
 

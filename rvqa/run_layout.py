@@ -1,0 +1,151 @@
+"""The run folder: what training writes where, and ``rvqa_run.json``.
+
+A run folder (``output_dir``, e.g. ``runs/demo``) holds::
+
+    rvqa_run.json          what RVQA.from_pretrained loads (this module's format)
+    retriever/             train-retriever: best/, final/, checkpoints/, config.yaml
+    reader/                train-reader:    best/, final/, checkpoints/, config.yaml
+
+``rvqa_run.json`` names the retriever, the reader and the knowledge indices by
+paths relative to the run folder. An index inside the run folder is named
+without climbing out of it; one elsewhere gets a relative path (``../../indices/x``)
+and, on loading, is also looked for under its name in ``RUN/indices/`` and in an
+``indices/`` folder beside or above the run folder, so a run folder moved
+together with its indices still loads.
+
+This module owns the layout; nothing else spells these names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from rvqa.errors import RunFolderError
+from rvqa.io import write_json_atomic
+
+__all__ = [
+    "RUN_FILE",
+    "RETRIEVER_DIR",
+    "READER_DIR",
+    "BEST",
+    "FINAL",
+    "CONFIG_FILE",
+    "RunFiles",
+    "retriever_dir",
+    "write_run_file",
+    "read_run_file",
+]
+
+RUN_FILE = "rvqa_run.json"
+RETRIEVER_DIR = "retriever"
+READER_DIR = "reader"
+BEST = "best"
+FINAL = "final"
+CONFIG_FILE = "config.yaml"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """What ``rvqa_run.json`` names, resolved to paths.
+
+    Attributes:
+        run_dir: The run folder.
+        retriever: The retriever's ``save_pretrained`` folder.
+        reader: The reader's ``save_pretrained`` folder.
+        indices: Index name → index folder (the first candidate that exists; the
+            recorded path when none does, so that loading names it).
+        top_k: Captions the reader was trained with (``None``: not recorded).
+    """
+
+    run_dir: Path
+    retriever: Path
+    reader: Path
+    indices: dict[str, Path]
+    top_k: int | None
+
+
+def retriever_dir(run_dir: str | os.PathLike) -> Path:
+    """The retriever a run trained: ``retriever/best`` if it exists, else ``retriever/final``.
+
+    Raises:
+        RunFolderError: Neither holds a ``config.json``.
+    """
+    run_dir = Path(run_dir)
+    for name in (BEST, FINAL):
+        p = run_dir / RETRIEVER_DIR / name
+        if (p / "config.json").is_file():
+            return p
+    raise RunFolderError(
+        f"no trained retriever under {run_dir / RETRIEVER_DIR} (expected {BEST}/ or {FINAL}/ "
+        "with config.json); run `rvqa train-retriever` first or pass --retriever"
+    )
+
+
+def _relative(path: str | os.PathLike, run_dir: Path) -> str:
+    return Path(os.path.relpath(Path(path).resolve(), run_dir.resolve())).as_posix()
+
+
+def write_run_file(
+    run_dir: str | os.PathLike,
+    retriever: str | os.PathLike,
+    reader: str | os.PathLike,
+    indices: dict[str, str | os.PathLike],
+    top_k: int,
+) -> Path:
+    """Write ``RUN/rvqa_run.json`` (atomically); paths are stored relative to the run."""
+    run_dir = Path(run_dir)
+    data = {
+        "format_version": FORMAT_VERSION,
+        "retriever": _relative(retriever, run_dir),
+        "reader": _relative(reader, run_dir),
+        "indices": {name: _relative(path, run_dir) for name, path in indices.items()},
+        "top_k": top_k,
+    }
+    return write_json_atomic(run_dir / RUN_FILE, data)
+
+
+def index_candidates(run_dir: Path, name: str, recorded: str) -> list[Path]:
+    """Where index ``name`` of a run may be: as recorded, then by name in ``indices/``
+    folders inside, beside and above the run folder (a run moved with its indices)."""
+    out = [run_dir / recorded, run_dir / "indices" / name]
+    for parent in list(run_dir.resolve().parents)[:2]:
+        out.append(parent / "indices" / name)
+    return out
+
+
+def read_run_file(run_dir: str | os.PathLike) -> RunFiles:
+    """Read and resolve ``RUN/rvqa_run.json``.
+
+    Raises:
+        RunFolderError: The folder or its ``rvqa_run.json`` is missing.
+        ValueError: ``rvqa_run.json`` is malformed (named, with what is wrong).
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunFolderError(f"run folder {run_dir} does not exist")
+    run_file = run_dir / RUN_FILE
+    if not run_file.is_file():
+        raise RunFolderError(
+            f"{run_file} is missing: not an rvqa run folder (train with `rvqa train-reader` "
+            "or run `rvqa demo`)"
+        )
+    try:
+        run = json.loads(run_file.read_text(encoding="utf-8"))
+        retriever = run_dir / run["retriever"]
+        reader = run_dir / run["reader"]
+        recorded = dict(run.get("indices") or {})
+        top_k = run.get("top_k")
+        top_k = None if top_k is None else int(top_k)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"{run_file} is malformed: {err}") from None
+    indices: dict[str, Path] = {}
+    for name, rel in recorded.items():
+        if not isinstance(name, str) or not isinstance(rel, str):
+            raise ValueError(f"{run_file} is malformed: index entry {name!r}: {rel!r}")
+        candidates = index_candidates(run_dir, name, rel)
+        indices[name] = next((p for p in candidates if p.is_dir()), candidates[0])
+    return RunFiles(run_dir, retriever, reader, indices, top_k)
