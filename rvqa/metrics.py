@@ -24,6 +24,9 @@ Python 3), quirks included, so that scores match it bit for bit:
    0, 0.3, 0.6, 0.9, then 1.0 for ``m >= 4``).
 5. Aggregates are ``round(100 * sum / count, 2)`` over questions, per question
    type and per answer type; per-question scores are ``round(100 * acc, 2)``.
+   ``round`` is the official script's, Python 2.7's: the float's exact binary
+   value rounded to 2 decimals, halves away from zero (a group at exactly
+   40.625 is 40.63; Python 3's ``round`` would give 40.62). See :func:`round_half_away`.
 
 Recall@K
 --------
@@ -40,6 +43,7 @@ import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, Literal
 
 import numpy as np
@@ -53,6 +57,7 @@ __all__ = [
     "process_punctuation",
     "recall_at_k",
     "recall_at_k_folds",
+    "round_half_away",
     "vqa_accuracy",
 ]
 
@@ -637,10 +642,9 @@ def evaluate_vqa(
 
     Questions are scored with :func:`vqa_accuracy`'s rules and aggregated in
     annotation order, overall, per answer type and per question type, each as
-    ``round(100 * sum / count, 2)`` (left-to-right sum, Python's ``round``, as
-    the official ``setAccuracy``; the original script is Python 2 code, whose
-    ``round`` differs from Python 3's only on exact binary ties such as
-    3.125, rounded away from zero there and to even here).
+    ``round(100 * sum / count, 2)`` (left-to-right sum, as the official
+    ``setAccuracy``), with the official script's Python 2.7 ``round``: exact
+    binary ties such as 40.625 go away from zero (:func:`round_half_away`).
 
     Args:
         predictions: The official results format
@@ -735,7 +739,7 @@ def evaluate_vqa(
         if not ann.distinct_entries:
             num_shared_entries += 1
         acc = _question_accuracy(preds[qid], ann.answers) if qid in preds else 0.0
-        per_question[qid] = round(100 * acc, 2)
+        per_question[qid] = round_half_away(100 * acc, 2)
         all_acc.append(acc)
         if ann.question_type is not None:
             by_qtype.setdefault(ann.question_type, []).append(acc)
@@ -764,12 +768,25 @@ def evaluate_vqa(
     )
 
 
+def round_half_away(x: float, ndigits: int = 2) -> float:
+    """Python 2.7's ``round(x, ndigits)``, which the official VQA evaluation runs on.
+
+    The float's exact binary value is rounded to ``ndigits`` decimals with ties
+    away from zero: ``40.625`` (exactly representable) → ``40.63``, ``-0.125`` →
+    ``-0.13``. Python 3's ``round`` sends such ties to the even digit
+    (``40.62``). Values that only look like ties in decimal (``2.675`` is stored
+    as 2.67499999...) round by their exact value, the same in both.
+    """
+    q = Decimal(x).quantize(Decimal(1).scaleb(-ndigits), rounding=ROUND_HALF_UP)
+    return float(q)
+
+
 def _percent(values: Sequence[float]) -> float:
     """``round(100 * sum / count, 2)`` with a left-to-right sum (official ``setAccuracy``)."""
     total: float = 0
     for v in values:
         total += v
-    return round(100 * float(total) / len(values), 2)
+    return round_half_away(100 * float(total) / len(values), 2)
 
 
 def evaluate_module_path() -> str:

@@ -22,6 +22,7 @@ from rvqa.metrics import (
     normalize_answer,
     process_digit_article,
     process_punctuation,
+    round_half_away,
     vqa_accuracy,
 )
 
@@ -711,3 +712,37 @@ def test_import_stays_light():
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --------------------------------------------------------------------------- Python 2.7 rounding
+
+
+def test_round_half_away_matches_python27_round():
+    # Exact binary halves go away from zero (Python 2.7); Python 3 goes to even.
+    assert round_half_away(40.625) == 40.63 and round(40.625, 2) == 40.62
+    assert round_half_away(0.125) == 0.13 and round_half_away(-0.125) == -0.13
+    assert round_half_away(12.375) == 12.38 and round_half_away(12.365) == round(12.365, 2)
+    # Decimal-looking ties are not binary ties: the exact value decides, as in both.
+    assert round_half_away(2.675) == 2.67 == round(2.675, 2)
+    assert round_half_away(68.5714285) == 68.57
+
+
+def test_evaluate_vqa_group_of_exactly_40_625_reports_40_63():
+    # 13 of 32 questions right: 100 * 13 / 32 = 40.625 exactly, per group and overall.
+    anns, preds = [], []
+    for qid in range(32):
+        anns.append(
+            {
+                "question_id": qid,
+                "image_id": qid,
+                "question_type": "what is",
+                "answer_type": "other",
+                "answers": [{"answer": "cat", "answer_id": i} for i in range(1, 11)],
+            }
+        )
+        preds.append({"question_id": qid, "answer": "cat" if qid < 13 else "dog"})
+    result = evaluate_vqa(preds, {"annotations": anns})
+    assert 100 * 13.0 / 32 == 40.625
+    assert result.overall == 40.63
+    assert result.per_answer_type == {"other": 40.63}
+    assert result.per_question_type == {"what is": 40.63}
