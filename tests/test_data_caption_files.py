@@ -15,6 +15,7 @@ from rvqa.data import (
     read_karpathy_captions,
     read_text_captions,
 )
+from rvqa.errors import DataFormatError, UsageError
 from tests.data_fixtures import (
     COCO_CAPTIONS,
     coco_captions_json,
@@ -73,14 +74,14 @@ def test_coco_errors(tmp_path: Path, mutate, message: str) -> None:
     data = coco_captions_json()
     mutate(data)
     path = write_json(tmp_path / "captions_val2014.json", data)
-    with pytest.raises(ValueError, match=r"captions_val2014\.json: .*" + message):
+    with pytest.raises(DataFormatError, match=r"captions_val2014\.json: .*" + message):
         read_coco_captions(path)
 
 
 def test_coco_malformed_json(tmp_path: Path) -> None:
     path = tmp_path / "captions.json"
     path.write_text('{"images": [], "annotations": [}')
-    with pytest.raises(ValueError, match=r"captions\.json: malformed JSON .*line 1 column 32"):
+    with pytest.raises(DataFormatError, match=r"captions\.json: malformed JSON .*line 1 column 32"):
         read_coco_captions(path)
 
 
@@ -115,7 +116,7 @@ def test_karpathy_flickr(tmp_path: Path) -> None:
 def test_karpathy_errors(tmp_path: Path) -> None:
     path = write_json(tmp_path / "dataset_coco.json", karpathy_json("coco"))
     with pytest.raises(
-        ValueError,
+        UsageError,
         match=r"unknown Karpathy split\(s\) \['dev'\]; known splits: train, restval, val, test",
     ):
         read_karpathy_captions(path, ["train", "dev"])
@@ -123,7 +124,7 @@ def test_karpathy_errors(tmp_path: Path) -> None:
     only_train["images"] = only_train["images"][:1]
     write_json(path, only_train)
     with pytest.raises(
-        ValueError,
+        DataFormatError,
         match=r"dataset_coco\.json: no captions in split\(s\) val; the file has split\(s\): train",
     ):
         read_karpathy_captions(path, "val")
@@ -131,14 +132,14 @@ def test_karpathy_errors(tmp_path: Path) -> None:
     bad["images"][1]["sentences"][0]["raw"] = " "
     write_json(path, bad)
     with pytest.raises(
-        ValueError,
+        DataFormatError,
         match=r"images\[1\] \(image_id=73\) sentences\[0\] \(sentid=102\): the caption is empty",
     ):
         read_karpathy_captions(path, ["train", "restval"])
     bad = karpathy_json("coco")
     del bad["images"][2]["filename"]
     write_json(path, bad)
-    with pytest.raises(ValueError, match=r"images\[2\] has no 'filename'"):
+    with pytest.raises(DataFormatError, match=r"images\[2\] has no 'filename'"):
         read_karpathy_captions(path)
 
 
@@ -183,7 +184,7 @@ def test_jsonl(tmp_path: Path) -> None:
 def test_jsonl_errors(tmp_path: Path, lines: str, message: str) -> None:
     path = tmp_path / "caps.jsonl"
     path.write_text(lines)
-    with pytest.raises(ValueError, match=r"caps\.jsonl: " + message):
+    with pytest.raises(DataFormatError, match=r"caps\.jsonl: " + message):
         read_jsonl_captions(path)
 
 
@@ -201,10 +202,10 @@ def test_text(tmp_path: Path) -> None:
     assert corpus.texts == ["a red bus", "a dog on a couch", "a pizza"]
     assert corpus.ids == [1, 3, 5] and corpus.image_ids == [None] * 3 and corpus[0].image is None
     (tmp_path / "empty.txt").write_text("\n \n")
-    with pytest.raises(ValueError, match=r"empty\.txt: the caption file has no"):
+    with pytest.raises(DataFormatError, match=r"empty\.txt: the caption file has no"):
         read_text_captions(tmp_path / "empty.txt")
     (tmp_path / "bad.txt").write_bytes(b"fine\n\xff\xfe broken\n")
-    with pytest.raises(ValueError, match=r"bad\.txt: line 2: not UTF-8"):
+    with pytest.raises(DataFormatError, match=r"bad\.txt: line 2: not UTF-8"):
         read_text_captions(tmp_path / "bad.txt")
     with pytest.raises(FileNotFoundError, match=r"text captions file not found: .*nope\.txt"):
         read_text_captions(tmp_path / "nope.txt")

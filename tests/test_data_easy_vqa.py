@@ -14,6 +14,7 @@ from rvqa.data import (
     load_image,
     read_easy_vqa,
 )
+from rvqa.errors import UsageError
 
 # --------------------------------------------------------------------------- easy-vqa (real data)
 
@@ -73,7 +74,7 @@ def test_easy_vqa_question_types() -> None:
 
 
 def test_easy_vqa_unknown_split() -> None:
-    with pytest.raises(ValueError, match="unknown easy-vqa split 'val'; known splits: train, test"):
+    with pytest.raises(UsageError, match="unknown easy-vqa split 'val'; known splits: train, test"):
         read_easy_vqa("val")
 
 

@@ -14,6 +14,7 @@ from rvqa.data import (
     read_captions_datasets,
     read_vqa_datasets,
 )
+from rvqa.errors import DataFormatError
 from tests.data_fixtures import (
     VQA_ANSWERS,
     VQA_IMAGE_IDS,
@@ -47,14 +48,18 @@ def test_datasets_folder_with_image_feature(hf_folder: Path) -> None:
 
 
 def test_datasets_unknown_split_and_columns(hf_folder: Path) -> None:
-    with pytest.raises(ValueError, match="has no split 'test'; known splits: train, validation"):
+    with pytest.raises(
+        DataFormatError, match="has no split 'test'; known splits: train, validation"
+    ):
         read_vqa_datasets(str(hf_folder), "test", ColumnMapping())
     with pytest.raises(
-        ValueError,
+        DataFormatError,
         match=r"column 'text' \(columns.question\) not found; available columns: question_id, question, image_id, image, answers",
     ):
         read_vqa_datasets(str(hf_folder), "train", ColumnMapping(question="text"))
-    with pytest.raises(ValueError, match=r"column 'qtype' \(columns.question_type\) not found"):
+    with pytest.raises(
+        DataFormatError, match=r"column 'qtype' \(columns.question_type\) not found"
+    ):
         read_vqa_datasets(str(hf_folder), "train", ColumnMapping(question_type="qtype"))
 
 
@@ -97,7 +102,7 @@ def test_datasets_dict_of_lists_answers_and_json_file(
     ds = read_vqa_datasets(str(path), "train", ColumnMapping())
     assert [r.answers for r in ds] == [("x", "y"), ("z",)]
     assert [r.question_id for r in ds] == [0, 1]  # no question_id column: row index
-    with pytest.raises(ValueError, match="known splits: train"):
+    with pytest.raises(DataFormatError, match="known splits: train"):
         read_vqa_datasets(str(path), "val", ColumnMapping())
 
 
@@ -113,7 +118,7 @@ def test_datasets_single_string_answers_repeated(tmp_path: Path) -> None:
 
 def test_datasets_hub_name_offline_is_wrapped() -> None:
     with pytest.raises(
-        ValueError,
+        DataFormatError,
         match=r"could not load 'no-such-user/no-such-vqa': it is not a local folder or file",
     ):
         read_vqa_datasets("no-such-user/no-such-vqa", "train", ColumnMapping())
@@ -137,10 +142,10 @@ def test_datasets_list_captions_with_images(hf_captions: Path) -> None:
     image = corpus[3].image
     assert isinstance(image, Image.Image) and load_image(image).getpixel((0, 0))[0] == 120
     assert snapshot(hf_captions) == before
-    with pytest.raises(ValueError, match="has no split 'train'; known splits: test"):
+    with pytest.raises(DataFormatError, match="has no split 'train'; known splits: test"):
         read_captions_datasets(str(hf_captions), "train", columns)
     with pytest.raises(
-        ValueError,
+        DataFormatError,
         match=r"column 'text' \(columns.caption\) not found; available columns: caption, image, img_id",
     ):
         read_captions_datasets(str(hf_captions), "test", ColumnMapping(caption="text"))
@@ -158,5 +163,7 @@ def test_datasets_scalar_captions_and_bad_caption(tmp_path: Path) -> None:
     assert corpus.ids == [10, 11] and corpus.image_ids == ["c.jpg", "d.jpg"]
     assert corpus[1].image == "/data/d.jpg"
     datasets.Dataset.from_dict({"caption": ["a cat", "   "]}).save_to_disk(str(tmp_path / "bad"))
-    with pytest.raises(ValueError, match=r"datasets dataset '.*bad' row 1: the caption is empty"):
+    with pytest.raises(
+        DataFormatError, match=r"datasets dataset '.*bad' row 1: the caption is empty"
+    ):
         read_captions_datasets(str(tmp_path / "bad"))

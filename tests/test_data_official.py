@@ -13,6 +13,7 @@ from rvqa.data import (
     load_image,
     read_vqa_files,
 )
+from rvqa.errors import DataFormatError
 from tests.data_fixtures import (
     VQA_ANSWERS,
     VQA_IMAGE_IDS,
@@ -80,7 +81,7 @@ def test_data_subtype_inferred_from_folder(tmp_path: Path) -> None:
     ds.check_images()
     odd = tmp_path / "my_images"
     odd.mkdir()
-    with pytest.raises(ValueError, match=r"questions.json: .*no 'data_subtype'.*'my_images'"):
+    with pytest.raises(DataFormatError, match=r"questions.json: .*no 'data_subtype'.*'my_images'"):
         read_vqa_files(paths["questions"], None, odd)
 
 
@@ -128,11 +129,15 @@ def _write_annotations(paths: dict[str, Path], mutate) -> Path:
 
 def test_malformed_json_names_file_and_position(split: dict[str, Path]) -> None:
     split["questions"].write_text('{"questions": [\n  {"image_id": 42,,}\n]}')
-    with pytest.raises(ValueError, match=r"questions\.json: malformed JSON .* at line 2 column"):
+    with pytest.raises(
+        DataFormatError, match=r"questions\.json: malformed JSON .* at line 2 column"
+    ):
         read_vqa_files(split["questions"], None, split["images"])
     split["annotations"].write_text("")
     write_json(split["questions"], vqa_questions_json())
-    with pytest.raises(ValueError, match=r"annotations\.json: malformed JSON .*line 1 column 1"):
+    with pytest.raises(
+        DataFormatError, match=r"annotations\.json: malformed JSON .*line 1 column 1"
+    ):
         read_vqa_files(split["questions"], split["annotations"], split["images"])
 
 
@@ -146,15 +151,18 @@ def test_missing_files(split: dict[str, Path], tmp_path: Path) -> None:
 def test_missing_top_level_keys(split: dict[str, Path]) -> None:
     _write_questions(split, lambda d: d.pop("questions"))
     with pytest.raises(
-        ValueError, match=r"questions\.json: the questions file has no top-level key 'questions'"
+        DataFormatError,
+        match=r"questions\.json: the questions file has no top-level key 'questions'",
     ):
         read_vqa_files(split["questions"], None, split["images"])
     write_json(split["questions"], vqa_questions_json())
     _write_annotations(split, lambda d: d.pop("annotations"))
-    with pytest.raises(ValueError, match=r"annotations\.json: .*no top-level key 'annotations'"):
+    with pytest.raises(
+        DataFormatError, match=r"annotations\.json: .*no top-level key 'annotations'"
+    ):
         read_vqa_files(split["questions"], split["annotations"], split["images"])
     write_json(split["questions"], [1, 2])
-    with pytest.raises(ValueError, match="expected a JSON object at the top level"):
+    with pytest.raises(DataFormatError, match="expected a JSON object at the top level"):
         read_vqa_files(split["questions"], None, split["images"])
 
 
@@ -163,18 +171,19 @@ def test_question_missing_key(split: dict[str, Path], key: str) -> None:
     _write_questions(split, lambda d: d["questions"][2].pop(key))
     qid = "None" if key == "question_id" else "73000"
     with pytest.raises(
-        ValueError, match=rf"questions\.json: questions\[2\] \(question_id={qid}\) has no '{key}'"
+        DataFormatError,
+        match=rf"questions\.json: questions\[2\] \(question_id={qid}\) has no '{key}'",
     ):
         read_vqa_files(split["questions"], split["annotations"], split["images"])
 
 
 def test_question_bad_values(split: dict[str, Path]) -> None:
     _write_questions(split, lambda d: d["questions"][1].update(question_id="x"))
-    with pytest.raises(ValueError, match=r"questions\[1\].*'question_id' must be an integer"):
+    with pytest.raises(DataFormatError, match=r"questions\[1\].*'question_id' must be an integer"):
         read_vqa_files(split["questions"], None, split["images"])
     _write_questions(split, lambda d: d["questions"][3].update(question_id=42000))
     with pytest.raises(
-        ValueError,
+        DataFormatError,
         match=r"questions\[3\] \(question_id=42000\): duplicate question_id, also at questions\[0\]",
     ):
         read_vqa_files(split["questions"], None, split["images"])
@@ -183,13 +192,13 @@ def test_question_bad_values(split: dict[str, Path]) -> None:
 def test_annotation_without_answers(split: dict[str, Path]) -> None:
     _write_annotations(split, lambda d: d["annotations"][1].pop("answers"))
     with pytest.raises(
-        ValueError,
+        DataFormatError,
         match=r"annotations\.json: annotations\[1\] \(question_id=42001\) has no 'answers'",
     ):
         read_vqa_files(split["questions"], split["annotations"], split["images"])
     _write_annotations(split, lambda d: d["annotations"][1]["answers"][3].pop("answer"))
     with pytest.raises(
-        ValueError, match=r"annotations\[1\] \(question_id=42001\): answers\[3\] must be"
+        DataFormatError, match=r"annotations\[1\] \(question_id=42001\): answers\[3\] must be"
     ):
         read_vqa_files(split["questions"], split["annotations"], split["images"])
 
@@ -197,7 +206,7 @@ def test_annotation_without_answers(split: dict[str, Path]) -> None:
 def test_annotation_for_unknown_question(split: dict[str, Path]) -> None:
     _write_annotations(split, lambda d: d["annotations"][4].update(question_id=123))
     with pytest.raises(
-        ValueError,
+        DataFormatError,
         match=r"annotations\[4\] \(question_id=123\): this question_id is not in the questions file",
     ):
         read_vqa_files(split["questions"], split["annotations"], split["images"])
@@ -206,7 +215,7 @@ def test_annotation_for_unknown_question(split: dict[str, Path]) -> None:
 def test_questions_without_annotations(split: dict[str, Path]) -> None:
     _write_annotations(split, lambda d: d["annotations"].pop(1))
     with pytest.raises(
-        ValueError,
+        DataFormatError,
         match=r"annotations\.json: 1 of 5 questions have no annotation, e\.g\. question_id 42001",
     ):
         read_vqa_files(split["questions"], split["annotations"], split["images"])
@@ -215,7 +224,7 @@ def test_questions_without_annotations(split: dict[str, Path]) -> None:
 def test_image_id_mismatch(split: dict[str, Path]) -> None:
     _write_annotations(split, lambda d: d["annotations"][2].update(image_id=9))
     with pytest.raises(
-        ValueError,
+        DataFormatError,
         match=r"annotations\[2\] \(question_id=73000\): image_id 9 differs from the question's image_id 73",
     ):
         read_vqa_files(split["questions"], split["annotations"], split["images"])
@@ -224,7 +233,7 @@ def test_image_id_mismatch(split: dict[str, Path]) -> None:
 def test_duplicate_annotation(split: dict[str, Path]) -> None:
     _write_annotations(split, lambda d: d["annotations"].append(copy.deepcopy(d["annotations"][0])))
     with pytest.raises(
-        ValueError,
+        DataFormatError,
         match=r"annotations\[5\] \(question_id=42000\): duplicate annotation, also at annotations\[0\]",
     ):
         read_vqa_files(split["questions"], split["annotations"], split["images"])

@@ -12,6 +12,7 @@ from rvqa.data import (
     load_captions,
     load_vqa,
 )
+from rvqa.errors import ConfigError, DataFormatError, UsageError
 from tests.data_fixtures import (
     coco_captions_json,
     karpathy_json,
@@ -55,22 +56,22 @@ def test_load_vqa_dispatch(split: dict[str, Path], hf_folder: Path) -> None:
     ds = load_vqa(cfg, "val")
     assert ds.split == "val" and len(ds) == 5 and ds.has_answers
     with pytest.raises(
-        ValueError, match=r"unknown VQA split 'train'; known splits \(data.splits\): val"
+        UsageError, match=r"unknown VQA split 'train'; known splits \(data.splits\): val"
     ):
         load_vqa(cfg, "train")
     cfg.splits["bad"] = SplitFiles()
     with pytest.raises(
-        ValueError, match="data.splits.bad: both 'questions' and 'images' must be set"
+        ConfigError, match="data.splits.bad: both 'questions' and 'images' must be set"
     ):
         load_vqa(cfg, "bad")
     assert len(load_vqa(VQADataConfig(), "test")) == 9673
-    with pytest.raises(ValueError, match="known splits: train, test"):
+    with pytest.raises(UsageError, match="known splits: train, test"):
         load_vqa(VQADataConfig(source="easy_vqa"), "validation")
     hf = VQADataConfig(source="datasets", path=str(hf_folder))
     assert len(load_vqa(hf, "validation")) == 2
-    with pytest.raises(ValueError, match="known splits: train, validation"):
+    with pytest.raises(DataFormatError, match="known splits: train, validation"):
         load_vqa(hf, "test")
-    with pytest.raises(ValueError, match="data.path is not set"):
+    with pytest.raises(ConfigError, match="data.path is not set"):
         load_vqa(VQADataConfig(source="datasets"), "train")
 
 
@@ -103,14 +104,14 @@ def test_load_captions_dispatch(tmp_path: Path, hf_captions: Path) -> None:
     assert len(load_captions(CaptionDataConfig(), split="test")) == 1000
 
     with pytest.raises(
-        ValueError, match="unknown easy-vqa caption split 'val'; known splits: train, test"
+        UsageError, match="unknown easy-vqa caption split 'val'; known splits: train, test"
     ):
         load_captions(CaptionDataConfig(), split="val")
     with pytest.raises(
-        ValueError, match=r"caption source 'coco' has no splits \(got split='val'\)"
+        UsageError, match=r"caption source 'coco' has no splits \(got split='val'\)"
     ):
         load_captions(CaptionDataConfig(source="coco", path=str(coco)), split="val")
-    with pytest.raises(ValueError, match="captions source is 'text' but its 'path' is not set"):
+    with pytest.raises(ConfigError, match="captions source is 'text' but its 'path' is not set"):
         load_captions(CaptionDataConfig(source="text"))
-    with pytest.raises(ValueError, match=r"unknown Karpathy split\(s\) \['dev'\]"):
+    with pytest.raises(UsageError, match=r"unknown Karpathy split\(s\) \['dev'\]"):
         load_captions(k, split="dev")

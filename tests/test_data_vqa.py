@@ -12,6 +12,7 @@ from rvqa.data import (
     VQARecord,
     read_vqa_files,
 )
+from rvqa.errors import UsageError
 from tests.data_fixtures import (
     write_vqa_split,
 )
@@ -36,11 +37,11 @@ def test_subset_is_deterministic_nested_and_ordered(split: dict[str, Path]) -> N
     assert len(ds.subset(n=100)) == 5 and len(ds.subset(1.0)) == 5 and len(ds.subset(0.01)) == 1
     assert small.has_answers and small.split == ds.split
     assert [r.question_id for r in small] == small.question_ids
-    with pytest.raises(ValueError, match="exactly one of"):
+    with pytest.raises(UsageError, match="exactly one of"):
         ds.subset()
-    with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\]"):
+    with pytest.raises(UsageError, match=r"fraction must be in \(0, 1\]"):
         ds.subset(1.5)
-    with pytest.raises(ValueError, match="non-negative integer"):
+    with pytest.raises(UsageError, match="non-negative integer"):
         ds.subset(n=-1)
 
 
