@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import pytest
 
 from rvqa.data import CaptionCorpus, CaptionRecord, VQADataset, VQARecord
-from rvqa.data.captions import UniqueIds, caption_text
+from rvqa.data.captions import CaptionColumns, UniqueIds, caption_text
 from rvqa.data.lazy import LazyRecords
 from rvqa.errors import DataFormatError
 
@@ -67,3 +67,19 @@ def test_unique_ids_name_both_records() -> None:
         ids.add(5, "f: line 9")
     with pytest.raises(DataFormatError, match="caption id must be an integer or string, got None"):
         ids.add(None, "f: line 4")
+
+
+def test_caption_columns_check_collect_and_wrap() -> None:
+    out = CaptionColumns()
+    out.add(" a cat ", 1, "f: line 1", image_id=7, image="/img/7.jpg")
+    out.add("a dog", "x", "f: line 2")
+    corpus = out.corpus(source="jsonl", location="f")
+    assert len(out) == 2 and corpus.source == "jsonl" and corpus.location == "f"
+    assert list(corpus) == [
+        CaptionRecord("a cat", 1, 7, "/img/7.jpg"),
+        CaptionRecord("a dog", "x", None, None),
+    ]
+    with pytest.raises(DataFormatError, match=r"^f: line 3: duplicate caption id 1"):
+        out.add("a bird", 1, "f: line 3")
+    with pytest.raises(DataFormatError, match=r"^f: line 4: the caption is empty"):
+        out.add("", 4, "f: line 4")

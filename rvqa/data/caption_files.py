@@ -16,7 +16,7 @@ from typing import Any
 
 from rvqa.config import ColumnMapping
 from rvqa.data._json import decoded_lines, join_root, read_json, require_keys
-from rvqa.data.captions import CaptionCorpus, UniqueIds, caption_text
+from rvqa.data.captions import CaptionColumns, CaptionCorpus
 from rvqa.errors import DataFormatError, UsageError
 
 __all__ = [
@@ -61,11 +61,7 @@ def read_coco_captions(
                 f"{where} must be an object with 'id' and 'file_name', got {im!r}"
             )
         file_of[im["id"]] = im["file_name"]
-    texts: list[str] = []
-    ids: list[int | str] = []
-    image_ids: list[int | str | None] = []
-    paths: list[str | None] = []
-    unique = UniqueIds()
+    out = CaptionColumns()
     for idx, ann in enumerate(data["annotations"]):
         where = f"{path}: annotations[{idx}]"
         if not isinstance(ann, dict):
@@ -77,15 +73,12 @@ def read_coco_captions(
         image_id = ann["image_id"]
         if image_id not in file_of:
             raise DataFormatError(f"{where}: image_id {image_id!r} is not in the file's 'images'")
-        unique.add(ann["id"], where)
-        texts.append(caption_text(ann["caption"], where))
-        ids.append(ann["id"])
-        image_ids.append(image_id)
-        paths.append(None if images is None else os.path.join(os.fspath(images), file_of[image_id]))
-    if not texts:
+        image = None if images is None else os.path.join(os.fspath(images), file_of[image_id])
+        out.add(ann["caption"], ann["id"], where, image_id, image)
+    if not out:
         raise DataFormatError(f"{path}: the COCO captions file has no annotations")
-    logger.info("%s: %d captions of %d images", path, len(texts), len(set(image_ids)))
-    return CaptionCorpus(texts, ids, image_ids, paths, source="coco", location=path)
+    logger.info("%s: %d captions of %d images", path, len(out), len(set(out.image_ids)))
+    return out.corpus(source="coco", location=path)
 
 
 def _karpathy_splits(splits: str | Sequence[str]) -> list[str]:
@@ -135,11 +128,7 @@ def read_karpathy_captions(
         raise DataFormatError(
             f"{path}: 'images' must be a list, got {type(data['images']).__name__}"
         )
-    texts: list[str] = []
-    ids: list[int | str] = []
-    image_ids: list[int | str | None] = []
-    paths: list[str | None] = []
-    unique = UniqueIds()
+    out = CaptionColumns()
     present: set[str] = set()
     for idx, im in enumerate(data["images"]):
         where = f"{path}: images[{idx}]"
@@ -167,12 +156,8 @@ def read_karpathy_captions(
                     f"{at} must be an object with 'raw' and 'sentid', got {sent!r}"
                 )
             at += f" (sentid={sent['sentid']!r})"
-            unique.add(sent["sentid"], at)
-            texts.append(caption_text(sent["raw"], at))
-            ids.append(sent["sentid"])
-            image_ids.append(image_id)
-            paths.append(image_path)
-    if not texts:
+            out.add(sent["raw"], sent["sentid"], at, image_id, image_path)
+    if not out:
         raise DataFormatError(
             f"{path}: no captions in split(s) {', '.join(chosen)}; the file has split(s): "
             f"{', '.join(sorted(present)) or 'none'}"
@@ -181,12 +166,10 @@ def read_karpathy_captions(
         "%s [%s]: %d captions of %d images",
         path,
         "+".join(chosen),
-        len(texts),
-        len(set(image_ids)),
+        len(out),
+        len(set(out.image_ids)),
     )
-    return CaptionCorpus(
-        texts, ids, image_ids, paths, source="karpathy", location=f"{path} [{'+'.join(chosen)}]"
-    )
+    return out.corpus(source="karpathy", location=f"{path} [{'+'.join(chosen)}]")
 
 
 def read_jsonl_captions(
@@ -209,11 +192,7 @@ def read_jsonl_captions(
     path = os.fspath(path)
     columns = columns or ColumnMapping()
     root = None if images is None else os.fspath(images)
-    texts: list[str] = []
-    ids: list[int | str] = []
-    image_ids: list[int | str | None] = []
-    paths: list[str | None] = []
-    unique = UniqueIds()
+    out = CaptionColumns()
     for number, line in decoded_lines(path, "JSONL captions"):
         if not line.strip():
             continue
@@ -231,18 +210,20 @@ def read_jsonl_captions(
                 f"{where}: no {columns.caption!r} key (keys: {', '.join(map(repr, obj)) or 'none'})"
             )
         caption_id = obj.get(columns.caption_id, number) if columns.caption_id else number
-        unique.add(caption_id, where)
-        texts.append(caption_text(obj[columns.caption], where))
-        ids.append(caption_id)
-        image_ids.append(obj.get(columns.image_id) if columns.image_id else None)
         image = obj.get(columns.image) if columns.image else None
+        out.add(
+            obj[columns.caption],
+            caption_id,
+            where,
+            obj.get(columns.image_id) if columns.image_id else None,
+            join_root(image, root) if isinstance(image, str) else None,
+        )
         if image is not None and not isinstance(image, str):
             raise DataFormatError(f"{where}: {columns.image!r} must be a file path, got {image!r}")
-        paths.append(None if image is None else join_root(image, root))
-    if not texts:
+    if not out:
         raise DataFormatError(f"{path}: the JSONL caption file has no (non-blank) line")
-    logger.info("%s: %d captions", path, len(texts))
-    return CaptionCorpus(texts, ids, image_ids, paths, source="jsonl", location=path)
+    logger.info("%s: %d captions", path, len(out))
+    return out.corpus(source="jsonl", location=path)
 
 
 def read_text_captions(path: str | os.PathLike) -> CaptionCorpus:

@@ -17,7 +17,7 @@ from rvqa.data.lazy import LazyRecords
 from rvqa.data.records import CaptionRecord
 from rvqa.errors import DataFormatError
 
-__all__ = ["CaptionCorpus", "UniqueIds", "caption_text"]
+__all__ = ["CaptionColumns", "CaptionCorpus", "UniqueIds", "caption_text"]
 
 
 class CaptionCorpus(LazyRecords[CaptionRecord]):
@@ -135,3 +135,53 @@ class UniqueIds:
                 f"{where}: duplicate caption id {caption_id!r} (also at {self.first[caption_id]})"
             )
         self.first[caption_id] = where
+
+
+class CaptionColumns:
+    """A caption adapter's output, collected one checked caption at a time.
+
+    :meth:`add` checks the caption (:func:`caption_text`) and its id
+    (:class:`UniqueIds`) and appends to the columns; :meth:`corpus` wraps them.
+
+    Attributes:
+        texts: The checked, stripped captions.
+        ids: Their ids.
+        image_ids: The described image's id per caption (or ``None``).
+        images: The image reference per caption (a path, or ``None``).
+    """
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self.ids: list[int | str] = []
+        self.image_ids: list[int | str | None] = []
+        self.images: list[str | None] = []
+        self._unique = UniqueIds()
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def add(
+        self,
+        caption: Any,
+        caption_id: Any,
+        where: str,
+        image_id: int | str | None = None,
+        image: str | None = None,
+    ) -> None:
+        """Check and append one caption found at ``where``.
+
+        Raises:
+            DataFormatError: A bad or duplicate id, or a caption that is not a
+                string or is blank (naming ``where``).
+        """
+        self._unique.add(caption_id, where)
+        self.texts.append(caption_text(caption, where))
+        self.ids.append(caption_id)
+        self.image_ids.append(image_id)
+        self.images.append(image)
+
+    def corpus(self, *, source: str, location: str) -> CaptionCorpus:
+        """The collected captions as a :class:`CaptionCorpus` (``source``: the adapter's name)."""
+        return CaptionCorpus(
+            self.texts, self.ids, self.image_ids, self.images, source=source, location=location
+        )

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from rvqa.config import ColumnMapping
 from rvqa.data._json import is_int, join_root, optional_str
-from rvqa.data.captions import CaptionCorpus, UniqueIds, caption_text
+from rvqa.data.captions import CaptionColumns, CaptionCorpus
 from rvqa.data.records import NUM_HUMAN_ANSWERS, VQARecord
 from rvqa.data.vqa import VQADataset, answer_strings
 from rvqa.errors import ConfigError, DataFormatError
@@ -383,12 +383,8 @@ def read_captions_datasets(
     raw_image_ids = list(ds[col_image_id]) if col_image_id else None
     raw_paths = list(ds[col_image]) if image_kind == "path" else None
 
-    texts: list[str] = []
-    ids: list[int | str] = []
-    image_ids: list[int | str | None] = []
-    rows: list[int] = []
-    paths: list[str | None] = []
-    unique = UniqueIds()
+    out = CaptionColumns()
+    rows: list[int] = []  # the dataset row of each caption
     for row, value in enumerate(raw_captions):
         at = f"{where} row {row}"
         row_id = raw_ids[row] if raw_ids is not None else row
@@ -404,19 +400,16 @@ def read_captions_datasets(
         many = isinstance(value, (list, tuple))
         for j, caption in enumerate(value if many else [value]):
             caption_id = f"{row_id}-{j}" if many else row_id
-            here = f"{at} caption {j}" if many else at
-            unique.add(caption_id, here)
-            texts.append(caption_text(caption, here))
-            ids.append(caption_id)
-            image_ids.append(image_id)
+            out.add(caption, caption_id, f"{at} caption {j}" if many else at, image_id, path_)
             rows.append(row)
-            paths.append(path_)
     images: Sequence[Any] | None
     if image_kind == "decoded":
         images = _RowImages(ds, col_image, rows)
     elif image_kind == "path":
-        images = paths
+        images = out.images
     else:
         images = None
-    logger.info("%s: %d captions", where, len(texts))
-    return CaptionCorpus(texts, ids, image_ids, images, source="datasets", location=path)
+    logger.info("%s: %d captions", where, len(out))
+    return CaptionCorpus(
+        out.texts, out.ids, out.image_ids, images, source="datasets", location=path
+    )

@@ -98,16 +98,41 @@ def read_vqa_files(
     """
     q_path = os.fspath(questions)
     images = os.fspath(images)
+    rows, index_of = _read_questions(q_path, images)
+    if annotations is not None:
+        _read_annotations(os.fspath(annotations), rows, index_of)
+
+    location = q_path if annotations is None else f"{q_path} + {os.fspath(annotations)}"
+    dataset = VQADataset(
+        rows, split=split_name or rows.image_subtype, source="vqa", location=location
+    )
+    logger.info(
+        "read %d questions about %d images (%s, answers: %s)",
+        len(dataset),
+        len(set(rows.image_ids)),
+        dataset.split,
+        dataset.has_answers,
+    )
+    if check_images:
+        dataset.check_images()
+    return dataset
+
+
+def _read_questions(q_path: str, images: str) -> tuple[_OfficialRows, dict[int, int]]:
+    """Parse a questions file into columns (checked), and each question_id's index."""
     data = read_json(q_path, "questions")
     require_keys(data, ["questions"], q_path, "questions")
     q_list = data["questions"]
     if not isinstance(q_list, list):
         raise DataFormatError(f"{q_path}: 'questions' must be a list, got {type(q_list).__name__}")
-    subtype = _data_subtype(data, q_path, images)
-
-    question_ids: list[int] = []
-    texts: list[str] = []
-    image_ids: list[int | str] = []
+    rows = _OfficialRows(
+        question_ids=[],
+        questions=[],
+        images=None,
+        image_ids=[],
+        image_dir=images,
+        image_subtype=_data_subtype(data, q_path, images),
+    )
     index_of: dict[int, int] = {}
     for idx, q in enumerate(q_list):
         where = f"{q_path}: questions[{idx}]"
@@ -131,34 +156,10 @@ def read_vqa_files(
                 f"{where}: duplicate question_id, also at questions[{index_of[qid]}]"
             )
         index_of[qid] = idx
-        question_ids.append(qid)
-        texts.append(text)
-        image_ids.append(image_id)
-    del data, q_list
-
-    rows = _OfficialRows(
-        question_ids=question_ids,
-        questions=texts,
-        images=None,
-        image_ids=image_ids,
-        image_dir=images,
-        image_subtype=subtype,
-    )
-    if annotations is not None:
-        _read_annotations(os.fspath(annotations), rows, index_of)
-
-    location = q_path if annotations is None else f"{q_path} + {os.fspath(annotations)}"
-    dataset = VQADataset(rows, split=split_name or subtype, source="vqa", location=location)
-    logger.info(
-        "read %d questions about %d images (%s, answers: %s)",
-        len(dataset),
-        len(set(image_ids)),
-        dataset.split,
-        dataset.has_answers,
-    )
-    if check_images:
-        dataset.check_images()
-    return dataset
+        rows.question_ids.append(qid)
+        rows.questions.append(text)
+        rows.image_ids.append(image_id)
+    return rows, index_of
 
 
 def _read_annotations(path: str, rows: _OfficialRows, index_of: dict[int, int]) -> None:
