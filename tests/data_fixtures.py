@@ -8,6 +8,7 @@ and ``datasets`` folders written with ``save_to_disk``.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -204,6 +205,89 @@ def karpathy_json(dataset: str = "coco") -> dict:
             entry["filename"] = f"{1000 + imgid}.jpg"
         images.append(entry)
     return {"images": images, "dataset": dataset}
+
+
+# --------------------------------------------------------------------------- datasets folders
+
+
+def hf_vqa_rows(tmp_path: Path, embed_images: bool) -> dict:
+    """The VQA fixture as ``datasets`` columns (VQAv2's hub format), images written as PNGs.
+
+    ``embed_images``: the image column holds absolute paths (to be cast to an
+    ``Image`` feature); else paths relative to ``tmp_path / "imgs"``.
+    """
+    image_paths = {
+        image_id: write_image(tmp_path / "imgs" / f"{image_id}.png", color=(k * 50, 0, 0))
+        for k, image_id in enumerate(VQA_IMAGE_IDS)
+    }
+    rows = collections.defaultdict(list)
+    for qid, image_id, question in VQA_QUESTIONS:
+        rows["question_id"].append(qid)
+        rows["question"].append(question)
+        rows["image_id"].append(image_id)
+        rows["image"].append(str(image_paths[image_id]) if embed_images else f"{image_id}.png")
+        rows["answers"].append(
+            [
+                {"answer": a, "answer_confidence": "yes", "answer_id": j}
+                for j, a in enumerate(VQA_ANSWERS[qid])
+            ]
+        )
+        rows["multiple_choice_answer"].append(VQA_ANSWERS[qid][0])
+        rows["answer_type"].append("other")
+    return dict(rows)
+
+
+def write_hf_vqa_folder(tmp: Path) -> Path:
+    """A DatasetDict (train: 5 questions, validation: 2) with an Image feature, as VQAv2 on the hub."""
+    import datasets
+
+    rows = hf_vqa_rows(tmp, embed_images=True)
+    features = datasets.Features(
+        {
+            "question_id": datasets.Value("int64"),
+            "question": datasets.Value("string"),
+            "image_id": datasets.Value("int64"),
+            "image": datasets.Image(),
+            "answers": datasets.List(
+                {
+                    "answer": datasets.Value("string"),
+                    "answer_confidence": datasets.Value("string"),
+                    "answer_id": datasets.Value("int64"),
+                }
+            ),
+            "multiple_choice_answer": datasets.Value("string"),
+            "answer_type": datasets.Value("string"),
+        }
+    )
+    train = datasets.Dataset.from_dict(rows, features=features)
+    datasets.DatasetDict({"train": train, "validation": train.select([0, 1])}).save_to_disk(
+        str(tmp / "vqa_hf")
+    )
+    return tmp / "vqa_hf"
+
+
+def write_hf_captions_folder(tmp: Path) -> Path:
+    """A DatasetDict (one split, ``test``) of Flickr-style caption lists with an Image feature."""
+    import datasets
+
+    images = [str(write_image(tmp / "imgs" / f"{i}.png", color=(i * 60, 0, 0))) for i in range(3)]
+    features = datasets.Features(
+        {
+            "caption": datasets.List(datasets.Value("string")),
+            "image": datasets.Image(),
+            "img_id": datasets.Value("string"),
+        }
+    )
+    ds = datasets.Dataset.from_dict(
+        {
+            "caption": [["a red bus", "a bus"], ["a dog"], ["a pizza", " a pie "]],
+            "image": images,
+            "img_id": ["1000", "1001", "1002"],
+        },
+        features=features,
+    )
+    datasets.DatasetDict({"test": ds}).save_to_disk(str(tmp / "flickr"))
+    return tmp / "flickr"
 
 
 # --------------------------------------------------------------------------- checks

@@ -1,324 +1,15 @@
-"""Caption adapters: COCO, Karpathy (COCO + Flickr30K), JSONL, text, datasets, easy-vqa."""
+"""CaptionCorpus (rvqa.data.captions) and the lazy-sequence base it shares with VQADataset (rvqa.data.lazy)."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from collections.abc import Sequence
 
 import pytest
-from PIL import Image
 
-from rvqa.config import CaptionDataConfig, ColumnMapping
-from rvqa.data import (
-    CaptionCorpus,
-    CaptionRecord,
-    load_captions,
-    load_image,
-    read_captions_datasets,
-    read_coco_captions,
-    read_jsonl_captions,
-    read_karpathy_captions,
-    read_text_captions,
-)
-from tests.data_fixtures import (
-    COCO_CAPTIONS,
-    coco_captions_json,
-    karpathy_json,
-    snapshot,
-    write_image,
-    write_json,
-)
-
-# --------------------------------------------------------------------------- COCO
-
-
-def test_coco_captions(tmp_path: Path) -> None:
-    path = write_json(tmp_path / "captions_val2014.json", coco_captions_json())
-    before = snapshot(tmp_path)
-    corpus = read_coco_captions(path, images=tmp_path / "val2014")
-    assert isinstance(corpus, CaptionCorpus) and len(corpus) == 4 and corpus.source == "coco"
-    assert corpus.texts == [c.strip() for _, _, c in COCO_CAPTIONS]
-    assert corpus.ids == [48, 67, 126, 219] and corpus.image_ids == [42, 42, 73, 9]
-    assert corpus[0] == CaptionRecord(
-        caption="A red bus driving down a city street.",
-        caption_id=48,
-        image_id=42,
-        image=str(tmp_path / "val2014" / "COCO_val2014_000000000042.jpg"),
-    )
-    assert read_coco_captions(path)[2].image is None  # no folder: no image path
-    assert snapshot(tmp_path) == before
-
-
-@pytest.mark.parametrize(
-    ("mutate", "message"),
-    [
-        (lambda d: d.pop("annotations"), r"no top-level key 'annotations'"),
-        (
-            lambda d: d["annotations"][2].update(caption=17),
-            r"annotations\[2\] \(id=126\): the caption must be a string, got 17",
-        ),
-        (
-            lambda d: d["annotations"][1].update(caption="  \n"),
-            r"annotations\[1\] \(id=67\): the caption is empty or whitespace only",
-        ),
-        (
-            lambda d: d["annotations"][3].pop("caption"),
-            r"annotations\[3\] \(id=219\) has no 'caption'",
-        ),
-        (
-            lambda d: d["annotations"][3].update(image_id=5),
-            r"annotations\[3\] \(id=219\): image_id 5 is not in the file's 'images'",
-        ),
-        (
-            lambda d: d["annotations"][3].update(id=48),
-            r"annotations\[3\] \(id=48\): duplicate caption id 48 \(also at .*annotations\[0\]",
-        ),
-    ],
-)
-def test_coco_errors(tmp_path: Path, mutate, message: str) -> None:
-    data = coco_captions_json()
-    mutate(data)
-    path = write_json(tmp_path / "captions_val2014.json", data)
-    with pytest.raises(ValueError, match=r"captions_val2014\.json: .*" + message):
-        read_coco_captions(path)
-
-
-def test_coco_malformed_json(tmp_path: Path) -> None:
-    path = tmp_path / "captions.json"
-    path.write_text('{"images": [], "annotations": [}')
-    with pytest.raises(ValueError, match=r"captions\.json: malformed JSON .*line 1 column 32"):
-        read_coco_captions(path)
-
-
-# --------------------------------------------------------------------------- Karpathy
-
-
-def test_karpathy_coco(tmp_path: Path) -> None:
-    path = write_json(tmp_path / "dataset_coco.json", karpathy_json("coco"))
-    before = snapshot(tmp_path)
-    train = read_karpathy_captions(path, ["train", "restval"], images=tmp_path / "coco")
-    assert train.texts == ["A red bus.", "A bus on a street.", "A dog on a couch."]
-    assert train.ids == [100, 101, 102] and train.image_ids == [42, 42, 73]  # cocoid
-    assert train[2].image == str(
-        tmp_path / "coco" / "train2014" / "COCO_train2014_000000000073.jpg"
-    )
-    val = read_karpathy_captions(path, "val")
-    assert val.texts == ["A pizza."] and val[0].image is None
-    test = read_karpathy_captions(path, ["test"], images=tmp_path / "coco")
-    assert test.image_ids == [11, 11] and test[0].image.endswith(
-        "val2014/COCO_val2014_000000000011.jpg"
-    )
-    assert snapshot(tmp_path) == before
-
-
-def test_karpathy_flickr(tmp_path: Path) -> None:
-    path = write_json(tmp_path / "dataset_flickr30k.json", karpathy_json("flickr30k"))
-    corpus = read_karpathy_captions(path, ["train"], images=tmp_path / "flickr30k-images")
-    assert corpus.image_ids == [0, 0]  # imgid (no cocoid)
-    assert corpus[0].image == str(tmp_path / "flickr30k-images" / "1000.jpg")
-
-
-def test_karpathy_errors(tmp_path: Path) -> None:
-    path = write_json(tmp_path / "dataset_coco.json", karpathy_json("coco"))
-    with pytest.raises(
-        ValueError,
-        match=r"unknown Karpathy split\(s\) \['dev'\]; known splits: train, restval, val, test",
-    ):
-        read_karpathy_captions(path, ["train", "dev"])
-    only_train = karpathy_json("coco")
-    only_train["images"] = only_train["images"][:1]
-    write_json(path, only_train)
-    with pytest.raises(
-        ValueError,
-        match=r"dataset_coco\.json: no captions in split\(s\) val; the file has split\(s\): train",
-    ):
-        read_karpathy_captions(path, "val")
-    bad = karpathy_json("coco")
-    bad["images"][1]["sentences"][0]["raw"] = " "
-    write_json(path, bad)
-    with pytest.raises(
-        ValueError,
-        match=r"images\[1\] \(image_id=73\) sentences\[0\] \(sentid=102\): the caption is empty",
-    ):
-        read_karpathy_captions(path, ["train", "restval"])
-    bad = karpathy_json("coco")
-    del bad["images"][2]["filename"]
-    write_json(path, bad)
-    with pytest.raises(ValueError, match=r"images\[2\] has no 'filename'"):
-        read_karpathy_captions(path)
-
-
-# --------------------------------------------------------------------------- JSONL and text
-
-
-def test_jsonl(tmp_path: Path) -> None:
-    path = tmp_path / "caps.jsonl"
-    path.write_text(
-        '{"caption": " a red bus ", "id": "c1"}\n'
-        "\n"
-        '{"caption": "a dog", "image_id": 73, "image": "dog.jpg"}\n'
-        '{"caption": "a pizza", "id": 7}\n'
-    )
-    before = snapshot(tmp_path)
-    corpus = read_jsonl_captions(path, images=tmp_path / "imgs")
-    assert corpus.texts == ["a red bus", "a dog", "a pizza"]
-    assert corpus.ids == ["c1", 3, 7]  # missing id: the line number
-    assert corpus.image_ids == [None, 73, None]
-    assert corpus[1].image == str(tmp_path / "imgs" / "dog.jpg") and corpus[0].image is None
-    assert snapshot(tmp_path) == before
-
-
-@pytest.mark.parametrize(
-    ("lines", "message"),
-    [
-        (
-            '{"caption": "ok"}\n{"caption": "x",,}\n',
-            r"line 2: malformed JSON at column 17: Expecting property name",
-        ),
-        ('{"caption": "ok"}\n\n{"text": "x"}\n', r"line 3: no 'caption' key \(keys: 'text'\)"),
-        ('{"caption": ""}\n', r"line 1: the caption is empty"),
-        ('{"caption": ["a", "b"]}\n', r"line 1: the caption must be a string"),
-        ('["a"]\n', r"line 1: expected a JSON object, got list"),
-        (
-            '{"caption": "a", "id": 1}\n{"caption": "b", "id": 1}\n',
-            r"line 2: duplicate caption id 1 \(also at .*line 1\)",
-        ),
-        ("\n\n", r"the JSONL caption file has no \(non-blank\) line"),
-    ],
-)
-def test_jsonl_errors(tmp_path: Path, lines: str, message: str) -> None:
-    path = tmp_path / "caps.jsonl"
-    path.write_text(lines)
-    with pytest.raises(ValueError, match=r"caps\.jsonl: " + message):
-        read_jsonl_captions(path)
-
-
-def test_jsonl_custom_keys(tmp_path: Path) -> None:
-    path = tmp_path / "caps.jsonl"
-    path.write_text('{"text": "a cat", "sid": 5}\n')
-    corpus = read_jsonl_captions(path, ColumnMapping(caption="text", caption_id="sid"))
-    assert corpus.texts == ["a cat"] and corpus.ids == [5]
-
-
-def test_text(tmp_path: Path) -> None:
-    path = tmp_path / "caps.txt"
-    path.write_text("\ufeffa red bus\n\n  a dog on a couch  \n   \na pizza")
-    corpus = read_text_captions(path)
-    assert corpus.texts == ["a red bus", "a dog on a couch", "a pizza"]
-    assert corpus.ids == [1, 3, 5] and corpus.image_ids == [None] * 3 and corpus[0].image is None
-    (tmp_path / "empty.txt").write_text("\n \n")
-    with pytest.raises(ValueError, match=r"empty\.txt: the caption file has no"):
-        read_text_captions(tmp_path / "empty.txt")
-    (tmp_path / "bad.txt").write_bytes(b"fine\n\xff\xfe broken\n")
-    with pytest.raises(ValueError, match=r"bad\.txt: line 2: not UTF-8"):
-        read_text_captions(tmp_path / "bad.txt")
-    with pytest.raises(FileNotFoundError, match=r"text captions file not found: .*nope\.txt"):
-        read_text_captions(tmp_path / "nope.txt")
-
-
-# --------------------------------------------------------------------------- datasets
-
-
-@pytest.fixture(scope="module")
-def hf_captions(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import datasets
-
-    tmp = tmp_path_factory.mktemp("hfcap")
-    images = [str(write_image(tmp / "imgs" / f"{i}.png", color=(i * 60, 0, 0))) for i in range(3)]
-    features = datasets.Features(
-        {
-            "caption": datasets.List(datasets.Value("string")),
-            "image": datasets.Image(),
-            "img_id": datasets.Value("string"),
-        }
-    )
-    ds = datasets.Dataset.from_dict(
-        {
-            "caption": [["a red bus", "a bus"], ["a dog"], ["a pizza", " a pie "]],
-            "image": images,
-            "img_id": ["1000", "1001", "1002"],
-        },
-        features=features,
-    )
-    datasets.DatasetDict({"test": ds}).save_to_disk(str(tmp / "flickr"))
-    return tmp / "flickr"
-
-
-def test_datasets_list_captions_with_images(hf_captions: Path) -> None:
-    before = snapshot(hf_captions)
-    columns = ColumnMapping(image_id="img_id")
-    corpus = read_captions_datasets(str(hf_captions), None, columns)  # the only split
-    assert corpus.texts == ["a red bus", "a bus", "a dog", "a pizza", "a pie"]
-    assert corpus.ids == ["0-0", "0-1", "1-0", "2-0", "2-1"]  # no "id" column: row index
-    assert corpus.image_ids == ["1000", "1000", "1001", "1002", "1002"]
-    image = corpus[3].image
-    assert isinstance(image, Image.Image) and load_image(image).getpixel((0, 0))[0] == 120
-    assert snapshot(hf_captions) == before
-    with pytest.raises(ValueError, match="has no split 'train'; known splits: test"):
-        read_captions_datasets(str(hf_captions), "train", columns)
-    with pytest.raises(
-        ValueError,
-        match=r"column 'text' \(columns.caption\) not found; available columns: caption, image, img_id",
-    ):
-        read_captions_datasets(str(hf_captions), "test", ColumnMapping(caption="text"))
-
-
-def test_datasets_scalar_captions_and_bad_caption(tmp_path: Path) -> None:
-    import datasets
-
-    datasets.Dataset.from_dict(
-        {"caption": ["a cat", "a dog"], "id": [10, 11], "image": ["c.jpg", "d.jpg"]}
-    ).save_to_disk(str(tmp_path / "d"))
-    corpus = read_captions_datasets(
-        str(tmp_path / "d"), columns=ColumnMapping(), image_root="/data"
-    )
-    assert corpus.ids == [10, 11] and corpus.image_ids == ["c.jpg", "d.jpg"]
-    assert corpus[1].image == "/data/d.jpg"
-    datasets.Dataset.from_dict({"caption": ["a cat", "   "]}).save_to_disk(str(tmp_path / "bad"))
-    with pytest.raises(ValueError, match=r"datasets dataset '.*bad' row 1: the caption is empty"):
-        read_captions_datasets(str(tmp_path / "bad"))
-
-
-# --------------------------------------------------------------------------- load_captions
-
-
-def test_load_captions_dispatch(tmp_path: Path, hf_captions: Path) -> None:
-    coco = write_json(tmp_path / "captions_val2014.json", coco_captions_json())
-    karpathy = write_json(tmp_path / "dataset_coco.json", karpathy_json("coco"))
-    jsonl = tmp_path / "c.jsonl"
-    jsonl.write_text(json.dumps({"caption": "a cat"}) + "\n")
-    text = tmp_path / "c.txt"
-    text.write_text("a cat\na dog\n")
-
-    assert len(load_captions(CaptionDataConfig(source="coco", path=str(coco)))) == 4
-    k = CaptionDataConfig(source="karpathy", path=str(karpathy), images=str(tmp_path))
-    assert len(load_captions(k)) == 3  # cfg.splits: train + restval
-    assert load_captions(k, split="test").image_ids == [11, 11]  # split overrides cfg.splits
-    assert len(load_captions(k, split=["val", "test"])) == 3
-    assert load_captions(CaptionDataConfig(source="jsonl", path=str(jsonl))).texts == ["a cat"]
-    assert load_captions(CaptionDataConfig(source="text", path=str(text))).ids == [1, 2]
-    hf = CaptionDataConfig(
-        source="datasets", path=str(hf_captions), columns=ColumnMapping(image_id="img_id")
-    )
-    assert len(load_captions(hf, split="test")) == 5
-
-    easy = load_captions(CaptionDataConfig())  # default: easy_vqa train
-    assert len(easy) == 4000 and easy.source == "easy_vqa" and easy.ids[0] == "easyvqa-train-0"
-    assert easy[0].caption == "a blue rectangle" and Path(easy[0].image).is_file()
-    assert len(load_captions(CaptionDataConfig(), split="test")) == 1000
-
-    with pytest.raises(
-        ValueError, match="unknown easy-vqa caption split 'val'; known splits: train, test"
-    ):
-        load_captions(CaptionDataConfig(), split="val")
-    with pytest.raises(
-        ValueError, match=r"caption source 'coco' has no splits \(got split='val'\)"
-    ):
-        load_captions(CaptionDataConfig(source="coco", path=str(coco)), split="val")
-    with pytest.raises(ValueError, match="captions source is 'text' but its 'path' is not set"):
-        load_captions(CaptionDataConfig(source="text"))
-    with pytest.raises(ValueError, match=r"unknown Karpathy split\(s\) \['dev'\]"):
-        load_captions(k, split="dev")
+from rvqa.data import CaptionCorpus, CaptionRecord, VQADataset, VQARecord
+from rvqa.data.captions import CaptionColumns, UniqueIds, caption_text
+from rvqa.data.lazy import LazyRecords
+from rvqa.errors import DataFormatError
 
 
 def test_corpus_slicing_and_records() -> None:
@@ -330,3 +21,65 @@ def test_corpus_slicing_and_records() -> None:
     assert corpus[-1] == recs[1]
     with pytest.raises(IndexError):
         corpus[2]
+
+
+def test_corpus_negative_indices_and_index_errors() -> None:
+    recs = [CaptionRecord("a", 1), CaptionRecord("b", 2), CaptionRecord("c", 3)]
+    corpus = CaptionCorpus.from_records(recs)
+    assert [corpus[i] for i in (-3, -2, -1)] == recs
+    assert list(corpus[::-1]) == recs[::-1] and list(corpus[5:]) == []
+    with pytest.raises(IndexError, match=r"^caption index -4 out of range for 3 captions$"):
+        corpus[-4]
+    with pytest.raises(
+        TypeError, match="^CaptionCorpus indices must be integers or slices, not str$"
+    ):
+        corpus["a"]
+
+
+def test_corpus_shares_the_lazy_sequence_base_with_vqa_dataset() -> None:
+    question = VQARecord(1, "q?", "a.png", 7)
+    for seq, record in (
+        (CaptionCorpus.from_records([CaptionRecord("a", 1)]), CaptionRecord("a", 1)),
+        (VQADataset.from_records([question]), question),
+    ):
+        assert isinstance(seq, LazyRecords) and isinstance(seq, Sequence)
+        assert seq[0] == seq[-1] == record and list(seq) == [record] and record in seq
+        assert seq.index(record) == 0 and seq.count(record) == 1
+
+
+def test_caption_text_checks_and_strips() -> None:
+    assert caption_text("  a red bus \n", "f: line 3") == "a red bus"
+    with pytest.raises(DataFormatError, match=r"^f: line 3: the caption must be a string, got 7$"):
+        caption_text(7, "f: line 3")
+    with pytest.raises(
+        DataFormatError, match=r"^f: line 3: the caption is empty or whitespace only$"
+    ):
+        caption_text(" \t", "f: line 3")
+
+
+def test_unique_ids_name_both_records() -> None:
+    ids = UniqueIds()
+    ids.add(5, "f: line 1")
+    ids.add("5", "f: line 2")  # a string and an integer are different ids
+    with pytest.raises(
+        DataFormatError, match=r"^f: line 9: duplicate caption id 5 \(also at f: line 1\)$"
+    ):
+        ids.add(5, "f: line 9")
+    with pytest.raises(DataFormatError, match="caption id must be an integer or string, got None"):
+        ids.add(None, "f: line 4")
+
+
+def test_caption_columns_check_collect_and_wrap() -> None:
+    out = CaptionColumns()
+    out.add(" a cat ", 1, "f: line 1", image_id=7, image="/img/7.jpg")
+    out.add("a dog", "x", "f: line 2")
+    corpus = out.corpus(source="jsonl", location="f")
+    assert len(out) == 2 and corpus.source == "jsonl" and corpus.location == "f"
+    assert list(corpus) == [
+        CaptionRecord("a cat", 1, 7, "/img/7.jpg"),
+        CaptionRecord("a dog", "x", None, None),
+    ]
+    with pytest.raises(DataFormatError, match=r"^f: line 3: duplicate caption id 1"):
+        out.add("a bird", 1, "f: line 3")
+    with pytest.raises(DataFormatError, match=r"^f: line 4: the caption is empty"):
+        out.add("", 4, "f: line 4")

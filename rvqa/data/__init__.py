@@ -7,35 +7,38 @@ This layer depends on neither model package and does not import torch:
 * :func:`load_image` — paths, PIL images, arrays → RGB PIL images.
 * :func:`load_vqa` — a run config's VQA split → :class:`VQADataset` of :class:`VQARecord`.
 * :func:`load_captions` — a run config's captions → :class:`CaptionCorpus` of :class:`CaptionRecord`.
+
+Malformed data is a :class:`rvqa.errors.DataFormatError` (a ``ValueError``)
+naming the file or dataset and the record.
 """
 
-from rvqa.data.captions import (
+from rvqa.data.caption_files import (
     KARPATHY_SPLITS,
-    SOURCE_SPLITS,
-    CaptionCorpus,
-    has_split,
-    load_caption_split,
-    load_captions,
-    read_captions_datasets,
     read_coco_captions,
     read_jsonl_captions,
     read_karpathy_captions,
     read_text_captions,
 )
-from rvqa.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, image_key, load_image
-from rvqa.data.records import CaptionRecord, VQARecord
-from rvqa.data.splits import holdout_by_image
-from rvqa.data.vqa import (
+from rvqa.data.captions import CaptionCorpus
+from rvqa.data.easy_vqa import (
     EASY_VQA_SPLITS,
-    VQADataset,
-    coco_image_name,
     easy_vqa_captions,
     easy_vqa_question_type,
-    load_vqa,
     read_easy_vqa,
-    read_vqa_datasets,
-    read_vqa_files,
 )
+from rvqa.data.hf_datasets import read_captions_datasets, read_vqa_datasets
+from rvqa.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, image_key, load_image
+from rvqa.data.official import coco_image_name, read_vqa_files
+from rvqa.data.records import CaptionRecord, VQARecord
+from rvqa.data.sources import (
+    SOURCE_SPLITS,
+    has_split,
+    load_caption_split,
+    load_captions,
+    load_vqa,
+)
+from rvqa.data.splits import holdout_by_image
+from rvqa.data.vqa import VQADataset
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",

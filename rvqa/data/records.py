@@ -14,7 +14,10 @@ from typing import TYPE_CHECKING, Union
 if TYPE_CHECKING:  # pragma: no cover
     from PIL.Image import Image as PILImage
 
-__all__ = ["VQARecord", "CaptionRecord", "ImageRef"]
+__all__ = ["VQARecord", "CaptionRecord", "ImageRef", "NUM_HUMAN_ANSWERS"]
+
+NUM_HUMAN_ANSWERS = 10
+"""Human answers per question in VQAv2 and OK-VQA; single-answer sources repeat theirs this often."""
 
 ImageRef = Union[str, "PILImage"]
 """An image reference: normally a file path; a decoded PIL image for ``datasets`` sources."""
@@ -32,8 +35,8 @@ class VQARecord:
             :func:`rvqa.data.images.load_image` to get RGB pixels.
         image_id: Id of the image (COCO id, easy-vqa id, ...); questions about the
             same picture share it.
-        answers: The human answers in their original order (10 for VQAv2 and
-            OK-VQA), or ``None`` when the split has no annotations (e.g. test-dev).
+        answers: The human answers in their original order (:data:`NUM_HUMAN_ANSWERS` for
+            VQAv2 and OK-VQA), or ``None`` when the split has no annotations (e.g. test-dev).
         question_type: The source's question type (VQAv2: the leading words,
             e.g. ``"what color is the"``), or ``None`` when unknown.
         answer_type: ``"yes/no"``, ``"number"`` or ``"other"`` (VQAv2 names), or
