@@ -17,9 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rvqa.config import load_config
 from rvqa.retriever.modeling import RetrieverModel
-from rvqa.retriever.train import build_retriever
 
 
 def _time(fn, repeats: int) -> float:
@@ -46,7 +44,7 @@ def main() -> None:
     model: RetrieverModel = (
         RetrieverModel.from_pretrained(args.model)
         if args.model
-        else build_retriever(load_config(None))
+        else RetrieverModel.from_backbones()
     )
     model.eval()
     colors = ["red", "green", "blue", "yellow", "teal", "gray", "brown", "black"]

@@ -7,7 +7,12 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
+from rvqa.config import ReaderSettings
 from rvqa.towers import config_from_dict
+
+# The defaults of the fields a run also sets are ReaderSettings' (one place, the demo's
+# values): a reader built without settings is the reader the demo trains.
+_S = ReaderSettings
 
 SOFT_TARGET_RULES = ("min3", "loo")
 
@@ -20,6 +25,12 @@ class ReaderConfig(PretrainedConfig):
     ... caption_k [SEP]`` followed by projected visual tokens, and an MLP on the
     ``[CLS]`` state scores every answer of the vocabulary.
 
+    Every field that :class:`rvqa.config.ReaderSettings` also has takes its default
+    from there (the demo's values), except ``vision_backbone``: it names where the
+    image weights came from, and a config built by hand has no retriever tower, so
+    its default is ``"cnn"`` (from scratch). A saved ``config.json`` holds every
+    field, so a saved model never depends on these defaults.
+
     Args:
         text_config: Config dict (with ``model_type``) of a BERT-like encoder that
             has ``embeddings`` and ``encoder`` modules (BERT, MiniLM, RoBERTa, ELECTRA...).
@@ -30,7 +41,9 @@ class ReaderConfig(PretrainedConfig):
             the packaged all-MiniLM-L6-v2).
         vision_backbone: Name the image weights came from (``"cnn"`` = from
             scratch, ``"retriever"`` = the retriever's image tower).
-        image_size: Side length the image processor resizes to.
+        image_size: Side length the small CNN's image processor resizes to. For a
+            transformers vision checkpoint its own image processor decides the size
+            and this value is only recorded.
         visual_grid: Square patch grids (ViT/CLIP/CNN) are average-pooled to
             ``visual_grid × visual_grid`` tokens (a leading CLS token is kept), which
             keeps the joint sequence short; ``None`` uses the tower's tokens as they are.
@@ -57,25 +70,25 @@ class ReaderConfig(PretrainedConfig):
 
     # `top_k` is also a generation parameter name; PreTrainedConfig refuses to save
     # those unless they are declared fields of the config class, so declare it.
-    top_k: int = 5
+    top_k: int = _S.top_k
 
     def __init__(
         self,
         text_config: dict | None = None,
         vision_config: dict | None = None,
-        text_backbone: str = "minilm",
+        text_backbone: str = _S.text_backbone,
         vision_backbone: str = "cnn",
-        image_size: int = 64,
-        visual_grid: int | None = 4,
+        image_size: int = _S.image_size,
+        visual_grid: int | None = _S.visual_grid,
         max_visual_tokens: int = 64,
-        top_k: int = 5,
-        max_question_length: int = 16,
-        max_caption_length: int = 10,
-        use_retrieval_scores: bool = True,
+        top_k: int = _S.top_k,
+        max_question_length: int = _S.max_question_length,
+        max_caption_length: int = _S.max_caption_length,
+        use_retrieval_scores: bool = _S.use_retrieval_scores,
         classifier_hidden: int | None = None,
         dropout: float = 0.1,
-        freeze_vision: bool = False,
-        freeze_word_embeddings: bool = False,
+        freeze_vision: bool = _S.freeze_vision,
+        freeze_word_embeddings: bool = _S.freeze_word_embeddings,
         answers: Sequence[str] | None = None,
         soft_target_rule: str = "min3",
         initializer_range: float = 0.02,
@@ -151,4 +164,5 @@ def _check_int(name: str, value: Any, low: int) -> None:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
+# The one registration of ReaderConfig (the model class is registered in modeling.py).
 AutoConfig.register(ReaderConfig.model_type, ReaderConfig, exist_ok=True)

@@ -20,7 +20,6 @@ weakly matching caption. ``k = 0`` (no retrieval) is the same model reading
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from collections.abc import Sequence
@@ -30,11 +29,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import AutoModel, PreTrainedModel
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import ModelOutput
 
-from rvqa.config import ReaderSettings
+from rvqa.config import ReaderSettings, model_options
 from rvqa.reader.configuration import ReaderConfig
 from rvqa.towers import (
     build_tower,
@@ -48,8 +47,8 @@ logger = logging.getLogger(__name__)
 
 # Options from_backbones takes (from a ReaderSettings or as keyword arguments) besides
 # the ReaderConfig fields it does not fill itself.
-_BUILD_KEYS = ("text_backbone", "vision_backbone", "num_text_layers", "cnn_hidden_sizes")
-_FILLED_KEYS = ("self", "kwargs", "answers", "text_config", "vision_config")
+_BUILD_KEYS = ("num_text_layers", "cnn_hidden_sizes")
+_FILLED_KEYS = ("answers", "text_config", "vision_config")
 
 
 @dataclass
@@ -165,8 +164,9 @@ class ReaderModel(PreTrainedModel):
         Args:
             answers: The answer vocabulary (e.g. ``AnswerVocab.answers``).
             settings: A :class:`rvqa.config.ReaderSettings` (or any object): its
-                attributes named like an option below are used; ``None`` = the
-                ``ReaderSettings`` defaults.
+                attributes named like an option below are used (training fields are
+                not); ``None`` or a missing attribute = the ``ReaderSettings`` default
+                (see :func:`rvqa.config.model_options`, shared with the retriever).
             vision_tower: An existing image tower (e.g. ``retriever.vision_model``) whose
                 config and weights the reader starts from; required when
                 ``vision_backbone == "retriever"``.
@@ -181,24 +181,21 @@ class ReaderModel(PreTrainedModel):
             ValueError: ``vision_backbone="retriever"`` without ``vision_tower``, or a
                 backbone that cannot be loaded.
         """
-        if settings is None:
-            settings = ReaderSettings()
-        config_keys = set(inspect.signature(ReaderConfig.__init__).parameters)
-        known = (config_keys - set(_FILLED_KEYS)) | set(_BUILD_KEYS)
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise TypeError(
-                f"unknown reader option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
-        # Settings fields named like a known option are used (training fields are not).
-        opts = {k: getattr(settings, k) for k in sorted(known) if hasattr(settings, k)}
-        opts.update(overrides)
-        text_backbone = opts.pop("text_backbone", "minilm")
-        vision_backbone = opts.pop("vision_backbone", "cnn")
-        num_text_layers = opts.pop("num_text_layers", None)
-        cnn_hidden_sizes = opts.pop("cnn_hidden_sizes", None)
-        image_size = opts.setdefault("image_size", 64)
-        grid = opts.setdefault("visual_grid", 4)
+        opts = model_options(
+            settings,
+            ReaderSettings,
+            ReaderConfig,
+            overrides,
+            build_keys=_BUILD_KEYS,
+            filled_keys=_FILLED_KEYS,
+            what="reader",
+        )
+        text_backbone = opts.pop("text_backbone")
+        vision_backbone = opts.pop("vision_backbone")
+        num_text_layers = opts.pop("num_text_layers")
+        cnn_hidden_sizes = opts.pop("cnn_hidden_sizes")
+        image_size = opts["image_size"]
+        grid = opts["visual_grid"]
 
         if vision_tower is not None:
             vision_config = vision_tower.config.to_dict()
@@ -489,4 +486,3 @@ def _visual_token_bound(vision_config: dict, grid: int | None, image_size: int) 
 
 
 AutoModel.register(ReaderConfig, ReaderModel, exist_ok=True)
-AutoConfig.register(ReaderConfig.model_type, ReaderConfig, exist_ok=True)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer, BatchEncoding
 
+from rvqa.config import ReaderSettings
 from rvqa.towers import load_image_processor, load_tokenizer, small_cnn_processor
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,8 @@ class ReaderProcessor:
         tokenizer: A ``transformers`` tokenizer of the reader's text backbone.
         image_processor: A ``transformers`` image processor (``None``: text only;
             pass ``pixel_values`` yourself).
-        max_question_length: Question tokens kept, excluding ``[CLS]``/``[SEP]``.
+        max_question_length: Question tokens kept, excluding ``[CLS]``/``[SEP]``
+            (default: ``ReaderSettings``', like ``ReaderConfig``'s).
         max_caption_length: Tokens kept per caption, excluding its ``[SEP]``.
         cache_size: Distinct strings whose token ids are kept; the cache is emptied
             when it grows past this.
@@ -46,8 +48,8 @@ class ReaderProcessor:
         self,
         tokenizer: Any,
         image_processor: Any = None,
-        max_question_length: int = 16,
-        max_caption_length: int = 10,
+        max_question_length: int = ReaderSettings.max_question_length,
+        max_caption_length: int = ReaderSettings.max_caption_length,
         cache_size: int = 200_000,
     ):
         for name, value in (

@@ -21,9 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer, PreTrainedModel
+from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, PreTrainedModel
 from transformers.utils import ModelOutput
 
+from rvqa.config import RetrieverSettings, model_options
 from rvqa.data.images import load_image
 from rvqa.retriever.configuration import RetrieverConfig
 from rvqa.retriever.losses import retrieval_loss
@@ -40,6 +41,11 @@ from rvqa.towers import (
 logger = logging.getLogger(__name__)
 
 REQUIRED_FILES = ("config.json", "model.safetensors")
+
+# Options from_backbones takes (from a RetrieverSettings or as keyword arguments) besides
+# the RetrieverConfig fields it does not fill itself.
+_BUILD_KEYS = ("num_text_layers", "cnn_hidden_sizes")
+_FILLED_KEYS = ("vision_config", "text_config")
 
 
 @dataclass
@@ -154,31 +160,55 @@ class RetrieverModel(PreTrainedModel):
     @classmethod
     def from_backbones(
         cls,
-        vision_backbone: str = "cnn",
-        text_backbone: str = "minilm",
+        settings: Any | None = None,
         *,
         load_weights: bool = True,
-        grid_size: int | None = 4,
-        num_text_layers: int | None = None,
-        **config_kwargs: Any,
+        **overrides: Any,
     ) -> RetrieverModel:
         """Build from named backbones, with their pretrained weights and processors.
 
+        The same mechanism as :meth:`rvqa.reader.modeling.ReaderModel.from_backbones`
+        (:func:`rvqa.config.model_options`); ``RetrieverModel.from_backbones(cfg.retriever)``
+        is what ``rvqa train-retriever`` trains.
+
         Args:
-            vision_backbone: ``"cnn"`` (from scratch) or a transformers vision checkpoint.
-            text_backbone: ``"minilm"`` (packaged, offline) or a transformers checkpoint.
+            settings: A :class:`rvqa.config.RetrieverSettings` (or any object): its
+                attributes named like an option below are used (training fields are
+                not); ``None`` or a missing attribute = the ``RetrieverSettings``
+                default (so the vse_max warm-up is on by default).
             load_weights: Load pretrained tower weights (False: random init, for tests).
-            grid_size: CNN feature grid (tokens per side).
-            num_text_layers: Keep only the first N text layers.
-            **config_kwargs: Further :class:`RetrieverConfig` fields.
+            **overrides: Options that win over ``settings``: ``num_text_layers`` (keep
+                the first N text layers), ``cnn_hidden_sizes`` (small CNN stages) and
+                any :class:`RetrieverConfig` field except ``vision_config`` /
+                ``text_config`` (e.g. ``vision_backbone``, ``text_backbone``, ``loss``).
+
+        Raises:
+            TypeError: An unknown override name (named), or ``settings`` given as a
+                string (backbone names are keywords: ``vision_backbone="cnn"``).
+            ValueError: A backbone that cannot be loaded, or an invalid config value.
         """
-        image_size = config_kwargs.get("image_size", 64)
+        opts = model_options(
+            settings,
+            RetrieverSettings,
+            RetrieverConfig,
+            overrides,
+            build_keys=_BUILD_KEYS,
+            filled_keys=_FILLED_KEYS,
+            what="retriever",
+        )
+        num_text_layers = opts.pop("num_text_layers")
+        cnn_hidden_sizes = opts.pop("cnn_hidden_sizes")
+        vision_backbone, text_backbone = opts["vision_backbone"], opts["text_backbone"]
+        image_size = opts["image_size"]
+        # The CNN's natural grid: the retriever pools the whole feature map anyway.
+        vision_config = vision_config_from_name(vision_backbone, image_size, grid_size=None)
+        if vision_config["model_type"] == "rvqa-small-cnn" and cnn_hidden_sizes is not None:
+            vision_config["hidden_sizes"] = list(cnn_hidden_sizes)
+            vision_config["hidden_size"] = cnn_hidden_sizes[-1]
         config = RetrieverConfig(
-            vision_config=vision_config_from_name(vision_backbone, image_size, grid_size),
+            vision_config=vision_config,
             text_config=text_config_from_name(text_backbone, num_text_layers),
-            vision_backbone=vision_backbone,
-            text_backbone=text_backbone,
-            **config_kwargs,
+            **opts,
         )
         model = cls(config)
         if load_weights:
@@ -407,5 +437,4 @@ def _check_texts(texts: Sequence[Any]) -> None:
             raise ValueError(f"caption {i} is empty")
 
 
-AutoConfig.register(RetrieverConfig.model_type, RetrieverConfig, exist_ok=True)
 AutoModel.register(RetrieverConfig, RetrieverModel, exist_ok=True)

@@ -22,59 +22,14 @@ from rvqa.config import RunConfig, save_config
 from rvqa.data import has_split, holdout_by_image, load_caption_split
 from rvqa.io import write_text_atomic
 from rvqa.pixels import PixelCache
-from rvqa.retriever.configuration import RetrieverConfig
 from rvqa.retriever.data import PairCollator, PairDataset
 from rvqa.retriever.evaluation import evaluate_retriever
 from rvqa.retriever.modeling import RetrieverModel
-from rvqa.towers import (
-    load_image_processor,
-    load_tokenizer,
-    load_tower_weights,
-    text_config_from_name,
-    vision_config_from_name,
-)
 from rvqa.training import TrainResult, make_accelerator, run_signature, train
 
 logger = logging.getLogger(__name__)
 
 CACHE_LIMIT_BYTES = 2 * 1024**3
-
-
-def build_retriever(cfg: RunConfig, load_weights: bool = True) -> RetrieverModel:
-    """A fresh retriever from the run config's named backbones."""
-    s = cfg.retriever
-
-    vision_config = vision_config_from_name(s.vision_backbone, s.image_size, grid_size=None)
-    if s.vision_backbone == "cnn":
-        vision_config["hidden_sizes"] = list(s.cnn_hidden_sizes)
-        vision_config["hidden_size"] = s.cnn_hidden_sizes[-1]
-    config = RetrieverConfig(
-        vision_config=vision_config,
-        text_config=text_config_from_name(s.text_backbone, s.num_text_layers),
-        vision_backbone=s.vision_backbone,
-        text_backbone=s.text_backbone,
-        vision_pooling=s.vision_pooling,
-        text_pooling=s.text_pooling,
-        embed_dim=s.embed_dim,
-        projection=s.projection,
-        image_size=s.image_size,
-        max_caption_length=s.max_caption_length,
-        loss=s.loss,
-        margin=s.margin,
-        max_violation_warmup=s.max_violation_warmup * s.gradient_accumulation_steps,
-        init_temperature=s.temperature,
-        freeze_vision=s.freeze_vision,
-        freeze_text=s.freeze_text,
-        augment=s.augment,
-    )
-    model = RetrieverModel(config)
-    if load_weights:
-        load_tower_weights(model.vision_model, s.vision_backbone, text=False)
-        load_tower_weights(model.text_model, s.text_backbone, text=True)
-        model.apply_freezing()
-    model.tokenizer = load_tokenizer(s.text_backbone)
-    model.image_processor = load_image_processor(s.vision_backbone, s.image_size)
-    return model
 
 
 def train_retriever(
@@ -89,8 +44,9 @@ def train_retriever(
     Args:
         cfg: The run config (``retriever`` section and its ``captions`` source).
         resume: Continue from the newest (or the given) checkpoint.
-        model: A pre-built model (tests pass tiny random ones); default: built from
-            the config's named backbones with pretrained weights.
+        model: A pre-built model (tests pass tiny random ones); default:
+            ``RetrieverModel.from_backbones(cfg.retriever)`` (the named backbones with
+            their pretrained weights).
         end_training: Tear down the process group at the end.
 
     Returns:
@@ -120,7 +76,7 @@ def train_retriever(
     )
 
     set_seed(s.seed)  # the same config gives the same initial weights
-    model = model if model is not None else build_retriever(cfg)
+    model = model if model is not None else RetrieverModel.from_backbones(s)
     processor = model.image_processor
     n_images = len({str(r.image_id) for r in train_records})
     cache_ok = PixelCache.nbytes(n_images, s.image_size) <= CACHE_LIMIT_BYTES

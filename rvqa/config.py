@@ -1,10 +1,22 @@
 """Run settings: dataclasses loaded from YAML, with ``--set key=value`` overrides.
 
-Every default lives here, once. A YAML file only states what differs from these
-defaults; ``configs/demo.yaml`` is almost empty because the defaults *are* the
-offline CPU demo. Unknown keys are an error naming the key and the file, and
-values are type-checked against the dataclass annotations, so a typo such as
-``reader.learnig_rate`` never silently does nothing.
+Every run-setting default lives here, once. A YAML file only states what differs
+from these defaults; ``configs/demo.yaml`` is almost empty because the defaults
+*are* the offline CPU demo. Unknown keys are an error naming the key and the
+file, and values are type-checked against the dataclass annotations, so a typo
+such as ``reader.learnig_rate`` never silently does nothing.
+
+Settings that the saved models also need (``top_k``, token budgets, poolings,
+loss, freezing...) are stored in the model configs
+(:class:`~rvqa.retriever.configuration.RetrieverConfig`,
+:class:`~rvqa.reader.configuration.ReaderConfig`) and in
+:class:`~rvqa.reader.processing.ReaderProcessor`; their ``__init__`` defaults
+*read* the field defaults of :class:`RetrieverSettings` / :class:`ReaderSettings`,
+so a model built without settings is the demo's model and no value is stated
+twice (``tests/test_defaults.py`` walks every shared field). The settings keep
+concrete values (not ``None`` = "the model's default") so that ``rvqa config``
+shows what a run will use. The defaults of the backbones themselves (a
+``BertConfig``, the small CNN's ``SmallCNNConfig``) are the backbones' own.
 
 Example:
     >>> cfg = load_config("configs/tiny.yaml", overrides=["reader.learning_rate=3e-4"])
@@ -15,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import types
 import typing
@@ -42,6 +55,8 @@ __all__ = [
     "config_to_dict",
     "apply_overrides",
     "save_config",
+    "model_options",
+    "RENAMED_KEYS",
 ]
 
 
@@ -152,16 +167,24 @@ class RetrieverSettings(TrainSettings):
     embed_dim: int = 256
     projection: Literal["linear", "mlp"] = "linear"
     image_size: int = 64
+    """Side length of the small CNN's input (vision_backbone='cnn'). A transformers
+    checkpoint's own image processor decides its input size: there this value is only
+    recorded in the model config and used to estimate the pixel cache's memory, so set
+    it to the checkpoint's size (e.g. 224)."""
     max_caption_length: int = 16
     freeze_vision: bool = False
     freeze_text: bool = True
-    """The demo keeps the packaged MiniLM frozen (its caption features are computed once)."""
+    """The demo keeps the packaged MiniLM frozen (it is not trained)."""
     loss: Literal["vse_max", "vse_sum", "infonce"] = "vse_max"
     margin: float = 0.2
     max_violation_warmup: int = 100
-    """vse_max: use the sum of hinges for the first N steps (avoids the VSE++ collapse)."""
-    temperature: float = 0.07
-    """Initial InfoNCE temperature (learned)."""
+    """vse_max: the first N training forward passes (micro-batches: with
+    gradient_accumulation_steps=G that is N / G optimizer steps) use the sum of hinges,
+    which avoids the VSE++ collapse. The unit is the one the model counts and saves."""
+    init_temperature: float = 0.07
+    """Initial InfoNCE temperature (then learned). The same name as the model config's
+    field; older run folders' config.yaml call it ``temperature``, which is still read
+    (see ``RENAMED_KEYS``)."""
     augment: bool = True
     """Random flips and small shifts of training images."""
     cache_images: bool | None = None
@@ -208,8 +231,8 @@ class IndexSettings:
 class ReaderSettings(TrainSettings):
     """The retrieval-augmented multimodal reader and its training (defaults: the CPU demo).
 
-    The demo reader reuses the trained retriever's image tower, frozen (its features
-    are computed once per image), and the first 2 layers of the packaged MiniLM with
+    The demo reader reuses the trained retriever's image tower, frozen (not trained,
+    kept in eval mode), and the first 2 layers of the packaged MiniLM with
     frozen word embeddings: one epoch of easy-vqa in a few minutes on 2 cores.
     """
 
@@ -224,9 +247,13 @@ class ReaderSettings(TrainSettings):
     cnn_hidden_sizes: list[int] | None = None
     """Channels of the small CNN's stages (vision_backbone='cnn'); None = [32, 64, 128, 128]."""
     freeze_vision: bool = True
-    """Keep the image tower fixed (its features are then computed once per image)."""
+    """Keep the image tower fixed (not trained; kept in eval mode, so no dropout or
+    BatchNorm updates)."""
     freeze_word_embeddings: bool = True
     image_size: int = 64
+    """Side length of the small CNN's input (vision_backbone='cnn'). With 'retriever' the
+    retriever's image processor decides the input size, with a transformers checkpoint
+    its own image processor: there this value is only recorded in the model config."""
     visual_grid: int = 2
     """Visual tokens per side for CNN features (grid × grid tokens)."""
     top_k: int = 3
@@ -255,6 +282,75 @@ class RunConfig:
     retriever: RetrieverSettings = field(default_factory=RetrieverSettings)
     index: IndexSettings = field(default_factory=IndexSettings)
     reader: ReaderSettings = field(default_factory=ReaderSettings)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def model_options(
+    settings: Any,
+    defaults: type,
+    config_class: type,
+    overrides: dict[str, Any],
+    *,
+    build_keys: tuple[str, ...] = (),
+    filled_keys: tuple[str, ...] = (),
+    what: str = "model",
+) -> dict[str, Any]:
+    """The options a model's ``from_backbones`` builds with: settings, then overrides.
+
+    One mechanism for the retriever and the reader. The known options are the
+    parameters of ``config_class.__init__`` (minus ``filled_keys``, which the builder
+    fills itself) plus ``build_keys`` (options of the build that are not config fields,
+    e.g. ``num_text_layers``). Attributes of ``settings`` named like a known option
+    are used (training fields are not); ``overrides`` win over them.
+
+    Args:
+        settings: A settings object (e.g. :class:`ReaderSettings`) or ``None`` for
+            ``defaults()``. An object that lacks an option gets the ``defaults``
+            class's value for it, or, for a config field that ``defaults`` does not
+            have, the config's own default.
+        defaults: The settings dataclass whose field defaults are the defaults.
+        config_class: The model's ``PretrainedConfig`` class.
+        overrides: Keyword arguments of ``from_backbones``.
+        build_keys: Options that are not ``config_class`` fields.
+        filled_keys: ``config_class`` fields the builder sets itself.
+        what: The model's name, for error messages.
+
+    Returns:
+        Option name -> value (config fields and build keys).
+
+    Raises:
+        TypeError: An override that is not a known option (named, with the known
+            ones), or ``settings`` that is a string or a mapping.
+    """
+    params = inspect.signature(config_class.__init__).parameters
+    config_keys = {
+        name
+        for name, p in params.items()
+        if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    }
+    known = (config_keys - set(filled_keys)) | set(build_keys)
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(
+            f"unknown {what} option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    if isinstance(settings, (str, bytes, dict)):
+        raise TypeError(
+            f"settings must be a {defaults.__name__} (or an object with such attributes) or "
+            f"None, got {type(settings).__name__} {settings!r}; pass options as keywords, "
+            f"e.g. vision_backbone=..."
+        )
+    base = defaults()
+    opts = {}
+    for key in sorted(known):
+        if settings is not None and hasattr(settings, key):
+            opts[key] = getattr(settings, key)
+        elif hasattr(base, key):
+            opts[key] = getattr(base, key)
+    opts.update(overrides)
+    return opts
 
 
 # --------------------------------------------------------------------------- loading
@@ -337,9 +433,18 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported config type {tp!r}")  # pragma: no cover
 
 
+# Keys renamed since run folders were first written: section class -> {old: new}. A
+# run folder's saved config.yaml (read again by `rvqa evaluate --model RUN`) keeps
+# loading; giving both names is an error.
+RENAMED_KEYS: dict[type, dict[str, str]] = {
+    RetrieverSettings: {"temperature": "init_temperature"},
+}
+
+
 def _build(cls: type, data: dict, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    data = _renamed(cls, data, where)
     kwargs = {}
     for key, value in data.items():
         if key not in names:
@@ -351,6 +456,22 @@ def _build(cls: type, data: dict, where: str) -> Any:
             )
         kwargs[key] = _convert(value, hints[key], f"{where}.{key}" if where else key)
     return cls(**kwargs)
+
+
+def _renamed(cls: type, data: dict, where: str) -> dict:
+    renames = RENAMED_KEYS.get(cls)
+    if not renames or not any(k in data for k in renames):
+        return data
+    data = dict(data)
+    for old, new in renames.items():
+        if old in data:
+            prefix = where + "." if where else ""
+            if new in data:
+                raise ConfigError(
+                    f"{prefix}{old} is the old name of {prefix}{new}; give only {prefix}{new}"
+                )
+            data[new] = data.pop(old)
+    return data
 
 
 def _similar(a: str, b: str) -> bool:

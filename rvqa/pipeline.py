@@ -110,7 +110,7 @@ class RVQA:
         reader: Any,
         processor: Any,
         *,
-        top_k: int = 5,
+        top_k: int | None = None,
         device: str | torch.device | None = None,
         run_dir: str | Path | None = None,
     ):
@@ -120,7 +120,7 @@ class RVQA:
         self.processor = processor
         self.answers = list(reader.config.answers)
         self.max_top_k = _max_top_k(self.reader, processor)
-        self.default_top_k = _check_top_k(top_k)
+        self.default_top_k = _check_top_k(reader.config.top_k if top_k is None else top_k)
         if self.max_top_k is not None and self.default_top_k > self.max_top_k:
             logger.warning(
                 "top_k=%d may not fit the reader's text (at most %d captions always fit)",

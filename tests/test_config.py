@@ -112,3 +112,21 @@ def test_cli_config_and_errors(capsys):
     assert main(["config", "--set", "reader.nope=1"]) == 1
     err = capsys.readouterr().err
     assert err.strip() == "rvqa config: error: override 'reader.nope=1': unknown key 'reader.nope'"
+
+
+def test_renamed_key_of_older_run_folders_still_loads(tmp_path):
+    # A run folder's config.yaml written before `retriever.temperature` was renamed
+    # `init_temperature` (the model config's name): `rvqa evaluate --model RUN` reads it.
+    path = tmp_path / "config.yaml"
+    path.write_text("retriever:\n  temperature: 0.05\n  margin: 0.3\n")
+    cfg = load_config(path)
+    assert cfg.retriever.init_temperature == pytest.approx(0.05)
+    assert cfg.retriever.margin == pytest.approx(0.3)
+    assert "temperature" not in config_to_dict(cfg)["retriever"]
+    path.write_text("retriever:\n  temperature: 0.05\n  init_temperature: 0.1\n")
+    with pytest.raises(
+        ConfigError,
+        match=r"retriever\.temperature is the old name of retriever\.init_temperature; "
+        r"give only retriever\.init_temperature",
+    ):
+        load_config(path)

@@ -34,7 +34,9 @@ def tiny_retriever(loss="vse_max", embed_dim=16, projection="linear", **kw) -> R
         projection=projection,
         image_size=32,
         max_caption_length=12,
-        **kw,
+        # (trainable towers, no augmentation: the model these tests were written for,
+        # not the demo's defaults)
+        **{"freeze_text": False, "augment": False, **kw},
     )
     torch.manual_seed(0)
     model = RetrieverModel(cfg)
