@@ -87,6 +87,14 @@ def build_index_from_config(
             ``efSearch``/``nprobe`` on instead of proxy queries.
         overwrite: Replace an existing folder.
         split: Caption split (easy_vqa: train/test; karpathy: a split name).
+
+    Returns:
+        The index folder (``None`` on the other processes of a distributed build).
+
+    Raises:
+        FileNotFoundError: The caption file or the retriever folder does not exist.
+        UsageError: A caption file of unknown format.
+        DataFormatError: An empty caption source; a tuning-queries file that is not ``.npy``.
     """
     s = cfg.index
     out = Path(out or s.folder())
@@ -107,18 +115,22 @@ def build_index_from_config(
         )
         return _with_config(path, cfg)
 
-    if retriever is None:
-        retriever = retriever_dir(cfg.output_dir)
-    model = (
-        retriever
-        if not isinstance(retriever, (str, Path))
-        else RetrieverModel.from_pretrained(retriever)
-    )
-    source = (
+    source = (  # checked first: a typo should not cost loading the retriever
         captions
         if isinstance(captions, CaptionDataConfig)
         else (caption_source_from_arg(captions) if captions else s.captions)
     )
+    if retriever is None:
+        retriever = retriever_dir(cfg.output_dir)
+    if isinstance(retriever, (str, Path)):
+        if not (Path(retriever) / "config.json").is_file():
+            raise FileNotFoundError(
+                f"retriever folder {retriever} does not exist or has no config.json "
+                "(expected e.g. runs/demo/retriever/best)"
+            )
+        model = RetrieverModel.from_pretrained(retriever)
+    else:
+        model = retriever
 
     split_arg = split if split is not None else ("train" if source.source == "easy_vqa" else None)
     if source.source == "karpathy":
