@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 from rvqa.config import ColumnMapping, VQADataConfig
 from rvqa.data.records import CaptionRecord, VQARecord
+from rvqa.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
@@ -625,7 +626,7 @@ def _easy_vqa_raw(split: str) -> tuple[tuple[str, ...], tuple[str, ...], tuple[i
 
 def _check_easy_split(split: str) -> None:
     if split not in EASY_VQA_SPLITS:
-        raise ValueError(
+        raise ConfigError(
             f"unknown easy-vqa split {split!r}; known splits: {', '.join(EASY_VQA_SPLITS)}"
         )
 
@@ -1113,7 +1114,7 @@ def load_vqa(cfg: VQADataConfig, split: str) -> VQADataset:
         return read_easy_vqa(split)
     if cfg.source == "vqa":
         if split not in cfg.splits:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown VQA split {split!r}; known splits (data.splits): "
                 f"{', '.join(cfg.splits) or 'none configured'}"
             )
