@@ -425,9 +425,9 @@ class RVQA:
         Raises:
             TypeError: ``question`` is not a string, ``top_k`` not an int, ``image`` of
                 an unsupported type or an array that is not uint8.
-            ValueError: An empty question, ``top_k`` < 1, an image that cannot be
+            ValueError: An empty question, ``top_k`` < 1 (``UsageError``), an image that cannot be
                 loaded (missing, corrupt, not an image, wrong array shape, too large).
-            KeyError: An unknown index name (the loaded ones are listed).
+            UnknownIndexError: An unknown index name (the loaded ones are listed; a KeyError).
         """
         _check_question(question, "question")
         return self.answer_batch([image], [question], top_k, index, num_alternatives)[0]
