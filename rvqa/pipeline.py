@@ -176,6 +176,9 @@ class RVQA:
                 ``ef_search`` not a positive integer.
         """
         _resolve_device(device)  # fail before loading anything
+        for key, value in (("nprobe", nprobe), ("ef_search", ef_search)):
+            if value is not None:
+                _check_int(value, key, minimum=1)
         run = read_run_file(run_dir)
         retriever_path, reader_path = run.retriever, run.reader
         # The retriever embeds the query images (its image processor is needed); the
@@ -233,51 +236,37 @@ class RVQA:
         return cached[1]
 
     def _search_params(
-        self, path: str | Path, nprobe: int | None, ef_search: int | None, explicit: bool
+        self, path: str | Path, nprobe: int | None, ef_search: int | None
     ) -> dict[str, int]:
         """The ``nprobe`` / ``ef_search`` overrides that apply to the index at ``path``.
 
-        Values given to one load (``explicit``) must fit the index type; the model's
-        defaults (:attr:`nprobe`, :attr:`ef_search`) apply to the indices that have
-        that parameter and leave the others as built.
+        Values given for this index must fit its type; the model's defaults
+        (:attr:`nprobe`, :attr:`ef_search`) apply to the indices that have that
+        parameter and leave the others as built.
         """
-        given = {
-            "nprobe": nprobe if nprobe is not None else None if explicit else self.nprobe,
-            "ef_search": ef_search
-            if ef_search is not None
-            else None
-            if explicit
-            else self.ef_search,
+        given = {k: v for k, v in (("nprobe", nprobe), ("ef_search", ef_search)) if v is not None}
+        defaults = {
+            k: v
+            for k, v in (("nprobe", self.nprobe), ("ef_search", self.ef_search))
+            if v is not None and k not in given
         }
-        given = {k: v for k, v in given.items() if v is not None}
-        if not given:
+        if not given and not defaults:
             return {}
         for key, value in given.items():
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise UsageError(f"{key} must be a positive integer, got {value!r}")
+            _check_int(value, key, minimum=1)
         factory = read_manifest(Path(path))["factory"]
         knob = _search_knob(factory)
-        out = {k: int(v) for k, v in given.items() if k == knob}
-        for key in given.keys() - out.keys():
-            if explicit:
-                raise UsageError(
-                    f"{key} does not apply to index {path} ({factory}: "
-                    f"{'its search parameter is ' + knob if knob else 'exact search, no parameter'})"
-                )
-            logger.info(
-                "%s left as built for index %s (%s has no such parameter)", key, path, factory
-            )
-        return out
+        for key in given.keys() - {knob}:
+            what = f"its search parameter is {knob}" if knob else "exact search, no parameter"
+            raise UsageError(f"{key} does not apply to index {path} ({factory}: {what})")
+        for key in defaults.keys() - {knob}:
+            logger.info("%s left as built for index %s (%s)", key, path, factory)
+        return {k: int(v) for k, v in {**defaults, **given}.items() if k == knob}
 
     def _load(
-        self,
-        path: str | Path,
-        name: str,
-        nprobe: int | None = None,
-        ef_search: int | None = None,
-        explicit: bool = False,
+        self, path: str | Path, name: str, nprobe: int | None = None, ef_search: int | None = None
     ) -> Any:
-        params = self._search_params(path, nprobe, ef_search, explicit)
+        params = self._search_params(path, nprobe, ef_search)
         # Checked against the cached fingerprint (the check is the same as passing the
         # retriever, which would hash all its weights again on every load or swap).
         index = KnowledgeIndex.load(
@@ -315,11 +304,10 @@ class RVQA:
                 ``nprobe`` / ``ef_search`` is given for an index without that parameter.
         """
         name = name or Path(path).resolve().name
-        explicit = nprobe is not None or ef_search is not None
         with self._swap_lock:
             if name in self.registry:
                 raise UsageError(f"an index named {name!r} is loaded already; use swap_index")
-            self.registry.register(name, self._load(path, name, nprobe, ef_search, explicit))
+            self.registry.register(name, self._load(path, name, nprobe, ef_search))
         return name
 
     def swap_index(
@@ -344,8 +332,7 @@ class RVQA:
             UsageError: ``nprobe`` / ``ef_search`` given for an index without it.
         """
         name = name or Path(path).resolve().name
-        explicit = nprobe is not None or ef_search is not None
-        new = self._load(path, name, nprobe, ef_search, explicit)  # validates first
+        new = self._load(path, name, nprobe, ef_search)  # validates first
         with self._swap_lock:
             self.registry.swap(name, new)
 
