@@ -1,36 +1,50 @@
-"""The ``rvqa`` console script: subcommands that call plain Python functions.
+"""The ``rvqa`` console script: subcommands that parse arguments and call plain functions.
 
-Parsers are built here without importing torch or any model code, so
-``rvqa --help`` is instant; each subcommand imports what it needs when it runs.
-Errors print one line (``rvqa: error: ...``) and exit 1; ``--debug`` shows the
-traceback.
+Each subcommand is a parser (``_*_args``) and a small function (``_cmd_*``) that
+calls what a Python user would call (``train_retriever``, ``build_index_from_config``,
+``RVQA``, ``evaluate_split``, ...) and prints the result.
+
+Errors: an :class:`rvqa.errors.RVQAError` (something the user got wrong) or an
+``OSError`` of the path kind (missing, existing, not a folder, not permitted)
+prints one line, ``rvqa COMMAND: error: ...``, and exits 1; ``--debug`` shows its
+traceback. Any other exception is a bug in rvqa: its traceback is shown.
+
+The command functions import their modules inside the function, on purpose:
+``rvqa --help`` and building the parser must not import torch, transformers or
+faiss (seconds), only the subcommand that runs loads what it needs.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import textwrap
+import traceback
 from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from rvqa.errors import RVQAError
 
 logger = logging.getLogger("rvqa")
 
-# Exceptions that mean "the user gave something wrong": one clear line, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    ValueError,
-    TypeError,
+ONE_LINE_ERRORS: tuple[type[BaseException], ...] = (
+    RVQAError,
     FileNotFoundError,
     FileExistsError,
-    KeyError,
     NotADirectoryError,
+    IsADirectoryError,
     PermissionError,
-    ImportError,
 )
+"""Exceptions printed in one line: the user gave something wrong. Anything else is a bug."""
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE.yaml", help="run config (defaults: the offline demo)")
+# --------------------------------------------------------------------------- shared arguments
+
+
+def _add_config_args(p: argparse.ArgumentParser, default: str = "the offline demo's") -> None:
+    p.add_argument("--config", metavar="FILE.yaml", help=f"run config (default: {default})")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -41,7 +55,22 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _load_cfg(args: argparse.Namespace):
+def _add_search_args(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument(
+        "--nprobe",
+        type=int,
+        default=None,
+        help=f"IVF indices: inverted lists probed per query (default: {default})",
+    )
+    p.add_argument(
+        "--ef-search",
+        type=int,
+        default=None,
+        help=f"HNSW indices: efSearch, the search's candidate list (default: {default})",
+    )
+
+
+def _load_cfg(args: argparse.Namespace) -> Any:
     from rvqa.config import load_config
 
     cfg = load_config(args.config, args.overrides)
@@ -50,7 +79,13 @@ def _load_cfg(args: argparse.Namespace):
     return cfg
 
 
-# --------------------------------------------------------------------------- commands
+def _print_main(msg: str) -> None:
+    """Print on the main process only (several may run under torchrun/accelerate)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(msg)
+
+
+# --------------------------------------------------------------------------- config
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -63,22 +98,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable]] = {}
-
-
-def _config_args(p: argparse.ArgumentParser) -> None:
-    _add_config_args(p)
-
-
-COMMANDS["config"] = (
-    "print the resolved run config (defaults + YAML + --set overrides)",
-    """
-    rvqa config
-    rvqa config --config configs/coco_vqav2.yaml --set reader.learning_rate=1e-4
-    """,
-    _config_args,
-    _cmd_config,
-)
+# --------------------------------------------------------------------------- training
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -97,22 +117,31 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 def _cmd_train_retriever(args: argparse.Namespace) -> int:
     from rvqa.retriever.train import train_retriever
 
-    cfg = _load_cfg(args)
-    out = train_retriever(cfg, resume=args.resume)
+    out = train_retriever(_load_cfg(args), resume=args.resume)
     _print_main(f"retriever saved to {out['model_dir']}")
     if out["test"]:
-        t = out["test"]
-        _print_main(
-            "test recall@1/5/10  image→text {:.1f} / {:.1f} / {:.1f}   text→image {:.1f} / {:.1f} / {:.1f}   rsum {:.1f}".format(
-                t["i2t_r1"],
-                t["i2t_r5"],
-                t["i2t_r10"],
-                t["t2i_r1"],
-                t["t2i_r5"],
-                t["t2i_r10"],
-                t["rsum"],
-            )
-        )
+        _print_main("test " + _recall_line(out["test"]))
+    return 0
+
+
+def _recall_line(t: dict) -> str:
+    return (
+        "recall@1/5/10  image→text {:.1f} / {:.1f} / {:.1f}   "
+        "text→image {:.1f} / {:.1f} / {:.1f}   rsum {:.1f}"
+    ).format(
+        t["i2t_r1"], t["i2t_r5"], t["i2t_r10"], t["t2i_r1"], t["t2i_r5"], t["t2i_r10"], t["rsum"]
+    )
+
+
+def _cmd_train_reader(args: argparse.Namespace) -> int:
+    from rvqa.reader.train import train_reader
+
+    out = train_reader(_load_cfg(args), resume=args.resume)
+    acc = out["best_val_accuracy"]
+    _print_main(
+        f"reader saved to {out['model_dir']}"
+        + (f" (best validation VQA accuracy {acc:.2f})" if acc is not None else "")
+    )
     return 0
 
 
@@ -131,22 +160,24 @@ def _eval_retriever_args(p: argparse.ArgumentParser) -> None:
         help="coco1k: mean over 5 folds of 1,000 images; coco5k / f30k1k / all: every test image",
     )
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument(
+        "--out", default=None, help="also write metrics.json and the resolved config.yaml here"
+    )
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
 
 def _cmd_eval_retriever(args: argparse.Namespace) -> int:
     import json
 
-    from rvqa.data import load_caption_split
-    from rvqa.retriever.evaluation import evaluate_retriever
-    from rvqa.retriever.modeling import RetrieverModel
+    from rvqa.evaluation import evaluate_retriever_split
 
-    cfg = _load_cfg(args)
-    split = args.split or cfg.retriever.test_split or "test"
-    records = load_caption_split(cfg.retriever.captions, split)
-    model = RetrieverModel.from_pretrained(args.model)
-    metrics = evaluate_retriever(
-        model, records, batch_size=args.batch_size, folds=5 if args.protocol == "coco1k" else 1
+    metrics = evaluate_retriever_split(
+        args.model,
+        _load_cfg(args),
+        split=args.split,
+        protocol=args.protocol,
+        batch_size=args.batch_size,
+        out_dir=args.out,
     )
     if args.json:
         print(json.dumps(metrics, indent=1))
@@ -156,35 +187,7 @@ def _cmd_eval_retriever(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_main(msg: str) -> None:
-    """Print on the main process only (several may run under torchrun/accelerate)."""
-    import os
-
-    if os.environ.get("RANK", "0") == "0":
-        print(msg)
-
-
-COMMANDS["train-retriever"] = (
-    "train the image-caption alignment model (retriever)",
-    """
-    rvqa train-retriever                                   # the offline easy-vqa demo settings
-    rvqa train-retriever --config configs/tiny.yaml --set retriever.max_steps=20
-    rvqa train-retriever --config configs/demo.yaml --resume
-    ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 -m rvqa train-retriever --config configs/demo.yaml
-    accelerate launch --multi_gpu --num_processes 8 -m rvqa train-retriever --config configs/coco_vqav2.yaml
-    """,
-    _train_args,
-    _cmd_train_retriever,
-)
-COMMANDS["evaluate-retriever"] = (
-    "recall@1/5/10 (image→text, text→image, rsum) of a trained retriever",
-    """
-    rvqa evaluate-retriever --model runs/demo/retriever/best
-    rvqa evaluate-retriever --config configs/coco_vqav2.yaml --model runs/coco_vqav2/retriever/best --protocol coco1k
-    """,
-    _eval_retriever_args,
-    _cmd_eval_retriever,
-)
+# --------------------------------------------------------------------------- indices
 
 
 def _build_index_args(p: argparse.ArgumentParser) -> None:
@@ -197,7 +200,11 @@ def _build_index_args(p: argparse.ArgumentParser) -> None:
         help="caption source: a .jsonl / .txt file, a COCO captions .json, or 'easy_vqa' "
         "(default: the config's index.captions)",
     )
-    p.add_argument("--out", help="index folder (default: the config's index folder, indices/NAME)")
+    p.add_argument(
+        "--out",
+        help="index folder (default: the config's index folder, indices/NAME); the resolved "
+        "config is written into it as config.yaml",
+    )
     p.add_argument(
         "--from-index", help="rebuild from this index's stored embeddings (no re-encoding)"
     )
@@ -224,10 +231,10 @@ def _build_index_args(p: argparse.ArgumentParser) -> None:
 
 def _cmd_build_index(args: argparse.Namespace) -> int:
     from rvqa.indexing import build_index_from_config
+    from rvqa.retriever.index_format import read_manifest
 
-    cfg = _load_cfg(args)
     path = build_index_from_config(
-        cfg,
+        _load_cfg(args),
         retriever=args.retriever,
         captions=args.captions,
         out=args.out,
@@ -239,9 +246,7 @@ def _cmd_build_index(args: argparse.Namespace) -> int:
         tuning_queries=args.tuning_queries,
         overwrite=args.overwrite,
     )
-    if path is not None:
-        from rvqa.retriever.index_format import read_manifest
-
+    if path is not None:  # None: not the main process of a distributed build
         m = read_manifest(path)
         _print_main(f"built {path}: {m['count']} captions, {m['factory']}, dim {m['embed_dim']}")
     return 0
@@ -260,65 +265,17 @@ def _cmd_index_info(args: argparse.Namespace) -> int:
 
     from rvqa.retriever.index import index_info
     from rvqa.retriever.index_format import read_manifest
+    from rvqa.retriever.modeling import RetrieverModel
 
     if args.json:
         print(json.dumps(read_manifest(args.path), indent=1))
         return 0
-    encoder = None
-    if args.retriever:
-        from rvqa.retriever.modeling import RetrieverModel
-
-        encoder = RetrieverModel.from_pretrained(args.retriever)
+    encoder = RetrieverModel.from_pretrained(args.retriever) if args.retriever else None
     print(index_info(args.path, encoder))
     return 0
 
 
-def _cmd_train_reader(args: argparse.Namespace) -> int:
-    from rvqa.reader.train import train_reader
-
-    cfg = _load_cfg(args)
-    out = train_reader(cfg, resume=args.resume)
-    acc = out["best_val_accuracy"]
-    _print_main(
-        f"reader saved to {out['model_dir']}"
-        + (f" (best validation VQA accuracy {acc:.2f})" if acc is not None else "")
-    )
-    return 0
-
-
-COMMANDS["train-reader"] = (
-    "train the retrieval-augmented reader (needs a trained retriever and a built index)",
-    """
-    rvqa train-reader                                       # the offline easy-vqa demo settings
-    rvqa train-reader --set reader.top_k=0                  # no retrieval (ablation)
-    rvqa train-reader --set data.train_fraction=0.1         # low-data run
-    rvqa train-reader --config configs/demo.yaml --resume
-    ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 -m rvqa train-reader
-    accelerate launch --multi_gpu --num_processes 8 -m rvqa train-reader --config configs/coco_vqav2.yaml
-    """,
-    _train_args,
-    _cmd_train_reader,
-)
-COMMANDS["build-index"] = (
-    "embed a caption corpus with the retriever and build a FAISS knowledge index",
-    """
-    rvqa build-index --retriever runs/demo/retriever/best --captions easy_vqa --out indices/easyvqa-captions
-    rvqa build-index --retriever runs/demo/retriever/best --captions my_corpus.jsonl --out indices/mine --factory HNSW32
-    rvqa build-index --from-index indices/easyvqa-captions --factory HNSW32 --out indices/easyvqa-hnsw
-    accelerate launch --multi_gpu -m rvqa build-index --config configs/coco_vqav2.yaml   # every GPU encodes a shard
-    """,
-    _build_index_args,
-    _cmd_build_index,
-)
-COMMANDS["index-info"] = (
-    "print a knowledge index's manifest and a sanity search",
-    """
-    rvqa index-info indices/easyvqa-captions
-    rvqa index-info indices/easyvqa-captions --retriever runs/demo/retriever/best
-    """,
-    _index_info_args,
-    _cmd_index_info,
-)
+# --------------------------------------------------------------------------- demo
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
@@ -334,15 +291,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS["demo"] = (
-    "the offline easy-vqa demo: train retriever, build indices, train reader, evaluate, answer",
-    """
-    rvqa demo                       # ~10 minutes on 2 CPU cores, writes runs/demo and indices/
-    rvqa demo --fast                # about a minute: a smoke test of the whole chain
-    """,
-    _demo_args,
-    _cmd_demo,
-)
+# --------------------------------------------------------------------------- ask
 
 
 def _ask_args(p: argparse.ArgumentParser) -> None:
@@ -373,6 +322,7 @@ def _ask_args(p: argparse.ArgumentParser) -> None:
         metavar="K",
         help="captions to retrieve (default: the number the reader was trained with)",
     )
+    _add_search_args(p, "the value tuned when the index was built")
     p.add_argument("--json", action="store_true", help="print the answer as JSON")
     p.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available)"
@@ -383,59 +333,34 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     import json
 
     from rvqa.data.images import load_image
-    from rvqa.pipeline import RVQA
+    from rvqa.errors import UsageError
+    from rvqa.pipeline import ALL_INDICES, RVQA
 
     # Cheap checks first: a typo should not cost loading the models.
     if args.no_retrieval and args.index:
-        raise ValueError("--index and --no-retrieval exclude each other")
+        raise UsageError("--index and --no-retrieval exclude each other")
     if not args.question.strip():
-        raise ValueError("--question is empty; expected e.g. --question 'what color is the shape?'")
+        raise UsageError("--question is empty; expected e.g. --question 'what color is the shape?'")
     if args.top_k is not None and args.top_k < 1:
-        raise ValueError(
+        raise UsageError(
             f"--top-k must be ≥ 1, got {args.top_k} (use --no-retrieval to answer without captions)"
         )
     image = load_image(args.image)
     with _QuietLoading(args.debug):
         model = RVQA.from_pretrained(
-            args.model, device=args.device, load_indices=not args.no_retrieval
+            args.model,
+            device=args.device,
+            load_indices=not args.no_retrieval,
+            nprobe=args.nprobe,
+            ef_search=args.ef_search,
         )
-        index = None if args.no_retrieval else _ask_indices(model, args.index)
+        index = None if args.no_retrieval else (model.use_indices(args.index) or ALL_INDICES)
         out = model.answer(image, args.question, top_k=args.top_k, index=index)
     if args.json:
         print(json.dumps(out.to_dict(), indent=1, ensure_ascii=False, default=str))
     else:
         print(_format_answer(out, retrieval=index is not None and bool(model.indices)))
     return 0
-
-
-def _ask_indices(model, specs: list[str]):
-    """``--index`` values → index names: folders are loaded, names must be loaded already."""
-    from pathlib import Path
-
-    from rvqa.pipeline import ALL_INDICES
-
-    if not specs:
-        return ALL_INDICES
-    names: list[str] = []
-    for spec in specs:
-        path = Path(spec)
-        if path.is_dir():
-            name = path.resolve().name
-            if name in model.registry:  # e.g. the run's own index, or a newer build of it
-                model.swap_index(path, name=name)
-            else:
-                model.load_index(path, name=name)
-        elif spec in model.registry:
-            name = spec
-        else:
-            known = ", ".join(model.indices) or "none"
-            raise KeyError(
-                f"--index {spec!r} is neither an index folder nor the name of one of the run's "
-                f"indices (loaded: {known})"
-            )
-        if name not in names:
-            names.append(name)
-    return names
 
 
 def _format_answer(out, retrieval: bool) -> str:
@@ -462,7 +387,7 @@ class _QuietLoading:
 
     def __init__(self, debug: bool):
         self.debug = debug
-        self.loggers = [logging.getLogger(n) for n in ("rvqa", "retriever", "reader")]
+        self.loggers = [logging.getLogger("rvqa")]
 
     def __enter__(self) -> None:
         if self.debug:
@@ -487,22 +412,18 @@ class _QuietLoading:
             self.hf.enable_progress_bar()
 
 
-COMMANDS["ask"] = (
-    "answer one question about one image, with the retrieved evidence",
-    """
-    rvqa ask --model runs/demo --image shape.png --question "what color is the shape?"
-    rvqa ask --model runs/demo --image shape.png --question "what shape is it?" --index indices/easyvqa-paraphrased --top-k 3
-    rvqa ask --model runs/demo --image shape.png --question "what color is the shape?" --no-retrieval --json
-    """,
-    _ask_args,
-    _cmd_ask,
-)
+# --------------------------------------------------------------------------- evaluate
 
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
-    _add_config_args(p)
+    _add_config_args(p, default="the run's reader/config.yaml")
     p.add_argument("--model", required=True, help="run folder (with rvqa_run.json)")
-    p.add_argument("--split", required=True, help="VQA split, e.g. test (easy-vqa), val, test-dev")
+    p.add_argument(
+        "--split",
+        default=None,
+        help="VQA split, e.g. test (easy-vqa), val, test-dev (default: the config's "
+        "data.eval_split)",
+    )
     p.add_argument(
         "--index",
         action="append",
@@ -512,7 +433,13 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-retrieval", action="store_true", help="answer without retrieval")
     p.add_argument("--k", type=int, default=None, help="captions per question (default: the run's)")
-    p.add_argument("--max-questions", type=int, default=None, help="evaluate only the first N")
+    p.add_argument(
+        "--max-questions",
+        type=int,
+        default=None,
+        help="evaluate only the first N (default: the config's data.max_eval_questions; 0: all)",
+    )
+    _add_search_args(p, "the config's index.nprobe / index.ef_search, else as built")
     p.add_argument(
         "--compare",
         action="store_true",
@@ -536,119 +463,177 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the report sample and the control")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available)"
+    )
+    p.add_argument(
+        "--out", required=True, help="output folder (also gets the resolved config.yaml)"
+    )
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from rvqa.evaluation import evaluate_split, load_run_config
 
-    from rvqa.config import load_config
-    from rvqa.data import load_vqa
-    from rvqa.evaluation import RandomCaptions, compare, evaluate_run
-    from rvqa.pipeline import ALL_INDICES, RVQA
-
-    if args.k is not None and args.k <= 0:
-        raise ValueError(f"--k must be ≥ 1, got {args.k} (use --no-retrieval for none)")
-    if args.report < 0:
-        raise ValueError(f"--report must be a number of questions ≥ 0, got {args.report}")
-    if args.no_retrieval and (args.index or args.compare or args.random_captions):
-        raise ValueError(
-            "--no-retrieval cannot be combined with --index, --compare or --random-captions"
-        )
-    run_cfg = Path(args.model) / "reader" / "config.yaml"
-    cfg = load_config(args.config or (run_cfg if run_cfg.is_file() else None), args.overrides)
-    with _QuietLoading(args.debug):
-        model = RVQA.from_pretrained(args.model)
-    names = []
-    for item in args.index:
-        if Path(item).is_dir():
-            name = Path(item).resolve().name
-            if name in model.registry:
-                model.swap_index(item, name=name)
-            else:
-                model.load_index(item, name=name)
-            names.append(name)
-        elif item in model.registry:
-            names.append(item)
-        else:
-            loaded = ", ".join(model.registry.names) or "none"
-            raise ValueError(
-                f"--index {item!r} is neither an index folder nor a loaded index ({loaded})"
-            )
-    if args.random_captions and not model.registry.names:
-        raise ValueError("--random-captions needs an index (--index, or a run with indices)")
-    records = list(load_vqa(cfg.data, args.split))
-    if args.max_questions:
-        records = records[: args.max_questions]
-    control = RandomCaptions(model.registry, seed=args.seed) if args.random_captions else None
-    report = {"report": args.report, "report_errors": args.report_errors, "seed": args.seed}
-    if args.compare:
-        conditions: list[tuple] = [(n, n) for n in (names or model.registry.names)]
-        if control is not None:  # a control for the first index's retrieval
-            first = conditions[0][1]
-            label = control.label if len(conditions) == 1 else f"{control.label} ({first})"
-            conditions.append((label, first, control))
-        conditions.append(("no retrieval", None))
-        _rows, table = compare(
-            model,
-            records,
-            conditions,
-            out_dir=args.out,
-            split_name=args.split,
+    cfg = load_run_config(args.model, args.config, args.overrides)
+    with _QuietLoading(args.debug):  # loading chatter; the progress bars still show
+        res = evaluate_split(
+            args.model,
+            args.out,
+            cfg=cfg,
+            split=args.split,
+            max_questions=args.max_questions,
+            indices=args.index,
+            no_retrieval=args.no_retrieval,
+            compare_indices=args.compare,
+            random_captions=args.random_captions,
             top_k=args.k,
+            nprobe=args.nprobe,
+            ef_search=args.ef_search,
+            report=args.report,
+            report_errors=args.report_errors,
+            seed=args.seed,
             batch_size=args.batch_size,
-            **report,
+            device=args.device,
         )
-        print(f"{len(records)} questions ({args.split})\n")
-        print(table)
+    if res.table is not None:
+        print(f"{res.questions} questions ({res.split})\n")
+        print(res.table)
         if args.report:
             print(f"\nreports: {args.out}/<condition>/report.html")
         return 0
-    index = None if args.no_retrieval else (names or ALL_INDICES)
-    label = "no retrieval" if index is None else ",".join(names) or "run indices"
-    run = evaluate_run(
-        model,
-        records,
-        index=index,
-        condition=f"{control.label} ({label})" if control is not None else label,
-        top_k=args.k,
-        batch_size=args.batch_size,
-        out_dir=args.out,
-        split_name=args.split,
-        control=control,
-        **report,
-    )
-    if run.accuracy is None:
-        print(f"{len(records)} predictions written to {args.out}/predictions.json (no annotations)")
+    acc = res.run.accuracy
+    if acc is None:
+        print(
+            f"{res.questions} predictions written to {args.out}/predictions.json (no annotations)"
+        )
     else:
-        acc = run.accuracy
         types = "  ".join(f"{k} {v:.2f}" for k, v in sorted(acc.per_answer_type.items()))
         print(
-            f"VQA accuracy {acc.overall:.2f}  ({types})  on {len(records)} questions; files in {args.out}"
+            f"VQA accuracy {acc.overall:.2f}  ({types})  on {res.questions} questions; "
+            f"files in {args.out}"
         )
     if args.report:
         print(f"report: {args.out}/report.html")
     return 0
 
 
-COMMANDS["evaluate"] = (
-    "official VQA accuracy of a run on a split: predictions, accuracy JSON, evidence, ablation table",
-    """
-    rvqa evaluate --model runs/demo --split test --out runs/demo/eval
-    rvqa evaluate --model runs/demo --split test --compare --index indices/easyvqa-paraphrased --out runs/demo/compare
-    rvqa evaluate --model runs/demo --split test --no-retrieval --out runs/demo/eval-k0
-    rvqa evaluate --model runs/demo --split test --compare --random-captions --report 50 --out runs/demo/ablation
-    rvqa evaluate --model runs/coco_vqav2 --split test-dev --out runs/coco_vqav2/test-dev   # predictions only
-    """,
-    _evaluate_args,
-    _cmd_evaluate,
-)
+# --------------------------------------------------------------------------- the table
+
+
+class Command(NamedTuple):
+    """One subcommand: its one-line help, examples, argument builder and function."""
+
+    help: str
+    examples: str
+    add_args: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {
+    "config": Command(
+        "print the resolved run config (defaults + YAML + --set overrides)",
+        """
+        rvqa config
+        rvqa config --config configs/coco_vqav2.yaml --set reader.learning_rate=1e-4
+        """,
+        _add_config_args,
+        _cmd_config,
+    ),
+    "train-retriever": Command(
+        "train the image-caption alignment model (retriever)",
+        """
+        rvqa train-retriever                                   # the offline easy-vqa demo settings
+        rvqa train-retriever --config configs/tiny.yaml --set retriever.max_steps=20
+        rvqa train-retriever --config configs/demo.yaml --resume
+        ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 -m rvqa train-retriever --config configs/demo.yaml
+        accelerate launch --multi_gpu --num_processes 8 -m rvqa train-retriever --config configs/coco_vqav2.yaml
+        """,
+        _train_args,
+        _cmd_train_retriever,
+    ),
+    "evaluate-retriever": Command(
+        "recall@1/5/10 (image→text, text→image, rsum) of a trained retriever",
+        """
+        rvqa evaluate-retriever --model runs/demo/retriever/best
+        rvqa evaluate-retriever --config configs/coco_vqav2.yaml --model runs/coco_vqav2/retriever/best --protocol coco1k --out runs/coco_vqav2/retriever-eval
+        """,
+        _eval_retriever_args,
+        _cmd_eval_retriever,
+    ),
+    "build-index": Command(
+        "embed a caption corpus with the retriever and build a FAISS knowledge index",
+        """
+        rvqa build-index --retriever runs/demo/retriever/best --captions easy_vqa --out indices/easyvqa-captions
+        rvqa build-index --retriever runs/demo/retriever/best --captions my_corpus.jsonl --out indices/mine --factory HNSW32
+        rvqa build-index --from-index indices/easyvqa-captions --factory HNSW32 --out indices/easyvqa-hnsw
+        accelerate launch --multi_gpu -m rvqa build-index --config configs/coco_vqav2.yaml   # every GPU encodes a shard
+        """,
+        _build_index_args,
+        _cmd_build_index,
+    ),
+    "index-info": Command(
+        "print a knowledge index's manifest and a sanity search",
+        """
+        rvqa index-info indices/easyvqa-captions
+        rvqa index-info indices/easyvqa-captions --retriever runs/demo/retriever/best
+        """,
+        _index_info_args,
+        _cmd_index_info,
+    ),
+    "train-reader": Command(
+        "train the retrieval-augmented reader (needs a trained retriever and a built index)",
+        """
+        rvqa train-reader                                       # the offline easy-vqa demo settings
+        rvqa train-reader --set reader.top_k=0                  # no retrieval (ablation)
+        rvqa train-reader --set data.train_fraction=0.1         # low-data run
+        rvqa train-reader --config configs/demo.yaml --resume
+        ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 -m rvqa train-reader
+        accelerate launch --multi_gpu --num_processes 8 -m rvqa train-reader --config configs/coco_vqav2.yaml
+        """,
+        _train_args,
+        _cmd_train_reader,
+    ),
+    "demo": Command(
+        "the offline easy-vqa demo: train retriever, build indices, train reader, evaluate, answer",
+        """
+        rvqa demo                       # ~10 minutes on 2 CPU cores, writes runs/demo and indices/
+        rvqa demo --fast                # about a minute: a smoke test of the whole chain
+        """,
+        _demo_args,
+        _cmd_demo,
+    ),
+    "ask": Command(
+        "answer one question about one image, with the retrieved evidence",
+        """
+        rvqa ask --model runs/demo --image shape.png --question "what color is the shape?"
+        rvqa ask --model runs/demo --image shape.png --question "what shape is it?" --index indices/easyvqa-paraphrased --top-k 3
+        rvqa ask --model runs/demo --image shape.png --question "what color is the shape?" --no-retrieval --json
+        """,
+        _ask_args,
+        _cmd_ask,
+    ),
+    "evaluate": Command(
+        "official VQA accuracy of a run on a split: predictions, accuracy JSON, evidence, ablation table",
+        """
+        rvqa evaluate --model runs/demo --out runs/demo/eval          # the config's data.eval_split
+        rvqa evaluate --model runs/demo --split test --compare --index indices/easyvqa-paraphrased --out runs/demo/compare
+        rvqa evaluate --model runs/demo --split test --no-retrieval --out runs/demo/eval-k0
+        rvqa evaluate --model runs/demo --split test --compare --random-captions --report 50 --out runs/demo/ablation
+        rvqa evaluate --model runs/coco_vqav2 --split test-dev --ef-search 128 --out runs/coco_vqav2/test-dev   # predictions only
+        """,
+        _evaluate_args,
+        _cmd_evaluate,
+    ),
+}
 
 
 # --------------------------------------------------------------------------- entry point
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``rvqa`` parser with every subcommand (imports no model code)."""
+    from rvqa.version import __version__
+
     parser = argparse.ArgumentParser(
         prog="rvqa",
         description=textwrap.dedent(
@@ -660,25 +645,24 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run 'rvqa COMMAND --help' for a command's options and examples.",
     )
-    from rvqa.version import __version__
-
     parser.add_argument("--version", action="version", version=f"rvqa {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (help_text, examples, add_args, _fn) in COMMANDS.items():
+    for name, cmd in COMMANDS.items():
         p = sub.add_parser(
             name,
-            help=help_text,
-            description=help_text,
-            epilog="examples:\n" + textwrap.indent(textwrap.dedent(examples).strip(), "  "),
+            help=cmd.help,
+            description=cmd.help,
+            epilog="examples:\n" + textwrap.indent(textwrap.dedent(cmd.examples).strip(), "  "),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        add_args(p)
+        cmd.add_args(p)
         p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
         p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``rvqa`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
@@ -690,17 +674,22 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    fn = COMMANDS[args.command][3]
     try:
-        return int(fn(args) or 0)
+        return int(COMMANDS[args.command].run(args) or 0)
     except KeyboardInterrupt:
         print("rvqa: interrupted", file=sys.stderr)
         return 130
-    except USER_ERRORS as err:
+    except ONE_LINE_ERRORS as err:
         if args.debug:
             raise
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"rvqa {args.command}: error: {msg}", file=sys.stderr)
+        print(f"rvqa {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except Exception:
+        traceback.print_exc()
+        print(
+            f"rvqa {args.command}: this is a bug in rvqa; please report it with the traceback above",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -14,7 +14,6 @@ and steps so the whole chain runs in about a minute (used by the tests).
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -23,8 +22,9 @@ from typing import Any
 
 from rvqa.config import RunConfig, load_config
 from rvqa.data import easy_vqa_captions, load_vqa
+from rvqa.evaluation import compare
 from rvqa.indexing import build_index_from_config
-from rvqa.metrics import evaluate_vqa
+from rvqa.io import write_json_atomic, write_text_atomic
 from rvqa.pipeline import RVQA
 from rvqa.reader.train import train_reader
 from rvqa.retriever.index import build_index_from_embeddings
@@ -46,22 +46,6 @@ FAST_OVERRIDES = [
 
 def _say(msg: str = "") -> None:
     print(msg, flush=True)
-
-
-def _accuracy(model: Any, records: list, index: Any, label: str, batch_size: int = 128) -> Any:
-    """Official VQA accuracy of ``model`` on ``records`` with one index condition."""
-    from tqdm.auto import tqdm
-
-    preds = []
-    for s in tqdm(range(0, len(records), batch_size), desc=f"evaluating ({label})", unit="batch"):
-        chunk = records[s : s + batch_size]
-        outs = model.answer_batch(
-            [r.image for r in chunk], [r.question for r in chunk], index=index
-        )
-        preds.extend(
-            {"question_id": r.question_id, "answer": o.answer} for r, o in zip(chunk, outs)
-        )
-    return evaluate_vqa(preds, records)
 
 
 def paraphrased(texts: list[str]) -> list[str]:
@@ -170,32 +154,11 @@ def run_demo(
         ("swapped: shuffled (corrupted)", "shuffled"),
         ("no retrieval", None),
     ]
-    rows = []
-    for label, index in conditions:
-        acc = _accuracy(model, records, index, label)
-        rows.append(
-            {
-                "condition": label,
-                "overall": acc.overall,
-                **{k: v for k, v in sorted(acc.per_answer_type.items())},
-            }
-        )
-    base = rows[-1]["overall"]
-    types = [k for k in rows[0] if k not in ("condition", "overall")]
-    header = f"| condition | overall | {' | '.join(types)} | Δ vs no retrieval |"
-    lines = [header, "|" + " --- |" * (3 + len(types))]
-    for r in rows:
-        cells = " | ".join(f"{r[t]:.2f}" for t in types)
-        lines.append(
-            f"| {r['condition']} | {r['overall']:.2f} | {cells} | {r['overall'] - base:+.2f} |"
-        )
-    table = "\n".join(lines)
+    rows, table = compare(model, records, conditions, batch_size=128)
     _say(f"   {len(records)} test questions\n")
     _say(table)
-    (run_dir / "demo_results.json").write_text(
-        json.dumps({"rows": rows, "questions": len(records)}, indent=1)
-    )
-    (run_dir / "demo_results.md").write_text(table + "\n")
+    write_json_atomic(run_dir / "demo_results.json", {"rows": rows, "questions": len(records)})
+    write_text_atomic(run_dir / "demo_results.md", table + "\n")
 
     model.unload_index("paraphrased")
     model.unload_index("shuffled")

@@ -17,6 +17,10 @@ question of a split in batches and writes into ``out_dir``:
 :func:`compare` runs several conditions (each index alone, no retrieval, and
 optionally :class:`RandomCaptions`, a control) and returns one table with the
 difference to no retrieval.
+
+:func:`evaluate_split` is ``rvqa evaluate`` as a function (load a run, pick the
+indices, answer a split, write the files and the resolved ``config.yaml``);
+:func:`evaluate_retriever_split` is ``rvqa evaluate-retriever``.
 """
 
 from __future__ import annotations
@@ -30,10 +34,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rvqa.config import RunConfig, load_config, save_config
+from rvqa.data import load_caption_split, load_vqa
 from rvqa.data.images import load_image
-from rvqa.io import write_text_atomic
+from rvqa.errors import UsageError
+from rvqa.io import write_json_atomic, write_text_atomic
 from rvqa.metrics import evaluate_vqa, normalize_answer
-from rvqa.pipeline import ALL_INDICES, Evidence
+from rvqa.pipeline import ALL_INDICES, RVQA, Evidence
+from rvqa.retriever.evaluation import evaluate_retriever
+from rvqa.retriever.modeling import RetrieverModel
+from rvqa.run_layout import CONFIG_FILE, READER_DIR
 
 
 @dataclass
@@ -88,11 +98,11 @@ def evaluate_run(
     from tqdm.auto import tqdm
 
     if not records:
-        raise ValueError("no questions to evaluate")
+        raise UsageError("no questions to evaluate")
     if isinstance(report, bool) or not isinstance(report, int) or report < 0:
-        raise ValueError(f"report must be a number of questions >= 0, got {report!r}")
+        raise UsageError(f"report must be a number of questions >= 0, got {report!r}")
     if report and out_dir is None:
-        raise ValueError("report= needs out_dir (the page is written there)")
+        raise UsageError("report= needs out_dir (the page is written there)")
     if isinstance(index, str) and index == "__all__":
         index = ALL_INDICES
     t0 = time.time()
@@ -210,7 +220,7 @@ def compare(
             seed=seed,
         )
         if run.accuracy is None:
-            raise ValueError("--compare needs a split with annotations")
+            raise UsageError("--compare needs a split with annotations")
         rows.append(
             {
                 "condition": label,
@@ -443,3 +453,198 @@ def write_report(
     )
     write_text_atomic(path, page)
     return path
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def load_run_config(
+    run_dir: str | Path, config: str | Path | None = None, overrides: Sequence[str] = ()
+) -> RunConfig:
+    """The run config an evaluation of ``run_dir`` uses.
+
+    Args:
+        run_dir: The run folder.
+        config: A YAML file; default: the run's own resolved config
+            (``RUN/reader/config.yaml``), else the defaults.
+        overrides: ``KEY=VALUE`` overrides (``--set``).
+    """
+    own = Path(run_dir) / READER_DIR / CONFIG_FILE
+    return load_config(config or (own if own.is_file() else None), list(overrides))
+
+
+@dataclass
+class EvaluationOutcome:
+    """What :func:`evaluate_split` did.
+
+    Attributes:
+        split: The split evaluated.
+        questions: How many questions.
+        out_dir: The folder with the files.
+        run: The single run (without ``compare``).
+        table: The markdown table (with ``compare``).
+        rows: The table's rows (with ``compare``).
+    """
+
+    split: str
+    questions: int
+    out_dir: Path
+    run: EvalRun | None = None
+    table: str | None = None
+    rows: list[dict] = field(default_factory=list)
+
+
+def evaluate_split(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    cfg: RunConfig | None = None,
+    split: str | None = None,
+    max_questions: int | None = None,
+    indices: Sequence[str | Path] = (),
+    no_retrieval: bool = False,
+    compare_indices: bool = False,
+    random_captions: bool = False,
+    top_k: int | None = None,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+    report: int = 0,
+    report_errors: bool = False,
+    seed: int = 0,
+    batch_size: int = 128,
+    device: str | None = None,
+) -> EvaluationOutcome:
+    """``rvqa evaluate``: load a run, answer a VQA split, write the files and ``config.yaml``.
+
+    Args:
+        run_dir: The run folder (``rvqa_run.json``).
+        out_dir: Output folder: the files of :func:`evaluate_run` (per condition with
+            ``compare_indices``) and the resolved config, ``config.yaml``.
+        cfg: The run config (default: :func:`load_run_config`); its ``data`` section
+            says where the questions are.
+        split: VQA split (default: ``cfg.data.eval_split``).
+        max_questions: Evaluate only the first N (default: ``cfg.data.max_eval_questions``;
+            0: every question).
+        indices: Index folders or names of the run's indices (default: the run's).
+        no_retrieval: Answer without retrieval.
+        compare_indices: One table: each index alone, no retrieval, and the
+            difference to no retrieval.
+        random_captions: Add the :class:`RandomCaptions` control (with
+            ``compare_indices``: one more row, for the first index).
+        top_k: Captions per question (default: the run's).
+        nprobe: IVF indices' ``nprobe`` (default: ``cfg.index.nprobe``; ``None``: as built).
+        ef_search: HNSW indices' ``efSearch`` (default: ``cfg.index.ef_search``).
+        report, report_errors, seed: As in :func:`evaluate_run`.
+        batch_size: Questions per batch.
+        device: Torch device (default: CUDA when available).
+
+    Raises:
+        UsageError: Contradicting or out-of-range arguments.
+        UnknownIndexError: An index that is neither a folder nor one of the run's.
+    """
+    if top_k is not None and top_k <= 0:
+        raise UsageError(f"--k must be ≥ 1, got {top_k} (use --no-retrieval for none)")
+    if report < 0:
+        raise UsageError(f"--report must be a number of questions ≥ 0, got {report}")
+    if max_questions is not None and max_questions < 0:
+        raise UsageError(f"--max-questions must be ≥ 0 (0: all), got {max_questions}")
+    if no_retrieval and (indices or compare_indices or random_captions):
+        raise UsageError(
+            "--no-retrieval cannot be combined with --index, --compare or --random-captions"
+        )
+    cfg = cfg if cfg is not None else load_run_config(run_dir)
+    split = split or cfg.data.eval_split
+    limit = cfg.data.max_eval_questions if max_questions is None else max_questions
+    out_dir = Path(out_dir)
+    model = RVQA.from_pretrained(
+        run_dir,
+        device=device,
+        load_indices=not no_retrieval,
+        nprobe=nprobe if nprobe is not None else cfg.index.nprobe,
+        ef_search=ef_search if ef_search is not None else cfg.index.ef_search,
+    )
+    names = model.use_indices(indices)
+    if random_captions and not model.registry.names:
+        raise UsageError("--random-captions needs an index (--index, or a run with indices)")
+    records = list(load_vqa(cfg.data, split))
+    if limit:
+        records = records[:limit]
+    save_config(cfg, out_dir / CONFIG_FILE)
+    control = RandomCaptions(model.registry, seed=seed) if random_captions else None
+    opts = {"report": report, "report_errors": report_errors, "seed": seed}
+    if compare_indices:
+        conditions: list[tuple] = [(n, n) for n in (names or model.registry.names)]
+        if control is not None:  # a control for the first index's retrieval
+            first = conditions[0][1]
+            label = control.label if len(conditions) == 1 else f"{control.label} ({first})"
+            conditions.append((label, first, control))
+        conditions.append(("no retrieval", None))
+        rows, table = compare(
+            model,
+            records,
+            conditions,
+            out_dir=out_dir,
+            split_name=split,
+            top_k=top_k,
+            batch_size=batch_size,
+            **opts,
+        )
+        return EvaluationOutcome(split, len(records), out_dir, table=table, rows=rows)
+    index = None if no_retrieval else (names or ALL_INDICES)
+    label = "no retrieval" if index is None else ",".join(names) or "run indices"
+    run = evaluate_run(
+        model,
+        records,
+        index=index,
+        condition=f"{control.label} ({label})" if control is not None else label,
+        top_k=top_k,
+        batch_size=batch_size,
+        out_dir=out_dir,
+        split_name=split,
+        control=control,
+        **opts,
+    )
+    return EvaluationOutcome(split, len(records), out_dir, run=run)
+
+
+def evaluate_retriever_split(
+    model: str | Path | Any,
+    cfg: RunConfig,
+    *,
+    split: str | None = None,
+    protocol: str = "all",
+    batch_size: int = 128,
+    out_dir: str | Path | None = None,
+) -> dict[str, float]:
+    """``rvqa evaluate-retriever``: recall@1/5/10 both ways and rsum on a caption split.
+
+    Args:
+        model: A retriever folder or a loaded :class:`rvqa.retriever.modeling.RetrieverModel`.
+        cfg: Run config; ``cfg.retriever.captions`` is the caption source.
+        split: Caption split (default: ``cfg.retriever.test_split``, else ``test``).
+        protocol: ``coco1k`` (mean over 5 folds of 1,000 images), ``coco5k``,
+            ``f30k1k`` or ``all`` (every image of the split).
+        batch_size: Encoding batch size.
+        out_dir: If given, write ``metrics.json`` and the resolved ``config.yaml`` there.
+
+    Raises:
+        UsageError: An unknown protocol.
+    """
+    if protocol not in RETRIEVER_PROTOCOLS:
+        raise UsageError(
+            f"unknown protocol {protocol!r}; expected one of {', '.join(RETRIEVER_PROTOCOLS)}"
+        )
+    split = split or cfg.retriever.test_split or "test"
+    records = load_caption_split(cfg.retriever.captions, split)
+    if isinstance(model, (str, Path)):
+        model = RetrieverModel.from_pretrained(model)
+    metrics = evaluate_retriever(
+        model, records, batch_size=batch_size, folds=5 if protocol == "coco1k" else 1
+    )
+    if out_dir is not None:
+        write_json_atomic(Path(out_dir) / "metrics.json", metrics)
+        save_config(cfg, Path(out_dir) / CONFIG_FILE)
+    return metrics
+
+
+RETRIEVER_PROTOCOLS = ("all", "coco1k", "coco5k", "f30k1k")

@@ -1,4 +1,8 @@
-"""Build knowledge indices from a run config (``rvqa build-index``)."""
+"""Build knowledge indices from a run config (``rvqa build-index``).
+
+Every index folder built here gets the resolved run config, ``config.yaml``,
+beside its manifest (the index format ignores files it does not list).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from rvqa.config import CaptionDataConfig, RunConfig
+from rvqa.config import CaptionDataConfig, RunConfig, save_config
 from rvqa.data import load_captions
 from rvqa.distributed import is_distributed_launch
+from rvqa.errors import DataFormatError, UsageError
 from rvqa.retriever.index import build_index, rebuild_index
 from rvqa.retriever.modeling import RetrieverModel
-from rvqa.run_layout import retriever_dir
+from rvqa.run_layout import CONFIG_FILE, retriever_dir
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +38,7 @@ def caption_source_from_arg(arg: str) -> CaptionDataConfig:
     if suffix == ".json":
         kind = "karpathy" if p.name.startswith("dataset_") else "coco"
         return CaptionDataConfig(source=kind, path=str(p))
-    raise ValueError(
+    raise UsageError(
         f"--captions: cannot tell the format of {arg} (expected .jsonl, .txt, .json or a folder)"
     )
 
@@ -48,7 +53,7 @@ def load_query_file(path: str | Path) -> Any:
     try:
         return np.load(path, allow_pickle=False)
     except ValueError as err:
-        raise ValueError(f"{path} is not a numpy .npy array file: {err}") from None
+        raise DataFormatError(f"{path} is not a numpy .npy array file: {err}") from None
 
 
 def build_index_from_config(
@@ -65,8 +70,10 @@ def build_index_from_config(
     tuning_queries: str | Path | Any | None = None,
     overwrite: bool = False,
     split: str | None = None,
-) -> Path:
+) -> Path | None:
     """Encode a caption corpus with the retriever and write an index folder.
+
+    The folder also gets ``config.yaml``, the resolved ``cfg`` (beside the manifest).
 
     Args:
         cfg: Run config; its ``index`` section gives the defaults.
@@ -80,6 +87,14 @@ def build_index_from_config(
             ``efSearch``/``nprobe`` on instead of proxy queries.
         overwrite: Replace an existing folder.
         split: Caption split (easy_vqa: train/test; karpathy: a split name).
+
+    Returns:
+        The index folder (``None`` on the other processes of a distributed build).
+
+    Raises:
+        FileNotFoundError: The caption file or the retriever folder does not exist.
+        UsageError: A caption file of unknown format.
+        DataFormatError: An empty caption source; a tuning-queries file that is not ``.npy``.
     """
     s = cfg.index
     out = Path(out or s.folder())
@@ -89,7 +104,7 @@ def build_index_from_config(
     if isinstance(tuning_queries, (str, Path)):
         tuning_queries = load_query_file(tuning_queries)
     if from_index is not None:
-        return rebuild_index(
+        path = rebuild_index(
             from_index,
             out,
             factory,
@@ -98,26 +113,31 @@ def build_index_from_config(
             ef_construction=ef_construction,
             tuning_queries=tuning_queries,
         )
+        return _with_config(path, cfg)
 
-    if retriever is None:
-        retriever = retriever_dir(cfg.output_dir)
-    model = (
-        retriever
-        if not isinstance(retriever, (str, Path))
-        else RetrieverModel.from_pretrained(retriever)
-    )
-    source = (
+    source = (  # checked first: a typo should not cost loading the retriever
         captions
         if isinstance(captions, CaptionDataConfig)
         else (caption_source_from_arg(captions) if captions else s.captions)
     )
+    if retriever is None:
+        retriever = retriever_dir(cfg.output_dir)
+    if isinstance(retriever, (str, Path)):
+        if not (Path(retriever) / "config.json").is_file():
+            raise FileNotFoundError(
+                f"retriever folder {retriever} does not exist or has no config.json "
+                "(expected e.g. runs/demo/retriever/best)"
+            )
+        model = RetrieverModel.from_pretrained(retriever)
+    else:
+        model = retriever
 
     split_arg = split if split is not None else ("train" if source.source == "easy_vqa" else None)
     if source.source == "karpathy":
         split_arg = [split] if split else list(source.splits)
     corpus = load_captions(source, split=split_arg)
     if len(corpus) == 0:
-        raise ValueError(f"the caption source {source.source} {source.path or ''} is empty")
+        raise DataFormatError(f"the caption source {source.source} {source.path or ''} is empty")
     accelerator = None
 
     if is_distributed_launch():
@@ -143,4 +163,11 @@ def build_index_from_config(
     )
     if accelerator is not None:
         accelerator.end_training()
+    return _with_config(path, cfg)
+
+
+def _with_config(path: Path | None, cfg: RunConfig) -> Path | None:
+    """Write the resolved config beside the manifest (``path`` is None off the main process)."""
+    if path is not None:
+        save_config(cfg, Path(path) / CONFIG_FILE)
     return path

@@ -26,9 +26,11 @@ import numpy as np
 import torch
 
 from rvqa.data.images import ImageLoadError, image_key, load_image
+from rvqa.errors import RunFolderError, UnknownIndexError, UsageError
 from rvqa.reader.modeling import ReaderModel
 from rvqa.reader.processing import PROCESSOR_FILE, ReaderProcessor
 from rvqa.retriever.index import IndexRegistry, KnowledgeIndex
+from rvqa.retriever.index_format import read_manifest
 from rvqa.retriever.modeling import RetrieverModel
 from rvqa.run_layout import read_run_file
 
@@ -84,10 +86,10 @@ class Answer:
 
 def _require(path: Path, files: Sequence[str], what: str) -> None:
     if not path.is_dir():
-        raise FileNotFoundError(f"{what} folder {path} does not exist")
+        raise RunFolderError(f"{what} folder {path} does not exist")
     missing = [f for f in files if not (path / f).is_file()]
     if missing:
-        raise FileNotFoundError(f"{what} folder {path} is missing {', '.join(missing)}")
+        raise RunFolderError(f"{what} folder {path} is missing {', '.join(missing)}")
 
 
 class RVQA:
@@ -102,6 +104,8 @@ class RVQA:
         max_top_k: The largest ``top_k`` whose captions always fit the reader's text
             positions (``None``: no known limit).
         registry: The loaded knowledge indices (:class:`rvqa.retriever.index.IndexRegistry`).
+        nprobe: ``nprobe`` for the IVF indices this model loads (``None``: as built).
+        ef_search: ``efSearch`` for the HNSW indices this model loads (``None``: as built).
     """
 
     def __init__(
@@ -113,6 +117,8 @@ class RVQA:
         top_k: int | None = None,
         device: str | torch.device | None = None,
         run_dir: str | Path | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
     ):
         self.device = _resolve_device(device)
         self.retriever = retriever.to(self.device).eval()
@@ -128,6 +134,11 @@ class RVQA:
                 self.max_top_k,
             )
         self.run_dir = Path(run_dir) if run_dir else None
+        for key, value in (("nprobe", nprobe), ("ef_search", ef_search)):
+            if value is not None:
+                _check_int(value, key, minimum=1)
+        self.nprobe = nprobe
+        self.ef_search = ef_search
         self.registry = IndexRegistry()
         self._swap_lock = threading.Lock()
         # (retriever object, its fingerprint): hashing every weight once, not per index load.
@@ -142,6 +153,8 @@ class RVQA:
         *,
         device: str | torch.device | None = None,
         load_indices: bool = True,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
     ) -> RVQA:
         """Load a run folder: retriever, reader and its default knowledge index(es).
 
@@ -150,14 +163,22 @@ class RVQA:
                 and ``rvqa demo``).
             device: ``"cpu"``, ``"cuda"``, ... (default: CUDA when available).
             load_indices: Load the indices the run recorded.
+            nprobe: IVF indices: inverted lists probed per query, for every index this
+                model loads that has the parameter (default: the value tuned at build
+                time). Also the default of later :meth:`load_index` calls.
+            ef_search: HNSW indices: ``efSearch``, likewise.
 
         Raises:
-            FileNotFoundError: The folder, ``rvqa_run.json`` or a component file is
+            RunFolderError: The folder, ``rvqa_run.json`` or a component file is
                 missing (named in the message).
-            ValueError: ``rvqa_run.json`` is malformed, or ``device`` is unknown or
-                not available.
+            ValueError: ``rvqa_run.json`` is malformed.
+            UsageError: ``device`` is unknown or not available; ``nprobe`` /
+                ``ef_search`` not a positive integer.
         """
         _resolve_device(device)  # fail before loading anything
+        for key, value in (("nprobe", nprobe), ("ef_search", ef_search)):
+            if value is not None:
+                _check_int(value, key, minimum=1)
         run = read_run_file(run_dir)
         retriever_path, reader_path = run.retriever, run.reader
         # The retriever embeds the query images (its image processor is needed); the
@@ -173,7 +194,7 @@ class RVQA:
         try:
             budgets = json.loads((reader_path / PROCESSOR_FILE).read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
-            raise ValueError(f"{reader_path / PROCESSOR_FILE} is malformed: {err}") from None
+            raise RunFolderError(f"{reader_path / PROCESSOR_FILE} is malformed: {err}") from None
         if budgets.get("has_image_processor", True):
             _require(reader_path, ("preprocessor_config.json",), "reader")
         retriever = RetrieverModel.from_pretrained(retriever_path)
@@ -186,6 +207,8 @@ class RVQA:
             top_k=run.top_k or reader.config.top_k,
             device=device,
             run_dir=run.run_dir,
+            nprobe=nprobe,
+            ef_search=ef_search,
         )
         if load_indices:
             for name, path in run.indices.items():
@@ -212,48 +235,149 @@ class RVQA:
             self._fingerprint = cached
         return cached[1]
 
-    def _load(self, path: str | Path, name: str) -> Any:
+    def _search_params(
+        self, path: str | Path, nprobe: int | None, ef_search: int | None
+    ) -> dict[str, int]:
+        """The ``nprobe`` / ``ef_search`` overrides that apply to the index at ``path``.
+
+        Values given for this index must fit its type; the model's defaults
+        (:attr:`nprobe`, :attr:`ef_search`) apply to the indices that have that
+        parameter and leave the others as built.
+        """
+        given = {k: v for k, v in (("nprobe", nprobe), ("ef_search", ef_search)) if v is not None}
+        defaults = {
+            k: v
+            for k, v in (("nprobe", self.nprobe), ("ef_search", self.ef_search))
+            if v is not None and k not in given
+        }
+        if not given and not defaults:
+            return {}
+        for key, value in given.items():
+            _check_int(value, key, minimum=1)
+        factory = read_manifest(Path(path))["factory"]
+        knob = _search_knob(factory)
+        for key in given.keys() - {knob}:
+            what = f"its search parameter is {knob}" if knob else "exact search, no parameter"
+            raise UsageError(f"{key} does not apply to index {path} ({factory}: {what})")
+        for key in defaults.keys() - {knob}:
+            logger.info("%s left as built for index %s (%s)", key, path, factory)
+        return {k: int(v) for k, v in {**defaults, **given}.items() if k == knob}
+
+    def _load(
+        self, path: str | Path, name: str, nprobe: int | None = None, ef_search: int | None = None
+    ) -> Any:
+        params = self._search_params(path, nprobe, ef_search)
         # Checked against the cached fingerprint (the check is the same as passing the
         # retriever, which would hash all its weights again on every load or swap).
-        index = KnowledgeIndex.load(path, retriever=self._retriever_fingerprint(), name=name)
+        index = KnowledgeIndex.load(
+            path, retriever=self._retriever_fingerprint(), name=name, **params
+        )
         index.encoder = self.retriever  # enables index.search_images / index.add
         return index
 
-    def load_index(self, path: str | Path, name: str | None = None) -> str:
+    def load_index(
+        self,
+        path: str | Path,
+        name: str | None = None,
+        *,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+    ) -> str:
         """Load a knowledge index folder under ``name`` (default: the folder name).
+
+        Args:
+            path: The index folder.
+            name: The name to load it under (default: the folder name).
+            nprobe: IVF indices: inverted lists probed per query (default: the model's
+                :attr:`nprobe`, else the value tuned at build time).
+            ef_search: HNSW indices: ``efSearch`` (default: the model's
+                :attr:`ef_search`, else the value tuned at build time).
 
         Returns:
             The name it is loaded under.
 
         Raises:
             FileNotFoundError: The folder or one of its files is missing.
-            ValueError: The index was built with another retriever (both fingerprints
-                named), or ``name`` is already loaded (use :meth:`swap_index`).
+            IndexMismatchError: The index was built with another retriever (both
+                fingerprints named).
+            UsageError: ``name`` is already loaded (use :meth:`swap_index`), or
+                ``nprobe`` / ``ef_search`` is given for an index without that parameter.
         """
         name = name or Path(path).resolve().name
         with self._swap_lock:
             if name in self.registry:
-                raise ValueError(f"an index named {name!r} is loaded already; use swap_index")
-            self.registry.register(name, self._load(path, name))
+                raise UsageError(f"an index named {name!r} is loaded already; use swap_index")
+            self.registry.register(name, self._load(path, name, nprobe, ef_search))
         return name
 
-    def swap_index(self, path: str | Path, name: str | None = None) -> None:
+    def swap_index(
+        self,
+        path: str | Path,
+        name: str | None = None,
+        *,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+    ) -> None:
         """Replace the index ``name`` for subsequent calls (no retraining).
 
         The new index is loaded and checked against the retriever first; if that
         fails, the old index keeps serving and the error is raised. Calls already
         running finish with the old index. A ``name`` that is not loaded yet is
-        simply loaded.
+        simply loaded. ``nprobe`` / ``ef_search`` as in :meth:`load_index`.
 
         Raises:
             FileNotFoundError: The folder or one of its files is missing.
-            ValueError: The index was built with another retriever (both fingerprints
-                named).
+            IndexMismatchError: The index was built with another retriever (both
+                fingerprints named).
+            UsageError: ``nprobe`` / ``ef_search`` given for an index without it.
         """
         name = name or Path(path).resolve().name
-        new = self._load(path, name)  # validates before anything changes
+        new = self._load(path, name, nprobe, ef_search)  # validates first
         with self._swap_lock:
             self.registry.swap(name, new)
+
+    def use_indices(self, specs: Sequence[str | Path]) -> list[str]:
+        """Resolve index choices (``rvqa ask/evaluate --index``) to loaded index names.
+
+        Each item is an index folder or the name of a loaded index. A folder is
+        loaded under its folder name, replacing (:meth:`swap_index`) a loaded index
+        of that name (e.g. a newer build of the run's own index). The model's
+        :attr:`nprobe` / :attr:`ef_search` apply to the folders loaded here.
+
+        Args:
+            specs: Index folders and/or loaded index names.
+
+        Returns:
+            The names, in order, without repeats; pass them as ``index=`` to
+            :meth:`answer` (an empty ``specs`` gives ``[]``: use the default,
+            :data:`ALL_INDICES`, to search every loaded index).
+
+        Raises:
+            UnknownIndexError: An item is neither a folder nor a loaded index name
+                (the loaded ones are listed).
+        """
+        if isinstance(specs, (str, Path)):
+            specs = [specs]
+        names: list[str] = []
+        for spec in specs:
+            path = Path(spec)
+            if path.is_dir():
+                name = path.resolve().name
+                if name in self.registry:
+                    self.swap_index(path, name=name)
+                else:
+                    self.load_index(path, name=name)
+            elif isinstance(spec, str) and spec in self.registry:
+                name = spec
+            else:
+                known = ", ".join(self.registry.names) or "none"
+                raise UnknownIndexError(
+                    f"index {str(spec)!r} is neither an index folder nor the name of a loaded "
+                    f"index (loaded: {known})"
+                )
+            if name not in names:
+                names.append(name)
+        return names
 
     def unload_index(self, name: str) -> None:
         """Stop using an index.
@@ -288,9 +412,9 @@ class RVQA:
         Raises:
             TypeError: ``question`` is not a string, ``top_k`` not an int, ``image`` of
                 an unsupported type or an array that is not uint8.
-            ValueError: An empty question, ``top_k`` < 1, an image that cannot be
+            ValueError: An empty question, ``top_k`` < 1 (``UsageError``), an image that cannot be
                 loaded (missing, corrupt, not an image, wrong array shape, too large).
-            KeyError: An unknown index name (the loaded ones are listed).
+            UnknownIndexError: An unknown index name (the loaded ones are listed; a KeyError).
         """
         _check_question(question, "question")
         return self.answer_batch([image], [question], top_k, index, num_alternatives)[0]
@@ -325,14 +449,14 @@ class RVQA:
         if isinstance(questions, str) or not isinstance(questions, Sequence):
             raise TypeError(f"questions must be a list of strings, got {type(questions).__name__}")
         if len(images) != len(questions):
-            raise ValueError(f"got {len(images)} images but {len(questions)} questions")
+            raise UsageError(f"got {len(images)} images but {len(questions)} questions")
         for i, q in enumerate(questions):
             _check_question(q, f"question {i}")
         n_alt = _check_int(num_alternatives, "num_alternatives", minimum=0)
         batch_size = _check_int(batch_size, "batch_size", minimum=1)
         if evidence is not None:
             if top_k is not None or index is not ALL_INDICES:
-                raise ValueError("evidence= replaces retrieval: do not pass top_k or index with it")
+                raise UsageError("evidence= replaces retrieval: do not pass top_k or index with it")
             given = self._check_evidence(evidence, len(questions))
             k, names = 0, None
         else:
@@ -382,7 +506,7 @@ class RVQA:
                 f"got {type(evidence).__name__}"
             )
         if len(evidence) != n:
-            raise ValueError(f"got evidence for {len(evidence)} questions but {n} questions")
+            raise UsageError(f"got evidence for {len(evidence)} questions but {n} questions")
         out = []
         for i, ev in enumerate(evidence):
             if isinstance(ev, (str, bytes)) or not isinstance(ev, Sequence):
@@ -391,7 +515,7 @@ class RVQA:
                     f"got {type(ev).__name__}"
                 )
             if self.max_top_k is not None and len(ev) > self.max_top_k:
-                raise ValueError(
+                raise UsageError(
                     f"evidence[{i}] has {len(ev)} captions; the reader fits at most {self.max_top_k}"
                 )
             row = []
@@ -405,7 +529,7 @@ class RVQA:
                         f"evidence[{i}][{j}] must be an Evidence or a (text, score) pair, got {e!r}"
                     )
                 if not e[0].strip():
-                    raise ValueError(f"evidence[{i}][{j}] is an empty caption")
+                    raise UsageError(f"evidence[{i}][{j}] is an empty caption")
                 row.append(Evidence(e[0], float(e[1]), "", None))
             out.append(row)
         return out
@@ -416,7 +540,7 @@ class RVQA:
             # Checked up front: whether k captions fit would otherwise depend on their
             # lengths, i.e. on the image.
             p = self.processor
-            raise ValueError(
+            raise UsageError(
                 f"top_k={k} is more captions than the reader's text fits: at most "
                 f"{self.max_top_k} ({_text_positions(self.reader)} positions, questions up "
                 f"to {p.max_question_length} tokens, captions up to {p.max_caption_length})"
@@ -445,7 +569,7 @@ class RVQA:
                 raise TypeError(f"index names must be strings, got {n!r}")
             if n not in self.registry:
                 known = ", ".join(self.registry.names) or "none loaded"
-                raise KeyError(f"unknown index {n!r} (loaded: {known})")
+                raise UnknownIndexError(f"unknown index {n!r} (loaded: {known})")
         return chosen
 
     def _retrieve(self, pil: list, k: int, names: list[str] | None) -> list[list[Evidence]]:
@@ -505,9 +629,9 @@ def _distinct_images(images: Sequence[Any], s: int, batch_size: int) -> tuple[li
 
 def _require_tokenizer(path: Path, what: str) -> None:
     if not (path / "tokenizer_config.json").is_file():
-        raise FileNotFoundError(f"{what} folder {path} is missing tokenizer_config.json")
+        raise RunFolderError(f"{what} folder {path} is missing tokenizer_config.json")
     if not any((path / f).is_file() for f in _VOCAB_FILES):
-        raise FileNotFoundError(
+        raise RunFolderError(
             f"{what} folder {path} has no tokenizer vocabulary (expected one of "
             f"{', '.join(_VOCAB_FILES)})"
         )
@@ -530,17 +654,17 @@ def _resolve_device(device: Any) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise ValueError(
+        raise UsageError(
             f"unknown device {device!r}; expected e.g. 'cpu', 'cuda' or 'cuda:1'"
         ) from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(
+            raise UsageError(
                 f"device {device!r} requested but CUDA is not available to torch "
                 f"{torch.__version__}; use device='cpu'"
             )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(
+            raise UsageError(
                 f"device {device!r} requested but only {torch.cuda.device_count()} "
                 "CUDA device(s) are visible"
             )
@@ -566,7 +690,7 @@ def _check_question(q: Any, what: str) -> None:
     if not isinstance(q, str):
         raise TypeError(f"{what} must be a string, got {type(q).__name__}")
     if not q.strip():
-        raise ValueError(
+        raise UsageError(
             f"{what} is empty or whitespace; expected a question such as 'what color is the shape?'"
         )
 
@@ -575,8 +699,18 @@ def _check_int(value: Any, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an integer, got {value!r}")
     if value < minimum:
-        raise ValueError(f"{name} must be ≥ {minimum}, got {value}")
+        raise UsageError(f"{name} must be ≥ {minimum}, got {value}")
     return int(value)
+
+
+def _search_knob(factory: str) -> str | None:
+    """The search parameter of a faiss factory string: ``nprobe`` (IVF), ``ef_search``
+    (HNSW graph) or ``None`` (exact search)."""
+    if "IVF" in factory:
+        return "nprobe"
+    if "HNSW" in factory:
+        return "ef_search"
+    return None
 
 
 def _text_positions(reader: Any) -> int | None:
@@ -598,5 +732,5 @@ def _check_top_k(k: Any) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise TypeError(f"top_k must be an integer, got {k!r}")
     if k <= 0:
-        raise ValueError(f"top_k must be ≥ 1, got {k} (use index=None to answer without retrieval)")
+        raise UsageError(f"top_k must be ≥ 1, got {k} (use index=None to answer without retrieval)")
     return int(k)

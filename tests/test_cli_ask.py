@@ -130,7 +130,7 @@ def test_ask_text_output(capsys, tiny_run, model, image):
         ({"--question": "   "}, [], "--question is empty"),
         ({}, ["--top-k", "0"], "--top-k must be ≥ 1, got 0"),
         ({}, ["--top-k", "99"], "top_k=99 is more captions than the reader's text fits"),
-        ({}, ["--index", "nope"], r"--index 'nope' is neither .*\(loaded: tiny-captions\)"),
+        ({}, ["--index", "nope"], r"index 'nope' is neither .*\(loaded: tiny-captions\)"),
         ({}, ["--index", RUN_INDEX, "--no-retrieval"], "--index and --no-retrieval exclude"),
         ({"--model": "NOWHERE"}, [], "run folder .*nowhere does not exist"),
         ({}, ["--device", "gpu"], "unknown device 'gpu'"),
@@ -193,6 +193,6 @@ def test_ask_in_a_real_process_prints_only_the_result_or_one_error(tiny_run, ima
     )
     assert bad.returncode == 1 and bad.stdout == ""
     assert bad.stderr.strip().splitlines() == [
-        "rvqa ask: error: --index 'nope' is neither an index folder nor the name of one of "
-        "the run's indices (loaded: tiny-captions)"
+        "rvqa ask: error: index 'nope' is neither an index folder nor the name of a loaded "
+        "index (loaded: tiny-captions)"
     ]

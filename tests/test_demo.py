@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 
@@ -25,6 +26,12 @@ def test_demo_fast_end_to_end(tmp_path, capsys):
         assert (tmp_path / "indices" / name / "manifest.json").is_file()
     saved = json.loads((tmp_path / "runs" / "demo" / "demo_results.json").read_text())
     assert saved["questions"] == 300
+    assert saved["rows"] == out["rows"]
+    assert (tmp_path / "runs" / "demo" / "demo_results.md").read_text() == out["table"] + "\n"
+    assert not list((tmp_path / "runs" / "demo").glob(".*tmp*"))  # atomic writes, no leftovers
+    # Every folder a --config-style step produced holds its resolved config.
+    for folder in ("runs/demo/retriever", "runs/demo/reader", "indices/easyvqa-captions"):
+        assert (tmp_path / folder / "config.yaml").is_file(), folder
     # The run folder is reusable by the Python API.
     model = RVQA.from_pretrained(tmp_path / "runs" / "demo")
     assert list(model.indices) == ["easyvqa-captions"]
@@ -33,3 +40,12 @@ def test_demo_fast_end_to_end(tmp_path, capsys):
     ans = model.answer(easy_vqa.get_test_image_paths()[0], "what color is the shape?")
     assert ans.answer in model.answers and len(ans.evidence) == 3
     assert all(e.index == "easyvqa-captions" for e in ans.evidence)
+
+    # runs/ and indices/ moved together to another folder: the run still finds its index.
+    moved = tmp_path / "moved"
+    for part in ("runs", "indices"):
+        shutil.copytree(tmp_path / part, moved / part)
+    shutil.rmtree(tmp_path / "indices")
+    again = RVQA.from_pretrained(moved / "runs" / "demo")
+    assert list(again.indices) == ["easyvqa-captions"]
+    assert again.registry.get("easyvqa-captions").path.resolve().is_relative_to(moved.resolve())

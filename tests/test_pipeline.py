@@ -597,9 +597,97 @@ def test_cli_build_index_rebuild_and_info(tiny_run, tmp_path, capsys):
     y = np.load(re_out / "embeddings.npy")
     np.testing.assert_array_equal(x, y)
     assert json.loads((re_out / "manifest.json").read_text())["factory"] == "Flat"
+    for folder in (out, re_out):  # the resolved run config, beside the manifest
+        assert (folder / "config.yaml").is_file()
 
     assert main(["index-info", str(re_out), "--retriever", str(retriever_dir(tiny_run))]) == 0
     info = capsys.readouterr().out
     assert "Flat" in info and str(len(OTHER_CAPTIONS)) in info
     assert main(["index-info", str(re_out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["factory"] == "Flat"
+
+
+# --------------------------------------------------------------------------- moved run folders
+
+
+def _copy_run(tiny_run: Path, dest: Path) -> Path:
+    """A copy of the tiny run's folder (its models and rvqa_run.json; no index)."""
+    shutil.copytree(tiny_run, dest, ignore=shutil.ignore_patterns("checkpoints"))
+    return dest
+
+
+def test_run_with_its_index_inside_moved_together(tiny_run, run_index, tmp_path, images):
+    """An index inside the run folder is recorded without `..` and moves with the run."""
+    from rvqa.run_layout import RUN_FILE, read_run_file, write_run_file
+
+    src = _copy_run(tiny_run, tmp_path / "a" / "run")
+    shutil.copytree(run_index, src / "indices" / RUN_INDEX)
+    old = read_run_file(src)
+    write_run_file(src, old.retriever, old.reader, {RUN_INDEX: src / "indices" / RUN_INDEX}, 2)
+    recorded = json.loads((src / RUN_FILE).read_text())
+    assert recorded["indices"] == {RUN_INDEX: f"indices/{RUN_INDEX}"}
+    assert ".." not in json.dumps(recorded)
+    moved = tmp_path / "elsewhere" / "deeper" / "run"
+    moved.parent.mkdir(parents=True)
+    shutil.move(src, moved)
+    model = RVQA.from_pretrained(moved, device="cpu")
+    assert list(model.indices) == [RUN_INDEX]
+    assert (
+        Path(model.registry.get(RUN_INDEX).path).resolve()
+        == (moved / "indices" / RUN_INDEX).resolve()
+    )
+    assert model.answer(images[0], "what color is the shape?").evidence
+
+
+def test_run_moved_with_its_indices_beside_it(tiny_run, run_index, tmp_path, images):
+    """runs/NAME + indices/ moved together: found as indices/NAME above the run folder."""
+    recorded = json.loads((tiny_run / "rvqa_run.json").read_text())["indices"][RUN_INDEX]
+    root = tmp_path / "moved"
+    run = _copy_run(tiny_run, root / "runs" / "tiny")  # one level deeper than recorded
+    shutil.copytree(run_index, root / "indices" / RUN_INDEX)
+    assert not (run / recorded).exists()  # the recorded relative path misses
+    model = RVQA.from_pretrained(run, device="cpu")
+    assert (
+        Path(model.registry.get(RUN_INDEX).path).resolve()
+        == (root / "indices" / RUN_INDEX).resolve()
+    )
+    assert model.answer(images[0], "what color is the shape?").evidence
+
+
+def test_old_style_run_file_still_loads(tiny_run, run_index, tmp_path, images):
+    """rvqa_run.json as written before the run layout module: no format_version, ../../indices."""
+    root = tmp_path / "old"
+    run = _copy_run(tiny_run, root / "runs" / "demo")
+    shutil.copytree(run_index, root / "indices" / RUN_INDEX)
+    old = {
+        "retriever": "retriever/best"
+        if (run / "retriever" / "best").is_dir()
+        else "retriever/final",
+        "reader": "reader/best" if (run / "reader" / "best").is_dir() else "reader/final",
+        "indices": {RUN_INDEX: f"../../indices/{RUN_INDEX}"},
+        "top_k": 2,
+    }
+    (run / "rvqa_run.json").write_text(json.dumps(old, indent=1))
+    model = RVQA.from_pretrained(run, device="cpu")
+    assert list(model.indices) == [RUN_INDEX] and model.default_top_k == 2
+    assert model.answer(images[0], "what color is the shape?").evidence
+
+
+def test_use_indices_resolves_folders_and_names(fresh, run_index, other_index):
+    """One resolution of ``--index``: folders loaded (or swapped in), names checked."""
+    from rvqa.errors import UnknownIndexError
+
+    assert fresh.use_indices([]) == []
+    names = fresh.use_indices([str(other_index), RUN_INDEX, other_index])
+    assert names == [other_index.name, RUN_INDEX]
+    assert list(fresh.indices) == [RUN_INDEX, other_index.name]
+    before = fresh.registry.get(RUN_INDEX)
+    assert fresh.use_indices([run_index]) == [RUN_INDEX]  # a folder of a loaded name: swapped
+    assert fresh.registry.get(RUN_INDEX) is not before
+    with pytest.raises(UnknownIndexError) as err:
+        fresh.use_indices(["nope"])
+    assert str(err.value) == (
+        "index 'nope' is neither an index folder nor the name of a loaded index "
+        f"(loaded: {RUN_INDEX}, {other_index.name})"
+    )
+    assert isinstance(err.value, KeyError)
