@@ -7,9 +7,8 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
+from rvqa.reader.answers import SOFT_TARGET_RULES
 from rvqa.towers import config_from_dict
-
-SOFT_TARGET_RULES = ("min3", "loo")
 
 
 class ReaderConfig(PretrainedConfig):
