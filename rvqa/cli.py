@@ -128,7 +128,10 @@ def _eval_retriever_args(p: argparse.ArgumentParser) -> None:
         "--protocol",
         choices=["all", "coco1k", "coco5k", "f30k1k"],
         default="all",
-        help="coco1k: mean over 5 folds of 1,000 images; coco5k / f30k1k / all: every test image",
+        help="all: every image of the split with all its captions; coco1k: the 5,000 COCO "
+        "test images in 5 folds of 1,000 (mean); coco5k: the same 5,000 as one gallery; "
+        "f30k1k: the 1,000 Flickr30K test images. The named protocols check the image "
+        "count and keep each image's first 5 captions",
     )
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
@@ -145,9 +148,7 @@ def _cmd_eval_retriever(args: argparse.Namespace) -> int:
     split = args.split or cfg.retriever.test_split or "test"
     records = load_caption_split(cfg.retriever.captions, split)
     model = RetrieverModel.from_pretrained(args.model)
-    metrics = evaluate_retriever(
-        model, records, batch_size=args.batch_size, folds=5 if args.protocol == "coco1k" else 1
-    )
+    metrics = evaluate_retriever(model, records, protocol=args.protocol, batch_size=args.batch_size)
     if args.json:
         print(json.dumps(metrics, indent=1))
     else:
