@@ -129,6 +129,8 @@ VOLATILE_CONFIG_KEYS = (
     "dtype",
     "torch_dtype",
 )
+"""Model-config keys that are bookkeeping, not architecture: left out of the resume
+signature (:func:`run_signature`) and of ``RetrieverModel.fingerprint``."""
 
 
 def run_signature(model_config: Any, settings: TrainSettings, **extra: Any) -> dict:
