@@ -303,17 +303,17 @@ class Trainer:
     def setup(self) -> None:
         """Data loader, optimiser and schedule, all through ``accelerator.prepare``."""
         s, acc = self.settings, self.accelerator
+        if len(self.train_dataset) == 0:
+            raise DataFormatError("the training set is empty (0 examples)")
         loader = DataLoader(
             self.train_dataset,
             batch_size=s.batch_size,
             shuffle=True,
             collate_fn=self.collate_fn,
             num_workers=s.num_workers,
-            # contrastive losses want full batches
+            # contrastive losses want full batches (never empties: only when len > batch)
             drop_last=len(self.train_dataset) > s.batch_size,
         )
-        if len(loader) == 0:
-            raise DataFormatError(f"the training set is empty ({len(self.train_dataset)} examples)")
         optimizer = _optimizer(self.model, s)
         self.model, self.optimizer, self.loader = acc.prepare(self.model, optimizer, loader)
 
