@@ -232,7 +232,12 @@ class AnswerVocab:
     # ------------------------------------------------------------------ files
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the vocabulary as JSON (atomically)."""
+        """Write the vocabulary as JSON (atomically), e.g. a vocabulary built once and shared.
+
+        A trained reader does not need this file: its vocabulary is
+        ``ReaderConfig.answers`` (in the model's ``config.json``), the one copy
+        the pipeline reads.
+        """
         data: dict[str, Any] = {
             "format": FORMAT,
             "version": VERSION,

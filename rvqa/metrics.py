@@ -893,22 +893,33 @@ def _check_text_to_image(t2i: Any, img_shape: tuple, txt_shape: tuple) -> np.nda
         )
     if t2i.dtype.kind not in "iu":
         raise ValueError(f"text_to_image must hold integer image indices, got dtype {t2i.dtype}")
-    if t2i.min() < 0 or t2i.max() >= n_img:
-        bad = t2i[(t2i < 0) | (t2i >= n_img)]
-        raise ValueError(
-            f"text_to_image has {bad.size} indices outside [0, {n_img}) for image_embeddings "
-            f"{img_shape}: e.g. {np.unique(bad)[:5].tolist()}"
-        )
+    _check_index_range(t2i, n_img, "text_to_image", f"image_embeddings {img_shape}")
     t2i = t2i.astype(np.int64, copy=False)
-    captions_per_image = np.bincount(t2i, minlength=n_img)
-    if (captions_per_image == 0).any():
-        lonely = np.flatnonzero(captions_per_image == 0)
-        raise ValueError(
-            f"{lonely.size} of {n_img} images have no caption in text_to_image "
-            f"(e.g. image indices {lonely[:5].tolist()}); image->text recall needs "
-            "at least one caption per image"
-        )
+    _check_every_index_used(
+        t2i,
+        n_img,
+        "{count} of {n} images have no caption in text_to_image (e.g. image indices "
+        "{examples}); image->text recall needs at least one caption per image",
+    )
     return t2i
+
+
+def _check_index_range(idx: np.ndarray, n: int, name: str, target: str) -> None:
+    """Every entry of ``idx`` in ``[0, n)``, else a ValueError naming ``name`` and ``target``."""
+    if idx.min() < 0 or idx.max() >= n:
+        bad = idx[(idx < 0) | (idx >= n)]
+        raise ValueError(
+            f"{name} has {bad.size} indices outside [0, {n}) for {target}: "
+            f"e.g. {np.unique(bad)[:5].tolist()}"
+        )
+
+
+def _check_every_index_used(idx: np.ndarray, n: int, message: str) -> None:
+    """Every value in ``[0, n)`` occurs in ``idx``, else ``message`` (with ``{count}``,
+    ``{n}`` and ``{examples}`` filled in) as a ValueError."""
+    unused = np.flatnonzero(np.bincount(idx, minlength=n) == 0)
+    if unused.size:
+        raise ValueError(message.format(count=unused.size, n=n, examples=unused[:5].tolist()))
 
 
 def _check_retrieval_inputs(
@@ -1101,28 +1112,21 @@ def recall_at_k_multi(
             f"{img.shape}; one (non-empty) set of text indices per image expected"
         )
     rows = [np.unique(np.asarray(list(t), dtype=np.int64)) for t in texts_of_image]
-    empty = [i for i, r in enumerate(rows) if r.size == 0]
-    if empty:
-        raise ValueError(
-            f"{len(empty)} of {n_img} images have no text in texts_of_image "
-            f"(e.g. image indices {empty[:5]})"
-        )
-    flat = np.concatenate(rows)
-    if flat.min() < 0 or flat.max() >= n_txt:
-        bad = np.unique(flat[(flat < 0) | (flat >= n_txt)])
-        raise ValueError(
-            f"texts_of_image has indices outside [0, {n_txt}) for text_embeddings "
-            f"{txt.shape}: e.g. {bad[:5].tolist()}"
-        )
-    owner = np.repeat(np.arange(n_img, dtype=np.int64), [r.size for r in rows])
-    images_per_text = np.bincount(flat, minlength=n_txt)
-    if (images_per_text == 0).any():
-        lonely = np.flatnonzero(images_per_text == 0)
-        raise ValueError(
-            f"{lonely.size} of {n_txt} texts belong to no image in texts_of_image "
-            f"(e.g. text indices {lonely[:5].tolist()})"
-        )
-    indptr = np.concatenate([[0], np.cumsum([r.size for r in rows])]).astype(np.int64)
+    sizes = [r.size for r in rows]
+    owner = np.repeat(np.arange(n_img, dtype=np.int64), sizes)  # the image of each link
+    _check_every_index_used(
+        owner,
+        n_img,
+        "{count} of {n} images have no text in texts_of_image (e.g. image indices {examples})",
+    )
+    flat = np.concatenate(rows)  # the text of each link
+    _check_index_range(flat, n_txt, "texts_of_image", f"text_embeddings {txt.shape}")
+    _check_every_index_used(
+        flat,
+        n_txt,
+        "{count} of {n} texts belong to no image in texts_of_image (e.g. text indices {examples})",
+    )
+    indptr = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     texts_pos = _Positives(indptr, flat)
     # The transpose: images of each text (images ascending inside a text).
     images_pos = _Positives.grouped(flat, n_txt)
