@@ -1,5 +1,10 @@
 """The shared Accelerate training loop (retriever and reader).
 
+:class:`Trainer` holds one run's parts (setup, resume, step, evaluate and keep
+the best model, checkpoint, finalize); :class:`TrainHooks` is what it calls
+out to; :func:`train` builds one and runs it. Every folder and file it writes
+goes through :mod:`rvqa.io` (complete under its final name, or absent).
+
 The shape of the ``accelerate`` no_trainer examples: ``prepare`` →
 ``accumulate`` → ``sync_gradients`` (clip, step, schedule) → periodic
 evaluation (models gather their predictions with ``gather_for_metrics``) →
