@@ -16,12 +16,11 @@ Soft targets, per question, from its human answers (10 in VQAv2 / OK-VQA):
 Answers outside the vocabulary are "other": they get no target (the question may
 then have an all-zero target) and are counted by :meth:`AnswerVocab.coverage`.
 
-Only the standard library, numpy and :mod:`rvqa.metrics` are imported (no torch).
+Only the standard library, numpy, :mod:`rvqa.io` and :mod:`rvqa.metrics` are imported (no torch).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from collections import Counter
@@ -32,14 +31,14 @@ from typing import Any
 
 import numpy as np
 
+from rvqa.io import write_json_atomic
 from rvqa.metrics import normalize_answer
 
 FORMAT = "rvqa-answer-vocab"
 VERSION = 1
-RULES = ("min3", "loo")
-
-# Answers repeat a lot (10 per question, few distinct); normalise each string once.
-_normalize = functools.lru_cache(maxsize=1 << 17)(normalize_answer)
+SOFT_TARGET_RULES = ("min3", "loo")
+"""The rules that turn human answers into training targets (see :func:`soft_score`);
+``ReaderConfig.soft_target_rule`` is checked against this tuple."""
 
 
 def soft_score(count: int, num_answers: int, rule: str = "min3") -> float:
@@ -62,7 +61,7 @@ def soft_score(count: int, num_answers: int, rule: str = "min3") -> float:
         matched = count * min(1.0, (count - 1) / 3.0)  # left-out answer was this one
         unmatched = (num_answers - count) * min(1.0, count / 3.0)
         return (matched + unmatched) / num_answers
-    raise ValueError(f"rule must be one of {', '.join(RULES)}; got {rule!r}")
+    raise ValueError(f"rule must be one of {', '.join(SOFT_TARGET_RULES)}; got {rule!r}")
 
 
 @dataclass
@@ -155,7 +154,7 @@ class AnswerVocab:
         if not isinstance(answer, str):
             raise TypeError(f"answer must be a string, got {type(answer).__name__}: {answer!r}")
         index = self._index.get(answer)
-        return index if index is not None else self._index.get(_normalize(answer))
+        return index if index is not None else self._index.get(normalize_answer(answer))
 
     def decode(self, index: int) -> str:
         """The answer string of a class index.
@@ -187,7 +186,7 @@ class AnswerVocab:
         for a in answers:
             if not isinstance(a, str):
                 raise TypeError(f"answers must be strings, got {type(a).__name__}: {a!r}")
-            index = self._index.get(_normalize(a))
+            index = self._index.get(normalize_answer(a))
             if index is not None:  # else "other": no target
                 counts[index] += 1
         return counts, len(answers)
@@ -233,9 +232,12 @@ class AnswerVocab:
     # ------------------------------------------------------------------ files
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the vocabulary as JSON (atomically)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Write the vocabulary as JSON (atomically), e.g. a vocabulary built once and shared.
+
+        A trained reader does not need this file: its vocabulary is
+        ``ReaderConfig.answers`` (in the model's ``config.json``), the one copy
+        the pipeline reads.
+        """
         data: dict[str, Any] = {
             "format": FORMAT,
             "version": VERSION,
@@ -244,10 +246,7 @@ class AnswerVocab:
         }
         if self.counts is not None:
             data["counts"] = self.counts
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        return write_json_atomic(path, data)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> AnswerVocab:
@@ -307,7 +306,7 @@ def build_vocab(
         for a in answers:
             if not isinstance(a, str):
                 raise TypeError(f"answer list {i} holds a {type(a).__name__}: {a!r}")
-            norm = _normalize(a)
+            norm = normalize_answer(a)
             if norm:
                 counts[norm] += 1
     ranked = sorted(

@@ -8,13 +8,12 @@ from typing import Any
 from transformers import AutoConfig, PretrainedConfig
 
 from rvqa.config import ReaderSettings
+from rvqa.reader.answers import SOFT_TARGET_RULES
 from rvqa.towers import config_from_dict
 
 # The defaults of the fields a run also sets are ReaderSettings' (one place, the demo's
 # values): a reader built without settings is the reader the demo trains.
 _S = ReaderSettings
-
-SOFT_TARGET_RULES = ("min3", "loo")
 
 
 class ReaderConfig(PretrainedConfig):

@@ -23,6 +23,7 @@ import torch
 from transformers import AutoImageProcessor, AutoTokenizer, BatchEncoding
 
 from rvqa.config import ReaderSettings
+from rvqa.io import write_json_atomic
 from rvqa.towers import load_image_processor, load_tokenizer, small_cnn_processor
 
 logger = logging.getLogger(__name__)
@@ -119,9 +120,7 @@ class ReaderProcessor:
             "max_caption_length": self.max_caption_length,
             "has_image_processor": self.image_processor is not None,
         }
-        tmp = path / (PROCESSOR_FILE + ".tmp")
-        tmp.write_text(json.dumps(budgets, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path / PROCESSOR_FILE)
+        write_json_atomic(path / PROCESSOR_FILE, budgets, indent=2)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> ReaderProcessor:

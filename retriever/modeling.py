@@ -37,6 +37,7 @@ from rvqa.towers import (
     text_config_from_name,
     vision_config_from_name,
 )
+from rvqa.training import VOLATILE_CONFIG_KEYS
 
 logger = logging.getLogger(__name__)
 
@@ -397,13 +398,7 @@ class RetrieverModel(PreTrainedModel):
         """A hash of the config and weights; knowledge indices record it and check it on load."""
         h = hashlib.sha256()
         cfg = self.config.to_dict()
-        for key in (
-            "transformers_version",
-            "_name_or_path",
-            "architectures",
-            "torch_dtype",
-            "dtype",
-        ):
+        for key in VOLATILE_CONFIG_KEYS:
             cfg.pop(key, None)
         h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
         for name, tensor in sorted(self.state_dict().items()):

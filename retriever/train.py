@@ -5,13 +5,19 @@ Works unchanged on one CPU process, several CPU processes
 and multi-GPU (``accelerate launch --multi_gpu -m rvqa train-retriever``).
 Writes ``OUTPUT_DIR/retriever/``: ``final/`` and ``best/`` (``save_pretrained``
 folders, tokenizer and image processor included), ``checkpoints/`` (resumable),
-``train_result.json``, ``metrics.json`` (test recall@K) and ``config.yaml``.
+``config.yaml`` and two result files that do not overlap:
+
+- ``train_result.json``: the training loop's record (steps, processes, the
+  validation history, the best validation ``rsum``, wall time, resume point,
+  last loss; :meth:`rvqa.training.TrainResult.to_json`);
+- ``metrics.json``: the model the run hands on (``model_dir``: ``best/``, or
+  ``final/`` without validation data) and its recall@K: ``val`` (its
+  validation evaluation) and ``test`` (the test split, ``null`` without one).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,7 +26,7 @@ from accelerate.utils import set_seed
 
 from rvqa.config import RunConfig, save_config
 from rvqa.data import has_split, holdout_by_image, load_caption_split
-from rvqa.io import write_text_atomic
+from rvqa.io import write_json_atomic
 from rvqa.pixels import PixelCache
 from rvqa.retriever.data import PairCollator, PairDataset
 from rvqa.retriever.evaluation import evaluate_retriever
@@ -30,6 +36,7 @@ from rvqa.training import TrainResult, make_accelerator, run_signature, train
 logger = logging.getLogger(__name__)
 
 CACHE_LIMIT_BYTES = 2 * 1024**3
+METRICS_FILE = "metrics.json"
 
 
 def train_retriever(
@@ -115,22 +122,18 @@ def train_retriever(
         if accelerator.is_main_process:
             logger.info("test recall: %s", {k: round(v, 2) for k, v in test_metrics.items()})
     if accelerator.is_main_process:
-        write_text_atomic(
-            out / "metrics.json",
-            json.dumps(
-                {
-                    "model_dir": str(model_dir),
-                    "val": result.history[-1] if result.history else None,
-                    "best_val_rsum": result.best_metric,
-                    "test": test_metrics,
-                    "steps": result.steps,
-                    "num_processes": result.num_processes,
-                    "wall_time_s": round(result.wall_time_s, 1),
-                },
-                indent=1,
-            ),
-        )
+        chosen = {"model_dir": str(model_dir), "val": _val_of(result), "test": test_metrics}
+        write_json_atomic(out / METRICS_FILE, chosen)
     accelerator.wait_for_everyone()
     if end_training:
         accelerator.end_training()
     return {"result": result, "model_dir": model_dir, "test": test_metrics}
+
+
+def _val_of(result: TrainResult) -> dict[str, float] | None:
+    """The validation evaluation of the model the run hands on (best, else final)."""
+    if result.best_model_dir is not None:
+        # best/ was saved at the first evaluation that reached the best rsum
+        return next((h for h in result.history if h.get("rsum") == result.best_metric), None)
+    last = result.history[-1] if result.history else None
+    return last if last is not None and last["step"] == result.steps else None

@@ -157,7 +157,10 @@ def _eval_retriever_args(p: argparse.ArgumentParser) -> None:
         "--protocol",
         choices=["all", "coco1k", "coco5k", "f30k1k"],
         default="all",
-        help="coco1k: mean over 5 folds of 1,000 images; coco5k / f30k1k / all: every test image",
+        help="all: every image of the split with all its captions; coco1k: the 5,000 COCO "
+        "test images in 5 folds of 1,000 (mean); coco5k: the same 5,000 as one gallery; "
+        "f30k1k: the 1,000 Flickr30K test images. The named protocols check the image "
+        "count and keep each image's first 5 captions",
     )
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument(

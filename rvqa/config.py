@@ -38,6 +38,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from rvqa.errors import ConfigError
+from rvqa.io import write_text_atomic
 
 __all__ = [
     "ConfigError",
@@ -600,9 +601,4 @@ def load_config(
 
 def save_config(cfg: Any, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML (atomically), e.g. into a run's output folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

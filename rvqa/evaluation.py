@@ -622,29 +622,23 @@ def evaluate_retriever_split(
         model: A retriever folder or a loaded :class:`rvqa.retriever.modeling.RetrieverModel`.
         cfg: Run config; ``cfg.retriever.captions`` is the caption source.
         split: Caption split (default: ``cfg.retriever.test_split``, else ``test``).
-        protocol: ``coco1k`` (mean over 5 folds of 1,000 images), ``coco5k``,
-            ``f30k1k`` or ``all`` (every image of the split).
+        protocol: One of :data:`rvqa.retriever.evaluation.PROTOCOLS`: ``all`` (every
+            image of the split), ``coco1k`` / ``coco5k`` (5,000 COCO test images:
+            mean of 5 folds of 1,000, or all), ``f30k1k`` (1,000 Flickr30K test
+            images); the named protocols check the image count and keep each
+            image's first 5 captions (:func:`rvqa.retriever.evaluation.evaluate_retriever`).
         batch_size: Encoding batch size.
         out_dir: If given, write ``metrics.json`` and the resolved ``config.yaml`` there.
 
     Raises:
-        UsageError: An unknown protocol.
+        UsageError: An unknown protocol, or a split whose image count does not fit it.
     """
-    if protocol not in RETRIEVER_PROTOCOLS:
-        raise UsageError(
-            f"unknown protocol {protocol!r}; expected one of {', '.join(RETRIEVER_PROTOCOLS)}"
-        )
     split = split or cfg.retriever.test_split or "test"
     records = load_caption_split(cfg.retriever.captions, split)
     if isinstance(model, (str, Path)):
         model = RetrieverModel.from_pretrained(model)
-    metrics = evaluate_retriever(
-        model, records, batch_size=batch_size, folds=5 if protocol == "coco1k" else 1
-    )
+    metrics = evaluate_retriever(model, records, protocol=protocol, batch_size=batch_size)
     if out_dir is not None:
         write_json_atomic(Path(out_dir) / "metrics.json", metrics)
         save_config(cfg, Path(out_dir) / CONFIG_FILE)
     return metrics
-
-
-RETRIEVER_PROTOCOLS = ("all", "coco1k", "coco5k", "f30k1k")

@@ -32,7 +32,10 @@ Recall@K
 --------
 :func:`recall_at_k` and :func:`recall_at_k_folds` implement the standard
 image–caption retrieval protocol (VSE++; COCO 1K / 5K, Flickr30K) exactly,
-with bounded memory and deterministic tie handling.
+with bounded memory and deterministic tie handling; :func:`recall_at_k_multi`
+is its many-to-many form (a text shared by several images). All three rank
+with one core: the rank of a query's best positive in a stable descending
+sort of the gallery.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ __all__ = [
     "process_punctuation",
     "recall_at_k",
     "recall_at_k_folds",
+    "recall_at_k_multi",
     "round_half_away",
     "vqa_accuracy",
 ]
@@ -813,77 +817,6 @@ def evaluate_module_path() -> str:
 _MAX_BLOCK_BYTES = 128 * 2**20
 
 
-def _check_retrieval_inputs(
-    image_embeddings: Any,
-    text_embeddings: Any,
-    text_to_image: Any,
-    ks: Sequence[int],
-    chunk_size: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, ...]]:
-    img = np.asarray(image_embeddings)
-    txt = np.asarray(text_embeddings)
-    t2i = np.asarray(text_to_image)
-    if img.ndim != 2 or txt.ndim != 2:
-        raise ValueError(
-            "image_embeddings and text_embeddings must be 2-D (count, dim); got shapes "
-            f"{img.shape} and {txt.shape}"
-        )
-    if img.shape[1] != txt.shape[1]:
-        raise ValueError(
-            f"embedding dims differ: image_embeddings {img.shape} vs text_embeddings {txt.shape}"
-        )
-    if img.shape[0] == 0 or txt.shape[0] == 0:
-        raise ValueError(
-            f"need at least one image and one caption; got shapes {img.shape} and {txt.shape}"
-        )
-    for name, a in (("image_embeddings", img), ("text_embeddings", txt)):
-        if a.dtype.kind not in "fiu":
-            raise ValueError(f"{name} must be numeric, got dtype {a.dtype} (shape {a.shape})")
-        if a.dtype.kind == "f" and not np.isfinite(a).all():
-            raise ValueError(f"{name} (shape {a.shape}) contains NaN or infinite values")
-    if t2i.shape != (txt.shape[0],):
-        raise ValueError(
-            f"text_to_image must have shape ({txt.shape[0]},), one image index per caption "
-            f"of text_embeddings {txt.shape}; got shape {t2i.shape}"
-        )
-    if t2i.dtype.kind not in "iu":
-        raise ValueError(f"text_to_image must hold integer image indices, got dtype {t2i.dtype}")
-    n_img = img.shape[0]
-    if t2i.min() < 0 or t2i.max() >= n_img:
-        bad = t2i[(t2i < 0) | (t2i >= n_img)]
-        raise ValueError(
-            f"text_to_image has {bad.size} indices outside [0, {n_img}) for image_embeddings "
-            f"{img.shape}: e.g. {np.unique(bad)[:5].tolist()}"
-        )
-    t2i = t2i.astype(np.int64, copy=False)
-    captions_per_image = np.bincount(t2i, minlength=n_img)
-    if (captions_per_image == 0).any():
-        lonely = np.flatnonzero(captions_per_image == 0)
-        raise ValueError(
-            f"{lonely.size} of {n_img} images have no caption in text_to_image "
-            f"(e.g. image indices {lonely[:5].tolist()}); image->text recall needs "
-            "at least one caption per image"
-        )
-    ks = tuple(ks)
-    if not ks or any(
-        isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in ks
-    ):
-        raise ValueError(f"ks must be positive integers, got {ks!r}")
-    if len(set(ks)) != len(ks):
-        raise ValueError(f"ks must not repeat, got {ks!r}")
-    if (
-        isinstance(chunk_size, bool)
-        or not isinstance(chunk_size, (int, np.integer))
-        or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    # Similarities in the inputs' precision (float32 stays float32), at least float32.
-    dtype = np.promote_types(np.result_type(img, txt), np.float32)
-    img = np.ascontiguousarray(img, dtype=dtype)
-    txt = np.ascontiguousarray(txt, dtype=dtype)
-    return img, txt, t2i, tuple(int(k) for k in ks)
-
-
 def _ranks_of_targets(
     scores: np.ndarray, target_score: np.ndarray, target_col: np.ndarray
 ) -> np.ndarray:
@@ -906,56 +839,164 @@ def _block_rows(chunk_size: int, n_candidates: int, itemsize: int) -> int:
     return max(1, min(chunk_size, _MAX_BLOCK_BYTES // (n_candidates * itemsize)))
 
 
-def _image_to_text_ranks(
-    img: np.ndarray, txt: np.ndarray, t2i: np.ndarray, chunk: int
+def _check_embeddings(image_embeddings: Any, text_embeddings: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Two 2-D numeric finite arrays of one dim, as contiguous arrays of one float dtype."""
+    img = np.asarray(image_embeddings)
+    txt = np.asarray(text_embeddings)
+    if img.ndim != 2 or txt.ndim != 2:
+        raise ValueError(
+            "image_embeddings and text_embeddings must be 2-D (count, dim); got shapes "
+            f"{img.shape} and {txt.shape}"
+        )
+    if img.shape[1] != txt.shape[1]:
+        raise ValueError(
+            f"embedding dims differ: image_embeddings {img.shape} vs text_embeddings {txt.shape}"
+        )
+    if img.shape[0] == 0 or txt.shape[0] == 0:
+        raise ValueError(
+            f"need at least one image and one caption; got shapes {img.shape} and {txt.shape}"
+        )
+    for name, a in (("image_embeddings", img), ("text_embeddings", txt)):
+        if a.dtype.kind not in "fiu":
+            raise ValueError(f"{name} must be numeric, got dtype {a.dtype} (shape {a.shape})")
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise ValueError(f"{name} (shape {a.shape}) contains NaN or infinite values")
+    # Similarities in the inputs' precision (float32 stays float32), at least float32.
+    dtype = np.promote_types(np.result_type(img, txt), np.float32)
+    return np.ascontiguousarray(img, dtype=dtype), np.ascontiguousarray(txt, dtype=dtype)
+
+
+def _check_ks_and_chunk(ks: Sequence[int], chunk_size: int) -> tuple[int, ...]:
+    ks = tuple(ks)
+    if not ks or any(
+        isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in ks
+    ):
+        raise ValueError(f"ks must be positive integers, got {ks!r}")
+    if len(set(ks)) != len(ks):
+        raise ValueError(f"ks must not repeat, got {ks!r}")
+    if (
+        isinstance(chunk_size, bool)
+        or not isinstance(chunk_size, (int, np.integer))
+        or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    return tuple(int(k) for k in ks)
+
+
+def _check_text_to_image(t2i: Any, img_shape: tuple, txt_shape: tuple) -> np.ndarray:
+    n_img, n_txt = img_shape[0], txt_shape[0]
+    t2i = np.asarray(t2i)
+    if t2i.shape != (n_txt,):
+        raise ValueError(
+            f"text_to_image must have shape ({n_txt},), one image index per caption "
+            f"of text_embeddings {txt_shape}; got shape {t2i.shape}"
+        )
+    if t2i.dtype.kind not in "iu":
+        raise ValueError(f"text_to_image must hold integer image indices, got dtype {t2i.dtype}")
+    _check_index_range(t2i, n_img, "text_to_image", f"image_embeddings {img_shape}")
+    t2i = t2i.astype(np.int64, copy=False)
+    _check_every_index_used(
+        t2i,
+        n_img,
+        "{count} of {n} images have no caption in text_to_image (e.g. image indices "
+        "{examples}); image->text recall needs at least one caption per image",
+    )
+    return t2i
+
+
+def _check_index_range(idx: np.ndarray, n: int, name: str, target: str) -> None:
+    """Every entry of ``idx`` in ``[0, n)``, else a ValueError naming ``name`` and ``target``."""
+    if idx.min() < 0 or idx.max() >= n:
+        bad = idx[(idx < 0) | (idx >= n)]
+        raise ValueError(
+            f"{name} has {bad.size} indices outside [0, {n}) for {target}: "
+            f"e.g. {np.unique(bad)[:5].tolist()}"
+        )
+
+
+def _check_every_index_used(idx: np.ndarray, n: int, message: str) -> None:
+    """Every value in ``[0, n)`` occurs in ``idx``, else ``message`` (with ``{count}``,
+    ``{n}`` and ``{examples}`` filled in) as a ValueError."""
+    unused = np.flatnonzero(np.bincount(idx, minlength=n) == 0)
+    if unused.size:
+        raise ValueError(message.format(count=unused.size, n=n, examples=unused[:5].tolist()))
+
+
+def _check_retrieval_inputs(
+    image_embeddings: Any,
+    text_embeddings: Any,
+    text_to_image: Any,
+    ks: Sequence[int],
+    chunk_size: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, ...]]:
+    img, txt = _check_embeddings(image_embeddings, text_embeddings)
+    t2i = _check_text_to_image(text_to_image, img.shape, txt.shape)
+    return img, txt, t2i, _check_ks_and_chunk(ks, chunk_size)
+
+
+class _Positives:
+    """Each query's positive gallery columns, CSR style: row ``q``'s columns are
+    ``indices[indptr[q]:indptr[q + 1]]``, ascending, at least one per row."""
+
+    def __init__(self, indptr: np.ndarray, indices: np.ndarray):
+        self.indptr = indptr
+        self.indices = indices
+
+    @classmethod
+    def single(cls, targets: np.ndarray) -> _Positives:
+        """One positive per query: ``targets[q]``."""
+        return cls(np.arange(targets.size + 1, dtype=np.int64), targets.astype(np.int64))
+
+    @classmethod
+    def grouped(cls, owner: np.ndarray, n_rows: int) -> _Positives:
+        """Row ``r``'s positives: every column ``c`` with ``owner[c] == r``."""
+        order = np.argsort(owner, kind="stable")  # columns ascending inside a row
+        return cls(np.searchsorted(owner[order], np.arange(n_rows + 1)), order.astype(np.int64))
+
+
+def _best_positive_ranks(
+    queries: np.ndarray, gallery: np.ndarray, positives: _Positives, chunk: int
 ) -> np.ndarray:
-    n_img = img.shape[0]
-    # Captions grouped by image (stable: by caption index inside a group).
-    order = np.argsort(t2i, kind="stable")
-    group_start = np.searchsorted(t2i[order], np.arange(n_img + 1))
-    txt_t = txt.T
-    ranks = np.empty(n_img, dtype=np.int64)
-    chunk = _block_rows(chunk, txt.shape[0], txt.itemsize)
-    for lo in range(0, n_img, chunk):
-        hi = min(lo + chunk, n_img)
-        scores = img[lo:hi] @ txt_t  # (B, n_txt)
-        caps = order[group_start[lo] : group_start[hi]]  # captions of these images
-        starts = group_start[lo:hi] - group_start[lo]
-        own = scores[t2i[caps] - lo, caps]
-        # Best own caption per image: highest score, ties -> lowest caption index
-        # (= the own caption that comes first in the stable ranking).
+    """0-based rank, in a stable descending sort of the gallery by score, of each
+    query's best-ranked positive (highest score; ties -> lowest gallery index).
+
+    The one ranking core: single-positive text->image recall, image->text
+    recall over an image's captions, and many-to-many recall all use it.
+    """
+    indptr, indices = positives.indptr, positives.indices
+    n_q = queries.shape[0]
+    gallery_t = gallery.T
+    ranks = np.empty(n_q, dtype=np.int64)
+    chunk = _block_rows(chunk, gallery.shape[0], gallery.itemsize)
+    for lo in range(0, n_q, chunk):
+        hi = min(lo + chunk, n_q)
+        scores = queries[lo:hi] @ gallery_t  # (B, n_gallery)
+        cols = indices[indptr[lo] : indptr[hi]]  # positives of these queries
+        starts = indptr[lo:hi] - indptr[lo]
+        sizes = np.diff(indptr[lo : hi + 1])
+        own = scores[np.repeat(np.arange(hi - lo), sizes), cols]
+        # Best positive per query: highest score, ties -> lowest column index
+        # (= the positive that comes first in the stable ranking).
         best = np.maximum.reduceat(own, starts)
-        sizes = np.diff(group_start[lo : hi + 1])
         pos = np.where(own == np.repeat(best, sizes), np.arange(own.size), own.size)
-        best_cap = caps[np.minimum.reduceat(pos, starts)]
-        ranks[lo:hi] = _ranks_of_targets(scores, best, best_cap)
+        best_col = cols[np.minimum.reduceat(pos, starts)]
+        ranks[lo:hi] = _ranks_of_targets(scores, best, best_col)
         del scores  # free this block before the next one is allocated
     return ranks
 
 
-def _text_to_image_ranks(
-    img: np.ndarray, txt: np.ndarray, t2i: np.ndarray, chunk: int
-) -> np.ndarray:
-    n_txt = txt.shape[0]
-    img_t = img.T
-    ranks = np.empty(n_txt, dtype=np.int64)
-    chunk = _block_rows(chunk, img.shape[0], img.itemsize)
-    for lo in range(0, n_txt, chunk):
-        hi = min(lo + chunk, n_txt)
-        scores = txt[lo:hi] @ img_t  # (B, n_img)
-        target = t2i[lo:hi]
-        ranks[lo:hi] = _ranks_of_targets(scores, scores[np.arange(hi - lo), target], target)
-        del scores
-    return ranks
-
-
-def _recall_from_ranks(
-    img: np.ndarray, txt: np.ndarray, t2i: np.ndarray, ks: tuple[int, ...], chunk: int
+def _recall_both_ways(
+    img: np.ndarray,
+    txt: np.ndarray,
+    texts_of_image: _Positives,
+    images_of_text: _Positives,
+    ks: tuple[int, ...],
+    chunk: int,
 ) -> dict[str, float]:
-    i2t = _image_to_text_ranks(img, txt, t2i, chunk)
-    t2i_ranks = _text_to_image_ranks(img, txt, t2i, chunk)
+    i2t = _best_positive_ranks(img, txt, texts_of_image, chunk)
+    t2i = _best_positive_ranks(txt, img, images_of_text, chunk)
     out: dict[str, float] = {}
-    for name, ranks in (("i2t", i2t), ("t2i", t2i_ranks)):
+    for name, ranks in (("i2t", i2t), ("t2i", t2i)):
         for k in ks:
             # VSE++: 100.0 * len(np.where(ranks < k)[0]) / len(ranks)
             out[f"{name}_r{k}"] = 100.0 * int(np.count_nonzero(ranks < k)) / len(ranks)
@@ -964,6 +1005,15 @@ def _recall_from_ranks(
         rsum += v
     out["rsum"] = rsum
     return out
+
+
+def _recall_from_ranks(
+    img: np.ndarray, txt: np.ndarray, t2i: np.ndarray, ks: tuple[int, ...], chunk: int
+) -> dict[str, float]:
+    """Single-positive protocol: caption ``j`` belongs to image ``t2i[j]`` only."""
+    return _recall_both_ways(
+        img, txt, _Positives.grouped(t2i, img.shape[0]), _Positives.single(t2i), ks, chunk
+    )
 
 
 def recall_at_k(
@@ -1018,6 +1068,70 @@ def recall_at_k(
         image_embeddings, text_embeddings, text_to_image, ks, chunk_size
     )
     return _recall_from_ranks(img, txt, t2i, ks, int(chunk_size))
+
+
+def recall_at_k_multi(
+    image_embeddings: np.ndarray,
+    text_embeddings: np.ndarray,
+    texts_of_image: Sequence[Iterable[int]],
+    ks: Sequence[int] = (1, 5, 10),
+    chunk_size: int = 1024,
+) -> dict[str, float]:
+    """Exact image<->text Recall@K when a text may belong to several images, in percent.
+
+    The many-to-many form of :func:`recall_at_k` (which is the case where
+    every caption belongs to exactly one image), with the same ranking core,
+    tie rule, memory bound and keys. Used for galleries of distinct caption
+    strings that many images share (easy-vqa's derived captions).
+
+    - image -> text: a hit at K if ANY text of ``texts_of_image[i]`` ranks in the top K.
+    - text -> image: a hit at K if ANY image that has the text ranks in the top K.
+
+    Args:
+        image_embeddings: ``(n_images, dim)`` array.
+        text_embeddings: ``(n_texts, dim)`` array.
+        texts_of_image: For each image, the indices of its texts (at least one);
+            every text must belong to at least one image.
+        ks: The K values.
+        chunk_size: Maximum number of queries per block of the similarity computation.
+
+    Returns:
+        ``{"i2t_r1", ..., "t2i_r10", "rsum"}`` as in :func:`recall_at_k`.
+
+    Raises:
+        ValueError: As :func:`recall_at_k`; or ``texts_of_image`` does not have one
+            entry per image, an index is out of range, an image has no text or a
+            text no image.
+    """
+    img, txt = _check_embeddings(image_embeddings, text_embeddings)
+    ks = _check_ks_and_chunk(ks, chunk_size)
+    n_img, n_txt = img.shape[0], txt.shape[0]
+    if len(texts_of_image) != n_img:
+        raise ValueError(
+            f"texts_of_image has {len(texts_of_image)} entries for image_embeddings "
+            f"{img.shape}; one (non-empty) set of text indices per image expected"
+        )
+    rows = [np.unique(np.asarray(list(t), dtype=np.int64)) for t in texts_of_image]
+    sizes = [r.size for r in rows]
+    owner = np.repeat(np.arange(n_img, dtype=np.int64), sizes)  # the image of each link
+    _check_every_index_used(
+        owner,
+        n_img,
+        "{count} of {n} images have no text in texts_of_image (e.g. image indices {examples})",
+    )
+    flat = np.concatenate(rows)  # the text of each link
+    _check_index_range(flat, n_txt, "texts_of_image", f"text_embeddings {txt.shape}")
+    _check_every_index_used(
+        flat,
+        n_txt,
+        "{count} of {n} texts belong to no image in texts_of_image (e.g. text indices {examples})",
+    )
+    indptr = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    texts_pos = _Positives(indptr, flat)
+    # The transpose: images of each text (images ascending inside a text).
+    images_pos = _Positives.grouped(flat, n_txt)
+    images_pos.indices = owner[images_pos.indices]
+    return _recall_both_ways(img, txt, texts_pos, images_pos, ks, int(chunk_size))
 
 
 def recall_at_k_folds(

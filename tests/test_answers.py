@@ -88,7 +88,7 @@ def test_save_load_round_trip(vocab, tmp_path):
     path = built.save(tmp_path / "sub" / "answers.json")
     loaded = AnswerVocab.load(path)
     assert loaded == built and loaded.counts == built.counts
-    assert not list(tmp_path.glob("sub/*.tmp"))
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["answers.json"]  # no temporaries
 
     (tmp_path / "other.json").write_text(json.dumps({"answers": ["a"]}))
     with pytest.raises(ValueError, match="not an rvqa answer vocabulary"):

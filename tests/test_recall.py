@@ -1,4 +1,4 @@
-"""Recall@K: exact agreement with a brute-force pure-Python reference, ties, folds, memory."""
+"""Recall@K: exact agreement with brute-force pure-Python references (one positive per caption and many-to-many), ties, folds, memory."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from rvqa.metrics import recall_at_k, recall_at_k_folds
+from rvqa.metrics import recall_at_k, recall_at_k_folds, recall_at_k_multi
 
 
 def brute_force_recall(images, texts, text_to_image, ks=(1, 5, 10)):
@@ -234,3 +234,100 @@ def test_coco_5k_scale_runs_in_bounded_memory():
     assert 0 < out["t2i_r1"] < out["t2i_r5"] < out["t2i_r10"] < 100
     folds = recall_at_k_folds(images, texts, t2i)
     assert folds["i2t_r1"] > out["i2t_r1"]  # 1K galleries are easier than 5K
+
+
+def brute_force_multi(images, texts, texts_of_image, ks=(1, 5, 10)):
+    """Pure-Python many-to-many reference: a hit is ANY positive in the stable top K."""
+    images = [[float(x) for x in row] for row in images]
+    texts = [[float(x) for x in row] for row in texts]
+    images_of_text = [
+        {i for i, ts in enumerate(texts_of_image) if j in ts} for j in range(len(texts))
+    ]
+
+    def dot(a, b):
+        return sum(x * y for x, y in zip(a, b))
+
+    def ranks(queries, gallery, positives):
+        out = []
+        for q, pos in zip(queries, positives):
+            ranking = sorted(range(len(gallery)), key=lambda j: (-dot(q, gallery[j]), j))
+            out.append(min(r for r, j in enumerate(ranking) if j in pos))
+        return out
+
+    out = {}
+    for name, rs in (
+        ("i2t", ranks(images, texts, texts_of_image)),
+        ("t2i", ranks(texts, images, images_of_text)),
+    ):
+        for k in ks:
+            out[f"{name}_r{k}"] = 100.0 * sum(r < k for r in rs) / len(rs)
+    out["rsum"] = sum(out.values())
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("chunk_size", [1, 7, 1024])
+def test_multi_positive_matches_brute_force_with_ties(seed, chunk_size):
+    rng = np.random.default_rng(seed)
+    n_images, n_texts = 30, 18
+    # Small integer embeddings: exact dot products, many ties.
+    images = rng.integers(-1, 2, size=(n_images, 3))
+    texts = rng.integers(-1, 2, size=(n_texts, 3))
+    images[1] = images[0]
+    texts[5] = texts[3]
+    texts_of_image = [
+        set(rng.choice(n_texts, size=rng.integers(1, 4), replace=False).tolist())
+        for _ in range(n_images)
+    ]
+    texts_of_image[0] = {5}  # a positive tied with a lower-index negative (text 3)
+    for j in range(n_texts):  # every text belongs to some image
+        if not any(j in ts for ts in texts_of_image):
+            texts_of_image[j % n_images].add(j)
+    expected = brute_force_multi(images, texts, texts_of_image)
+    assert 0 < expected["i2t_r1"] < 100 and 0 < expected["rsum"] < 600  # not trivial
+    got = recall_at_k_multi(
+        images.astype(np.float32), texts.astype(np.float32), texts_of_image, chunk_size=chunk_size
+    )
+    assert_same(got, expected)
+
+
+def test_single_positive_protocol_is_the_multi_positive_case():
+    # recall_at_k (each caption owned by one image) == recall_at_k_multi with
+    # each image's own captions as its positives, bit for bit.
+    rng = np.random.default_rng(7)
+    images, texts, t2i = paired_data(rng, 60, 5, 8, noise=1.3, dtype=np.float32)
+    perm = rng.permutation(len(texts))
+    texts, t2i = texts[perm], t2i[perm]
+    texts_of_image = [np.flatnonzero(t2i == i).tolist() for i in range(len(images))]
+    for chunk in (3, 1024):
+        assert recall_at_k_multi(images, texts, texts_of_image, chunk_size=chunk) == recall_at_k(
+            images, texts, t2i, chunk_size=chunk
+        )
+
+
+def test_multi_positive_hand_worked_tie():
+    # One text shared by both (identical) images, one text owned by image 1 only.
+    images = np.array([[1.0, 0.0], [1.0, 0.0]])
+    texts = np.array([[1.0, 0.0], [1.0, 0.0]])
+    out = recall_at_k_multi(images, texts, [{1}, {0, 1}], ks=(1, 2))
+    # i2t: image 0's only positive (text 1) ties with text 0 and comes second: miss at 1;
+    # image 1 has text 0 first: hit. t2i: text 0 -> image 1 (second): miss; text 1 -> image 0: hit.
+    assert out == {"i2t_r1": 50.0, "i2t_r2": 100.0, "t2i_r1": 50.0, "t2i_r2": 100.0, "rsum": 300.0}
+
+
+def test_multi_positive_input_validation():
+    images, texts = np.eye(3), np.eye(3)
+    with pytest.raises(
+        ValueError, match=r"texts_of_image has 2 entries for image_embeddings \(3, 3\)"
+    ):
+        recall_at_k_multi(images, texts, [{0}, {1}])
+    with pytest.raises(ValueError, match=r"1 of 3 images have no text .*\[1\]"):
+        recall_at_k_multi(images, texts, [{0}, set(), {1, 2}])
+    with pytest.raises(ValueError, match=r"indices outside \[0, 3\) .*e.g. \[3\]"):
+        recall_at_k_multi(images, texts, [{0}, {1}, {2, 3}])
+    with pytest.raises(ValueError, match=r"1 of 3 texts belong to no image .*\[2\]"):
+        recall_at_k_multi(images, texts, [{0}, {1}, {1}])
+    with pytest.raises(ValueError, match="embedding dims differ"):
+        recall_at_k_multi(images, np.eye(4), [{0}, {1}, {2}])
+    with pytest.raises(ValueError, match="ks must not repeat"):
+        recall_at_k_multi(images, texts, [{0}, {1}, {2}], ks=(5, 5))

@@ -59,6 +59,14 @@ def test_train_single_process(tmp_path):
     assert model.embed_texts(["a red circle"]).shape == (1, 16)
     result = json.loads((run / "train_result.json").read_text())
     assert result["steps"] == 6 and result["num_processes"] == 1
+    assert result["metric"] == "rsum" and result["best_metric"] == res.best_metric
+    assert result["history"] == res.history and result["final_loss"] == res.losses[-1]
+    # metrics.json: the handed-on model and its recall only (no loop facts repeated).
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics) == {"model_dir", "val", "test"}
+    assert metrics["model_dir"] == str(run / "best") == str(out["model_dir"])
+    best_entry = next(h for h in res.history if h["rsum"] == res.best_metric)
+    assert metrics["val"] == best_entry and metrics["test"] is None
 
 
 class _Crash(RuntimeError):
