@@ -62,7 +62,7 @@ def build(args):
 
 
 def rvqa_steps(steps: int, args) -> float:
-    from rvqa.reader.train import ReaderCollator
+    from rvqa.reader.data import ReaderCollator
     from rvqa.training import train
 
     model, processor, settings = build(args)
@@ -84,7 +84,7 @@ def rvqa_steps(steps: int, args) -> float:
 def bare_steps(steps: int, args) -> float:
     from transformers import get_scheduler
 
-    from rvqa.reader.train import ReaderCollator
+    from rvqa.reader.data import ReaderCollator
     from rvqa.training import _optimizer
 
     model, processor, settings = build(args)

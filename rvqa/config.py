@@ -155,7 +155,7 @@ class RetrieverSettings(TrainSettings):
     max_caption_length: int = 16
     freeze_vision: bool = False
     freeze_text: bool = True
-    """The demo keeps the packaged MiniLM frozen (its caption features are computed once)."""
+    """The demo keeps the packaged MiniLM frozen (only the text projection trains; the tower still runs every step)."""
     loss: Literal["vse_max", "vse_sum", "infonce"] = "vse_max"
     margin: float = 0.2
     max_violation_warmup: int = 100
@@ -224,7 +224,7 @@ class ReaderSettings(TrainSettings):
     cnn_hidden_sizes: list[int] | None = None
     """Channels of the small CNN's stages (vision_backbone='cnn'); None = [32, 64, 128, 128]."""
     freeze_vision: bool = True
-    """Keep the image tower fixed (its features are then computed once per image)."""
+    """Keep the image tower fixed (its features are then computed once per image, when they fit in 2 GiB)."""
     freeze_word_embeddings: bool = True
     image_size: int = 64
     visual_grid: int = 2

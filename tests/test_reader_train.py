@@ -11,7 +11,8 @@ import rvqa.reader.retrieval as retrieval
 import rvqa.training as training
 from rvqa.config import config_to_dict
 from rvqa.indexing import build_index_from_config
-from rvqa.reader.train import _k_for, train_reader
+from rvqa.reader.data import _k_for
+from rvqa.reader.train import train_reader
 from rvqa.retriever.index import KnowledgeIndex
 from rvqa.retriever.modeling import RetrieverModel
 from rvqa.retriever.train import train_retriever
