@@ -205,6 +205,7 @@ def visual_features_for(
     device = accelerator.device if accelerator is not None else model.device
     model.to(device)
     autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
+    dtype = next(model.vision_model.parameters()).dtype  # as forward casts pixel_values
     was = model.training
     model.eval()
     try:
@@ -212,7 +213,7 @@ def visual_features_for(
         def encode(rows: list[int]) -> np.ndarray:
             out = []
             for s in range(0, len(rows), batch_size):
-                batch = pixels.pixels[rows[s : s + batch_size]].float().to(device)
+                batch = pixels.pixels[rows[s : s + batch_size]].float().to(device, dtype)
                 with autocast():
                     out.append(model.vision_features(batch).float().cpu().numpy())
             return np.concatenate(out)
