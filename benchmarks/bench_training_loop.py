@@ -1,7 +1,13 @@
 """The shared Accelerate training loop vs a bare PyTorch loop, and 1 vs 2 CPU processes.
 
-Same model (the demo reader architecture: 2 MiniLM layers, 4 cached visual
-tokens, 3 captions), same batches, same optimizer, schedule and clipping.
+What it measures: the loop's own cost. Same model (the demo reader
+architecture: 2 MiniLM layers, 3 captions), same batches, same optimizer,
+schedule and clipping; the batches carry random precomputed visual features
+(4 tokens × 128 channels), as ``train-reader`` feeds when the image tower is
+frozen and its feature cache fits (the demo), so the image tower never runs
+here. Not measured: data loading, retrieval, pixel preprocessing, the feature
+cache itself, or a tower run per step — ``benchmarks/bench_train_reader.py``
+times the real ``train-reader`` with and without the cache.
 Per-step time is measured as (time of N2 steps − time of N1 steps) / (N2 − N1),
 which cancels the fixed costs (setup, final save) of both loops.
 
@@ -62,7 +68,7 @@ def build(args):
 
 
 def rvqa_steps(steps: int, args) -> float:
-    from rvqa.reader.train import ReaderCollator
+    from rvqa.reader.data import ReaderCollator
     from rvqa.training import train
 
     model, processor, settings = build(args)
@@ -84,7 +90,7 @@ def rvqa_steps(steps: int, args) -> float:
 def bare_steps(steps: int, args) -> float:
     from transformers import get_scheduler
 
-    from rvqa.reader.train import ReaderCollator
+    from rvqa.reader.data import ReaderCollator
     from rvqa.training import _optimizer
 
     model, processor, settings = build(args)

@@ -19,6 +19,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from rvqa.io import write_text_atomic
+from rvqa.reader.data import record_image_key
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ def retrieve_for_images(
     Args:
         retriever: Has ``embed_images(images, batch_size)`` (a RetrieverModel).
         index: A :class:`~rvqa.retriever.index.KnowledgeIndex`.
-        images: image key (e.g. str(image_id)) → image reference (path, PIL, array).
+        images: image key (:func:`~rvqa.reader.data.record_image_key`) → image
+            reference (path, PIL, array).
         k: Captions per image.
         exclude_ids: image key → caption ids never to return for that image (its own
             captions, so training does not learn to copy them).
@@ -104,9 +106,13 @@ def retrieve_for_images(
 
 
 def own_caption_ids(caption_records: Sequence[Any]) -> dict[str, set]:
-    """image key → the ids of that image's own captions (for ``exclude_ids``)."""
+    """image key → the ids of that image's own captions (for ``exclude_ids``).
+
+    Keys are :func:`~rvqa.reader.data.record_image_key` of the caption records, the
+    keys VQA records of the same image ids have.
+    """
     out: dict[str, set] = {}
     for r in caption_records:
         if r.image_id is not None:
-            out.setdefault(str(r.image_id), set()).add(r.caption_id)
+            out.setdefault(record_image_key(r), set()).add(r.caption_id)
     return out

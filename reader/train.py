@@ -2,7 +2,11 @@
 
 Captions for every training image come from the run's knowledge index through
 the trained retriever, retrieved once per image and cached (see
-:mod:`rvqa.reader.retrieval`). Same Accelerate loop as the retriever
+:mod:`rvqa.reader.retrieval`). A frozen image tower (``reader.freeze_vision``,
+the demo's) is run once per image before training, and training and evaluation
+read its cached features (:func:`rvqa.reader.data.visual_features_for`, within
+a memory budget; over it the tower runs per step). Data: :mod:`rvqa.reader.data`;
+accuracy: :mod:`rvqa.reader.evaluation`. Same Accelerate loop as the retriever
 (:func:`rvqa.training.train`): one CPU process, several (``torchrun``) or
 multi-GPU (``accelerate launch -m rvqa train-reader``). Writes
 ``OUTPUT_DIR/reader/``: ``final/``, ``best/`` (model + processor + answer
@@ -13,23 +17,25 @@ vocabulary), ``checkpoints/``, ``train_result.json``, ``config.yaml``; and
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from accelerate.utils import set_seed
-from torch.utils.data import Dataset
 
 from rvqa.config import RunConfig, save_config
-from rvqa.data import holdout_by_image, load_captions, load_vqa
-from rvqa.distributed import sharded_map
-from rvqa.metrics import evaluate_vqa
+from rvqa.data import load_caption_split
 from rvqa.pixels import PixelCache
 from rvqa.reader.answers import AnswerVocab, build_vocab
+from rvqa.reader.data import (
+    FEATURE_CACHE_MAX_BYTES,
+    ReaderCollator,
+    ReaderDataset,
+    load_reader_data,
+    record_image_key,
+    visual_features_for,
+)
+from rvqa.reader.evaluation import evaluate_reader
 from rvqa.reader.modeling import ReaderModel
 from rvqa.reader.processing import ReaderProcessor
 from rvqa.reader.retrieval import own_caption_ids, retrieve_for_images
@@ -39,185 +45,6 @@ from rvqa.run_layout import READER_DIR, RETRIEVER_DIR, retriever_dir, write_run_
 from rvqa.training import make_accelerator, run_signature, train
 
 logger = logging.getLogger(__name__)
-
-# --------------------------------------------------------------------------- data
-
-
-def image_key(record: Any) -> str:
-    """The key retrieval results and pixel caches are stored under."""
-    return str(record.image_id)
-
-
-def load_reader_data(cfg: RunConfig) -> tuple[list, list]:
-    """(train, validation) VQA records: validation = ``reader.eval_split`` or held-out images."""
-    d, s = cfg.data, cfg.reader
-    train_set = load_vqa(d, d.train_split)
-    if d.train_fraction < 1.0:
-        train_set = train_set.subset(d.train_fraction, seed=s.seed)
-    train_records = list(train_set)
-    if s.eval_split:
-        val_records = list(load_vqa(d, s.eval_split))
-    else:
-        train_records, val_records = holdout_by_image(train_records, s.val_fraction, s.seed)
-    if s.max_eval_questions and len(val_records) > s.max_eval_questions:
-        val_records = val_records[: s.max_eval_questions]
-    for r in train_records[:1]:
-        if r.answers is None:
-            raise ValueError(f"the training split {d.train_split!r} has no annotations (answers)")
-    return train_records, val_records
-
-
-def _k_for(question_id: Any, top_k: int, k_dropout: float, seed: int) -> int:
-    """A per-question k: top_k, or with probability k_dropout a random k in [0, top_k].
-
-    Derived from a hash (not the RNG), so the data loader's read-ahead never
-    disturbs the RNG state that checkpoints save.
-    """
-    if k_dropout <= 0:
-        return top_k
-    h = int(hashlib.sha256(f"{seed}:{question_id}".encode()).hexdigest()[:12], 16)
-    if (h % 10_000) / 10_000 >= k_dropout:
-        return top_k
-    return (h // 10_000) % (top_k + 1)
-
-
-class VQADataset(Dataset):
-    """Items: pixel values (or cached visual features), question, captions, scores, targets."""
-
-    def __init__(
-        self,
-        records: Sequence[Any],
-        pixels: PixelCache,
-        retrieved: dict[str, list] | None,
-        vocab: AnswerVocab,
-        top_k: int,
-        k_dropout: float = 0.0,
-        rule: str = "min3",
-        seed: int = 0,
-        features: torch.Tensor | None = None,
-    ):
-        self.records = list(records)
-        self.pixels = pixels
-        self.features = features
-        self.retrieved = retrieved
-        self.vocab = vocab
-        self.top_k = top_k
-        self.k_dropout = k_dropout
-        self.rule = rule
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int) -> dict:
-        r = self.records[i]
-        hits = (self.retrieved or {}).get(image_key(r), [])
-        k = _k_for(r.question_id, self.top_k, self.k_dropout, self.seed) if self.retrieved else 0
-        hits = hits[:k]
-        visual = (
-            {"visual_features": self.features[self.pixels.row(r.image)]}
-            if self.features is not None
-            else {"pixel_values": self.pixels[r.image]}
-        )
-        return {
-            **visual,
-            "question": r.question,
-            "captions": [h[0] for h in hits],
-            "scores": [h[1] for h in hits],
-            "labels": self.vocab.soft_target_vector(r.answers or [], self.rule),
-        }
-
-
-class ReaderCollator:
-    """Tokenises a batch with the reader's processor (cached per distinct string)."""
-
-    def __init__(self, processor: ReaderProcessor, with_labels: bool = True):
-        self.processor = processor
-        self.with_labels = with_labels
-
-    def __call__(self, items: list[dict]) -> dict:
-        batch = self.processor(
-            None,
-            [it["question"] for it in items],
-            captions=[it["captions"] for it in items],
-            scores=[it["scores"] for it in items],
-        )
-        out = dict(batch)
-        key = "visual_features" if "visual_features" in items[0] else "pixel_values"
-        out[key] = torch.stack([it[key] for it in items])
-        if self.with_labels:
-            out["labels"] = torch.from_numpy(np.stack([it["labels"] for it in items]))
-        return out
-
-
-@torch.no_grad()
-def visual_feature_cache(
-    model: ReaderModel, pixels: PixelCache, batch_size: int = 256
-) -> torch.Tensor:
-    """A frozen image tower's tokens for every cached image, row i = pixels.index order."""
-    was = model.training
-    model.eval()
-    out = [
-        model.vision_features(pixels.pixels[s : s + batch_size].float())
-        for s in range(0, len(pixels.pixels), batch_size)
-    ]
-    model.train(was)
-    logger.info("cached frozen image-tower features of %d images", len(pixels.pixels))
-    return torch.cat(out)
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def predict(
-    model: ReaderModel,
-    processor: ReaderProcessor,
-    items: Sequence[dict],
-    batch_size: int = 128,
-    top: int = 1,
-) -> list[list[tuple[int, float]]]:
-    """Top answers (vocab index, probability) for dataset items (no labels needed)."""
-    was = model.training
-    model.eval()
-    collate = ReaderCollator(processor, with_labels=False)
-    out: list[list[tuple[int, float]]] = []
-    device = next(model.parameters()).device
-    for s in range(0, len(items), batch_size):
-        batch = {k: v.to(device) for k, v in collate(list(items[s : s + batch_size])).items()}
-        probs = torch.sigmoid(model(**batch).logits.float())
-        p, idx = probs.topk(min(top, probs.shape[-1]), dim=-1)
-        out.extend([list(zip(i.tolist(), q.tolist())) for i, q in zip(idx, p)])
-    model.train(was)
-    return out
-
-
-def evaluate_reader(
-    model: ReaderModel,
-    processor: ReaderProcessor,
-    dataset: VQADataset,
-    accelerator: Any = None,
-    batch_size: int = 128,
-) -> dict[str, float]:
-    """Official VQA accuracy (×100) of the reader on a dataset (split across processes)."""
-    vocab = dataset.vocab
-
-    def run(idx: list[int]) -> np.ndarray:
-        preds = predict(model, processor, [dataset[i] for i in idx], batch_size)
-        return np.array([[p[0][0]] for p in preds], dtype=np.float32)
-
-    pred_idx = sharded_map(run, list(range(len(dataset))), accelerator)[:, 0].astype(int)
-    predictions = [
-        {"question_id": r.question_id, "answer": vocab.decode(int(i))}
-        for r, i in zip(dataset.records, pred_idx)
-    ]
-    result = evaluate_vqa(predictions, dataset.records)
-    metrics = {"accuracy": result.overall}
-    metrics.update({f"acc_{k}": v for k, v in result.per_answer_type.items()})
-    return metrics
-
-
-# --------------------------------------------------------------------------- training
 
 
 def build_reader(
@@ -242,6 +69,7 @@ def train_reader(
     model: ReaderModel | None = None,
     processor: ReaderProcessor | None = None,
     end_training: bool = True,
+    feature_cache_max_bytes: int = FEATURE_CACHE_MAX_BYTES,
 ) -> dict[str, Any]:
     """Train the reader of ``cfg.reader`` with retrieval from ``cfg.index``.
 
@@ -254,6 +82,9 @@ def train_reader(
         model, processor: Pre-built reader (tests pass tiny random ones). Its
             answer vocabulary must match the one built from the training data.
         end_training: Tear down the process group at the end.
+        feature_cache_max_bytes: Memory budget of the frozen image tower's feature
+            cache (see :func:`rvqa.reader.data.visual_features_for`); 0 runs the
+            tower on every step.
 
     Returns:
         ``{"result": TrainResult, "model_dir": Path, "val": metrics | None}``.
@@ -295,14 +126,9 @@ def train_reader(
             )
         exclude = None
         if s.exclude_own_captions:
-            src = cfg.index.captions
-            split = (
-                "train"
-                if src.source == "easy_vqa"
-                else (list(src.splits) if src.source == "karpathy" else None)
-            )
-            exclude = own_caption_ids(load_captions(src, split=split))
-        images = {image_key(r): r.image for r in [*train_records, *val_records]}
+            # The captions the index is built from (build-index's default split).
+            exclude = own_caption_ids(load_caption_split(cfg.index.captions, "train"))
+        images = {record_image_key(r): r.image for r in [*train_records, *val_records]}
         retrieved = retrieve_for_images(
             retriever,
             index,
@@ -325,10 +151,16 @@ def train_reader(
     all_images = [r.image for r in [*train_records, *val_records]]
     pixels = PixelCache(all_images, processor.image_processor, desc="preprocessing images")
     rule = model.config.soft_target_rule
-    train_set = VQADataset(
-        train_records, pixels, retrieved, vocab, s.top_k, s.k_dropout, rule, s.seed
+    # A frozen image tower: its features once per image, read by training and evaluation.
+    features = visual_features_for(
+        model, pixels, max_bytes=feature_cache_max_bytes, accelerator=accelerator
     )
-    val_set = VQADataset(val_records, pixels, retrieved, vocab, s.top_k, 0.0, rule, s.seed)
+    train_set = ReaderDataset(
+        train_records, pixels, retrieved, vocab, s.top_k, s.k_dropout, rule, s.seed, features
+    )
+    val_set = ReaderDataset(
+        val_records, pixels, retrieved, vocab, s.top_k, 0.0, rule, s.seed, features
+    )
 
     def evaluate(m: Any, acc: Any) -> dict[str, float]:
         return evaluate_reader(

@@ -117,9 +117,6 @@ class RetrieverModel(PreTrainedModel):
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         self.tokenizer: Any = None
         self.image_processor: Any = None
-        # Frozen text tower: pooled features per distinct caption, computed once
-        # while training (cleared whenever the mode changes).
-        self._text_cache: dict[bytes, torch.Tensor] = {}
         self.post_init()
         self.apply_freezing()
 
@@ -153,7 +150,6 @@ class RetrieverModel(PreTrainedModel):
             self.vision_model.eval()
         if mode and self.config.freeze_text:
             self.text_model.eval()
-        self._text_cache = {}
         return self
 
     # ------------------------------------------------------------------ building

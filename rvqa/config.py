@@ -175,7 +175,8 @@ class RetrieverSettings(TrainSettings):
     max_caption_length: int = 16
     freeze_vision: bool = False
     freeze_text: bool = True
-    """The demo keeps the packaged MiniLM frozen (it is not trained)."""
+    """The demo keeps the packaged MiniLM frozen (not trained; the tower still runs on
+    every training step, only the text projection trains)."""
     loss: Literal["vse_max", "vse_sum", "infonce"] = "vse_max"
     margin: float = 0.2
     max_violation_warmup: int = 100
@@ -249,7 +250,8 @@ class ReaderSettings(TrainSettings):
     """Channels of the small CNN's stages (vision_backbone='cnn'); None = [32, 64, 128, 128]."""
     freeze_vision: bool = True
     """Keep the image tower fixed (not trained; kept in eval mode, so no dropout or
-    BatchNorm updates)."""
+    BatchNorm updates). Reader training then computes its features once per image
+    when they fit in 2 GiB (``rvqa.reader.data.visual_features_for``)."""
     freeze_word_embeddings: bool = True
     image_size: int = 64
     """Side length of the small CNN's input (vision_backbone='cnn'). With 'retriever' the

@@ -11,7 +11,8 @@ import rvqa.reader.retrieval as retrieval
 import rvqa.training as training
 from rvqa.config import config_to_dict
 from rvqa.indexing import build_index_from_config
-from rvqa.reader.train import _k_for, train_reader
+from rvqa.reader.data import _k_for
+from rvqa.reader.train import train_reader
 from rvqa.retriever.index import KnowledgeIndex
 from rvqa.retriever.modeling import RetrieverModel
 from rvqa.retriever.train import train_retriever
@@ -166,3 +167,53 @@ def test_two_cpu_processes(retriever_run, tmp_path):
     assert result["num_processes"] == 2 and result["steps"] == 2
     assert (tmp_path / "run" / "reader" / "final" / "model.safetensors").is_file()
     assert (tmp_path / "run" / "rvqa_run.json").is_file()
+
+
+def _count_tower_calls_in_forward(monkeypatch) -> dict[str, int]:
+    """Spy: image-tower calls made inside ReaderModel.forward (i.e. per training/eval step)."""
+    from rvqa.reader.modeling import ReaderModel
+
+    counts = {"forward": 0, "tower_in_forward": 0, "tower_outside": 0}
+    inside = [False]
+    forward, features = ReaderModel.forward, ReaderModel.vision_features
+
+    def spy_forward(self, *args, **kwargs):
+        counts["forward"] += 1
+        inside[0] = True
+        try:
+            return forward(self, *args, **kwargs)
+        finally:
+            inside[0] = False
+
+    def spy_features(self, pixel_values):
+        counts["tower_in_forward" if inside[0] else "tower_outside"] += 1
+        return features(self, pixel_values)
+
+    monkeypatch.setattr(ReaderModel, "forward", spy_forward)
+    monkeypatch.setattr(ReaderModel, "vision_features", spy_features)
+    return counts
+
+
+def test_frozen_tower_runs_once_per_image_not_per_step(retriever_run, tmp_path, monkeypatch):
+    kw = {"max_steps": 4, "checkpoint_every": 0, "eval_every": 2}
+    counts = _count_tower_calls_in_forward(monkeypatch)
+    cached = train_reader(_cfg(retriever_run, tmp_path / "cached", **kw))["result"]
+    assert counts["forward"] >= 4 and counts["tower_in_forward"] == 0
+    assert counts["tower_outside"] >= 1  # the cache: once per image, in batches
+
+    # Per step (no budget): the tower runs in every forward, and the losses are the same.
+    counts.update(forward=0, tower_in_forward=0, tower_outside=0)
+    per_step = train_reader(
+        _cfg(retriever_run, tmp_path / "per-step", **kw), feature_cache_max_bytes=0
+    )["result"]
+    assert counts["tower_in_forward"] == counts["forward"] >= 4
+    assert cached.losses == pytest.approx(per_step.losses, rel=1e-5, abs=1e-6)
+    assert [h["accuracy"] for h in cached.history] == [h["accuracy"] for h in per_step.history]
+
+
+def test_trained_tower_runs_every_step(retriever_run, tmp_path, monkeypatch):
+    counts = _count_tower_calls_in_forward(monkeypatch)
+    cfg = _cfg(retriever_run, tmp_path / "run", max_steps=2, eval_every=0, freeze_vision=False)
+    train_reader(cfg)
+    assert counts["tower_outside"] == 0
+    assert counts["tower_in_forward"] == counts["forward"] >= 2
