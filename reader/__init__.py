@@ -1,7 +1,8 @@
 """The retrieval-augmented multimodal reader, its answer vocabulary and training.
 
-Names are imported lazily: ``from reader import AnswerVocab`` loads no torch, and
-``reader.ReaderModel`` loads the model code on first use.
+Names are imported lazily (the laziness is the point of the function-level import
+below): ``from rvqa.reader import AnswerVocab`` loads no torch, and
+``rvqa.reader.ReaderModel`` loads the model code on first use.
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ __all__ = [
 ]
 
 _WHERE = {
-    "AnswerCoverage": "reader.answers",
-    "AnswerVocab": "reader.answers",
-    "build_vocab": "reader.answers",
-    "soft_score": "reader.answers",
-    "ReaderConfig": "reader.configuration",
-    "ReaderModel": "reader.modeling",
-    "ReaderOutput": "reader.modeling",
-    "ReaderProcessor": "reader.processing",
+    "AnswerCoverage": "rvqa.reader.answers",
+    "AnswerVocab": "rvqa.reader.answers",
+    "build_vocab": "rvqa.reader.answers",
+    "soft_score": "rvqa.reader.answers",
+    "ReaderConfig": "rvqa.reader.configuration",
+    "ReaderModel": "rvqa.reader.modeling",
+    "ReaderOutput": "rvqa.reader.modeling",
+    "ReaderProcessor": "rvqa.reader.processing",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,7 +42,7 @@ if TYPE_CHECKING:  # pragma: no cover
 def __getattr__(name: str) -> Any:
     if name in _WHERE:
         return getattr(importlib.import_module(_WHERE[name]), name)
-    raise AttributeError(f"module 'reader' has no attribute {name!r}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:

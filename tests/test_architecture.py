@@ -111,3 +111,12 @@ def test_layers_contract_holds_and_catches_an_upward_import(tmp_path):
     broken = _lint_imports(copy)
     assert broken.returncode != 0
     assert "rvqa.metrics is not allowed to import rvqa.pipeline" in broken.stdout
+
+
+def test_lazy_export_tables_resolve():
+    """Every name a package exports lazily imports (a stale module path would not)."""
+    import rvqa.reader
+
+    for package in (rvqa, rvqa.reader):
+        for name in package.__all__:
+            assert getattr(package, name) is not None, f"{package.__name__}.{name}"
