@@ -240,7 +240,7 @@ def _cmd_build_index(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     if path is not None:
-        from rvqa.retriever.index_format import read_manifest
+        from rvqa.retriever.index import read_manifest
 
         m = read_manifest(path)
         _print_main(f"built {path}: {m['count']} captions, {m['factory']}, dim {m['embed_dim']}")
@@ -258,8 +258,7 @@ def _index_info_args(p: argparse.ArgumentParser) -> None:
 def _cmd_index_info(args: argparse.Namespace) -> int:
     import json
 
-    from rvqa.retriever.index import index_info
-    from rvqa.retriever.index_format import read_manifest
+    from rvqa.retriever.index import index_info, read_manifest
 
     if args.json:
         print(json.dumps(read_manifest(args.path), indent=1))

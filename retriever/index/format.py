@@ -37,9 +37,9 @@ from typing import Any
 import faiss
 import numpy as np
 
-from rvqa.version import __version__
 from rvqa.errors import IndexFormatError
 from rvqa.io import atomic_directory
+from rvqa.version import __version__
 
 logger = logging.getLogger(__name__)
 
