@@ -3,18 +3,25 @@ rebuilds from stored embeddings, IndexBuildOptions."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from rvqa.retriever.index import (
+    IndexBuildOptions,
     KnowledgeIndex,
+    build_index,
+    build_index_from_embeddings,
     knn_recall,
     rebuild_index,
 )
 from tests.index_helpers import (
+    HashEncoder,
     build_arrays,
     make_clustered_data,
     make_flat_data,
+    unit_rows,
 )
 
 
@@ -98,3 +105,49 @@ def test_rebuild_from_float16_with_another_factory(tmp_path, clustered_data):
     no_emb = build_arrays(tmp_path, x[:100], name="noemb", store_embeddings=False)
     with pytest.raises(ValueError, match="no stored embeddings"):
         rebuild_index(no_emb, tmp_path / "x", "Flat")
+
+
+def test_build_options_object_equals_keywords(tmp_path):
+    """An IndexBuildOptions object and the same fields as keywords build the same folder;
+    keywords override the object's fields."""
+    x = unit_rows(600, 16, seed=2)
+    caps = [f"c{i}" for i in range(len(x))]
+    opts = IndexBuildOptions(
+        factory="HNSW16", ef_construction=48, embeddings_dtype="float32", show_progress=False
+    )
+    a = build_index_from_embeddings(x, caps, None, tmp_path / "a", "fp", opts)
+    b = build_index_from_embeddings(
+        x,
+        caps,
+        None,
+        tmp_path / "b",
+        "fp",
+        factory="HNSW16",
+        ef_construction=48,
+        embeddings_dtype="float32",
+        show_progress=False,
+    )
+    ma, mb = (json.loads((p / "manifest.json").read_text()) for p in (a, b))
+    for key in ("factory", "build_params", "embeddings", "count"):
+        assert ma[key] == mb[key]
+    assert ma["build_params"] == {"efConstruction": 48}
+    assert ma["embeddings"] == {"file": "embeddings.npy", "dtype": "float32"}
+    assert (a / "embeddings.npy").read_bytes() == (b / "embeddings.npy").read_bytes()
+    c = build_index_from_embeddings(x, caps, None, tmp_path / "c", "fp", opts, factory="Flat")
+    assert json.loads((c / "manifest.json").read_text())["factory"] == "Flat"
+    assert opts.factory == "HNSW16"  # the object itself is not changed
+    enc = HashEncoder(dim=16)
+    d = build_index(enc, caps, tmp_path / "d", opts, max_memory="1GB")
+    assert json.loads((d / "manifest.json").read_text())["build_params"] == {"efConstruction": 48}
+
+
+def test_build_options_bad_values(tmp_path):
+    with pytest.raises(TypeError, match="unknown index build option.*efsearch.*ef_construction"):
+        build_arrays(tmp_path, unit_rows(10, 8), efsearch=64)
+    with pytest.raises(ValueError, match="embeddings_dtype must be 'float16' or 'float32'"):
+        IndexBuildOptions(embeddings_dtype="int8")
+    with pytest.raises(ValueError, match="max_memory 'lots' is not a size"):
+        IndexBuildOptions(max_memory="lots")
+    with pytest.raises(TypeError, match="options must be an IndexBuildOptions"):
+        build_index_from_embeddings(unit_rows(3, 8), ["a", "b", "c"], None, tmp_path, "fp", {})
+    assert not any(tmp_path.iterdir())

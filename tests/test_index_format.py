@@ -13,6 +13,8 @@ from rvqa.retriever.index import (
     IndexFormatError,
     KnowledgeIndex,
     build_index,
+    index_info,
+    rebuild_index,
 )
 from rvqa.retriever.index import format as index_format
 from tests.index_helpers import (
@@ -145,3 +147,104 @@ def test_truncated_or_modified_index_file_detected(tmp_path):
     f.write_bytes(garbage)
     with pytest.raises(IndexFormatError, match="index.faiss.*corrupted"):
         KnowledgeIndex.load(path)
+
+
+def _write_pre_restructure_folder(folder: Path, x: np.ndarray, captions: list[str]) -> None:
+    """An index folder as rvqa 0.1.0 wrote it before ``rvqa.retriever.index`` became a
+    package (``retriever/index_format.py``'s ``write_index_folder``), spelled out with
+    faiss, ``datasets``, numpy and json only, so that no current rvqa code writes it."""
+    import hashlib
+
+    import faiss
+    from datasets import Dataset, Features, Value
+
+    folder.mkdir()
+    index = faiss.index_factory(x.shape[1], "Flat", faiss.METRIC_INNER_PRODUCT)
+    index.add(x)
+    faiss.write_index(index, str(folder / "index.faiss"))
+    features = Features({"caption": Value("string"), "id": Value("int64")})
+    ids = list(range(100, 100 + len(captions)))
+    Dataset.from_dict({"caption": captions, "id": ids}, features=features).save_to_disk(
+        str(folder / "captions")
+    )
+    np.save(folder / "embeddings.npy", x.astype(np.float16), allow_pickle=False)
+    files = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            files[p.relative_to(folder).as_posix()] = {
+                "bytes": p.stat().st_size,
+                "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
+            }
+    manifest = {
+        "format_version": 1,
+        "rvqa_version": "0.1.0",
+        "created": "2026-11-20T10:00:00+00:00",
+        "updated": None,
+        "retriever_fingerprint": "sha256:fake-retriever",
+        "embed_dim": int(x.shape[1]),
+        "metric": "inner_product",
+        "normalized": True,
+        "factory": "Flat",
+        "auto_choice": {
+            "factory": "Flat",
+            "reason": "exact search: 50 vectors <= 100000 and ~0 MB fits 4 GB",
+            "estimated_bytes": 7040,
+            "max_memory_bytes": 4000000000,
+        },
+        "count": len(captions),
+        "caption_source": "jsonl:old.jsonl",
+        "id_type": "int",
+        "build_params": {},
+        "search_params": {},
+        "search_tuning": None,
+        "dedupe": {"enabled": True, "input_count": len(captions), "removed": 0},
+        "embeddings": {"file": "embeddings.npy", "dtype": "float16"},
+        "files": files,
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def test_folder_written_before_the_package_split_still_loads(tmp_path):
+    """On-disk format unchanged: a folder in the pre-restructure layout loads, searches
+    like numpy brute force, verifies, reports, rebuilds and accepts additions; the
+    rvqa version it records (older than this one) plays no part in loading."""
+    x = unit_rows(50, 32, seed=3)
+    captions = [f"old caption {i}" for i in range(50)]
+    old = tmp_path / "old-index"
+    _write_pre_restructure_folder(old, x, captions)
+
+    index = KnowledgeIndex.load(old, "sha256:fake-retriever", verify=True)
+    assert len(index) == 50 and index.factory == "Flat" and index.embed_dim == 32
+    q = unit_rows(5, 32, seed=4)
+    truth = np.argsort(-(q @ x.T), axis=1, kind="stable")[:, :3]
+    for r, rows in zip(index.search(q, 3), truth):
+        assert r.ids == [100 + int(i) for i in rows]
+        assert r.captions == [captions[int(i)] for i in rows]
+    assert index.lookup([0, 49]) == ([100, 149], ["old caption 0", "old caption 49"])
+
+    report = index_info(old)
+    assert "written by rvqa 0.1.0" in report
+    assert "3/3 captions find themselves at rank 1 (stored embeddings)" in report
+
+    rebuilt = KnowledgeIndex.load(rebuild_index(old, tmp_path / "rebuilt", "Flat"))
+    assert rebuilt.search(q, 3)[0].ids == index.search(q, 3)[0].ids
+    assert rebuilt.manifest["caption_source"] == "jsonl:old.jsonl"
+
+    index.add_embeddings(unit_rows(1, 32, seed=5), ["a new caption"])
+    again = KnowledgeIndex.load(old)
+    assert len(again) == 51 and again.lookup([50]) == ([150], ["a new caption"])
+    assert again.manifest["created"] == "2026-11-20T10:00:00+00:00"
+
+
+def test_old_manifest_without_optional_keys_loads(tmp_path):
+    """Only the required manifest keys are needed to load and search."""
+    x = unit_rows(20, 16, seed=6)
+    old = tmp_path / "minimal"
+    _write_pre_restructure_folder(old, x, [f"c{i}" for i in range(20)])
+    manifest = json.loads((old / "manifest.json").read_text())
+    required = ("format_version", "retriever_fingerprint", "embed_dim", "metric", "factory")
+    minimal = {k: manifest[k] for k in (*required, "count", "search_params", "files")}
+    (old / "manifest.json").write_text(json.dumps(minimal))
+    index = KnowledgeIndex.load(old)
+    assert index.search(x[7], 1)[0].ids == [107]
+    assert "written by rvqa ?" in index_info(old)

@@ -7,6 +7,7 @@ import threading
 import numpy as np
 import pytest
 
+from rvqa.errors import IndexMismatchError, UnknownIndexError
 from rvqa.retriever.index import (
     Hit,
     IndexRegistry,
@@ -59,15 +60,20 @@ def test_registry_search_merge_and_errors(tmp_path):
     [only] = reg.search(q, 5, names="coco")
     assert only.captions == ["b-0", "b-1"] and set(only.index_names) == {"coco"}
     assert reg.search(q, 2, names=["coco", "wiki"])[0].captions == ["a-0", "b-0"]
-    with pytest.raises(KeyError, match="wiki, coco"):
+    with pytest.raises(UnknownIndexError) as err:
         reg.search(q, 3, names="nope")
+    assert isinstance(err.value, KeyError)
+    assert str(err.value) == "no knowledge index named 'nope'; loaded: wiki, coco"
+    for method in (reg.get, reg.unload):
+        with pytest.raises(UnknownIndexError, match="no knowledge index named 'nope'"):
+            method("nope")
     with pytest.raises(ValueError, match="swap"):
         reg.register("wiki", b)
     assert reg.swap("wiki", b) is a and reg.get("wiki") is b
     assert reg.unload("coco") is b and reg.names == ["wiki"]
     other = _index_from(tmp_path, "c", unit_rows(2, 8), fp="sha256:other")
     reg.register("other", other)
-    with pytest.raises(ValueError, match="different retrievers"):
+    with pytest.raises(IndexMismatchError, match="different retrievers"):
         reg.search(q, 3)
     with pytest.raises(ValueError, match="no knowledge index"):
         IndexRegistry().search(q, 3)

@@ -9,6 +9,7 @@ import faiss
 import numpy as np
 import pytest
 
+from rvqa.errors import IndexMismatchError
 from rvqa.retriever.index import (
     KnowledgeIndex,
     build_index,
@@ -98,12 +99,13 @@ def test_take_from_many_chunks_matches_arrow_take():
 def test_fingerprint_mismatch_names_both(tmp_path):
     path = build_index(HashEncoder(fp="sha256:aaa"), ["a caption"], tmp_path / "i")
     other = HashEncoder(fp="sha256:bbb")
-    with pytest.raises(ValueError, match="sha256:aaa") as err:
+    with pytest.raises(IndexMismatchError, match="sha256:aaa") as err:
         KnowledgeIndex.load(path, other)
     assert "sha256:bbb" in str(err.value)
-    with pytest.raises(ValueError, match="sha256:bbb"):
+    assert isinstance(err.value, ValueError)  # callers catching ValueError keep working
+    with pytest.raises(IndexMismatchError, match="sha256:bbb"):
         KnowledgeIndex.load(path, "sha256:bbb")
-    with pytest.raises(ValueError, match="dim"):
+    with pytest.raises(IndexMismatchError, match="dim"):
         KnowledgeIndex.load(path, HashEncoder(dim=16, fp="sha256:aaa"))
     assert len(KnowledgeIndex.load(path, HashEncoder(fp="sha256:aaa"))) == 1
 
