@@ -66,7 +66,8 @@ def knn_recall(found: np.ndarray, truth: np.ndarray) -> float:
     """ANN recall: mean fraction of each row of ``truth`` present in the same row of ``found``.
 
     Args:
-        found: (nq, k') rows returned by an approximate search (-1 = no hit).
+        found: (nq, k') rows returned by an approximate search (-1 = no hit), or one
+            list of row ids per query.
         truth: (nq, k) exact nearest rows (:func:`exact_knn`).
     """
     return knn_recall_bound(found, truth)[0]
@@ -79,9 +80,11 @@ def knn_recall_bound(found: np.ndarray, truth: np.ndarray, z: float = 2.0) -> tu
     queries from the same distribution would very likely reach it too.
     """
     k = truth.shape[1]
-    per_query = np.array(
-        [len(set(f[f >= 0].tolist()) & set(t.tolist())) / k for f, t in zip(found, truth)]
-    )
+    per_query = []
+    for f, t in zip(found, truth):
+        f = np.asarray(f)  # a row of an (nq, k') array or a list of row ids
+        per_query.append(len(set(f[f >= 0].tolist()) & set(t.tolist())) / k)
+    per_query = np.array(per_query)
     if len(per_query) == 0:
         return 1.0, 1.0
     mean = float(per_query.mean())
