@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +99,7 @@ class IndexBuildOptions:
     factory: str | None = None
     max_memory: int | str = "4GB"
     ef_construction: int = HNSW_EF_CONSTRUCTION
-    tuning_queries: np.ndarray | None = None
+    tuning_queries: np.ndarray | None = field(default=None, compare=False, repr=False)
     store_embeddings: bool = True
     embeddings_dtype: str | None = None
     seed: int = 0
