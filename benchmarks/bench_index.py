@@ -18,7 +18,8 @@ One run builds, side by side on the same vectors and queries:
 
 Every index is loaded and measured in a fresh subprocess (clean RSS numbers):
 load time, resident memory growth (``RssAnon``/``RssFile`` from /proc/self/status),
-queries/s at batch 1 and batch 256, recall@10 against exact numpy brute force,
+queries/s at batch 1 and batch 256, recall@10 against exact numpy brute force (``exact_knn`` / ``knn_recall`` of
+``rvqa.retriever.index``),
 and a recall/QPS sweep over ``efSearch`` / ``nprobe`` for the approximate ones.
 
 Data:
@@ -333,27 +334,6 @@ def real_embeddings(n: int, nq: int, work: Path, seed: int = 0) -> tuple:
     return x[:n], x[n:], texts[:n]
 
 
-def exact_topk(xq: np.ndarray, xb: np.ndarray, k: int, chunk: int = 1 << 17) -> np.ndarray:
-    """Exact inner-product top-k rows by numpy brute force (chunked over the database)."""
-    best_s = np.full((len(xq), 0), -np.inf, dtype=np.float32)
-    best_i = np.zeros((len(xq), 0), dtype=np.int64)
-    for a in range(0, len(xb), chunk):
-        s = xq @ xb[a : a + chunk].T
-        cs = np.concatenate([best_s, s], axis=1)
-        ci = np.concatenate([best_i, np.arange(a, a + s.shape[1])[None, :].repeat(len(xq), 0)], 1)
-        top = np.argpartition(-cs, k - 1, axis=1)[:, :k]
-        best_s, best_i = np.take_along_axis(cs, top, 1), np.take_along_axis(ci, top, 1)
-    order = np.argsort(-best_s, axis=1, kind="stable")
-    return np.take_along_axis(best_i, order, 1)
-
-
-def recall(found, truth: np.ndarray) -> float:
-    k = truth.shape[1]
-    return float(
-        np.mean([len(set(list(f)[:k]) & set(t.tolist())) / k for f, t in zip(found, truth)])
-    )
-
-
 # --------------------------------------------------------------------------- builds
 
 
@@ -392,10 +372,10 @@ def retune_rvqa(folder: Path, xb, xt, auto_row: dict) -> dict:
     """The auto row's index with ``efSearch``/``nprobe`` re-tuned on held-out queries
     (what ``build_index(..., tuning_queries=xt)`` does after building the same graph;
     ``xt=None``: the default proxy queries, as a plain build):
-    the same :func:`~rvqa.retriever.index_build.tune_search_params`, applied at load time.
+    the same :func:`~rvqa.retriever.index.tuning.tune_search_params`, applied at load time.
     Build time = the auto row's build + this tuning."""
-    from rvqa.retriever.index_build import tune_search_params
-    from rvqa.retriever.index_format import read_faiss_index
+    from rvqa.retriever.index import tune_search_params
+    from rvqa.retriever.index.format import read_faiss_index
 
     index, _ = read_faiss_index(folder / "index.faiss", mmap=True)
     t = time.perf_counter()
@@ -576,8 +556,8 @@ def measure(spec: dict) -> dict:
     import datasets  # noqa: F401  (imports first, so the RSS baseline holds all code)
     import faiss
 
-    from rvqa.retriever.index import KnowledgeIndex
-    from rvqa.retriever.index_format import read_faiss_index
+    from rvqa.retriever.index import KnowledgeIndex, knn_recall
+    from rvqa.retriever.index.format import read_faiss_index
 
     xq = np.load(spec["xq"])
     truth = np.load(spec["truth"])
@@ -649,13 +629,13 @@ def measure(spec: dict) -> dict:
         "qps1_raw": b1["raw"],
         "qps1_api": b1.get("api"),
         "qpsb_raw": qps_raw_b,
-        "recall_raw": recall(found_raw, truth),
+        "recall_raw": knn_recall(found_raw, truth),
         "omp_threads_batched": threads,
         "omp_threads_b1": spec["b1_threads"] or threads,
     }
     if apib is not None:
         res["qpsb_api"], found_api = _timed_batched(apib, xq, batch)
-        res["recall"] = recall(found_api, truth)
+        res["recall"] = knn_recall(found_api, truth)
     else:
         res["qpsb_api"], res["recall"] = None, res["recall_raw"]
     r2 = rss()
@@ -674,7 +654,7 @@ def measure(spec: dict) -> dict:
             faiss.omp_set_num_threads(spec["b1_threads"] or threads)
             q1 = _timed_batch1({"raw": raw1}, xq, len(xq), spec["sweep_cap_s"])["raw"]
             faiss.omp_set_num_threads(threads)
-            curve.append({"value": v, "recall": recall(found, truth), "qps1": q1, "qpsb": qb})
+            curve.append({"value": v, "recall": knn_recall(found, truth), "qps1": q1, "qpsb": qb})
         res["sweep"] = curve
     return res
 
@@ -838,13 +818,13 @@ def summary(rows: list[dict], n: int) -> dict:
 def run_dataset(name: str, xb, xq, captions, args, work: Path, xt=None) -> dict:
     import faiss
 
-    from rvqa.retriever.index_build import auto_nlist, choose_factory, parse_memory
+    from rvqa.retriever.index import auto_nlist, choose_factory, exact_knn, parse_memory
 
     n, d = xb.shape
     work.mkdir(parents=True, exist_ok=True)
     log(f"{name}: N={n:,} d={d} queries={len(xq):,}; exact numpy top-{args.k}")
     t = time.perf_counter()
-    truth = exact_topk(xq, xb, args.k)
+    truth = exact_knn(xq, xb, args.k)[1]
     exact_s = time.perf_counter() - t
     np.save(work / "xq.npy", xq)
     np.save(work / "truth.npy", truth)

@@ -42,21 +42,19 @@ import numpy as np  # noqa: E402
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from bench_index import exact_topk, real_embeddings, synthetic_embeddings  # noqa: E402
+from bench_index import real_embeddings, synthetic_embeddings  # noqa: E402
+
+from rvqa.retriever.index import exact_knn, knn_recall  # noqa: E402
 
 EFS = (16, 32, 64, 128)
 K = 10
-
-
-def recall(found: np.ndarray, truth: np.ndarray) -> float:
-    return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)]))
 
 
 def stats(xb: np.ndarray, xq: np.ndarray, nlist: int) -> dict:
     """The difficulty measures of the module docstring for one (database, queries) pair."""
     t0 = time.perf_counter()
     d = xb.shape[1]
-    truth = exact_topk(xq, xb, K)
+    truth = exact_knn(xq, xb, K)[1]
     cos = np.einsum("qd,qkd->qk", xq, xb[truth])  # (nq, K), best first
     dist = np.sqrt(np.maximum(2.0 - 2.0 * cos, 1e-12))
     lid = -1.0 / np.mean(np.log(dist[:, :-1] / dist[:, -1:]), axis=1)
@@ -68,13 +66,13 @@ def stats(xb: np.ndarray, xq: np.ndarray, nlist: int) -> dict:
     ivf.train(xb)
     ivf.add(xb)
     ivf.nprobe = 8
-    out = {"ivf8": recall(ivf.search(xq, K)[1], truth)}
+    out = {"ivf8": knn_recall(ivf.search(xq, K)[1], truth)}
     hnsw = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
     hnsw.hnsw.efConstruction = 200
     hnsw.add(xb)
     for ef in EFS:
         hnsw.hnsw.efSearch = ef
-        out[f"hnsw@{ef}"] = recall(hnsw.search(xq, K)[1], truth)
+        out[f"hnsw@{ef}"] = knn_recall(hnsw.search(xq, K)[1], truth)
     out.update(
         lid=float(np.median(lid)),
         pca90=pca90,

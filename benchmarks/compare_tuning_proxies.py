@@ -8,7 +8,7 @@ efSearch for:
 - ``held-out A`` / ``held-out B``: two sets of 300 queries from the data's own
   query distribution (never in the index) — the truth the proxies should predict;
 - ``noise 1.0`` / ``noise 1.2``: stored vectors + Gaussian noise of that norm
-  (:func:`rvqa.retriever.index_build.proxy_queries`; rvqa uses 1.0);
+  (:func:`rvqa.retriever.index.proxy_queries`; rvqa uses 1.0);
 - ``corpus tail``: the 200 vectors left out of the graph (what a build without
   tuning queries measures, next to noise 1.0);
 - ``stored (LOO)``: 300 stored vectors, their own row left out of both results.
@@ -49,11 +49,11 @@ def main() -> None:
     ap.add_argument("--work", default=str(HERE / "_work" / "index"))
     args = ap.parse_args()
 
-    from rvqa.retriever.index_build import (
+    from rvqa.retriever.index import (
         exact_knn,
+        knn_recall,
         make_index,
         proxy_queries,
-        recall_bound,
         set_search_params,
     )
 
@@ -102,7 +102,7 @@ def main() -> None:
                 found = drop_own(index.search(q, 11)[1], own)
             else:
                 found = index.search(q, 10)[1]
-            out.append(recall_bound(found, truth[name])[0])
+            out.append(knn_recall(found, truth[name]))
         print(f"| {name} | " + " | ".join(f"{r:.3f}" for r in out) + " |", flush=True)
 
 

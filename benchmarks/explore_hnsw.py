@@ -30,7 +30,9 @@ import numpy as np  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_index import exact_topk, synthetic_embeddings  # noqa: E402
+from bench_index import synthetic_embeddings  # noqa: E402
+
+from rvqa.retriever.index import exact_knn, knn_recall  # noqa: E402
 
 OUT = HERE / "_work" / "explore"
 TRUTH_DIR = HERE / "_work" / "index"
@@ -54,12 +56,6 @@ def log(msg: str) -> None:
     print(f"[{time.perf_counter() - _T0:7.1f}s load {la:4.1f}] {msg}", flush=True)
 
 
-def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
-    k = truth.shape[1]
-    hits = sum(len(set(f[:k].tolist()) & set(t.tolist())) for f, t in zip(found, truth))
-    return hits / truth.size
-
-
 def b1_qps(index, xq: np.ndarray, nq: int) -> tuple[float, float]:
     """Median single-query time over nq queries, 1 thread -> (qps, mean qps)."""
     faiss.omp_set_num_threads(1)
@@ -81,13 +77,13 @@ def load_truth(xb: np.ndarray, xq: np.ndarray, n: int) -> np.ndarray:
         truth = np.load(path)
         xq_old = np.load(xq_path)
         same_q = xq_old.shape == xq.shape and np.array_equal(xq_old, xq)
-        fresh = exact_topk(xq[:8], xb, K)
+        fresh = exact_knn(xq[:8], xb, K)[1]
         same_t = truth.shape == (len(xq), K) and np.array_equal(fresh, truth[:8])
         log(f"cached truth {path}: xq identical={same_q}, top-{K} of 8 queries identical={same_t}")
         if same_q and same_t:
             return truth
     log("computing exact ground truth (numpy brute force)")
-    return exact_topk(xq, xb, K)
+    return exact_knn(xq, xb, K)[1]
 
 
 def build(name: str, xb: np.ndarray, threads: int):
@@ -133,7 +129,7 @@ def sweep(label, index, set_ef, xq, truth, flat, b1_n, ef_grid, min_ef=0):
         set_ef(ef)
         faiss.omp_set_num_threads(2)
         found = index.search(xq, K)[1]
-        rec = recall_at_k(found, truth)
+        rec = knn_recall(found, truth)
         qps, qps_mean = b1_qps(index, xq, b1_n)
         rows.append(
             {

@@ -234,7 +234,7 @@ def _build_index_args(p: argparse.ArgumentParser) -> None:
 
 def _cmd_build_index(args: argparse.Namespace) -> int:
     from rvqa.indexing import build_index_from_config
-    from rvqa.retriever.index_format import read_manifest
+    from rvqa.retriever.index import read_manifest
 
     path = build_index_from_config(
         _load_cfg(args),
@@ -266,8 +266,7 @@ def _index_info_args(p: argparse.ArgumentParser) -> None:
 def _cmd_index_info(args: argparse.Namespace) -> int:
     import json
 
-    from rvqa.retriever.index import index_info
-    from rvqa.retriever.index_format import read_manifest
+    from rvqa.retriever.index import index_info, read_manifest
     from rvqa.retriever.modeling import RetrieverModel
 
     if args.json:

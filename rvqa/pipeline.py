@@ -29,8 +29,7 @@ from rvqa.data.images import ImageLoadError, image_key, load_image
 from rvqa.errors import RunFolderError, UnknownIndexError, UsageError
 from rvqa.reader.modeling import ReaderModel
 from rvqa.reader.processing import PROCESSOR_FILE, ReaderProcessor
-from rvqa.retriever.index import IndexRegistry, KnowledgeIndex
-from rvqa.retriever.index_format import read_manifest
+from rvqa.retriever.index import IndexRegistry, KnowledgeIndex, read_manifest
 from rvqa.retriever.modeling import RetrieverModel
 from rvqa.run_layout import read_run_file
 

@@ -54,7 +54,7 @@ def write_other_index(tiny_run: Path, out: Path, retriever) -> Path:
 
 
 def index_captions(path: Path) -> set[str]:
-    from rvqa.retriever.index_format import CAPTIONS_DIR, read_captions
+    from rvqa.retriever.index import CAPTIONS_DIR, read_captions
 
     return set(read_captions(Path(path) / CAPTIONS_DIR, mmap=False)["caption"])
 

@@ -1,27 +1,11 @@
-"""The knowledge index: FAISS over retriever caption embeddings, searched with image embeddings.
-
-Build (see :mod:`rvqa.retriever.index_build` for the automatic factory choice)::
-
-    build_index(retriever, captions, "indices/coco-captions")            # encode + write
-    rebuild_index("indices/coco-captions", "indices/coco-hnsw", "HNSW32")  # no re-encoding
-
-Load and search::
-
-    index = KnowledgeIndex.load("indices/coco-captions", retriever)   # fingerprint checked
-    [result] = index.search(image_embedding, k=5)                      # ids, scores, captions
-    registry = IndexRegistry(); registry.register("captions", index)
-    registry.search(image_embeddings, k=5, names=["captions", "wiki"])  # merged, tagged
-
-Folder format: :mod:`rvqa.retriever.index_format`.
+"""``KnowledgeIndex``: a loaded index folder — load, search, add, save, with swap-safe state.
 
 Thread safety: :meth:`KnowledgeIndex.search` reads one immutable state snapshot
 (faiss CPU search is read-only and releases the GIL), so many threads may search
 one index at once. GPU searches are serialised by a lock (one faiss GPU resource
 object must not run concurrent queries). :meth:`KnowledgeIndex.add` builds a new
 state on an owned in-memory copy and swaps it in with one assignment; searches
-running meanwhile finish on the old state. :class:`IndexRegistry` snapshots its
-name → index mapping at the start of each search, so every result comes from
-exactly one index state even while :meth:`IndexRegistry.swap` runs.
+running meanwhile finish on the old state.
 """
 
 from __future__ import annotations
@@ -31,25 +15,17 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any
 
 import faiss
 import numpy as np
 
-from rvqa.retriever.index_build import (
-    add_vectors,
-    build_index,
-    build_index_from_embeddings,
-    check_embeddings,
-    choose_factory,
-    dedupe_captions,
-    prepare_corpus,
-    rebuild_index,
-    set_search_params,
-)
-from rvqa.retriever.index_format import (
+from rvqa.errors import IndexMismatchError
+from rvqa.retriever.index.corpus import check_embeddings, dedupe_captions, prepare_corpus
+from rvqa.retriever.index.faiss_ops import add_vectors, set_search_params
+from rvqa.retriever.index.format import (
     CAPTIONS_DIR,
     EMBEDDINGS_FILE,
     INDEX_FILE,
@@ -62,84 +38,11 @@ from rvqa.retriever.index_format import (
     utc_now,
     write_index_folder,
 )
+from rvqa.retriever.index.types import CaptionEncoder, SearchResult
+
+__all__ = ["KnowledgeIndex", "as_query_matrix", "check_fingerprint", "check_k"]
 
 logger = logging.getLogger(__name__)
-
-__all__ = [
-    "CaptionEncoder",
-    "Hit",
-    "IndexFormatError",
-    "IndexRegistry",
-    "KnowledgeIndex",
-    "SearchResult",
-    "build_index",
-    "build_index_from_embeddings",
-    "choose_factory",
-    "index_info",
-    "merge_results",
-    "rebuild_index",
-]
-
-
-@runtime_checkable
-class CaptionEncoder(Protocol):
-    """What the index needs from the retriever (``rvqa.retriever.modeling.RetrieverModel``)."""
-
-    embed_dim: int
-
-    def fingerprint(self) -> str:
-        """Hash of the retriever's config and weights."""
-        ...
-
-    def embed_texts(
-        self, texts: list[str], batch_size: int = 256, show_progress: bool = False
-    ) -> np.ndarray:
-        """Captions → (n, d) float32 L2-normalised."""
-        ...
-
-    def embed_images(
-        self, images: list, batch_size: int = 64, show_progress: bool = False
-    ) -> np.ndarray:
-        """Images → (n, d) float32 L2-normalised."""
-        ...
-
-
-class Hit(NamedTuple):
-    """One retrieved caption: the evidence tuple of ``RVQA.answer``."""
-
-    text: str
-    score: float
-    index_name: str
-    id: Any
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    """The hits of one query, best first (fewer than k when the index is smaller).
-
-    Attributes:
-        ids: Caption ids.
-        scores: Inner products (cosine similarities for normalised queries).
-        captions: Caption texts.
-        index_names: The index each hit came from.
-    """
-
-    ids: list = field(default_factory=list)
-    scores: list[float] = field(default_factory=list)
-    captions: list[str] = field(default_factory=list)
-    index_names: list[str] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def hits(self) -> list[Hit]:
-        """The hits as ``Hit(text, score, index_name, id)`` tuples."""
-        return [Hit(*h) for h in zip(self.captions, self.scores, self.index_names, self.ids)]
-
-    def renamed(self, name: str) -> SearchResult:
-        """The same hits tagged with another index name."""
-        return SearchResult(self.ids, self.scores, self.captions, [name] * len(self.ids))
 
 
 # --------------------------------------------------------------------------- validation
@@ -193,7 +96,7 @@ def check_fingerprint(manifest: dict, retriever: Any, path: Path) -> CaptionEnco
         The encoder when ``retriever`` is one, else None.
 
     Raises:
-        ValueError: Fingerprints (or embedding dims) differ; both are named.
+        IndexMismatchError: Fingerprints (or embedding dims) differ; both are named.
         TypeError: ``retriever`` is neither None, a string, nor an encoder.
     """
     if retriever is None:
@@ -208,14 +111,14 @@ def check_fingerprint(manifest: dict, retriever: Any, path: Path) -> CaptionEnco
             f"got {type(retriever).__name__}"
         )
     if fp != manifest["retriever_fingerprint"]:
-        raise ValueError(
+        raise IndexMismatchError(
             f"knowledge index {path} was built with retriever fingerprint "
             f"{manifest['retriever_fingerprint']}, but the retriever in use has fingerprint {fp}; "
             "rebuild the index with this retriever (rvqa build-index) or load the matching retriever"
         )
     dim = getattr(encoder, "embed_dim", None)
     if dim is not None and dim != manifest["embed_dim"]:
-        raise ValueError(
+        raise IndexMismatchError(
             f"knowledge index {path} has embedding dim {manifest['embed_dim']}, "
             f"the retriever produces {dim}"
         )
@@ -386,8 +289,8 @@ class KnowledgeIndex:
         Raises:
             FileNotFoundError: Missing folder, manifest or index file.
             IndexFormatError: Malformed manifest, newer format version, truncated file.
-            ValueError: Retriever fingerprint mismatch (both named); parameter not
-                applicable to this index type.
+            IndexMismatchError: Retriever fingerprint mismatch (both named).
+            ValueError: A search parameter not applicable to this index type.
         """
         path = Path(path)
         manifest = read_manifest(path)
@@ -491,6 +394,22 @@ class KnowledgeIndex:
         col = self._state.caption_col
         counts = pc.list_value_length(pc.utf8_split_whitespace(col))
         return counts.to_numpy(zero_copy_only=False).astype(np.int32)
+
+    def leading_vectors(self, n: int) -> tuple[np.ndarray, str] | None:
+        """The vectors of the first ``n`` rows and where they came from.
+
+        Returns:
+            ``(vectors, source)``: the stored raw embeddings when the folder has them,
+            else vectors reconstructed from the faiss index; None when neither is
+            possible (e.g. a PQ index without stored embeddings).
+        """
+        st = self._state
+        if st.embeddings is not None:
+            return np.asarray(st.embeddings[:n], dtype=np.float32), "stored embeddings"
+        try:
+            return st.cpu_index.reconstruct_n(0, n), "vectors reconstructed from the index"
+        except RuntimeError:
+            return None
 
     # ---------------------------------------------------------------- search
 
@@ -716,9 +635,10 @@ class _Rows:
     """Row access to a (memory-mapped, many-chunk) Arrow column as Python values.
 
     ``ChunkedArray.take`` and even ``ChunkedArray.chunks`` (a new list of wrappers
-    per call) cost time proportional to the number of chunks: 3–4 ms per query at
-    1M captions in 1,000 chunks. The chunk list and chunk offsets are built once;
-    each row's chunk is found by binary search (10 random rows of 1M: ~13 µs).
+    per call) cost time proportional to the number of chunks, per query. The chunk
+    list and chunk offsets are built once; each row's chunk is found by binary
+    search (measured: benchmarks/README.md, "Figures behind the index code's
+    defaults").
     """
 
     __slots__ = ("chunks", "starts")
@@ -751,294 +671,3 @@ def _results(st: _State, scores: np.ndarray, rows: np.ndarray, name: str) -> lis
         out.append(SearchResult(ids[pos:end], values[pos:end], caps[pos:end], names[:n]))
         pos = end
     return out
-
-
-# --------------------------------------------------------------------------- registry
-
-
-def merge_results(per_index: Sequence[Sequence[SearchResult]], k: int) -> list[SearchResult]:
-    """Merge several indices' results query by query: top ``k`` by score overall.
-
-    Ties keep the order of ``per_index`` and then rank (stable sort).
-
-    Args:
-        per_index: One list of SearchResults (one per query) per index, hits tagged.
-        k: Hits per query after merging.
-    """
-    if not per_index:
-        return []
-    merged = []
-    for results in zip(*per_index):
-        hits = [h for r in results for h in r.hits]
-        hits.sort(key=lambda h: -h.score)
-        hits = hits[:k]
-        merged.append(
-            SearchResult(
-                ids=[h.id for h in hits],
-                scores=[h.score for h in hits],
-                captions=[h.text for h in hits],
-                index_names=[h.index_name for h in hits],
-            )
-        )
-    return merged
-
-
-class IndexRegistry:
-    """Several named knowledge indices, searched one at a time or merged; hot-swappable.
-
-    All methods are thread-safe. A search snapshots the name → index mapping
-    under the lock, then searches without it, so a concurrent :meth:`swap` never
-    mixes two states of one name into one result.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._indices: dict[str, KnowledgeIndex] = {}
-
-    @property
-    def names(self) -> list[str]:
-        """Registered names, in registration order."""
-        with self._lock:
-            return list(self._indices)
-
-    def __contains__(self, name: object) -> bool:
-        with self._lock:
-            return name in self._indices
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._indices)
-
-    def register(self, name: str, index: KnowledgeIndex) -> None:
-        """Add an index under ``name``.
-
-        Raises:
-            ValueError: The name is taken (use :meth:`swap`) or empty.
-            TypeError: ``index`` is not a KnowledgeIndex.
-        """
-        _check_name(name)
-        if not isinstance(index, KnowledgeIndex):
-            raise TypeError(f"expected a KnowledgeIndex, got {type(index).__name__}")
-        with self._lock:
-            if name in self._indices:
-                raise ValueError(f"an index named {name!r} is registered; use swap() to replace it")
-            self._indices[name] = index
-
-    def load(
-        self,
-        path: str | os.PathLike,
-        name: str | None = None,
-        encoder: CaptionEncoder | str | None = None,
-        **load_kwargs: Any,
-    ) -> KnowledgeIndex:
-        """Load an index folder (:meth:`KnowledgeIndex.load`) and register it.
-
-        Args:
-            path: Index folder.
-            name: Registry name (default: the folder name).
-            encoder: Retriever (or fingerprint) to check against.
-            **load_kwargs: mmap, use_gpu, nprobe, ef_search, verify.
-        """
-        index = KnowledgeIndex.load(path, encoder, name=name, **load_kwargs)
-        self.register(name or index.name, index)
-        return index
-
-    def unload(self, name: str) -> KnowledgeIndex:
-        """Remove and return the index named ``name``."""
-        with self._lock:
-            if name not in self._indices:
-                raise KeyError(_unknown(name, self._indices))
-            return self._indices.pop(name)
-
-    def get(self, name: str) -> KnowledgeIndex:
-        """The index named ``name`` (KeyError listing the known names)."""
-        with self._lock:
-            if name not in self._indices:
-                raise KeyError(_unknown(name, self._indices))
-            return self._indices[name]
-
-    def swap(self, name: str, new_index: KnowledgeIndex) -> KnowledgeIndex | None:
-        """Atomically put ``new_index`` under ``name``; returns the previous one (or None).
-
-        Searches already running finish on the old index; the next ones use the new.
-        """
-        _check_name(name)
-        if not isinstance(new_index, KnowledgeIndex):
-            raise TypeError(f"expected a KnowledgeIndex, got {type(new_index).__name__}")
-        with self._lock:
-            old = self._indices.get(name)
-            self._indices[name] = new_index
-        logger.info("index %r swapped to %s", name, new_index.path)
-        return old
-
-    def search(
-        self, query_embeddings: Any, k: int, names: str | Sequence[str] | None = None
-    ) -> list[SearchResult]:
-        """Search one named index, or several merged by score (top ``k`` overall).
-
-        Args:
-            query_embeddings: (n, d) or (d,) floats.
-            k: Hits per query.
-            names: One name, a list of names, or None for all registered indices.
-
-        Returns:
-            One :class:`SearchResult` per query; each hit tagged with its registry name.
-
-        Raises:
-            KeyError: Unknown name (the known ones listed).
-            ValueError: Nothing to search, or indices of different retrievers merged.
-        """
-        with self._lock:
-            snapshot = dict(self._indices)
-        if names is None:
-            chosen = list(snapshot)
-        elif isinstance(names, str):
-            chosen = [names]
-        else:
-            chosen = list(dict.fromkeys(names))
-        if not chosen:
-            raise ValueError("no knowledge index to search: register or load one first")
-        for n in chosen:
-            if n not in snapshot:
-                raise KeyError(_unknown(n, snapshot))
-        indices = [snapshot[n] for n in chosen]
-        fps = {ix.fingerprint for ix in indices}
-        if len(fps) > 1:
-            raise ValueError(
-                f"cannot merge indices built with different retrievers ({sorted(fps)}): "
-                "their scores are not comparable"
-            )
-        k = check_k(k)
-        per_index = [
-            [r.renamed(n) for r in ix.search(query_embeddings, k)] for n, ix in zip(chosen, indices)
-        ]
-        return per_index[0] if len(per_index) == 1 else merge_results(per_index, k)
-
-
-def _check_name(name: Any) -> None:
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"index name must be a non-empty string, got {name!r}")
-
-
-def _unknown(name: str, known: dict) -> str:
-    return f"no knowledge index named {name!r}; loaded: {', '.join(known) or '(none)'}"
-
-
-# --------------------------------------------------------------------------- info
-
-
-def index_info(
-    path: str | os.PathLike, encoder: CaptionEncoder | None = None, n_check: int = 3
-) -> str:
-    """A human-readable summary of an index folder plus a sanity search.
-
-    Verifies every file's sha256, then searches the first ``n_check`` captions —
-    re-encoded with ``encoder`` when given (the fingerprint is checked), else their
-    stored embeddings, else vectors reconstructed from the index — and reports
-    whether each finds itself at rank 1 (ties with an identical score count).
-
-    Raises:
-        The errors of :meth:`KnowledgeIndex.load`.
-    """
-    path = Path(path)
-    index = KnowledgeIndex.load(path, encoder, verify=True)
-    m = index.manifest
-    dd = m.get("dedupe") or {}
-    auto = m.get("auto_choice")
-    tuning = m.get("search_tuning") or {}
-    recall = {k: v for k, v in tuning.items() if k.startswith("recall_at_")}
-    files = m["files"]
-    caption_bytes = sum(v["bytes"] for k, v in files.items() if k.startswith(CAPTIONS_DIR + "/"))
-    lines = [
-        f"Knowledge index {path}",
-        f"  format            version {m['format_version']} (written by rvqa {m.get('rvqa_version', '?')})",
-        f"  created           {m.get('created')}"
-        + (f", updated {m['updated']}" if m.get("updated") else ""),
-        f"  retriever         {m['retriever_fingerprint']}",
-        f"  captions          {m['count']:,} from {m.get('caption_source') or '(unspecified)'!s}",
-        "  dedupe            "
-        + (
-            f"removed {dd.get('removed', 0):,} duplicates of {dd.get('input_count', 0):,}"
-            if dd.get("enabled")
-            else "off"
-        ),
-        f"  vectors           dim {m['embed_dim']}, inner product on L2-normalised vectors",
-        f"  faiss             {m['factory']}"
-        + (f" (automatic: {auto['reason']})" if auto else "")
-        + "".join(f", {k}={v}" for k, v in (m.get("build_params") or {}).items()),
-        "  search params     "
-        + (", ".join(f"{k}={v}" for k, v in m["search_params"].items()) or "none (exact)")
-        + (f"; measured {_fmt_recall(recall)}" if recall else ""),
-    ]
-    knob = next(iter(m["search_params"]), "value")
-    if tuning.get("curve"):
-        lines.append(
-            f"  tuning            recall@10 by {knob} ({tuning.get('queries')} queries: "
-            f"{tuning.get('query_proxy')}): "
-            + ", ".join(f"{c[0]}: {c[1]:.3f}" for c in tuning["curve"])
-        )
-    if tuning.get("proxies"):
-        names = {"held_out": "corpus tail"}
-        lines.append(
-            f"  proxies           at {knob}={m['search_params'].get(knob)}: "
-            + ", ".join(
-                f"{names.get(name, name)} {r:.3f} (bound {lb:.3f})"
-                for name, (r, lb) in tuning["proxies"].items()
-            )
-        )
-    lines += [
-        f"  memory-mapped     {index.memory_mapped}",
-        f"  files             {INDEX_FILE} {_mb(files[INDEX_FILE]['bytes'])}, {CAPTIONS_DIR}/ "
-        f"{_mb(caption_bytes)}"
-        + (
-            f", {EMBEDDINGS_FILE} {_mb(files[EMBEDDINGS_FILE]['bytes'])} ({m['embeddings']['dtype']})"
-            if m.get("embeddings")
-            else ", no stored embeddings"
-        )
-        + " (sha256 verified)",
-    ]
-    lines += _sanity_lines(index, encoder, n_check)
-    return "\n".join(lines)
-
-
-def _fmt_recall(recall: dict) -> str:
-    return ", ".join(f"{k.replace('_at_', '@')} {v}" for k, v in recall.items())
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
-
-
-def _sanity_lines(index: KnowledgeIndex, encoder: Any, n_check: int) -> list[str]:
-    st = index._state
-    n = min(n_check, len(index))
-    if n == 0:
-        return ["  sanity search     skipped (empty index)"]
-    texts = st.caption_col.slice(0, n).to_pylist()
-    ids = st.id_col.slice(0, n).to_pylist()
-    if encoder is not None:
-        q, how = encoder.embed_texts(texts), "re-encoded captions"
-    elif st.embeddings is not None:
-        q, how = np.asarray(st.embeddings[:n], dtype=np.float32), "stored embeddings"
-    else:
-        try:
-            q, how = st.cpu_index.reconstruct_n(0, n), "vectors reconstructed from the index"
-        except RuntimeError:
-            return [
-                "  sanity search     skipped (no encoder, no stored embeddings, not reconstructible)"
-            ]
-    results = index.search(q, 5)
-    ok = 0
-    details = []
-    for text, cid, r in zip(texts, ids, results):
-        top = r.scores[0] if r.scores else float("nan")
-        tied = [i for i, s in zip(r.ids, r.scores) if s >= top - 1e-6]
-        found = cid in tied
-        ok += found
-        rank = r.ids.index(cid) + 1 if cid in r.ids else None
-        details.append(
-            f"    {'ok ' if found else 'BAD'} id {cid!r} {text[:50]!r}: "
-            + (f"rank {rank}, score {r.scores[rank - 1]:.3f}" if rank else "not in the top 5")
-        )
-    head = f"  sanity search     {ok}/{n} captions find themselves at rank 1 ({how})"
-    return [head, *details]

@@ -1,0 +1,195 @@
+"""faiss operations on arrays: make an index from a factory string, train, add, search knobs.
+
+A corpus too small for a requested IVF factory is an error (no silent change of
+the user's factory string): ``IVF{nlist}`` needs at least 39·nlist vectors, a
+product quantizer at least 2**nbits.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import faiss
+import numpy as np
+from tqdm.auto import tqdm
+
+from rvqa.retriever.index.factory import MIN_POINTS_PER_CENTROID
+
+__all__ = [
+    "HNSW_EF_CONSTRUCTION",
+    "add_vectors",
+    "build_params",
+    "check_ef_construction",
+    "core_index",
+    "make_index",
+    "min_training_size",
+    "search_param_name",
+    "set_search_params",
+    "train_index",
+]
+
+logger = logging.getLogger(__name__)
+
+HNSW_EF_CONSTRUCTION = 200
+"""Default ``efConstruction`` of the HNSW graphs rvqa builds (faiss' own default is 40).
+A better graph costs build time once and buys search speed at every query
+(measured trade-off: benchmarks/README.md, "Figures behind the index code's defaults")."""
+MAX_TRAIN_POINTS = 100_000
+"""Training sample cap (raised to 256·nlist for large nlist, faiss' own subsampling limit)."""
+ADD_CHUNK = 1 << 16
+
+
+def make_index(
+    factory: str, d: int, ef_construction: int | None = HNSW_EF_CONSTRUCTION
+) -> faiss.Index:
+    """``faiss.index_factory`` with inner product; a clear error for a bad string.
+
+    ``ef_construction`` is set on every HNSW graph of the index (an HNSW index or an
+    IVF's HNSW coarse quantizer); None keeps faiss' default (40).
+    """
+    if not isinstance(factory, str) or not factory.strip():
+        raise ValueError(f"factory must be a faiss factory string like 'Flat', got {factory!r}")
+    try:
+        index = faiss.index_factory(d, factory.strip(), faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        raise ValueError(
+            f"invalid faiss factory string {factory!r} for dim {d}: "
+            f"{str(err).splitlines()[0][:300]}. Examples: 'Flat', 'HNSW32', "
+            "'IVF1024,Flat', 'IVF4096,PQ32', 'OPQ16_64,IVF1024,PQ16'"
+        ) from None
+    if ef_construction is not None:
+        for graph in _hnsw_graphs(index):
+            graph.efConstruction = int(ef_construction)
+    return index
+
+
+def check_ef_construction(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"ef_construction must be an integer ≥ 1, got {value!r}")
+    return int(value)
+
+
+def _hnsw_graphs(index: faiss.Index) -> list:
+    """The HNSW graphs of an index: its own, or its IVF coarse quantizer's."""
+    core = core_index(index)
+    if isinstance(core, faiss.IndexHNSW):
+        return [core.hnsw]
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        quantizer = faiss.downcast_index(ivf.quantizer)
+        if isinstance(quantizer, faiss.IndexHNSW):
+            return [quantizer.hnsw]
+    return []
+
+
+def build_params(index: faiss.Index) -> dict[str, int]:
+    """Build settings worth recording in the manifest (``efConstruction`` of HNSW)."""
+    graphs = _hnsw_graphs(index)
+    return {"efConstruction": int(graphs[0].efConstruction)} if graphs else {}
+
+
+def core_index(index: faiss.Index) -> faiss.Index:
+    """Peel pre-transforms / refinement / id maps off an index (downcast)."""
+    index = faiss.downcast_index(index)
+    for _ in range(8):
+        if isinstance(index, faiss.IndexPreTransform):
+            index = faiss.downcast_index(index.index)
+        elif isinstance(index, faiss.IndexRefine):
+            index = faiss.downcast_index(index.base_index)
+        elif isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+            index = faiss.downcast_index(index.index)
+        else:
+            break
+    return index
+
+
+def min_training_size(index: faiss.Index) -> tuple[int, str]:
+    """The fewest vectors that can train ``index``, and why (0 when no training is needed).
+
+    IVF needs 39 points per list; a product quantizer (incl. OPQ's) at least 2**nbits.
+    """
+    if index.is_trained:
+        return 0, ""
+    need, why = 1, "training"
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        need = MIN_POINTS_PER_CENTROID * ivf.nlist
+        why = f"IVF{ivf.nlist} needs {MIN_POINTS_PER_CENTROID} training vectors per list"
+    core = core_index(index)
+    pq = getattr(core, "pq", None)
+    if pq is not None and pq.ksub > need:
+        need, why = pq.ksub, f"a {pq.nbits}-bit product quantizer needs {pq.ksub} training vectors"
+    return need, why
+
+
+def train_index(index: faiss.Index, x: np.ndarray, seed: int = 0) -> None:
+    """Train ``index`` (if untrained) on a seeded sample of at most ``MAX_TRAIN_POINTS``.
+
+    Raises:
+        ValueError: Fewer vectors than the index needs (see :func:`min_training_size`).
+    """
+    if index.is_trained:
+        return
+    need, why = min_training_size(index)
+    n = len(x)
+    if n < need:
+        ivf = faiss.try_extract_index_ivf(index)
+        hint = ""
+        if ivf is not None:
+            fit = 2 ** int(math.log2(max(1, n // MIN_POINTS_PER_CENTROID)))
+            hint = f" (e.g. IVF{fit} instead of IVF{ivf.nlist})"
+        raise ValueError(
+            f"the corpus has {n} vectors, too few to train this index: {why}, so it needs at "
+            f"least {need}. Use a smaller factory{hint}, 'Flat', or factory=None (automatic)"
+        )
+    ivf = faiss.try_extract_index_ivf(index)
+    cap = max(MAX_TRAIN_POINTS, 256 * (ivf.nlist if ivf is not None else 0))
+    if n > cap:
+        rows = np.sort(np.random.default_rng(seed).choice(n, size=cap, replace=False))
+        sample = np.ascontiguousarray(x[rows], dtype=np.float32)
+    else:
+        sample = np.ascontiguousarray(x, dtype=np.float32)
+    logger.info("training %s on %d of %d vectors", type(index).__name__, len(sample), n)
+    index.train(sample)
+
+
+def add_vectors(index: faiss.Index, x: np.ndarray, show_progress: bool = False) -> None:
+    """Add rows of ``x`` (any float dtype, may be a memmap) in chunks, with a progress bar."""
+    starts = range(0, len(x), ADD_CHUNK)
+    for s in tqdm(starts, desc="adding to index", unit="chunk", disable=not show_progress):
+        index.add(np.ascontiguousarray(x[s : s + ADD_CHUNK], dtype=np.float32))
+
+
+def search_param_name(index: faiss.Index) -> str | None:
+    """The speed/recall knob of an index: ``nprobe`` (IVF), ``efSearch`` (HNSW) or None."""
+    if faiss.try_extract_index_ivf(index) is not None:
+        return "nprobe"
+    if isinstance(core_index(index), faiss.IndexHNSW):
+        return "efSearch"
+    return None
+
+
+def set_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
+    """Apply ``{"nprobe": 32}`` / ``{"efSearch": 64}`` via ``faiss.ParameterSpace``.
+
+    Raises:
+        ValueError: The index type has no such parameter, or a value is not a positive int.
+    """
+    ps = faiss.ParameterSpace()
+    for name, value in params.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"search parameter {name} must be a positive integer, got {value!r}")
+        try:
+            ps.set_index_parameter(index, name, int(value))
+        except RuntimeError:
+            raise ValueError(
+                f"index type {type(core_index(index)).__name__} has no search parameter {name!r} "
+                f"(it has: {search_param_name(index) or 'none'})"
+            ) from None
+        ivf = faiss.try_extract_index_ivf(index)
+        if name == "nprobe" and ivf is not None:
+            quantizer = faiss.downcast_index(ivf.quantizer)
+            if isinstance(quantizer, faiss.IndexHNSW):  # must explore >= nprobe lists
+                quantizer.hnsw.efSearch = max(quantizer.hnsw.efSearch, 2 * int(value))
