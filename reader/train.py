@@ -9,8 +9,8 @@ a memory budget; over it the tower runs per step). Data: :mod:`rvqa.reader.data`
 accuracy: :mod:`rvqa.reader.evaluation`. Same Accelerate loop as the retriever
 (:func:`rvqa.training.train`): one CPU process, several (``torchrun``) or
 multi-GPU (``accelerate launch -m rvqa train-reader``). Writes
-``OUTPUT_DIR/reader/``: ``final/``, ``best/`` (model + processor + answer
-vocabulary), ``checkpoints/``, ``train_result.json``, ``config.yaml``; and
+``OUTPUT_DIR/reader/``: ``final/``, ``best/`` (model — its config holds the answer
+vocabulary — and processor), ``checkpoints/``, ``train_result.json``, ``config.yaml``; and
 ``OUTPUT_DIR/rvqa_run.json``, which :meth:`rvqa.RVQA.from_pretrained` reads.
 """
 
@@ -169,8 +169,7 @@ def train_reader(
 
     def save(m: Any, path: Path) -> None:
         m.save_pretrained(path)
-        processor.save_pretrained(path)
-        vocab.save(path / "answers.json")
+        processor.save_pretrained(path)  # the vocabulary is config.answers (one copy)
 
     result = train(
         model,

@@ -51,6 +51,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from rvqa.data.records import NUM_HUMAN_ANSWERS
+
 __all__ = [
     "VQAEvalResult",
     "evaluate_module_path",
@@ -246,9 +248,6 @@ _CONTRACTIONS: dict[str, str] = {
     "youve": "you've",
 }
 
-# Number of human answers per question in VQA v1/v2 and OK-VQA.
-_NUM_HUMAN_ANSWERS = 10
-
 
 def _clean_whitespace(text: str) -> str:
     """Newlines and tabs to spaces, then strip (done to every answer first)."""
@@ -380,7 +379,7 @@ def _check_answers(answers: Any, what: str = "answers") -> list[str]:
 def _warn_answer_count(num_questions: int, counts: set[int]) -> None:
     warnings.warn(
         f"{num_questions} question(s) have a number of human answers other than "
-        f"{_NUM_HUMAN_ANSWERS} (seen: {sorted(counts)}); scoring them as the official "
+        f"{NUM_HUMAN_ANSWERS} (seen: {sorted(counts)}); scoring them as the official "
         "tool does, leaving out each of the given answers in turn",
         UserWarning,
         stacklevel=3,
@@ -417,7 +416,7 @@ def vqa_accuracy(prediction: str, answers: list[str]) -> float:
             f"prediction must be a str, got {type(prediction).__name__}: {prediction!r}"
         )
     answers = _check_answers(answers)
-    if len(answers) != _NUM_HUMAN_ANSWERS:
+    if len(answers) != NUM_HUMAN_ANSWERS:
         _warn_answer_count(1, {len(answers)})
     return _question_accuracy(prediction, answers)
 
@@ -737,7 +736,7 @@ def evaluate_vqa(
     num_shared_entries = 0
     for qid in scope:
         ann = by_id[qid]
-        if len(ann.answers) != _NUM_HUMAN_ANSWERS:
+        if len(ann.answers) != NUM_HUMAN_ANSWERS:
             num_odd += 1
             odd_counts.add(len(ann.answers))
         if not ann.distinct_entries:

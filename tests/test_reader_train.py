@@ -51,8 +51,12 @@ def test_train_saves_model_and_run_file(retriever_run, tmp_path):
     res = out["result"]
     assert res.steps == 3 and res.num_processes == 1
     model_dir = out["model_dir"]
-    for f in ("model.safetensors", "config.json", "answers.json", "reader_processor.json"):
+    for f in ("model.safetensors", "config.json", "reader_processor.json"):
         assert (model_dir / f).is_file(), f
+    # One copy of the answer vocabulary: the reader's config (what RVQA reads).
+    assert not (model_dir / "answers.json").exists()
+    saved = json.loads((model_dir / "config.json").read_text())["answers"]
+    assert saved and len(saved) == len(set(saved))
     run = json.loads((tmp_path / "run" / "rvqa_run.json").read_text())
     assert run["indices"] and run["top_k"] == 2
     assert (tmp_path / "run" / run["reader"] / "model.safetensors").is_file()
