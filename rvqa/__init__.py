@@ -14,22 +14,12 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from rvqa import errors
+from rvqa.errors import *  # noqa: F403 - the error classes: stdlib-only, imported eagerly
 from rvqa.version import __version__
 
-_ERRORS = [
-    "RVQAError",
-    "ConfigError",
-    "DataFormatError",
-    "ImageLoadError",
-    "IndexFormatError",
-    "IndexMismatchError",
-    "UnknownIndexError",
-    "RunFolderError",
-    "ResumeError",
-    "UsageError",
-]
-
-# Public name → the module that defines it (imported on first access).
+# Public name → the module that defines it, imported on first access (the laziness is
+# the point: only RVQA needs torch).
 _WHERE: dict[str, str] = {
     "RVQA": "rvqa.pipeline",
     "Answer": "rvqa.pipeline",
@@ -37,48 +27,20 @@ _WHERE: dict[str, str] = {
     "ALL_INDICES": "rvqa.pipeline",
     "load_config": "rvqa.config",
     "RunConfig": "rvqa.config",
-    **dict.fromkeys(_ERRORS, "rvqa.errors"),
 }
 
-__all__ = [
-    "RVQA",
-    "Answer",
-    "Evidence",
-    "ALL_INDICES",
-    "load_config",
-    "RunConfig",
-    "RVQAError",
-    "ConfigError",
-    "DataFormatError",
-    "ImageLoadError",
-    "IndexFormatError",
-    "IndexMismatchError",
-    "UnknownIndexError",
-    "RunFolderError",
-    "ResumeError",
-    "UsageError",
-    "__version__",
-]
+__all__ = [*_WHERE, *errors.__all__, "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from rvqa.config import RunConfig, load_config
-    from rvqa.errors import (
-        ConfigError,
-        DataFormatError,
-        ImageLoadError,
-        IndexFormatError,
-        IndexMismatchError,
-        ResumeError,
-        RunFolderError,
-        RVQAError,
-        UnknownIndexError,
-        UsageError,
-    )
-    from rvqa.pipeline import ALL_INDICES, RVQA, Answer, Evidence
+    from rvqa.config import RunConfig as RunConfig
+    from rvqa.config import load_config as load_config
+    from rvqa.pipeline import ALL_INDICES as ALL_INDICES
+    from rvqa.pipeline import RVQA as RVQA
+    from rvqa.pipeline import Answer as Answer
+    from rvqa.pipeline import Evidence as Evidence
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy on purpose: importing rvqa must not load torch (only RVQA needs it).
     if name in _WHERE:
         return getattr(importlib.import_module(_WHERE[name]), name)
     raise AttributeError(f"module 'rvqa' has no attribute {name!r}")
