@@ -8,7 +8,6 @@ import pytest
 import yaml
 
 import rvqa.reader.retrieval as retrieval
-import rvqa.training as training
 from rvqa.config import config_to_dict
 from rvqa.indexing import build_index_from_config
 from rvqa.reader.data import _k_for
@@ -17,7 +16,7 @@ from rvqa.retriever.index import KnowledgeIndex
 from rvqa.retriever.modeling import RetrieverModel
 from rvqa.retriever.train import train_retriever
 from rvqa.run_layout import retriever_dir
-from tests.tiny import tiny_run_config
+from tests.tiny import interrupted_after_checkpoint, tiny_run_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -116,26 +115,12 @@ def test_k_dropout_is_deterministic():
     assert all(_k_for(q, 3, 0.0, 0) == 3 for q in range(100))
 
 
-class _Crash(RuntimeError):
-    pass
-
-
 def test_resume_continues_from_saved_step(retriever_run, tmp_path, monkeypatch):
     kw = {"max_steps": 4, "checkpoint_every": 2, "eval_every": 0}
     full = train_reader(_cfg(retriever_run, tmp_path / "a", **kw))["result"]
     cfg = _cfg(retriever_run, tmp_path / "b", **kw)
-    original = training._save_checkpoint
-
-    def crash(accelerator, output_dir, step, state, keep):
-        path = original(accelerator, output_dir, step, state, keep)
-        if step == 2:
-            raise _Crash("interrupted")
-        return path
-
-    monkeypatch.setattr(training, "_save_checkpoint", crash)
-    with pytest.raises(_Crash):
+    with interrupted_after_checkpoint(monkeypatch, 2):
         train_reader(cfg)
-    monkeypatch.setattr(training, "_save_checkpoint", original)
     resumed = train_reader(cfg, resume=True)["result"]
     assert resumed.resumed_from_step == 2 and resumed.steps == 4
     assert resumed.losses == pytest.approx(full.losses[2:], rel=1e-5, abs=1e-6)

@@ -7,11 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-import rvqa.training as training
 from rvqa.config import config_from_dict
 from rvqa.retriever.modeling import RetrieverModel
 from rvqa.retriever.train import train_retriever
-from tests.tiny import coco_caption_fixture, tiny_text_backbone
+from tests.tiny import coco_caption_fixture, interrupted_after_checkpoint, tiny_text_backbone
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -69,26 +68,12 @@ def test_train_single_process(tmp_path):
     assert metrics["val"] == best_entry and metrics["test"] is None
 
 
-class _Crash(RuntimeError):
-    pass
-
-
 def test_resume_continues_exactly(tmp_path, monkeypatch):
     full = train_retriever(config_from_dict(tiny_run_dict(tmp_path / "a")))["result"]
 
     cfg = config_from_dict(tiny_run_dict(tmp_path / "b"))
-    original = training._save_checkpoint
-
-    def crash_after_first(accelerator, output_dir, step, state, keep):
-        path = original(accelerator, output_dir, step, state, keep)
-        if step == 3:
-            raise _Crash("simulated interruption")
-        return path
-
-    monkeypatch.setattr(training, "_save_checkpoint", crash_after_first)
-    with pytest.raises(_Crash):
+    with interrupted_after_checkpoint(monkeypatch, 3):
         train_retriever(cfg)
-    monkeypatch.setattr(training, "_save_checkpoint", original)
     assert not (tmp_path / "b" / "run" / "retriever" / "final").exists()
 
     resumed = train_retriever(cfg, resume=True)["result"]

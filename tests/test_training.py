@@ -14,10 +14,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import rvqa.training as training
 from rvqa.config import TrainSettings
 from rvqa.errors import ResumeError, RunFolderError, UsageError
 from rvqa.training import Trainer, TrainHooks, train
+from tests.tiny import interrupted_after_checkpoint
 
 
 class Linear(torch.nn.Module):
@@ -99,28 +99,13 @@ def test_best_model_follows_the_metric_direction(tmp_path):
     assert state["step"] == 6 and state["best_metric"] == 3.0
 
 
-def test_train_wrapper_equals_trainer_and_resumes_bit_identically(tmp_path):
+def test_train_wrapper_equals_trainer_and_resumes_bit_identically(tmp_path, monkeypatch):
     torch.manual_seed(0)
     full = train(Linear(), points(), collate, settings(), tmp_path / "a", end_training=False)
 
-    original = training._save_checkpoint
-
-    class Stop(RuntimeError):
-        pass
-
-    def stop_at_3(accelerator, output_dir, step, state, keep):
-        path = original(accelerator, output_dir, step, state, keep)
-        if step == 3:
-            raise Stop
-        return path
-
-    training._save_checkpoint = stop_at_3
-    try:
-        torch.manual_seed(0)
-        with pytest.raises(Stop):
-            train(Linear(), points(), collate, settings(), tmp_path / "b", end_training=False)
-    finally:
-        training._save_checkpoint = original
+    torch.manual_seed(0)
+    with interrupted_after_checkpoint(monkeypatch, 3):
+        train(Linear(), points(), collate, settings(), tmp_path / "b", end_training=False)
     torch.manual_seed(0)
     resumed = train(
         Linear(), points(), collate, settings(), tmp_path / "b", resume=True, end_training=False

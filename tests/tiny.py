@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -135,3 +136,31 @@ def build_tiny_run(root: Path, **overrides) -> Path:
     build_index_from_config(cfg)
     train_reader(cfg)
     return Path(cfg.output_dir)
+
+
+class Interrupted(RuntimeError):
+    """Raised by :func:`interrupted_after_checkpoint` to simulate a killed run."""
+
+
+@contextlib.contextmanager
+def interrupted_after_checkpoint(monkeypatch, step: int):
+    """Training inside the block stops with :class:`Interrupted` right after it saved
+    the checkpoint of ``step`` (the block must raise it); afterwards saving is normal."""
+    import pytest
+
+    from rvqa import training
+
+    original = training._save_checkpoint
+
+    def save_then_stop(accelerator, output_dir, at, state, keep):
+        path = original(accelerator, output_dir, at, state, keep)
+        if at == step:
+            raise Interrupted(f"simulated interruption after the step-{at} checkpoint")
+        return path
+
+    monkeypatch.setattr(training, "_save_checkpoint", save_then_stop)
+    try:
+        with pytest.raises(Interrupted):
+            yield
+    finally:
+        monkeypatch.setattr(training, "_save_checkpoint", original)
