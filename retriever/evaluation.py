@@ -127,7 +127,7 @@ def evaluate_retriever(
             a named protocol.
     """
     if not records:
-        raise ValueError("no records to evaluate the retriever on")
+        raise UsageError("no records to evaluate the retriever on")
     p = _protocol(protocol)
     if p.name != "all":
         if dedupe:

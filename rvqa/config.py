@@ -125,6 +125,7 @@ class VQADataConfig:
     """easy_vqa: the offline PyPI dataset; vqa: official VQAv2/OK-VQA JSON files; datasets: a datasets dataset."""
     train_split: str = "train"
     eval_split: str = "test"
+    """The split ``rvqa evaluate`` and the demo evaluate on when ``--split`` is not given."""
     splits: dict[str, SplitFiles] = field(default_factory=dict)
     """source=vqa: split name -> files."""
     path: str | None = None
@@ -133,6 +134,7 @@ class VQADataConfig:
     train_fraction: float = 1.0
     """Use this fraction of the training questions (low-data experiments)."""
     max_eval_questions: int | None = None
+    """``rvqa evaluate`` and the demo: evaluate only the first N questions (None = all)."""
 
 
 @dataclass
@@ -220,9 +222,12 @@ class IndexSettings:
     embeddings_dtype: Literal["float16", "float32"] = "float16"
     use_gpu: bool = False
     nprobe: int | None = None
-    """IVF indices: lists probed per query (None = the value tuned at build time)."""
+    """IVF indices: lists probed per query at inference (None = the value tuned at build
+    time); read by ``rvqa evaluate`` and ``train-reader``'s retrieval (the API and ``rvqa ask``
+    take ``nprobe=`` / ``--nprobe``)."""
     ef_search: int | None = None
-    """HNSW indices: efSearch (None = the value tuned at build time)."""
+    """HNSW indices: efSearch at inference (None = the value tuned at build time); read
+    like ``nprobe``."""
 
     def folder(self) -> str:
         """The index folder."""

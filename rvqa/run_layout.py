@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from rvqa.errors import RunFolderError
+from rvqa.errors import DataFormatError, RunFolderError
 from rvqa.io import write_json_atomic
 
 __all__ = [
@@ -122,7 +122,8 @@ def read_run_file(run_dir: str | os.PathLike) -> RunFiles:
 
     Raises:
         RunFolderError: The folder or its ``rvqa_run.json`` is missing.
-        ValueError: ``rvqa_run.json`` is malformed (named, with what is wrong).
+        DataFormatError: ``rvqa_run.json`` is malformed (named, with what is wrong; a
+            ``ValueError``).
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -141,11 +142,11 @@ def read_run_file(run_dir: str | os.PathLike) -> RunFiles:
         top_k = run.get("top_k")
         top_k = None if top_k is None else int(top_k)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
-        raise ValueError(f"{run_file} is malformed: {err}") from None
+        raise DataFormatError(f"{run_file} is malformed: {err}") from None
     indices: dict[str, Path] = {}
     for name, rel in recorded.items():
         if not isinstance(name, str) or not isinstance(rel, str):
-            raise ValueError(f"{run_file} is malformed: index entry {name!r}: {rel!r}")
+            raise DataFormatError(f"{run_file} is malformed: index entry {name!r}: {rel!r}")
         candidates = index_candidates(run_dir, name, rel)
         indices[name] = next((p for p in candidates if p.is_dir()), candidates[0])
     return RunFiles(run_dir, retriever, reader, indices, top_k)

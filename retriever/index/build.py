@@ -23,6 +23,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from rvqa.errors import UsageError
 from rvqa.retriever.index.corpus import (
     check_embeddings,
     dedupe_captions,
@@ -107,7 +108,7 @@ class IndexBuildOptions:
 
     def __post_init__(self) -> None:
         if self.embeddings_dtype not in (None, *_EMBEDDINGS_DTYPES):
-            raise ValueError(
+            raise UsageError(
                 f"embeddings_dtype must be 'float16' or 'float32', got {self.embeddings_dtype!r}"
             )
         check_ef_construction(self.ef_construction)
@@ -340,7 +341,7 @@ def load_stored_embeddings(folder: Path, manifest: dict) -> np.ndarray:
         IndexFormatError: The stored array's shape disagrees with the manifest.
     """
     if not manifest.get("embeddings"):
-        raise ValueError(
+        raise UsageError(
             f"{folder} has no stored embeddings (built with store_embeddings=False); "
             "re-encode the captions with build_index instead"
         )

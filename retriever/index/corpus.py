@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from rvqa.distributed import shard_bounds
+from rvqa.errors import DataFormatError
 from rvqa.retriever.index.types import CaptionEncoder
 
 __all__ = [
@@ -43,10 +44,10 @@ def prepare_corpus(captions: Any, ids: Sequence[Any] | None = None) -> tuple[lis
         raise TypeError("captions must be a list of strings, not a single string")
     items = list(captions)
     if not items:
-        raise ValueError("the caption corpus is empty: nothing to index")
+        raise DataFormatError("the caption corpus is empty: nothing to index")
     if not isinstance(items[0], str) and hasattr(items[0], "caption"):
         if ids is not None:
-            raise ValueError("ids given twice: the caption objects carry .caption_id already")
+            raise DataFormatError("ids given twice: the caption objects carry .caption_id already")
         ids = [getattr(it, "caption_id", None) for it in items]
         if any(i is None for i in ids):
             ids = None if all(i is None for i in ids) else ids
@@ -57,7 +58,7 @@ def prepare_corpus(captions: Any, ids: Sequence[Any] | None = None) -> tuple[lis
             raise TypeError(f"caption {i} must be a string, got {type(t).__name__}: {t!r:.80}")
         s = t.strip()
         if not s:
-            raise ValueError(f"caption {i} is empty (or whitespace only)")
+            raise DataFormatError(f"caption {i} is empty (or whitespace only)")
         texts.append(s)
     ids = list(range(len(texts))) if ids is None else normalise_ids(ids, len(texts))
     return texts, ids
@@ -67,7 +68,7 @@ def normalise_ids(ids: Sequence[Any], n: int) -> list:
     """Check ids: length ``n``, all ints or all strings, unique; numpy ints become ints."""
     ids = list(ids)
     if len(ids) != n:
-        raise ValueError(f"got {len(ids)} ids for {n} captions; they must match one to one")
+        raise DataFormatError(f"got {len(ids)} ids for {n} captions; they must match one to one")
     if all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in ids):
         ids = [int(i) for i in ids]
     elif not all(isinstance(i, str) for i in ids):
@@ -78,7 +79,7 @@ def normalise_ids(ids: Sequence[Any], n: int) -> list:
     if len(set(ids)) != len(ids):
         seen: set = set()
         dup = next(i for i in ids if i in seen or seen.add(i))
-        raise ValueError(f"caption ids must be unique; {dup!r} occurs more than once")
+        raise DataFormatError(f"caption ids must be unique; {dup!r} occurs more than once")
     return ids
 
 
@@ -114,13 +115,13 @@ def check_embeddings(x: Any, n: int | None = None, d: int | None = None) -> np.n
         raise TypeError(f"embeddings must be a float array, got dtype {x.dtype}")
     if x.ndim != 2 or (n is not None and x.shape[0] != n) or (d is not None and x.shape[1] != d):
         want = f"({n if n is not None else 'n'}, {d if d is not None else 'd'})"
-        raise ValueError(f"embeddings must have shape {want}, got {x.shape}")
+        raise DataFormatError(f"embeddings must have shape {want}, got {x.shape}")
     x = np.ascontiguousarray(x, dtype=np.float32)
     if not np.isfinite(x).all():
-        raise ValueError("embeddings contain NaN or inf")
+        raise DataFormatError("embeddings contain NaN or inf")
     norms = np.linalg.norm(x, axis=1)
     if len(x) and np.abs(norms - 1).max() > 1e-2:
-        raise ValueError(
+        raise DataFormatError(
             f"embeddings must be L2-normalised (inner product = cosine); row norms range "
             f"{norms.min():.3f}..{norms.max():.3f}. Normalise them (or pass normalize=True)"
         )

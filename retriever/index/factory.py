@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rvqa.errors import UsageError
+
 __all__ = [
     "FLAT_MAX_VECTORS",
     "HNSW_M",
@@ -77,12 +79,12 @@ def parse_memory(value: int | str) -> int:
     else:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
         if not m or m.group(2).lower() not in _UNITS:
-            raise ValueError(
+            raise UsageError(
                 f"max_memory {value!r} is not a size; use e.g. '4GB', '512MB', '2GiB' or bytes"
             )
         n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
     if n <= 0:
-        raise ValueError(f"max_memory must be positive, got {value!r}")
+        raise UsageError(f"max_memory must be positive, got {value!r}")
     return n
 
 
@@ -152,7 +154,7 @@ def choose_factory(n: int, d: int, max_memory: int | str = "4GB") -> AutoChoice:
                 "code that fits; nlist ~ 4*sqrt(N)"
             )
             return AutoChoice(f"IVF{nlist},PQ{m}np", why, est, budget)
-    raise ValueError(
+    raise UsageError(
         f"no index of {n} vectors (dim {d}) fits max_memory={max_memory!r}: even the "
         f"smallest IVF-PQ needs ~{estimate_bytes('pq', n, d, nlist, 1) / 1e9:.2f} GB; "
         "raise max_memory or pass a factory string"

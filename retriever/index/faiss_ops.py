@@ -15,6 +15,7 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
+from rvqa.errors import UsageError
 from rvqa.retriever.index.factory import MIN_POINTS_PER_CENTROID
 
 __all__ = [
@@ -50,11 +51,11 @@ def make_index(
     IVF's HNSW coarse quantizer); None keeps faiss' default (40).
     """
     if not isinstance(factory, str) or not factory.strip():
-        raise ValueError(f"factory must be a faiss factory string like 'Flat', got {factory!r}")
+        raise UsageError(f"factory must be a faiss factory string like 'Flat', got {factory!r}")
     try:
         index = faiss.index_factory(d, factory.strip(), faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as err:
-        raise ValueError(
+        raise UsageError(
             f"invalid faiss factory string {factory!r} for dim {d}: "
             f"{str(err).splitlines()[0][:300]}. Examples: 'Flat', 'HNSW32', "
             "'IVF1024,Flat', 'IVF4096,PQ32', 'OPQ16_64,IVF1024,PQ16'"
@@ -67,7 +68,7 @@ def make_index(
 
 def check_ef_construction(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"ef_construction must be an integer ≥ 1, got {value!r}")
+        raise UsageError(f"ef_construction must be an integer ≥ 1, got {value!r}")
     return int(value)
 
 
@@ -140,7 +141,7 @@ def train_index(index: faiss.Index, x: np.ndarray, seed: int = 0) -> None:
         if ivf is not None:
             fit = 2 ** int(math.log2(max(1, n // MIN_POINTS_PER_CENTROID)))
             hint = f" (e.g. IVF{fit} instead of IVF{ivf.nlist})"
-        raise ValueError(
+        raise UsageError(
             f"the corpus has {n} vectors, too few to train this index: {why}, so it needs at "
             f"least {need}. Use a smaller factory{hint}, 'Flat', or factory=None (automatic)"
         )
@@ -180,11 +181,11 @@ def set_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
     ps = faiss.ParameterSpace()
     for name, value in params.items():
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"search parameter {name} must be a positive integer, got {value!r}")
+            raise UsageError(f"search parameter {name} must be a positive integer, got {value!r}")
         try:
             ps.set_index_parameter(index, name, int(value))
         except RuntimeError:
-            raise ValueError(
+            raise UsageError(
                 f"index type {type(core_index(index)).__name__} has no search parameter {name!r} "
                 f"(it has: {search_param_name(index) or 'none'})"
             ) from None

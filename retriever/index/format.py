@@ -37,7 +37,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from rvqa.errors import IndexFormatError
+from rvqa.errors import IndexFormatError, UsageError
 from rvqa.io import atomic_directory
 from rvqa.version import __version__
 
@@ -344,9 +344,9 @@ def check_out_dir(out_dir: Path, overwrite: bool) -> None:
             f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it"
         )
     if not out_dir.is_dir():
-        raise ValueError(f"refusing to replace {out_dir}: it is a file, not an index folder")
+        raise UsageError(f"refusing to replace {out_dir}: it is a file, not an index folder")
     if any(out_dir.iterdir()) and not (out_dir / MANIFEST_FILE).is_file():
-        raise ValueError(
+        raise UsageError(
             f"refusing to replace {out_dir}: it is not a knowledge index folder "
             f"(no {MANIFEST_FILE}); choose another output folder"
         )

@@ -22,7 +22,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from rvqa.errors import IndexMismatchError
+from rvqa.errors import IndexMismatchError, UsageError
 from rvqa.retriever.index.corpus import check_embeddings, dedupe_captions, prepare_corpus
 from rvqa.retriever.index.faiss_ops import add_vectors, set_search_params
 from rvqa.retriever.index.format import (
@@ -72,11 +72,11 @@ def as_query_matrix(x: Any, dim: int) -> np.ndarray:
     if x.ndim == 1:
         x = x[None, :]
     if x.ndim != 2 or x.shape[1] != dim:
-        raise ValueError(f"query embeddings must have shape (n, {dim}) or ({dim},), got {shape}")
+        raise UsageError(f"query embeddings must have shape (n, {dim}) or ({dim},), got {shape}")
     x = np.ascontiguousarray(x, dtype=np.float32)
     bad = ~np.isfinite(x).all(axis=1)
     if bad.any():
-        raise ValueError(f"query embeddings contain NaN or inf (row {int(np.argmax(bad))})")
+        raise UsageError(f"query embeddings contain NaN or inf (row {int(np.argmax(bad))})")
     return x
 
 
@@ -85,7 +85,7 @@ def check_k(k: Any) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise TypeError(f"k must be a positive integer, got {k!r}")
     if k <= 0:
-        raise ValueError(f"k must be a positive integer, got {k}")
+        raise UsageError(f"k must be a positive integer, got {k}")
     return int(k)
 
 
@@ -544,7 +544,7 @@ class KnowledgeIndex:
     def _save(self, path: str | os.PathLike | None, overwrite: bool) -> Path:
         if path is None:
             if self.path is None:
-                raise ValueError("this index has no folder yet: pass a path to save()")
+                raise UsageError("this index has no folder yet: pass a path to save()")
             target, overwrite = self.path, True
         else:
             target = Path(path)
@@ -561,7 +561,7 @@ class KnowledgeIndex:
 
     def _require_encoder(self, what: str) -> CaptionEncoder:
         if self.encoder is None:
-            raise ValueError(
+            raise UsageError(
                 f"{what} needs the retriever: load the index with KnowledgeIndex.load(path, retriever)"
             )
         return self.encoder
@@ -592,7 +592,7 @@ class KnowledgeIndex:
         str_ids = st.manifest.get("id_type") == "str"
         if ids is None and not carry_ids:  # default: continue after the largest id
             if str_ids:
-                raise ValueError("this index has string ids: pass ids= for the new captions")
+                raise UsageError("this index has string ids: pass ids= for the new captions")
             start = max(existing_ids, default=-1) + 1
             new_ids = list(range(start, start + len(texts)))
         if isinstance(new_ids[0], str) != str_ids:
@@ -602,7 +602,7 @@ class KnowledgeIndex:
             )
         clash = set(new_ids).intersection(existing_ids)
         if clash:
-            raise ValueError(f"ids already in the index: {sorted(clash)[:5]}")
+            raise UsageError(f"ids already in the index: {sorted(clash)[:5]}")
         return texts, new_ids, keep, n_in
 
     def _append(self, x: np.ndarray, texts: list[str], ids: list, n_in: int, save: bool) -> int:
