@@ -123,6 +123,7 @@ def train_reader(
                 retriever=retriever,
                 nprobe=cfg.index.nprobe,
                 ef_search=cfg.index.ef_search,
+                use_gpu=cfg.index.use_gpu,
             )
         exclude = None
         if s.exclude_own_captions:

@@ -221,6 +221,9 @@ class IndexSettings:
     store_embeddings: bool = True
     embeddings_dtype: Literal["float16", "float32"] = "float16"
     use_gpu: bool = False
+    """Search on the GPUs faiss sees (CPU with a warning when it sees none); read by
+    ``train-reader``'s retrieval. ``RVQA``, ``rvqa ask`` and ``rvqa evaluate`` search on
+    CPU for now."""
     nprobe: int | None = None
     """IVF indices: lists probed per query at inference (None = the value tuned at build
     time); read by ``rvqa evaluate`` and ``train-reader``'s retrieval (the API and ``rvqa ask``
