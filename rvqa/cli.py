@@ -25,7 +25,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from rvqa.errors import RVQAError
+from rvqa.errors import RVQAError, UsageError
+from rvqa.version import __version__
 
 logger = logging.getLogger("rvqa")
 
@@ -335,7 +336,6 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     import json
 
     from rvqa.data.images import load_image
-    from rvqa.errors import UsageError
     from rvqa.pipeline import ALL_INDICES, RVQA
 
     # Cheap checks first: a typo should not cost loading the models.
@@ -634,8 +634,6 @@ COMMANDS: dict[str, Command] = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``rvqa`` parser with every subcommand (imports no model code)."""
-    from rvqa.version import __version__
-
     parser = argparse.ArgumentParser(
         prog="rvqa",
         description=textwrap.dedent(

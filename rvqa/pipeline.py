@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from PIL import Image
 
 from rvqa.data.images import ImageLoadError, image_key, load_image
 from rvqa.errors import RunFolderError, UnknownIndexError, UsageError
@@ -109,9 +110,9 @@ class RVQA:
 
     def __init__(
         self,
-        retriever: Any,
-        reader: Any,
-        processor: Any,
+        retriever: RetrieverModel,
+        reader: ReaderModel,
+        processor: ReaderProcessor,
         *,
         top_k: int | None = None,
         device: str | torch.device | None = None,
@@ -264,7 +265,7 @@ class RVQA:
 
     def _load(
         self, path: str | Path, name: str, nprobe: int | None = None, ef_search: int | None = None
-    ) -> Any:
+    ) -> KnowledgeIndex:
         params = self._search_params(path, nprobe, ef_search)
         # Checked against the cached fingerprint (the check is the same as passing the
         # retriever, which would hash all its weights again on every load or swap).
@@ -670,7 +671,7 @@ def _resolve_device(device: Any) -> torch.device:
     return dev
 
 
-def _load_image(image: Any, i: int, n: int) -> Any:
+def _load_image(image: Any, i: int, n: int) -> Image.Image:
     """``load_image``, with the image's position named in a batch of several."""
     try:
         return load_image(image)
@@ -712,12 +713,12 @@ def _search_knob(factory: str) -> str | None:
     return None
 
 
-def _text_positions(reader: Any) -> int | None:
+def _text_positions(reader: ReaderModel) -> int | None:
     text_model = getattr(reader, "text_model", None)
     return getattr(getattr(text_model, "config", None), "max_position_embeddings", None)
 
 
-def _max_top_k(reader: Any, processor: Any) -> int | None:
+def _max_top_k(reader: ReaderModel, processor: ReaderProcessor) -> int | None:
     """Most captions that always fit: [CLS] question [SEP] (caption [SEP]) x k."""
     positions = _text_positions(reader)
     q_len = getattr(processor, "max_question_length", None)

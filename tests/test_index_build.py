@@ -19,20 +19,8 @@ from rvqa.retriever.index import (
 from tests.index_helpers import (
     HashEncoder,
     build_arrays,
-    make_clustered_data,
-    make_flat_data,
     unit_rows,
 )
-
-
-@pytest.fixture(scope="module")
-def flat_data(tmp_path_factory):
-    return make_flat_data(tmp_path_factory.mktemp("flat"))
-
-
-@pytest.fixture(scope="module")
-def clustered_data():
-    return make_clustered_data()
 
 
 @pytest.mark.parametrize(

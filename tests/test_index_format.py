@@ -20,14 +20,8 @@ from rvqa.retriever.index import format as index_format
 from tests.index_helpers import (
     HashEncoder,
     build_arrays,
-    make_clustered_data,
     unit_rows,
 )
-
-
-@pytest.fixture(scope="module")
-def clustered_data():
-    return make_clustered_data()
 
 
 def test_manifest_contents(tmp_path):

@@ -20,14 +20,8 @@ from rvqa.retriever.index import (
 from tests.index_helpers import (
     brute_force,
     build_arrays,
-    make_clustered_data,
     unit_rows,
 )
-
-
-@pytest.fixture(scope="module")
-def clustered_data():
-    return make_clustered_data()
 
 
 def test_exact_knn_helper_matches_numpy():

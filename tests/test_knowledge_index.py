@@ -19,14 +19,8 @@ from tests.index_helpers import (
     brute_force,
     build_arrays,
     clustered,
-    make_flat_data,
     unit_rows,
 )
-
-
-@pytest.fixture(scope="module")
-def flat_data(tmp_path_factory):
-    return make_flat_data(tmp_path_factory.mktemp("flat"))
 
 
 def test_flat_search_equals_brute_force(flat_data):

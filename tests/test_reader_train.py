@@ -1,7 +1,4 @@
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,9 +13,7 @@ from rvqa.retriever.index import KnowledgeIndex
 from rvqa.retriever.modeling import RetrieverModel
 from rvqa.retriever.train import train_retriever
 from rvqa.run_layout import retriever_dir
-from tests.tiny import interrupted_after_checkpoint, tiny_run_config
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.tiny import interrupted_after_checkpoint, run_two_cpu_processes, tiny_run_config
 
 
 @pytest.fixture(scope="module")
@@ -135,22 +130,9 @@ def test_two_cpu_processes(retriever_run, tmp_path):
     cfg = _cfg(retriever_run, tmp_path / "run", max_steps=2, eval_every=0)
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config_to_dict(cfg)))
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29544",
-        "-m",
-        "rvqa",
-        "train-reader",
-        "--config",
-        str(path),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = run_two_cpu_processes(
+        ["-m", "rvqa", "train-reader", "--config", str(path)], cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "run" / "reader" / "train_result.json").read_text())
     assert result["num_processes"] == 2 and result["steps"] == 2

@@ -1,7 +1,4 @@
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,9 +7,12 @@ import yaml
 from rvqa.config import config_from_dict
 from rvqa.retriever.modeling import RetrieverModel
 from rvqa.retriever.train import train_retriever
-from tests.tiny import coco_caption_fixture, interrupted_after_checkpoint, tiny_text_backbone
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.tiny import (
+    coco_caption_fixture,
+    interrupted_after_checkpoint,
+    run_two_cpu_processes,
+    tiny_text_backbone,
+)
 
 
 def tiny_run_dict(tmp_path: Path, **retriever) -> dict:
@@ -99,22 +99,9 @@ def test_two_cpu_processes(tmp_path):
     cfg = tiny_run_dict(tmp_path, max_steps=4, eval_every=2, checkpoint_every=0)
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29533",
-        "-m",
-        "rvqa",
-        "train-retriever",
-        "--config",
-        str(path),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = run_two_cpu_processes(
+        ["-m", "rvqa", "train-retriever", "--config", str(path)], cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "run" / "retriever" / "train_result.json").read_text())
     assert result["num_processes"] == 2

@@ -164,3 +164,18 @@ def interrupted_after_checkpoint(monkeypatch, step: int):
             yield
     finally:
         monkeypatch.setattr(training, "_save_checkpoint", original)
+
+
+def run_two_cpu_processes(args: list[str], cwd: Path, timeout: int = 300):
+    """``python -m torch.distributed.run --standalone --nproc_per_node 2 ARGS`` on CPU
+    (gloo; ``--standalone`` picks a free port, so parallel test runs do not collide)."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    return subprocess.run(
+        [*cmd, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd
+    )
