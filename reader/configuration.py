@@ -7,9 +7,10 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
+from rvqa.checks import check_int
 from rvqa.config import ReaderSettings
 from rvqa.reader.answers import SOFT_TARGET_RULES
-from rvqa.towers import config_from_dict
+from rvqa.towers import tower_config_from_dict
 
 # The defaults of the fields a run also sets are ReaderSettings' (one place, the demo's
 # values): a reader built without settings is the reader the demo trains.
@@ -99,13 +100,13 @@ class ReaderConfig(PretrainedConfig):
             ("max_caption_length", max_caption_length, 1),
             ("max_visual_tokens", max_visual_tokens, 1),
         ):
-            _check_int(name, value, low)
+            check_int(value, name, low)
         for name, value in (
             ("visual_grid", visual_grid),
             ("classifier_hidden", classifier_hidden),
         ):
             if value is not None:
-                _check_int(name, value, 1)
+                check_int(value, name, 1)
         if soft_target_rule not in SOFT_TARGET_RULES:
             raise ValueError(
                 f"soft_target_rule must be one of {', '.join(SOFT_TARGET_RULES)}; "
@@ -155,12 +156,7 @@ class ReaderConfig(PretrainedConfig):
         if not self.text_config:
             return self
 
-        return config_from_dict(self.text_config)
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        return tower_config_from_dict(self.text_config)
 
 
 # The one registration of ReaderConfig (the model class is registered in modeling.py).

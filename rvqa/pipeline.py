@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from rvqa.checks import check_int
 from rvqa.data.images import ImageLoadError, image_key, load_image
 from rvqa.errors import RunFolderError, UnknownIndexError, UsageError
 from rvqa.reader.modeling import ReaderModel
@@ -136,7 +137,7 @@ class RVQA:
         self.run_dir = Path(run_dir) if run_dir else None
         for key, value in (("nprobe", nprobe), ("ef_search", ef_search)):
             if value is not None:
-                _check_int(value, key, minimum=1)
+                check_int(value, key, minimum=1)
         self.nprobe = nprobe
         self.ef_search = ef_search
         self.registry = IndexRegistry()
@@ -178,7 +179,7 @@ class RVQA:
         _resolve_device(device)  # fail before loading anything
         for key, value in (("nprobe", nprobe), ("ef_search", ef_search)):
             if value is not None:
-                _check_int(value, key, minimum=1)
+                check_int(value, key, minimum=1)
         run = read_run_file(run_dir)
         retriever_path, reader_path = run.retriever, run.reader
         # The retriever embeds the query images (its image processor is needed); the
@@ -253,7 +254,7 @@ class RVQA:
         if not given and not defaults:
             return {}
         for key, value in given.items():
-            _check_int(value, key, minimum=1)
+            check_int(value, key, minimum=1)
         factory = read_manifest(Path(path))["factory"]
         knob = _search_knob(factory)
         for key in given.keys() - {knob}:
@@ -452,8 +453,8 @@ class RVQA:
             raise UsageError(f"got {len(images)} images but {len(questions)} questions")
         for i, q in enumerate(questions):
             _check_question(q, f"question {i}")
-        n_alt = _check_int(num_alternatives, "num_alternatives", minimum=0)
-        batch_size = _check_int(batch_size, "batch_size", minimum=1)
+        n_alt = check_int(num_alternatives, "num_alternatives", minimum=0)
+        batch_size = check_int(batch_size, "batch_size", minimum=1)
         if evidence is not None:
             if top_k is not None or index is not ALL_INDICES:
                 raise UsageError("evidence= replaces retrieval: do not pass top_k or index with it")
@@ -491,7 +492,7 @@ class RVQA:
             raise TypeError(f"images must be a list of images, got {type(images).__name__}")
         k = self.default_top_k if top_k is None else self._check_top_k(top_k)
         names = self._resolve_index(index)
-        batch_size = _check_int(batch_size, "batch_size", minimum=1)
+        batch_size = check_int(batch_size, "batch_size", minimum=1)
         out: list[list[Evidence]] = []
         for s in range(0, len(images), batch_size):
             pil, rows = _distinct_images(images, s, batch_size)
@@ -693,14 +694,6 @@ def _check_question(q: Any, what: str) -> None:
         raise UsageError(
             f"{what} is empty or whitespace; expected a question such as 'what color is the shape?'"
         )
-
-
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise UsageError(f"{name} must be ≥ {minimum}, got {value}")
-    return int(value)
 
 
 def _search_knob(factory: str) -> str | None:

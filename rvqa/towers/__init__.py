@@ -96,7 +96,7 @@ def _set_num_layers(cfg: PretrainedConfig, num_layers: int) -> None:
     raise ValueError(f"cannot truncate layers of a {cfg.model_type!r} text backbone")
 
 
-def config_from_dict(d: dict) -> PretrainedConfig:
+def tower_config_from_dict(d: dict) -> PretrainedConfig:
     """Rebuild a backbone config from its dict (needs ``model_type``)."""
     if "model_type" not in d:
         raise ValueError(f"tower config has no 'model_type': keys {sorted(d)[:10]}")
@@ -107,7 +107,7 @@ def config_from_dict(d: dict) -> PretrainedConfig:
 
 def build_tower(config_dict: dict) -> PreTrainedModel:
     """A randomly initialised tower from its config dict (weights loaded later)."""
-    cfg = config_from_dict(config_dict)
+    cfg = tower_config_from_dict(config_dict)
     if cfg.model_type in {"t5", "mt5", "umt5"}:
         from transformers import T5EncoderModel
 
