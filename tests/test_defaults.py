@@ -27,7 +27,7 @@ from rvqa.reader.processing import ReaderProcessor
 from rvqa.retriever.configuration import RetrieverConfig
 from rvqa.retriever.losses import retrieval_loss
 from rvqa.retriever.modeling import RetrieverModel
-from tests.tiny import draw_shape, tiny_text_backbone
+from tests.tiny import draw_shape, tiny_text_backbone, tiny_vit_config
 
 ANSWERS = ["red", "blue", "circle"]
 
@@ -121,19 +121,11 @@ def test_shared_fields_cover_the_known_duplicates():
 
 def _tiny_vit(root: Path) -> Path:
     """A 1-layer ViT checkpoint folder whose image processor resizes to 32 pixels."""
-    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+    from transformers import ViTImageProcessor, ViTModel
 
     path = Path(root) / "tiny-vit"
-    cfg = ViTConfig(
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=20,
-        image_size=32,
-        patch_size=8,
-    )
     torch.manual_seed(0)
-    ViTModel(cfg).save_pretrained(path)
+    ViTModel(tiny_vit_config()).save_pretrained(path)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
     return path
 

@@ -12,7 +12,7 @@ from rvqa.reader.modeling import ReaderModel, ReaderOutput
 from rvqa.reader.processing import ReaderProcessor
 from rvqa.towers import load_tokenizer, small_cnn_processor
 from rvqa.towers.cnn import SmallCNNConfig, SmallCNNModel
-from tests.tiny import draw_shape, tiny_text_backbone
+from tests.tiny import draw_shape, tiny_text_backbone, tiny_vit_config
 
 ANSWERS = ["yes", "no", "red", "blue", "green", "circle", "square"]
 QUESTIONS = ["what color is the shape?", "is there a circle?", "what shape is it?"]
@@ -214,16 +214,7 @@ def test_from_backbones_loads_pretrained_text_weights(tmp_path):
 
 
 def test_vit_tower_patches_pooled_to_grid(tokenizer, processor):
-    from transformers import ViTConfig
-
-    vit = ViTConfig(
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=20,
-        image_size=32,
-        patch_size=8,
-    ).to_dict()  # 4 × 4 patches + CLS
+    vit = tiny_vit_config().to_dict()  # 4 × 4 patches + CLS
     config = tiny_config(tokenizer, visual_grid=2)
     config.vision_config = vit
     torch.manual_seed(0)

@@ -179,3 +179,17 @@ def run_two_cpu_processes(args: list[str], cwd: Path, timeout: int = 300):
     return subprocess.run(
         [*cmd, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd
     )
+
+
+def tiny_vit_config():
+    """A 1-layer, 16-wide ViT config on 32-pixel images: 4 × 4 patches of 8 + CLS."""
+    from transformers import ViTConfig
+
+    return ViTConfig(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=20,
+        image_size=32,
+        patch_size=8,
+    )
