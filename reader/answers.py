@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from rvqa.errors import DataFormatError, UsageError
 from rvqa.io import write_json_atomic
 from rvqa.metrics import normalize_answer
 
@@ -61,7 +62,7 @@ def soft_score(count: int, num_answers: int, rule: str = "min3") -> float:
         matched = count * min(1.0, (count - 1) / 3.0)  # left-out answer was this one
         unmatched = (num_answers - count) * min(1.0, count / 3.0)
         return (matched + unmatched) / num_answers
-    raise ValueError(f"rule must be one of {', '.join(SOFT_TARGET_RULES)}; got {rule!r}")
+    raise UsageError(f"rule must be one of {', '.join(SOFT_TARGET_RULES)}; got {rule!r}")
 
 
 @dataclass
@@ -113,12 +114,12 @@ class AnswerVocab:
             if not isinstance(a, str):
                 raise TypeError(f"answer {i} must be a string, got {type(a).__name__}: {a!r}")
             if not a:
-                raise ValueError(f"answer {i} is empty")
+                raise UsageError(f"answer {i} is empty")
         if len(set(answers)) != len(answers):
             dupes = sorted(a for a, c in Counter(answers).items() if c > 1)
-            raise ValueError(f"duplicate answers in the vocabulary: {dupes[:5]}")
+            raise UsageError(f"duplicate answers in the vocabulary: {dupes[:5]}")
         if counts is not None and len(counts) != len(answers):
-            raise ValueError(f"{len(counts)} counts for {len(answers)} answers")
+            raise UsageError(f"{len(counts)} counts for {len(answers)} answers")
         self.answers = answers
         self.counts = [int(c) for c in counts] if counts is not None else None
         self._index = {a: i for i, a in enumerate(answers)}
@@ -262,13 +263,15 @@ class AnswerVocab:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
+            raise DataFormatError(f"{path}: not valid JSON ({err})") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ValueError(f"{path}: not an rvqa answer vocabulary (format {FORMAT!r} expected)")
+            raise DataFormatError(
+                f"{path}: not an rvqa answer vocabulary (format {FORMAT!r} expected)"
+            )
         if data.get("version") != VERSION:
-            raise ValueError(f"{path}: unsupported vocabulary version {data.get('version')!r}")
+            raise DataFormatError(f"{path}: unsupported vocabulary version {data.get('version')!r}")
         if not isinstance(data.get("answers"), list):
-            raise ValueError(f"{path}: 'answers' must be a list of strings")
+            raise DataFormatError(f"{path}: 'answers' must be a list of strings")
         return cls(data["answers"], data.get("counts"))
 
 
@@ -294,9 +297,9 @@ def build_vocab(
         ValueError: ``size`` or ``min_count`` < 1, or no answer survives.
     """
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-        raise ValueError(f"size must be a positive integer or None, got {size!r}")
+        raise UsageError(f"size must be a positive integer or None, got {size!r}")
     if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 1:
-        raise ValueError(f"min_count must be a positive integer, got {min_count!r}")
+        raise UsageError(f"min_count must be a positive integer, got {min_count!r}")
     counts: Counter[str] = Counter()
     for i, answers in enumerate(answer_lists):
         if isinstance(answers, str) or not isinstance(answers, Sequence):
@@ -313,7 +316,7 @@ def build_vocab(
         ((a, c) for a, c in counts.items() if c >= min_count), key=lambda ac: (-ac[1], ac[0])
     )[:size]
     if not ranked:
-        raise ValueError(
+        raise UsageError(
             f"no answer occurs at least min_count={min_count} times; the vocabulary would be empty"
         )
     return AnswerVocab([a for a, _ in ranked], [c for _, c in ranked])

@@ -9,6 +9,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from rvqa.checks import check_int
 from rvqa.config import ReaderSettings
+from rvqa.errors import ConfigError
 from rvqa.reader.answers import SOFT_TARGET_RULES
 from rvqa.towers import tower_config_from_dict
 
@@ -108,17 +109,17 @@ class ReaderConfig(PretrainedConfig):
             if value is not None:
                 check_int(value, name, 1)
         if soft_target_rule not in SOFT_TARGET_RULES:
-            raise ValueError(
+            raise ConfigError(
                 f"soft_target_rule must be one of {', '.join(SOFT_TARGET_RULES)}; "
                 f"got {soft_target_rule!r}"
             )
         if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+            raise ConfigError(f"dropout must be a number in [0, 1), got {dropout!r}")
         answers = [] if answers is None else list(answers)
         if not all(isinstance(a, str) for a in answers):
             raise TypeError("answers must be a list of strings")
         if len(set(answers)) != len(answers):
-            raise ValueError("answers must be unique (the vocabulary has duplicates)")
+            raise ConfigError("answers must be unique (the vocabulary has duplicates)")
         for name, value in (("text_config", text_config), ("vision_config", vision_config)):
             if value is not None and not isinstance(value, dict):
                 raise TypeError(f"{name} must be a config dict (with model_type), got {value!r}")

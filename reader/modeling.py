@@ -34,6 +34,7 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import ModelOutput
 
 from rvqa.config import ReaderSettings, model_options
+from rvqa.errors import ConfigError
 from rvqa.reader.configuration import ReaderConfig
 from rvqa.towers import (
     build_tower,
@@ -75,12 +76,12 @@ class ReaderModel(PreTrainedModel):
     def __init__(self, config: ReaderConfig):
         super().__init__(config)
         if not config.text_config or not config.vision_config:
-            raise ValueError(
+            raise ConfigError(
                 "ReaderConfig needs text_config and vision_config dicts; build one with "
                 "ReaderModel.from_backbones(...) or rvqa.towers.*_config_from_name"
             )
         if config.num_answers == 0:
-            raise ValueError("ReaderConfig.answers is empty; build the answer vocabulary first")
+            raise ConfigError("ReaderConfig.answers is empty; build the answer vocabulary first")
         self.text_model = build_tower(config.text_config)
         self.vision_model = build_tower(config.vision_config)
         for tower in (self.text_model, self.vision_model):
@@ -92,7 +93,7 @@ class ReaderModel(PreTrainedModel):
             if isinstance(pooler, nn.Module) and any(True for _ in pooler.parameters()):
                 tower.pooler = None
         if not all(hasattr(self.text_model, m) for m in ("embeddings", "encoder")):
-            raise ValueError(
+            raise ConfigError(
                 f"text backbone {config.text_backbone!r} ({config.text_config.get('model_type')}) "
                 "has no `embeddings` + `encoder` modules; the single-stream reader needs a "
                 "BERT-like encoder (BERT, MiniLM, RoBERTa, ELECTRA, ...)"
@@ -200,7 +201,7 @@ class ReaderModel(PreTrainedModel):
         if vision_tower is not None:
             vision_config = vision_tower.config.to_dict()
         elif vision_backbone == "retriever":
-            raise ValueError(
+            raise ConfigError(
                 "vision_backbone='retriever' needs vision_tower=<the retriever's image tower>, "
                 "e.g. RetrieverModel.from_pretrained(path).vision_model"
             )
@@ -210,7 +211,7 @@ class ReaderModel(PreTrainedModel):
             vision_config["grid_size"] = grid  # the CNN's weights do not depend on the grid
             if cnn_hidden_sizes is not None:
                 if vision_tower is not None:
-                    raise ValueError("cnn_hidden_sizes cannot change a given vision_tower")
+                    raise ConfigError("cnn_hidden_sizes cannot change a given vision_tower")
                 vision_config["hidden_sizes"] = list(cnn_hidden_sizes)
                 vision_config["hidden_size"] = cnn_hidden_sizes[-1]
         opts.setdefault(
@@ -228,7 +229,7 @@ class ReaderModel(PreTrainedModel):
         if vision_tower is not None:
             missing, _ = model.vision_model.load_state_dict(vision_tower.state_dict(), strict=False)
             if missing:
-                raise ValueError(f"vision_tower lacks weights the reader needs: {missing[:5]}")
+                raise ConfigError(f"vision_tower lacks weights the reader needs: {missing[:5]}")
         elif load_weights:
             load_tower_weights(model.vision_model, vision_backbone, text=False)
         if load_weights:
@@ -290,7 +291,7 @@ class ReaderModel(PreTrainedModel):
         """(B, V, C) image-tower tokens → (B, V, H) visual token embeddings."""
         num_tokens = feats.shape[1]
         if num_tokens > self.config.max_visual_tokens:
-            raise ValueError(
+            raise ConfigError(
                 f"the image tower gives {num_tokens} visual tokens but max_visual_tokens is "
                 f"{self.config.max_visual_tokens}; raise max_visual_tokens or lower visual_grid"
             )
@@ -422,7 +423,7 @@ class ReaderModel(PreTrainedModel):
                 )
         max_positions = getattr(self.text_model.config, "max_position_embeddings", None)
         if max_positions is not None and length > max_positions:
-            raise ValueError(
+            raise ConfigError(
                 f"the text is {length} tokens but the text backbone has {max_positions} "
                 "positions; lower top_k, max_question_length or max_caption_length"
             )

@@ -23,6 +23,7 @@ import torch
 from transformers import AutoImageProcessor, AutoTokenizer, BatchEncoding
 
 from rvqa.config import ReaderSettings
+from rvqa.errors import ConfigError, UsageError
 from rvqa.io import write_json_atomic
 from rvqa.towers import load_image_processor, load_tokenizer, small_cnn_processor
 
@@ -59,7 +60,7 @@ class ReaderProcessor:
             ("cache_size", cache_size),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.max_question_length = max_question_length
@@ -95,7 +96,7 @@ class ReaderProcessor:
             if vision_type == "rvqa-small-cnn":
                 image_processor = small_cnn_processor(config.image_size)
             elif config.vision_backbone == "retriever":
-                raise ValueError(
+                raise ConfigError(
                     "vision_backbone='retriever': pass image_processor=<the retriever's image "
                     "processor> (it cannot be loaded by name)"
                 )
@@ -176,7 +177,7 @@ class ReaderProcessor:
         limit = self.max_question_length
         for q, q_ids in zip(questions, ids):
             if not q_ids:
-                raise ValueError(
+                raise UsageError(
                     f"question {q!r} has no tokens after tokenisation; expected a non-empty question"
                 )
             if len(q_ids) > limit and q not in self._warned:
@@ -194,14 +195,14 @@ class ReaderProcessor:
     ) -> tuple[list[list[tuple[int, ...]]], list[list[float]] | None]:
         if captions is None:
             if scores is not None:
-                raise ValueError("scores were given without captions")
+                raise UsageError("scores were given without captions")
             return [[] for _ in range(batch)], None
         if isinstance(captions, str) or len(captions) != batch:
-            raise ValueError(
+            raise UsageError(
                 f"captions must be a list with one list of strings per question ({batch})"
             )
         if scores is not None and (isinstance(scores, str) or len(scores) != batch):
-            raise ValueError(
+            raise UsageError(
                 f"scores must be a list with one list of floats per question ({batch})"
             )
         flat: list[str] = []
@@ -213,11 +214,11 @@ class ReaderProcessor:
                     raise TypeError(f"captions[{i}] holds a {type(c).__name__}, expected strings")
             if scores is not None:
                 if len(scores[i]) != len(caps):
-                    raise ValueError(
+                    raise UsageError(
                         f"example {i}: {len(caps)} captions but {len(scores[i])} scores"
                     )
                 if not all(isinstance(s, (int, float)) and math.isfinite(s) for s in scores[i]):
-                    raise ValueError(f"scores[{i}] must be finite numbers, got {list(scores[i])}")
+                    raise UsageError(f"scores[{i}] must be finite numbers, got {list(scores[i])}")
             flat.extend(caps)
         # A caption that tokenises to nothing stays as a bare [SEP], so caption j still
         # lines up with score j.
@@ -259,7 +260,7 @@ class ReaderProcessor:
         q_ids = self._question_ids(questions)
         batch = len(q_ids)
         if batch == 0:
-            raise ValueError("questions is empty; expected at least one question")
+            raise UsageError("questions is empty; expected at least one question")
         c_ids, score_lists = self._caption_ids(captions, scores, batch)
 
         rows = []
@@ -298,19 +299,19 @@ class ReaderProcessor:
 
     def _pixels(self, images: Any, pixel_values: Any, batch: int) -> torch.Tensor | None:
         if images is not None and pixel_values is not None:
-            raise ValueError("give images or pixel_values, not both")
+            raise UsageError("give images or pixel_values, not both")
         if pixel_values is not None:
             if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4:
-                raise ValueError("pixel_values must be a (batch, 3, H, W) tensor")
+                raise UsageError("pixel_values must be a (batch, 3, H, W) tensor")
             if pixel_values.shape[0] != batch:
-                raise ValueError(f"{pixel_values.shape[0]} pixel_values rows for {batch} questions")
+                raise UsageError(f"{pixel_values.shape[0]} pixel_values rows for {batch} questions")
             return pixel_values
         if images is None:
             return None
         if self.image_processor is None:
-            raise ValueError("this processor has no image processor; pass pixel_values")
+            raise UsageError("this processor has no image processor; pass pixel_values")
         if len(images) != batch:
-            raise ValueError(f"{len(images)} images for {batch} questions")
+            raise UsageError(f"{len(images)} images for {batch} questions")
         rgb = [im.convert("RGB") if getattr(im, "mode", "RGB") != "RGB" else im for im in images]
         return self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
 
@@ -320,4 +321,4 @@ def _first_id(tokenizer: Any, names: tuple[str, ...], what: str) -> int:
         value = getattr(tokenizer, name, None)
         if value is not None:
             return value
-    raise ValueError(f"the tokenizer has no {what} token ({' / '.join(names)})")
+    raise ConfigError(f"the tokenizer has no {what} token ({' / '.join(names)})")

@@ -25,6 +25,7 @@ from accelerate.utils import set_seed
 
 from rvqa.config import RunConfig, save_config
 from rvqa.data import load_caption_split
+from rvqa.errors import UsageError
 from rvqa.pixels import PixelCache
 from rvqa.reader.answers import AnswerVocab, build_vocab
 from rvqa.reader.data import (
@@ -41,7 +42,7 @@ from rvqa.reader.processing import ReaderProcessor
 from rvqa.reader.retrieval import own_caption_ids, retrieve_for_images
 from rvqa.retriever.index import KnowledgeIndex
 from rvqa.retriever.modeling import RetrieverModel
-from rvqa.run_layout import READER_DIR, RETRIEVER_DIR, retriever_dir, write_run_file
+from rvqa.run_layout import CONFIG_FILE, READER_DIR, RETRIEVER_DIR, retriever_dir, write_run_file
 from rvqa.training import make_accelerator, run_signature, train
 
 logger = logging.getLogger(__name__)
@@ -87,14 +88,15 @@ def train_reader(
             tower on every step.
 
     Returns:
-        ``{"result": TrainResult, "model_dir": Path, "val": metrics | None}``.
+        ``{"result": TrainResult, "model_dir": Path, "val": metrics | None,
+        "best_val_accuracy": float | None}``.
     """
     s = cfg.reader
     run_dir = Path(cfg.output_dir)
     out = run_dir / READER_DIR
     accelerator = make_accelerator(s, out)
     if accelerator.is_main_process:
-        save_config(cfg, out / "config.yaml")
+        save_config(cfg, out / CONFIG_FILE)
     set_seed(s.seed)
 
     train_records, val_records = load_reader_data(cfg)
@@ -143,9 +145,9 @@ def train_reader(
     if model is None:
         model, processor = build_reader(cfg, vocab, retriever)
     elif processor is None:
-        raise ValueError("a pre-built reader needs its processor")
+        raise UsageError("a pre-built reader needs its processor")
     if list(model.config.answers) != list(vocab):
-        raise ValueError(
+        raise UsageError(
             f"the reader's answer vocabulary ({len(model.config.answers)} answers) differs from "
             f"the one built from the training data ({len(vocab)}); build the model from this vocabulary"
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from transformers import AutoConfig, PretrainedConfig
 
 from rvqa.config import RetrieverSettings
+from rvqa.errors import ConfigError
 
 # The defaults of the fields a run also sets are RetrieverSettings' (one place, the
 # demo's values): a model built without settings is the model the demo trains.
@@ -87,13 +88,13 @@ class RetrieverConfig(PretrainedConfig):
         _check_choice("projection", projection, PROJECTIONS)
         _check_choice("loss", loss, LOSSES)
         if not isinstance(embed_dim, int) or embed_dim <= 0:
-            raise ValueError(f"embed_dim must be a positive integer, got {embed_dim!r}")
+            raise ConfigError(f"embed_dim must be a positive integer, got {embed_dim!r}")
         if (
             isinstance(max_violation_warmup, bool)
             or not isinstance(max_violation_warmup, int)
             or max_violation_warmup < 0
         ):
-            raise ValueError(
+            raise ConfigError(
                 "max_violation_warmup must be an integer >= 0 (training forward passes), "
                 f"got {max_violation_warmup!r}"
             )
@@ -119,7 +120,7 @@ class RetrieverConfig(PretrainedConfig):
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
 # Registered here, next to the class (the model class is registered in modeling.py).

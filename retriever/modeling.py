@@ -26,6 +26,7 @@ from transformers.utils import ModelOutput
 
 from rvqa.config import RetrieverSettings, model_options
 from rvqa.data.images import load_image
+from rvqa.errors import ConfigError, UsageError
 from rvqa.retriever.configuration import RetrieverConfig
 from rvqa.retriever.losses import retrieval_loss
 from rvqa.towers import (
@@ -87,7 +88,7 @@ class RetrieverModel(PreTrainedModel):
     def __init__(self, config: RetrieverConfig):
         super().__init__(config)
         if not config.vision_config or not config.text_config:
-            raise ValueError(
+            raise ConfigError(
                 "RetrieverConfig needs vision_config and text_config dicts; build one with "
                 "RetrieverModel.from_backbones(...) or rvqa.towers.*_config_from_name"
             )
@@ -280,7 +281,7 @@ class RetrieverModel(PreTrainedModel):
     def _project(head: nn.Module, feats: torch.Tensor, what: str) -> torch.Tensor:
         first = head[0] if isinstance(head, nn.Sequential) else head
         if feats.shape[-1] != first.in_features:
-            raise ValueError(
+            raise ConfigError(
                 f"the {what} tower outputs {feats.shape[-1]} features but the {what} projection "
                 f"expects {first.in_features}; the tower config and the projection disagree"
             )
@@ -332,7 +333,7 @@ class RetrieverModel(PreTrainedModel):
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Tokenise captions with the model's tokenizer (padding, truncation)."""
         if self.tokenizer is None:
-            raise ValueError("this retriever has no tokenizer attached (set model.tokenizer)")
+            raise UsageError("this retriever has no tokenizer attached (set model.tokenizer)")
         _check_texts(texts)
         return self.tokenizer(
             list(texts),
@@ -345,7 +346,7 @@ class RetrieverModel(PreTrainedModel):
     def preprocess_images(self, images: Sequence[Any]) -> torch.Tensor:
         """Paths / PIL images / uint8 arrays → (B, 3, H, W) pixel values."""
         if self.image_processor is None:
-            raise ValueError(
+            raise UsageError(
                 "this retriever has no image processor attached (set model.image_processor)"
             )
         pil = [load_image(im) for im in images]
@@ -425,7 +426,7 @@ def _check_texts(texts: Sequence[Any]) -> None:
         if not isinstance(t, str):
             raise TypeError(f"caption {i} must be a string, got {type(t).__name__}: {t!r}")
         if not t.strip():
-            raise ValueError(f"caption {i} is empty")
+            raise UsageError(f"caption {i} is empty")
 
 
 AutoModel.register(RetrieverConfig, RetrieverModel, exist_ok=True)

@@ -26,17 +26,18 @@ from accelerate.utils import set_seed
 
 from rvqa.config import RunConfig, save_config
 from rvqa.data import has_split, holdout_by_image, load_caption_split
+from rvqa.errors import DataFormatError
 from rvqa.io import write_json_atomic
 from rvqa.pixels import PixelCache
 from rvqa.retriever.data import PairCollator, PairDataset
 from rvqa.retriever.evaluation import evaluate_retriever
 from rvqa.retriever.modeling import RetrieverModel
+from rvqa.run_layout import CONFIG_FILE, METRICS_FILE, RETRIEVER_DIR
 from rvqa.training import TrainResult, make_accelerator, run_signature, train
 
 logger = logging.getLogger(__name__)
 
 CACHE_LIMIT_BYTES = 2 * 1024**3
-METRICS_FILE = "metrics.json"
 
 
 def train_retriever(
@@ -60,14 +61,14 @@ def train_retriever(
         ``{"result": TrainResult, "model_dir": Path, "test": {recall...} | None}``.
     """
     s = cfg.retriever
-    out = Path(cfg.output_dir) / "retriever"
+    out = Path(cfg.output_dir) / RETRIEVER_DIR
     accelerator = make_accelerator(s, out)
     if accelerator.is_main_process:
-        save_config(cfg, out / "config.yaml")
+        save_config(cfg, out / CONFIG_FILE)
 
     train_records = load_caption_split(s.captions, "train")
     if not train_records:
-        raise ValueError(f"caption source {s.captions.source!r} gave no training captions")
+        raise DataFormatError(f"caption source {s.captions.source!r} gave no training captions")
     if has_split(s.captions, s.eval_split):
         val_records = load_caption_split(s.captions, s.eval_split)
     else:

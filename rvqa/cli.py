@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import textwrap
 import traceback
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
+from rvqa.config import RunConfig, config_to_dict, load_config
+from rvqa.distributed import is_main_process
 from rvqa.errors import RVQAError, UsageError
 from rvqa.version import __version__
 
@@ -56,24 +57,26 @@ def _add_config_args(p: argparse.ArgumentParser, default: str = "the offline dem
     )
 
 
-def _add_search_args(p: argparse.ArgumentParser, default: str) -> None:
+def _add_search_args(p: argparse.ArgumentParser, from_config: bool) -> None:
+    def default(key: str) -> str:
+        built = "the value tuned when the index was built"
+        return f"the config's index.{key}, else {built}" if from_config else built
+
     p.add_argument(
         "--nprobe",
         type=int,
         default=None,
-        help=f"IVF indices: inverted lists probed per query (default: {default})",
+        help=f"IVF indices: inverted lists probed per query (default: {default('nprobe')})",
     )
     p.add_argument(
         "--ef-search",
         type=int,
         default=None,
-        help=f"HNSW indices: efSearch, the search's candidate list (default: {default})",
+        help=f"HNSW indices: efSearch, the search's candidate list (default: {default('ef_search')})",
     )
 
 
-def _load_cfg(args: argparse.Namespace) -> Any:
-    from rvqa.config import load_config
-
+def _load_cfg(args: argparse.Namespace) -> RunConfig:
     cfg = load_config(args.config, args.overrides)
     if getattr(args, "output_dir", None):
         cfg.output_dir = args.output_dir
@@ -82,7 +85,7 @@ def _load_cfg(args: argparse.Namespace) -> Any:
 
 def _print_main(msg: str) -> None:
     """Print on the main process only (several may run under torchrun/accelerate)."""
-    if os.environ.get("RANK", "0") == "0":
+    if is_main_process():
         print(msg)
 
 
@@ -91,8 +94,6 @@ def _print_main(msg: str) -> None:
 
 def _cmd_config(args: argparse.Namespace) -> int:
     import yaml
-
-    from rvqa.config import config_to_dict
 
     cfg = _load_cfg(args)
     print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
@@ -201,7 +202,8 @@ def _build_index_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--captions",
-        help="caption source: a .jsonl / .txt file, a COCO captions .json, or 'easy_vqa' "
+        help="caption source: 'easy_vqa', a .jsonl (caption, id) or .txt (a caption a line) "
+        "file, a COCO captions_*.json, a Karpathy dataset_*.json, or a datasets folder "
         "(default: the config's index.captions)",
     )
     p.add_argument(
@@ -325,7 +327,7 @@ def _ask_args(p: argparse.ArgumentParser) -> None:
         metavar="K",
         help="captions to retrieve (default: the number the reader was trained with)",
     )
-    _add_search_args(p, "the value tuned when the index was built")
+    _add_search_args(p, from_config=False)
     p.add_argument("--json", action="store_true", help="print the answer as JSON")
     p.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available)"
@@ -441,7 +443,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="evaluate only the first N (default: the config's data.max_eval_questions; 0: all)",
     )
-    _add_search_args(p, "the config's index.nprobe / index.ef_search, else as built")
+    _add_search_args(p, from_config=True)
     p.add_argument(
         "--compare",
         action="store_true",

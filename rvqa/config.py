@@ -15,7 +15,8 @@ loss, freezing...) are stored in the model configs
 so a model built without settings is the demo's model and no value is stated
 twice (``tests/test_defaults.py`` walks every shared field). The settings keep
 concrete values (not ``None`` = "the model's default") so that ``rvqa config``
-shows what a run will use. The defaults of the backbones themselves (a
+shows what a run will use; one exception, ``reader.cnn_hidden_sizes: None``, means
+the small CNN's own stages and applies only to ``reader.vision_backbone: cnn``. The defaults of the backbones themselves (a
 ``BertConfig``, the small CNN's ``SmallCNNConfig``) are the backbones' own.
 
 Example:

@@ -43,7 +43,7 @@ from rvqa.metrics import evaluate_vqa, normalize_answer
 from rvqa.pipeline import ALL_INDICES, RVQA, Evidence
 from rvqa.retriever.evaluation import evaluate_retriever
 from rvqa.retriever.modeling import RetrieverModel
-from rvqa.run_layout import CONFIG_FILE, READER_DIR
+from rvqa.run_layout import CONFIG_FILE, METRICS_FILE, READER_DIR
 
 
 @dataclass
@@ -639,6 +639,6 @@ def evaluate_retriever_split(
         model = RetrieverModel.from_pretrained(model)
     metrics = evaluate_retriever(model, records, protocol=protocol, batch_size=batch_size)
     if out_dir is not None:
-        write_json_atomic(Path(out_dir) / "metrics.json", metrics)
+        write_json_atomic(Path(out_dir) / METRICS_FILE, metrics)
         save_config(cfg, Path(out_dir) / CONFIG_FILE)
     return metrics

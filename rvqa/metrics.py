@@ -7,8 +7,8 @@ VQA accuracy
 ------------
 :func:`normalize_answer`, :func:`vqa_accuracy` and :func:`evaluate_vqa`
 reproduce the official VQA evaluation tool (``GT-Vision-Lab/VQA``,
-``PythonEvaluationTools/vqaEvaluation/vqaEval.py``, master, as run under
-Python 3), quirks included, so that scores match it bit for bit:
+``PythonEvaluationTools/vqaEvaluation/vqaEval.py``, master, with the Python 2.7
+``round`` it was written for), quirks included, so that scores match it bit for bit:
 
 1. Prediction and human answers: ``"\\n"`` and ``"\\t"`` become spaces, then
    surrounding whitespace is stripped.
@@ -51,9 +51,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from rvqa.data.records import NUM_HUMAN_ANSWERS
-
 __all__ = [
+    "NUM_HUMAN_ANSWERS",
     "VQAEvalResult",
     "evaluate_module_path",
     "evaluate_vqa",
@@ -66,6 +65,9 @@ __all__ = [
     "round_half_away",
     "vqa_accuracy",
 ]
+
+NUM_HUMAN_ANSWERS = 10
+"""Human answers per question in VQA v1/v2 and OK-VQA (the official format)."""
 
 # ---------------------------------------------------------------------------
 # Answer normalisation (official vqaEval.py rules)

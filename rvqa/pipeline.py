@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 from PIL import Image
 
 from rvqa.checks import check_int
+from rvqa.config import ReaderSettings
 from rvqa.data.images import ImageLoadError, image_key, load_image
 from rvqa.errors import RunFolderError, UnknownIndexError, UsageError
 from rvqa.reader.modeling import ReaderModel
@@ -127,7 +127,10 @@ class RVQA:
         self.processor = processor
         self.answers = list(reader.config.answers)
         self.max_top_k = _max_top_k(self.reader, processor)
-        self.default_top_k = _check_top_k(reader.config.top_k if top_k is None else top_k)
+        # A reader trained without retrieval (top_k 0) answers without captions; should an
+        # index be loaded anyway, it reads the run settings' default number of captions.
+        k = top_k if top_k is not None else (reader.config.top_k or ReaderSettings.top_k)
+        self.default_top_k = _check_top_k(k)
         if self.max_top_k is not None and self.default_top_k > self.max_top_k:
             logger.warning(
                 "top_k=%d may not fit the reader's text (at most %d captions always fit)",
@@ -205,7 +208,7 @@ class RVQA:
             retriever,
             reader,
             processor,
-            top_k=run.top_k or reader.config.top_k,
+            top_k=run.top_k or None,  # None: the reader's own (0: trained without retrieval)
             device=device,
             run_dir=run.run_dir,
             nprobe=nprobe,
@@ -684,7 +687,7 @@ def _load_image(image: Any, i: int, n: int) -> Image.Image:
         raise type(err)(f"image {i}: {err}") from None
     except OSError as err:  # a lazily opened PIL image whose data is corrupt or truncated
         where = f"image {i}" if n > 1 else "image"
-        raise ValueError(f"{where}: cannot decode the PIL image ({err})") from None
+        raise UsageError(f"{where}: cannot decode the PIL image ({err})") from None
 
 
 def _check_question(q: Any, what: str) -> None:
@@ -722,8 +725,9 @@ def _max_top_k(reader: ReaderModel, processor: ReaderProcessor) -> int | None:
 
 
 def _check_top_k(k: Any) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise TypeError(f"top_k must be an integer, got {k!r}")
-    if k <= 0:
-        raise UsageError(f"top_k must be ≥ 1, got {k} (use index=None to answer without retrieval)")
-    return int(k)
+    try:
+        return check_int(k, "top_k", 1)
+    except UsageError:
+        raise UsageError(
+            f"top_k must be ≥ 1, got {k} (use index=None to answer without retrieval)"
+        ) from None

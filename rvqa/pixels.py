@@ -1,7 +1,8 @@
 """Preprocessed pixels held in memory, one row per distinct image.
 
-Used by retriever and reader training for data sets whose pixels fit in memory
-(see each training's size check).
+Retriever training uses it when its pixels fit in 2 GB (``retriever.cache_images``);
+reader training always holds every training and validation image here (about
+``3 × size² × 2`` bytes each), which bounds the data sets it can train on.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ __all__ = [
     "BEST",
     "FINAL",
     "CONFIG_FILE",
+    "METRICS_FILE",
     "RunFiles",
     "retriever_dir",
     "write_run_file",
@@ -45,6 +46,8 @@ READER_DIR = "reader"
 BEST = "best"
 FINAL = "final"
 CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.json"
+"""A retriever run's (and ``evaluate-retriever --out``'s) recall figures."""
 FORMAT_VERSION = 1
 
 

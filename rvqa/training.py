@@ -45,6 +45,7 @@ from transformers import get_scheduler
 from rvqa.config import TrainSettings
 from rvqa.errors import DataFormatError, ResumeError, RunFolderError, UsageError
 from rvqa.io import atomic_directory, write_json_atomic
+from rvqa.run_layout import BEST, FINAL
 
 logger = logging.getLogger(__name__)
 
@@ -301,7 +302,7 @@ class Trainer:
 
     @property
     def best_dir(self) -> Path:
-        return self.output_dir / "best"
+        return self.output_dir / BEST
 
     # ------------------------------------------------------------------ setup
 
@@ -496,7 +497,7 @@ class Trainer:
     def finalize(self, end_training: bool = True) -> TrainResult:
         """Save ``final/``, write ``train_result.json`` (main process), return the result."""
         acc = self.accelerator
-        final_dir = self.output_dir / "final"
+        final_dir = self.output_dir / FINAL
         _save_model(acc, self.model, final_dir, self.hooks.save_fn)
         result = TrainResult(
             output_dir=self.output_dir,

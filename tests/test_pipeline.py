@@ -21,7 +21,9 @@ import torch
 from PIL import Image
 
 from rvqa import RVQA
+from rvqa.config import ReaderSettings
 from rvqa.data.images import ImageLoadError, load_image
+from rvqa.errors import UsageError
 
 QUESTION = "what color is the shape?"
 RUN_INDEX = "tiny-captions"
@@ -534,6 +536,23 @@ def test_run_folder_errors(run_copy, tmp_path):
     run_file.write_text("{not json")
     with pytest.raises(ValueError, match=r"rvqa_run\.json is malformed"):
         RVQA.from_pretrained(run_copy)
+
+
+def test_run_trained_without_retrieval_loads_and_answers(run_copy):
+    """``train-reader --set reader.top_k=0`` records top_k 0 and no index: it still loads."""
+    run_file = run_copy / "rvqa_run.json"
+    run = json.loads(run_file.read_text())
+    run.update(top_k=0, indices={})
+    run_file.write_text(json.dumps(run))
+    config = run_copy / run["reader"] / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "top_k": 0}))
+    model = RVQA.from_pretrained(run_copy, device="cpu")
+    assert model.reader.config.top_k == 0 and model.indices == {}
+    assert model.default_top_k == ReaderSettings.top_k  # used only if an index is loaded
+    out = model.answer(easy_vqa.get_test_image_paths()[0], "what color is the shape?")
+    assert out.answer in model.answers and out.evidence == []
+    with pytest.raises(UsageError, match="top_k must be ≥ 1, got 0"):
+        RVQA(model.retriever, model.reader, model.processor, top_k=0)
 
 
 # --------------------------------------------------------------------------- README

@@ -29,113 +29,39 @@ One job per module:
 Every public name of those modules is importable from ``rvqa.retriever.index``.
 """
 
-from rvqa.retriever.index.build import (
-    IndexBuildOptions,
-    build_index,
-    build_index_from_embeddings,
-    load_stored_embeddings,
-    rebuild_index,
+from rvqa.retriever.index import (
+    build,
+    corpus,
+    factory,
+    faiss_ops,
+    format,
+    info,
+    knowledge_index,
+    registry,
+    tuning,
+    types,
 )
-from rvqa.retriever.index.corpus import (
-    check_embeddings,
-    dedupe_captions,
-    encode_captions,
-    normalise_ids,
-    prepare_corpus,
-)
-from rvqa.retriever.index.factory import (
-    FLAT_MAX_VECTORS,
-    HNSW_M,
-    AutoChoice,
-    auto_nlist,
-    choose_factory,
-    estimate_bytes,
-    parse_memory,
-)
-from rvqa.retriever.index.faiss_ops import (
-    HNSW_EF_CONSTRUCTION,
-    add_vectors,
-    build_params,
-    make_index,
-    min_training_size,
-    search_param_name,
-    set_search_params,
-    train_index,
-)
-from rvqa.retriever.index.format import (
-    CAPTIONS_DIR,
-    EMBEDDINGS_FILE,
-    FORMAT_VERSION,
-    INDEX_FILE,
-    MANIFEST_FILE,
-    IndexFormatError,
-    check_files,
-    make_manifest,
-    read_captions,
-    read_manifest,
-    write_index_folder,
-)
-from rvqa.retriever.index.info import index_info
-from rvqa.retriever.index.knowledge_index import KnowledgeIndex
-from rvqa.retriever.index.registry import IndexRegistry, merge_results
-from rvqa.retriever.index.tuning import (
-    TARGET_RECALL,
-    exact_knn,
-    knn_recall,
-    knn_recall_bound,
-    proxy_queries,
-    tune_search_params,
-)
-from rvqa.retriever.index.types import CaptionEncoder, Hit, SearchResult
+from rvqa.retriever.index.build import *  # noqa: F403 - each module's __all__
+from rvqa.retriever.index.corpus import *  # noqa: F403
+from rvqa.retriever.index.factory import *  # noqa: F403
+from rvqa.retriever.index.faiss_ops import *  # noqa: F403
+from rvqa.retriever.index.format import *  # noqa: F403
+from rvqa.retriever.index.info import *  # noqa: F403
+from rvqa.retriever.index.knowledge_index import *  # noqa: F403
+from rvqa.retriever.index.registry import *  # noqa: F403
+from rvqa.retriever.index.tuning import *  # noqa: F403
+from rvqa.retriever.index.types import *  # noqa: F403
 
-__all__ = [
-    "CAPTIONS_DIR",
-    "EMBEDDINGS_FILE",
-    "FLAT_MAX_VECTORS",
-    "FORMAT_VERSION",
-    "HNSW_EF_CONSTRUCTION",
-    "HNSW_M",
-    "INDEX_FILE",
-    "MANIFEST_FILE",
-    "TARGET_RECALL",
-    "AutoChoice",
-    "CaptionEncoder",
-    "Hit",
-    "IndexBuildOptions",
-    "IndexFormatError",
-    "IndexRegistry",
-    "KnowledgeIndex",
-    "SearchResult",
-    "add_vectors",
-    "auto_nlist",
-    "build_index",
-    "build_index_from_embeddings",
-    "build_params",
-    "check_embeddings",
-    "check_files",
-    "choose_factory",
-    "dedupe_captions",
-    "encode_captions",
-    "estimate_bytes",
-    "exact_knn",
-    "index_info",
-    "knn_recall",
-    "knn_recall_bound",
-    "load_stored_embeddings",
-    "make_index",
-    "make_manifest",
-    "merge_results",
-    "min_training_size",
-    "normalise_ids",
-    "parse_memory",
-    "prepare_corpus",
-    "proxy_queries",
-    "read_captions",
-    "read_manifest",
-    "rebuild_index",
-    "search_param_name",
-    "set_search_params",
-    "train_index",
-    "tune_search_params",
-    "write_index_folder",
-]
+_MODULES = (
+    types,
+    format,
+    factory,
+    faiss_ops,
+    tuning,
+    corpus,
+    build,
+    knowledge_index,
+    registry,
+    info,
+)
+__all__ = sorted({name for module in _MODULES for name in module.__all__})

@@ -43,6 +43,31 @@ from rvqa.version import __version__
 
 logger = logging.getLogger(__name__)
 
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST_FILE",
+    "INDEX_FILE",
+    "CAPTIONS_DIR",
+    "EMBEDDINGS_FILE",
+    "METRIC",
+    "IndexFormatError",
+    "utc_now",
+    "rvqa_version",
+    "sha256_file",
+    "describe_files",
+    "check_files",
+    "make_manifest",
+    "read_manifest",
+    "write_captions",
+    "write_embeddings",
+    "write_index_folder",
+    "check_out_dir",
+    "mmap_flags",
+    "read_faiss_index",
+    "owned_copy",
+    "read_captions",
+]
+
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.faiss"

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from rvqa.errors import ImageLoadError
+from rvqa.errors import ImageLoadError, UsageError
 
 __all__ = ["DEFAULT_MAX_PIXELS", "ImageLoadError", "image_key", "load_image"]
 
@@ -55,7 +55,7 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _INT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
-class _ImageTooLarge(ValueError):
+class _ImageTooLarge(UsageError):
     """Raised by the size check (kept apart from decoder errors)."""
 
 
@@ -126,9 +126,10 @@ def _load_path(path: str | os.PathLike, max_pixels: int | None) -> Image.Image:
     except _ImageTooLarge:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ValueError(
-            f"image {path!r} is above PIL's decompression-bomb limit "
-            f"(PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS:,} pixels): {err}"
+        raise ImageLoadError(
+            path,
+            f"above PIL's decompression-bomb limit "
+            f"(PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS:,} pixels): {err}",
         ) from None
     except UnidentifiedImageError:
         raise ImageLoadError(path, "not an image file PIL can identify") from None
@@ -150,7 +151,7 @@ def _from_array(array: np.ndarray, max_pixels: int | None) -> Image.Image:
     shape = array.shape
     ok = (array.ndim == 2) or (array.ndim == 3 and shape[2] in (1, 3, 4))
     if not ok or array.size == 0:
-        raise ValueError(
+        raise UsageError(
             f"image array has shape {shape}, expected (H, W) grayscale, (H, W, 3) RGB or "
             f"(H, W, 4) RGBA with H, W > 0 (channels last)"
         )

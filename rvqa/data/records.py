@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Union
 if TYPE_CHECKING:  # pragma: no cover
     from PIL.Image import Image as PILImage
 
-__all__ = ["VQARecord", "CaptionRecord", "ImageRef", "NUM_HUMAN_ANSWERS"]
+from rvqa.metrics import NUM_HUMAN_ANSWERS
 
-NUM_HUMAN_ANSWERS = 10
-"""Human answers per question in VQAv2 and OK-VQA; single-answer sources repeat theirs this often."""
+__all__ = ["VQARecord", "CaptionRecord", "ImageRef", "NUM_HUMAN_ANSWERS"]
+# NUM_HUMAN_ANSWERS (from rvqa.metrics, the official format's count): single-answer
+# sources repeat their answer this often.
 
 ImageRef = Union[str, "PILImage"]
 """An image reference: normally a file path; a decoded PIL image for ``datasets`` sources."""

@@ -27,6 +27,7 @@ try:  # transformers >= 5: the PIL backend, no torchvision needed
 except ImportError:  # pragma: no cover - transformers 4.x
     from transformers import ViTImageProcessor as _CNNImageProcessor
 
+from rvqa.errors import ConfigError
 from rvqa.towers.backbones import resolve_text_backbone
 from rvqa.towers.cnn import SmallCNNConfig, SmallCNNModel
 
@@ -57,7 +58,7 @@ def _from_pretrained(fn, name: str, what: str):
     try:
         return fn(name)
     except OSError as err:
-        raise ValueError(
+        raise ConfigError(
             f"cannot load {what} {name!r}: {str(err).splitlines()[0]} "
             f"(known built-in names: 'cnn' for images, 'minilm' for text; any transformers "
             f"checkpoint name or local folder works where a model hub or the folder is reachable)"
@@ -88,18 +89,18 @@ def _set_num_layers(cfg: PretrainedConfig, num_layers: int) -> None:
     for attr in ("num_hidden_layers", "num_layers", "n_layers"):
         if hasattr(cfg, attr):
             if num_layers > getattr(cfg, attr):
-                raise ValueError(
+                raise ConfigError(
                     f"num_text_layers={num_layers} but the backbone has only {getattr(cfg, attr)} layers"
                 )
             setattr(cfg, attr, num_layers)
             return
-    raise ValueError(f"cannot truncate layers of a {cfg.model_type!r} text backbone")
+    raise ConfigError(f"cannot truncate layers of a {cfg.model_type!r} text backbone")
 
 
 def tower_config_from_dict(d: dict) -> PretrainedConfig:
     """Rebuild a backbone config from its dict (needs ``model_type``)."""
     if "model_type" not in d:
-        raise ValueError(f"tower config has no 'model_type': keys {sorted(d)[:10]}")
+        raise ConfigError(f"tower config has no 'model_type': keys {sorted(d)[:10]}")
     d = dict(d)
     model_type = d.pop("model_type")
     return AutoConfig.for_model(model_type, **d)
@@ -140,7 +141,7 @@ def hidden_size_of(config_dict: dict) -> int:
             return config_dict[key]
     if isinstance(config_dict.get("hidden_sizes"), list):
         return config_dict["hidden_sizes"][-1]
-    raise ValueError(f"cannot tell the output size of a {config_dict.get('model_type')!r} tower")
+    raise ConfigError(f"cannot tell the output size of a {config_dict.get('model_type')!r} tower")
 
 
 def load_tokenizer(name: str) -> Any:

