@@ -9,7 +9,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from rvqa.checks import check_int
 from rvqa.config import ReaderSettings
-from rvqa.errors import ConfigError
+from rvqa.errors import ConfigError, UsageError
 from rvqa.reader.answers import SOFT_TARGET_RULES
 from rvqa.towers import tower_config_from_dict
 
@@ -95,19 +95,18 @@ class ReaderConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         **kwargs: Any,
     ):
+        optional = (("visual_grid", visual_grid), ("classifier_hidden", classifier_hidden))
         for name, value, low in (
             ("top_k", top_k, 0),
             ("max_question_length", max_question_length, 1),
             ("max_caption_length", max_caption_length, 1),
             ("max_visual_tokens", max_visual_tokens, 1),
+            *((n, v, 1) for n, v in optional if v is not None),
         ):
-            check_int(value, name, low)
-        for name, value in (
-            ("visual_grid", visual_grid),
-            ("classifier_hidden", classifier_hidden),
-        ):
-            if value is not None:
-                check_int(value, name, 1)
+            try:
+                check_int(value, name, low)
+            except (TypeError, UsageError) as err:  # a config value: always a ConfigError
+                raise ConfigError(str(err)) from None
         if soft_target_rule not in SOFT_TARGET_RULES:
             raise ConfigError(
                 f"soft_target_rule must be one of {', '.join(SOFT_TARGET_RULES)}; "

@@ -28,7 +28,7 @@ from PIL import Image
 from rvqa.checks import check_int
 from rvqa.config import ReaderSettings
 from rvqa.data.images import ImageLoadError, image_key, load_image
-from rvqa.errors import RunFolderError, UnknownIndexError, UsageError
+from rvqa.errors import DataFormatError, RunFolderError, UnknownIndexError, UsageError
 from rvqa.reader.modeling import ReaderModel
 from rvqa.reader.processing import PROCESSOR_FILE, ReaderProcessor
 from rvqa.retriever.index import IndexRegistry, KnowledgeIndex, read_manifest
@@ -197,8 +197,8 @@ class RVQA:
         _require_tokenizer(reader_path, "reader")
         try:
             budgets = json.loads((reader_path / PROCESSOR_FILE).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise RunFolderError(f"{reader_path / PROCESSOR_FILE} is malformed: {err}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DataFormatError(f"{reader_path / PROCESSOR_FILE} is malformed: {err}") from None
         if budgets.get("has_image_processor", True):
             _require(reader_path, ("preprocessor_config.json",), "reader")
         retriever = RetrieverModel.from_pretrained(retriever_path)
@@ -263,8 +263,8 @@ class RVQA:
         for key in given.keys() - {knob}:
             what = f"its search parameter is {knob}" if knob else "exact search, no parameter"
             raise UsageError(f"{key} does not apply to index {path} ({factory}: {what})")
-        for key in defaults.keys() - {knob}:
-            logger.info("%s left as built for index %s (%s)", key, path, factory)
+        for key in defaults.keys() - {knob}:  # a warning: --nprobe/--ef-search were asked for
+            logger.warning("%s does not apply to index %s (%s); left as built", key, path, factory)
         return {k: int(v) for k, v in {**defaults, **given}.items() if k == knob}
 
     def _load(
