@@ -126,10 +126,9 @@ def _load_path(path: str | os.PathLike, max_pixels: int | None) -> Image.Image:
     except _ImageTooLarge:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageLoadError(
-            path,
-            f"above PIL's decompression-bomb limit "
-            f"(PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS:,} pixels): {err}",
+        raise UsageError(  # too large, not unreadable: not an ImageLoadError
+            f"image {path!r} is above PIL's decompression-bomb limit "
+            f"(PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS:,} pixels): {err}"
         ) from None
     except UnidentifiedImageError:
         raise ImageLoadError(path, "not an image file PIL can identify") from None
