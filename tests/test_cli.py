@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from rvqa import cli
 from rvqa.cli import main
@@ -131,6 +132,32 @@ def test_real_user_errors_are_one_line(capsys, tmp_path):
     assert main([*build, "--captions", "easy_vqa"]) == 1
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and f"retriever folder {tmp_path / 'noret'} does not exist" in err[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train-reader", "--set", "reader.val_fraction=1.5"], "val_fraction must be in (0, 1)"),
+        (["train-reader", "--set", "reader.answer_vocab_size=0"], "size must be a positive"),
+        (["train-retriever", "--set", "retriever.embed_dim=0"], "embed_dim must be"),
+        (["train-retriever", "--set", "retriever.vision_backbone=no/such-model"], "cannot load"),
+    ],
+)
+def test_bad_settings_are_one_line_user_errors(capsys, tmp_path, args, message):
+    """Values that only fail deep inside a run still print one line, not a traceback."""
+    assert main([*args, "--output-dir", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"rvqa {args[0]}: error: "), err
+    assert message in err[0]
+
+
+def test_too_large_image_is_a_one_line_user_error(capsys, tmp_path):
+    big = tmp_path / "big.png"
+    Image.new("RGB", (7000, 6000)).save(big)  # 42 MP: over the 40 MP limit
+    args = ["ask", "--model", str(tmp_path), "--image", str(big), "--question", "what?"]
+    assert main(args) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "rvqa ask: error: " in err[0] and "pixels" in err[0], err
 
 
 def test_commands_table():
