@@ -1,66 +1,196 @@
-"""What every data adapter shares: reading JSON and text files, checking values, joining paths.
+"""What every data adapter shares: streaming JSON files, reading UTF-8 text, checking values, joining paths.
 
 Package-internal: the official VQA, caption-file and ``datasets`` adapters share
 these, so a malformed file gets the same kind of message (file, key, index) from
-each. Every failure is a :class:`rvqa.errors.DataFormatError` (a ``ValueError``)
-or a ``FileNotFoundError``.
+each. The big official files (VQAv2 train annotations: ~330 MB of JSON) are
+streamed with ``ijson`` (:func:`stream_json`): only the adapter's compact
+columns and one chunk of items are in memory, never the whole parsed document.
+Every failure is a :class:`rvqa.errors.DataFormatError` (a ``ValueError``) or a
+``FileNotFoundError``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import ijson
+
 from rvqa.errors import DataFormatError
 
-__all__ = ["read_json", "require_keys", "is_int", "optional_str", "decoded_lines", "join_root"]
+__all__ = [
+    "stream_json",
+    "is_int",
+    "optional_str",
+    "decoded_lines",
+    "join_root",
+]
+
+_CHUNK = 1 << 20  # bytes fed to the parser at a time (also the items held at once)
+_NO_MATCH = "\x00"  # an ijson prefix no JSON key path has: parse, build nothing
 
 
-def read_json(path: str | os.PathLike, what: str) -> Any:
-    """Parse a JSON file.
+def stream_json(
+    path: str | os.PathLike,
+    what: str,
+    arrays: Sequence[str],
+    values: dict[str, Any] | None = None,
+) -> Iterator[tuple[str, int, Any]]:
+    """Stream the items of top-level arrays of a JSON object file, in one pass.
+
+    Yields ``(key, index, item)`` for every item of the top-level arrays named in
+    ``arrays`` (in file order within each array; items of different arrays may
+    interleave by up to one read chunk). Items are built one chunk of the file
+    (1 MiB) at a time, so memory holds what the caller keeps, not the document.
+    Numbers are ``int`` or ``float`` (as with ``json.load``).
+
+    When the iterator is exhausted, the file has been checked: well-formed UTF-8
+    JSON whose top level is an object holding every key of ``arrays`` as a list,
+    and ``values`` (when given) maps each of its keys that the file has to its
+    value, e.g. ``{"data_subtype": None}`` → ``{"data_subtype": "val2014"}`` (keys
+    the file lacks keep their value). Top-level keys may come in any order.
 
     Args:
         path: The file.
         what: What the file holds (``"questions"``, ``"COCO captions"``), for messages.
+        arrays: Top-level keys whose values must be lists, streamed item by item.
+        values: Small top-level values to read too, filled in place.
 
     Raises:
         FileNotFoundError: The file is missing.
-        DataFormatError: Malformed JSON (with its position) or not UTF-8.
+        DataFormatError: Malformed JSON (line, column and byte offset of where the
+            parser stopped, with the text around it), not UTF-8, the top level not
+            an object, a key of ``arrays`` missing or not a list.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as err:
-        raise DataFormatError(
-            f"{path}: malformed JSON in {what} file at line {err.lineno} column {err.colno} "
-            f"(char {err.pos}): {err.msg}"
-        ) from None
-    except UnicodeDecodeError as err:
-        raise DataFormatError(f"{path}: {what} file is not UTF-8 text ({err})") from None
+    wanted = list(values or {})
+    sinks = [ijson.sendable_list() for _ in [*arrays, *wanted]]
+    coros = [
+        ijson.items_coro(sink, prefix, use_float=True)
+        for sink, prefix in zip(sinks, [f"{key}.item" for key in arrays] + wanted)
+    ]
+    counts = [0] * len(arrays)
+    chunk_index = -1
+    with open(path, "rb") as f:
+        try:
+            while chunk := f.read(_CHUNK):
+                chunk_index += 1
+                for coro in coros:
+                    coro.send(chunk)
+                for a, key in enumerate(arrays):
+                    sink = sinks[a]
+                    for item in sink:
+                        yield key, counts[a], item
+                        counts[a] += 1
+                    del sink[:]
+            chunk_index += 1  # the end of the file: errors raised by close()
+            for coro in coros:
+                coro.close()
+        except ijson.JSONError as err:
+            raise _malformed(path, what, chunk_index, err) from None
+    for key, sink in zip(wanted, sinks[len(arrays) :]):
+        if sink:
+            values[key] = sink[-1]  # as json.load: the last of repeated keys
+    # An absent, non-list or empty array yields nothing: find out which (one more pass,
+    # only then — e.g. an empty list is fine).
+    empty = [key for key, count in zip(arrays, counts) if count == 0]
+    if empty:
+        _check_top_level(path, what, empty)
 
 
-def require_keys(data: Any, keys: Sequence[str], path: str, what: str) -> None:
-    """Check that ``data`` is a JSON object with every key in ``keys``.
-
-    Raises:
-        DataFormatError: Not an object, or keys missing (naming them and the keys found).
-    """
-    if not isinstance(data, dict):
-        raise DataFormatError(
-            f"{path}: expected a JSON object at the top level of the {what} file, "
-            f"got {type(data).__name__}"
-        )
-    missing = [k for k in keys if k not in data]
+def _check_top_level(path: str, what: str, arrays: Sequence[str]) -> None:
+    """Fail unless the (well-formed) file is an object with every key of ``arrays`` a list."""
+    kinds: dict[str, str] = {}
+    with open(path, "rb") as f:
+        events = ijson.parse(f, use_float=True)
+        prefix, event, value = next(events)
+        if event != "start_map":
+            raise DataFormatError(
+                f"{path}: expected a JSON object at the top level of the {what} file, "
+                f"got {_type_name(event, value)}"
+            )
+        key = None
+        for prefix, event, value in events:
+            if key is not None:  # the event right after a top-level key: its value's type
+                kinds[key] = _type_name(event, value)
+                key = None
+            elif prefix == "" and event == "map_key":
+                key = value
+    missing = [k for k in arrays if k not in kinds]
     if missing:
         raise DataFormatError(
             f"{path}: the {what} file has no top-level key {', '.join(map(repr, missing))} "
-            f"(found: {', '.join(map(repr, data)) or 'none'}); is this the right file?"
+            f"(found: {', '.join(map(repr, kinds)) or 'none'}); is this the right file?"
         )
+    for k in arrays:
+        if kinds[k] != "list":
+            raise DataFormatError(f"{path}: {k!r} must be a list, got {kinds[k]}")
+
+
+def _type_name(event: str, value: Any) -> str:
+    """The Python type name ``json.load`` gives the value an ijson event starts."""
+    if event == "number":
+        return type(value).__name__
+    names = {"start_map": "dict", "start_array": "list", "string": "str", "boolean": "bool"}
+    return names.get(event, "NoneType")
+
+
+def _malformed(path: str, what: str, chunk_index: int, err: Exception) -> DataFormatError:
+    """The error for a parse failure in chunk ``chunk_index``, with its exact position.
+
+    The parser reports what went wrong but not where; feeding the failing chunk
+    again one byte at a time (after the chunks before it, a second pass that runs
+    only on this error path) finds the byte at which it stops.
+    """
+    message = str(err)
+    if message.startswith(("b'", 'b"')):  # yajl's UTF-8 errors come as a bytes repr
+        message = message[2:-1].encode().decode("unicode_escape", errors="replace")
+    head, _, rest = message.partition("\n")
+    context = rest.partition("\n")[0].strip()
+    offset, line, column = _error_position(path, chunk_index)
+    at = f"line {line} column {column} (byte {offset:,})"
+    if "UTF8" in head:  # found when the string ends
+        return DataFormatError(
+            f"{path}: {what} file is not UTF-8 text: invalid bytes in the string ending at {at}"
+        )
+    near = f" near {context!r}" if context else ""
+    return DataFormatError(
+        f"{path}: malformed JSON in {what} file at {at}: {head.rstrip('.')}{near}"
+    )
+
+
+def _error_position(path: str, chunk_index: int) -> tuple[int, int, int]:
+    """(0-based byte offset, 1-based line, 1-based byte column) where the parser fails."""
+    sink = ijson.sendable_list()
+    coro = ijson.items_coro(sink, _NO_MATCH)
+    offset, line, line_start = 0, 1, 0
+    with open(path, "rb") as f:
+        for _ in range(chunk_index):
+            chunk = f.read(_CHUNK)
+            coro.send(chunk)
+            line += chunk.count(b"\n")
+            if (nl := chunk.rfind(b"\n")) >= 0:
+                line_start = offset + nl + 1
+            offset += len(chunk)
+        data = f.read(_CHUNK)  # the failing chunk; empty when the end of the file failed
+    stop = len(data)
+    try:
+        for i in range(len(data)):
+            stop = i
+            coro.send(data[i : i + 1])
+        stop = len(data)
+        coro.close()
+    except ijson.JSONError:
+        pass
+    before = data[:stop]
+    line += before.count(b"\n")
+    if (nl := before.rfind(b"\n")) >= 0:
+        line_start = offset + nl + 1
+    offset += stop
+    return offset, line, offset - line_start + 1
 
 
 def is_int(value: Any) -> bool:

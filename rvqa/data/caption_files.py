@@ -2,8 +2,9 @@
 
 Each reader parses its file once and checks every caption (a string, not blank)
 and id (unique); a malformed file is a :class:`rvqa.errors.DataFormatError`
-naming the file and the record (index, id or line number). Nothing on disk is
-written or modified.
+naming the file and the record (index, id or line number). The COCO and Karpathy
+JSON files are streamed (:func:`rvqa.data._json.stream_json`): memory holds the
+caption columns, not the parsed document. Nothing on disk is written or modified.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from rvqa.config import ColumnMapping
-from rvqa.data._json import decoded_lines, join_root, read_json, require_keys
+from rvqa.data._json import decoded_lines, join_root, stream_json
 from rvqa.data.captions import CaptionColumns, CaptionCorpus
 from rvqa.errors import DataFormatError, UsageError
 
@@ -48,33 +49,35 @@ def read_coco_captions(
             ``images``, duplicate ids — each naming the file and the record.
     """
     path = os.fspath(path)
-    data = read_json(path, "COCO captions")
-    require_keys(data, ["images", "annotations"], path, "COCO captions")
-    for key in ("images", "annotations"):
-        if not isinstance(data[key], list):
-            raise DataFormatError(f"{path}: {key!r} must be a list, got {type(data[key]).__name__}")
     file_of: dict[Any, str] = {}
-    for idx, im in enumerate(data["images"]):
-        where = f"{path}: images[{idx}]"
-        if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
-            raise DataFormatError(
-                f"{where} must be an object with 'id' and 'file_name', got {im!r}"
-            )
-        file_of[im["id"]] = im["file_name"]
     out = CaptionColumns()
-    for idx, ann in enumerate(data["annotations"]):
-        where = f"{path}: annotations[{idx}]"
-        if not isinstance(ann, dict):
-            raise DataFormatError(f"{where} must be an object, got {type(ann).__name__}")
-        where += f" (id={ann.get('id')!r})"
-        missing = [k for k in ("id", "image_id", "caption") if k not in ann]
+    # Top-level keys may come in any order: an annotation's image is looked up once
+    # the whole file (with every image) has been read. Caption j is annotations[j].
+    for key, idx, item in stream_json(path, "COCO captions", ["images", "annotations"]):
+        where = f"{path}: {key}[{idx}]"
+        if key == "images":
+            if not isinstance(item, dict) or "id" not in item or "file_name" not in item:
+                raise DataFormatError(
+                    f"{where} must be an object with 'id' and 'file_name', got {item!r}"
+                )
+            file_of[item["id"]] = item["file_name"]
+            continue
+        if not isinstance(item, dict):
+            raise DataFormatError(f"{where} must be an object, got {type(item).__name__}")
+        where += f" (id={item.get('id')!r})"
+        missing = [k for k in ("id", "image_id", "caption") if k not in item]
         if missing:
             raise DataFormatError(f"{where} has no {', '.join(map(repr, missing))}")
-        image_id = ann["image_id"]
+        out.add(item["caption"], item["id"], where, item["image_id"])
+    root = None if images is None else os.fspath(images)
+    for j, image_id in enumerate(out.image_ids):
         if image_id not in file_of:
-            raise DataFormatError(f"{where}: image_id {image_id!r} is not in the file's 'images'")
-        image = None if images is None else os.path.join(os.fspath(images), file_of[image_id])
-        out.add(ann["caption"], ann["id"], where, image_id, image)
+            raise DataFormatError(
+                f"{path}: annotations[{j}] (id={out.ids[j]!r}): image_id {image_id!r} is not "
+                f"in the file's 'images'"
+            )
+        if root is not None:
+            out.images[j] = os.path.join(root, file_of[image_id])
     if not out:
         raise DataFormatError(f"{path}: the COCO captions file has no annotations")
     logger.info("%s: %d captions of %d images", path, len(out), len(set(out.image_ids)))
@@ -122,15 +125,9 @@ def read_karpathy_captions(
     """
     path = os.fspath(path)
     chosen = _karpathy_splits(splits)
-    data = read_json(path, "Karpathy split")
-    require_keys(data, ["images"], path, "Karpathy split")
-    if not isinstance(data["images"], list):
-        raise DataFormatError(
-            f"{path}: 'images' must be a list, got {type(data['images']).__name__}"
-        )
     out = CaptionColumns()
     present: set[str] = set()
-    for idx, im in enumerate(data["images"]):
+    for _, idx, im in stream_json(path, "Karpathy split", ["images"]):
         where = f"{path}: images[{idx}]"
         if not isinstance(im, dict):
             raise DataFormatError(f"{where} must be an object, got {type(im).__name__}")
