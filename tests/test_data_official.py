@@ -1,4 +1,4 @@
-"""Official VQAv2/OK-VQA files (rvqa.data.official): reading, lazy image checks, every malformed-file error."""
+"""Official VQAv2/OK-VQA files (rvqa.data.official): reading, lazy or up-front image checks, every malformed-file error."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from rvqa.data import (
     load_image,
     read_vqa_files,
 )
-from rvqa.errors import DataFormatError
+from rvqa.errors import DataFormatError, ImageLoadError
 from tests.data_fixtures import (
     VQA_ANSWERS,
     VQA_IMAGE_IDS,
@@ -96,10 +96,12 @@ def test_missing_images_checked_lazily_or_on_request(split: dict[str, Path]) -> 
     ds = read_vqa_files(split["questions"], split["annotations"], split["images"])  # lazy: fine
     assert ds.missing_images() == [str(split["images"] / "COCO_val2014_000000000073.jpg")]
     with pytest.raises(
-        FileNotFoundError, match=r"(?s)1 of 3 images .*COCO_val2014_000000000073\.jpg"
+        ImageLoadError,
+        match=r"COCO_val2014_000000000073\.jpg': file not found; 1 of 3 images of split "
+        r"'val2014' \(vqa: .*questions\.json \+ .*annotations\.json\) cannot be read$",
     ):
         ds.check_images()
-    with pytest.raises(FileNotFoundError, match="COCO_val2014_000000000073.jpg"):
+    with pytest.raises(ImageLoadError, match="COCO_val2014_000000000073.jpg"):
         read_vqa_files(split["questions"], split["annotations"], split["images"], check_images=True)
 
 

@@ -5,7 +5,9 @@ Captions feed retriever training (image–caption pairs) and knowledge indices
 :mod:`rvqa.data.hf_datasets`, easy-vqa via :mod:`rvqa.data.sources`) reads its
 data once, checks every caption with :func:`caption_text` and its id with
 :class:`UniqueIds`, and keeps texts, ids and image references in plain lists;
-records are built on access. Image files are never opened here.
+records are built on access. Image files are opened only by the up-front
+checks (``check_images``, ``without_unreadable_images``, from
+:class:`rvqa.data.lazy.LazyRecords`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from rvqa.data.images import image_key
 from rvqa.data.lazy import LazyRecords
 from rvqa.data.records import CaptionRecord
 from rvqa.errors import DataFormatError
@@ -85,6 +88,13 @@ class CaptionCorpus(LazyRecords[CaptionRecord]):
             image_id=self.image_ids[i],
             image=self.image(i),
         )
+
+    def _image_key(self, i: int) -> Any:
+        image = self.image(i)
+        return None if image is None else image_key(image)
+
+    def _image(self, i: int) -> Any:
+        return self.image(i)
 
     def _take(self, positions: Sequence[int]) -> CaptionCorpus:
         return CaptionCorpus(

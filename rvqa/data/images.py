@@ -8,7 +8,7 @@ Conversions (all results are mode ``"RGB"``, fully loaded, no open file handle):
 
 * ``L`` / ``1`` (grayscale, bilevel): the gray value is repeated in R, G and B.
 * ``P`` (palette): looked up; a palette with transparency is treated like RGBA.
-* ``RGBA`` / ``LA`` / ``PA`` / ``RGBa``: **alpha-composited onto white**, so a
+* ``RGBA`` / ``LA`` / ``PA`` / ``RGBa`` / ``La``: **alpha-composited onto white**, so a
   transparent background looks like paper rather than black (a plain
   ``convert("RGB")`` would expose whatever colour the transparent pixels store).
 * ``I;16`` / ``I;16B`` / ``I;16L`` / ``I`` (16-bit / 32-bit integer gray, e.g.
@@ -18,10 +18,16 @@ Conversions (all results are mode ``"RGB"``, fully loaded, no open file handle):
   images white).
 * ``F`` (32-bit float gray): taken as ``[0, 1]`` when the image's maximum is at
   most 1, else as ``[0, 255]``; clipped and rounded.
-* ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``: PIL's conversion to RGB.
+* ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, ``RGBX``: PIL's conversion to RGB.
+* Any other mode (none of PIL's own modes; a plugin's): refused with an error
+  naming the mode (and the file), not converted by guesswork.
 
 Multi-frame files (GIF, TIFF) give their first frame. EXIF orientation is not
 applied: datasets such as COCO annotate the stored pixel orientation.
+
+:func:`find_unreadable_images` decodes many images through :func:`load_image`
+in a thread pool (Pillow's decoders release the GIL), for up-front checks
+(``VQADataset.check_images``, the ``skip_bad_images`` setting).
 """
 
 from __future__ import annotations
@@ -29,14 +35,24 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections import deque
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
 
 from rvqa.errors import ImageLoadError, UsageError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "ImageLoadError", "image_key", "load_image"]
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "ImageLoadError",
+    "find_unreadable_images",
+    "image_key",
+    "load_image",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +72,19 @@ _INT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 class _ImageTooLarge(UsageError):
-    """Raised by the size check (kept apart from decoder errors)."""
+    """Raised by the size checks (kept apart from decoder errors); ``reason``: in a few words."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class _UnsupportedMode(ValueError):
+    """Raised by :func:`_to_rgb` for a mode PIL cannot convert to RGB."""
+
+    def __init__(self, mode: str):
+        super().__init__(mode)
+        self.mode = mode
 
 
 def load_image(image: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -76,10 +104,12 @@ def load_image(image: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image
         An RGB ``PIL.Image.Image`` whose pixels are in memory (no open file).
 
     Raises:
-        ImageLoadError: (a ``ValueError``) The file is missing, empty, truncated or
-            not an image; the message names the file.
+        ImageLoadError: (a ``ValueError``) The file is missing, empty, truncated,
+            not an image, or of an image mode with no conversion to RGB; the
+            message names the file (and the mode).
         ValueError: The image is larger than ``max_pixels`` (message names the size
-            and the limit), or an array has the wrong shape.
+            and the limit), an array has the wrong shape, or a PIL image's mode has
+            no conversion to RGB (naming the mode).
         TypeError: ``image`` is of an unsupported type, or an array is not uint8.
     """
     if isinstance(image, (str, os.PathLike)):
@@ -87,7 +117,13 @@ def load_image(image: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image
     if isinstance(image, Image.Image):
         _check_size(image.size, max_pixels, what="PIL image")
         image.load()
-        return _to_rgb(image)
+        try:
+            return _to_rgb(image)
+        except _UnsupportedMode as err:
+            raise UsageError(
+                f"PIL image of mode {err.mode!r} cannot be converted to RGB; convert it first "
+                f"(supported: PIL's modes {', '.join(Image.MODES)})"
+            ) from None
     if isinstance(image, np.ndarray):
         return _from_array(image, max_pixels)
     raise TypeError(
@@ -101,7 +137,8 @@ def _check_size(size: tuple[int, int], max_pixels: int | None, what: str) -> Non
     if max_pixels is not None and width * height > max_pixels:
         raise _ImageTooLarge(
             f"{what} is {width}x{height} = {width * height:,} pixels, above the limit of "
-            f"max_pixels={max_pixels:,}; pass a larger max_pixels (or None) to load it"
+            f"max_pixels={max_pixels:,}; pass a larger max_pixels (or None) to load it",
+            reason=f"too large: {width}x{height} pixels, above max_pixels={max_pixels:,}",
         )
 
 
@@ -125,10 +162,15 @@ def _load_path(path: str | os.PathLike, max_pixels: int | None) -> Image.Image:
                     rgb = im.copy()
     except _ImageTooLarge:
         raise
+    except _UnsupportedMode as err:
+        raise ImageLoadError(
+            path, f"image mode {err.mode!r} has no conversion to RGB (not supported)"
+        ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise UsageError(  # too large, not unreadable: not an ImageLoadError
+        raise _ImageTooLarge(  # too large, not unreadable: a UsageError, not an ImageLoadError
             f"image {path!r} is above PIL's decompression-bomb limit "
-            f"(PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS:,} pixels): {err}"
+            f"(PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS:,} pixels): {err}",
+            reason=f"too large: above PIL's decompression-bomb limit ({err})",
         ) from None
     except UnidentifiedImageError:
         raise ImageLoadError(path, "not an image file PIL can identify") from None
@@ -183,11 +225,18 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         scale = 255.0 if finite.size and finite.max() <= 1.0 else 1.0
         gray = np.clip(np.nan_to_num(values * scale), 0, 255).round().astype(np.uint8)
         return Image.fromarray(gray, mode="L").convert("RGB")
-    if mode in _ALPHA_MODES:
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return im.convert("RGB")
+    try:
+        if mode == "La":  # premultiplied: PIL converts it to LA only
+            im, mode = im.convert("LA"), "LA"
+        if mode in _ALPHA_MODES:
+            rgba = im.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return im.convert("RGB")
+    except ValueError as err:  # "conversion from X to RGB not supported"
+        if "conversion" not in str(err):
+            raise
+        raise _UnsupportedMode(mode) from None
 
 
 def image_key(image: Any) -> Any:
@@ -202,3 +251,69 @@ def image_key(image: Any) -> Any:
     if isinstance(image, int):
         return ("row", image)
     return ("obj", id(image))
+
+
+def find_unreadable_images(
+    images: Iterable[Any],
+    *,
+    total: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    num_threads: int | None = None,
+    progress: bool | None = None,
+) -> dict[int, str]:
+    """Decode every image fully through :func:`load_image`, in a thread pool; say which fail.
+
+    ``images`` is consumed lazily (a bounded number in flight), so a generator over
+    a large data set keeps memory flat; each decoded image is dropped at once.
+
+    Args:
+        images: Image references as :func:`load_image` takes them (paths, PIL images).
+        total: How many ``images`` has (for the progress bar), when known.
+        max_pixels: As :func:`load_image`; a larger image counts as unreadable.
+        num_threads: Decoding threads (default: ``min(32, CPUs + 4)``).
+        progress: Show a tqdm progress bar (default: on the main process only, i.e.
+            unless the ``RANK`` environment variable names another process).
+
+    Returns:
+        ``{position in images: reason}`` for every image that cannot be read
+        (missing, empty, truncated, not an image, unsupported mode, too large).
+
+    Raises:
+        TypeError: An image reference of a type :func:`load_image` does not take.
+    """
+    threads = num_threads or min(32, (os.cpu_count() or 1) + 4)
+    if progress is None:
+        progress = os.environ.get("RANK", "0") == "0"
+    bad: dict[int, str] = {}
+    pending: deque = deque()
+
+    def collect(keep: int) -> None:
+        while len(pending) > keep:
+            i, future = pending.popleft()
+            reason = future.result()
+            if reason is not None:
+                bad[i] = reason
+            bar.update()
+
+    with (
+        ThreadPoolExecutor(threads, thread_name_prefix="rvqa-image-check") as pool,
+        tqdm(total=total, desc="checking images", unit="image", disable=not progress) as bar,
+    ):
+        for i, image in enumerate(images):
+            pending.append((i, pool.submit(_unreadable_reason, image, max_pixels)))
+            collect(4 * threads)
+        collect(0)
+    return bad
+
+
+def _unreadable_reason(image: Any, max_pixels: int | None) -> str | None:
+    """Why ``image`` cannot be loaded, in a few words (``None``: it loads)."""
+    try:
+        load_image(image, max_pixels)
+    except ImageLoadError as err:
+        return err.reason
+    except _ImageTooLarge as err:
+        return err.reason
+    except UsageError as err:  # a PIL image of an unsupported mode
+        return str(err)
+    return None

@@ -87,10 +87,13 @@ def read_vqa_files(
         annotations: The annotations JSON, or ``None`` for splits without answers.
         images: The COCO image folder, e.g. ``val2014/``.
         split_name: Name of the split (default: the file's ``data_subtype``).
-        check_images: Check now that every image file exists (else only on load).
+        check_images: Decode every image now (:meth:`VQADataset.check_images`),
+            else they are only opened when loaded.
 
     Raises:
-        FileNotFoundError: A JSON file is missing, or (``check_images``) images are.
+        FileNotFoundError: A JSON file is missing.
+        ImageLoadError: (a ``ValueError``; ``check_images``) Images that cannot
+            be read, the first named with why, and how many.
         DataFormatError: (a ``ValueError``) Malformed JSON (with its position), a
             missing top-level key, a malformed question or annotation (named by
             index and question_id), annotations for unknown questions, questions

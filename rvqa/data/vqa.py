@@ -4,8 +4,10 @@ Every VQA adapter (:mod:`rvqa.data.official`, :mod:`rvqa.data.easy_vqa`,
 :mod:`rvqa.data.hf_datasets`) parses (and checks) the question/answer metadata
 once, up front, and keeps it in compact columns (:class:`ColumnRows` or a
 row source of the same shape); :class:`VQARecord` objects are built on access
-and images are never opened here (pass ``record.image`` to
-:func:`rvqa.data.images.load_image`). Nothing on disk is written or modified.
+and images are opened only when asked to check them up front
+(:meth:`VQADataset.check_images`, :meth:`VQADataset.without_unreadable_images`);
+pass ``record.image`` to :func:`rvqa.data.images.load_image`. Nothing on disk is
+written or modified.
 """
 
 from __future__ import annotations
@@ -92,7 +94,8 @@ class VQADataset(LazyRecords[VQARecord]):
     """A lazy, read-only sequence of :class:`VQARecord` (one split of one source).
 
     Holds the parsed question/answer metadata only; records are built on access
-    and images are never opened. Indexing with a slice, :meth:`subset` and
+    and images are opened only by the up-front checks (``check_images``,
+    ``without_unreadable_images``, from :class:`LazyRecords`). Indexing with a slice, :meth:`subset` and
     :meth:`from_records` give new datasets sharing the same parsed data.
 
     Attributes:
@@ -150,6 +153,14 @@ class VQADataset(LazyRecords[VQARecord]):
 
     def _record(self, i: int) -> VQARecord:
         return self._rows.record(self._row(i))
+
+    def _image_key(self, i: int) -> Any:
+        return self._rows.image_id(self._row(i))
+
+    def _image(self, i: int) -> Any:
+        row = self._row(i)
+        path = self._rows.image_file(row)
+        return path if path is not None else self._rows.record(row).image
 
     def _take(self, positions: Sequence[int]) -> VQADataset:
         return VQADataset(
@@ -222,6 +233,9 @@ class VQADataset(LazyRecords[VQARecord]):
     def missing_images(self, limit: int | None = None) -> list[str]:
         """Image files (path references) that do not exist, each listed once.
 
+        Only whether the files exist (fast); :meth:`check_images` and
+        :meth:`without_unreadable_images` decode every image.
+
         Args:
             limit: Stop after this many (``None``: check all).
         """
@@ -239,24 +253,6 @@ class VQADataset(LazyRecords[VQARecord]):
                 if limit is not None and len(missing) >= limit:
                     break
         return missing
-
-    def check_images(self, max_report: int = 5) -> None:
-        """Check that every referenced image file exists (decoded images are skipped).
-
-        Raises:
-            FileNotFoundError: Naming how many are missing and the first ``max_report``.
-        """
-        missing = self.missing_images()
-        if missing:
-            n_images = len(self.image_ids)
-            shown = "\n  ".join(missing[:max_report])
-            more = (
-                f"\n  ... and {len(missing) - max_report} more" if len(missing) > max_report else ""
-            )
-            raise FileNotFoundError(
-                f"{len(missing)} of {n_images} images of split {self.split!r} "
-                f"({self.source}: {self.location}) are missing:\n  {shown}{more}"
-            )
 
 
 def answer_strings(value: Any, where: str) -> list[str]:
