@@ -42,7 +42,7 @@ def write_split(folder: Path, n_questions: int, seed: int = 0) -> dict[str, Path
     q_path = folder / "v2_OpenEnded_mscoco_train2014_questions.json"
     a_path = folder / "v2_mscoco_train2014_annotations.json"
     n_images = max(1, round(n_questions / QUESTIONS_PER_IMAGE))
-    image_ids = [rng.randrange(1, 581_929) for _ in range(n_images)]
+    image_ids = rng.sample(range(1, 581_930), n_images)  # distinct COCO-range ids
     rows = [
         (image_ids[i % n_images] * 1000 + i // n_images, image_ids[i % n_images])
         for i in range(n_questions)
@@ -155,12 +155,14 @@ def main() -> None:
         paths = write_split(folder, n)
         mb = sum(p.stat().st_size for p in (paths["questions"], paths["annotations"])) / 2**20
         for mode in ("json.load", "stream"):
-            out = subprocess.run(
+            proc = subprocess.run(
                 [sys.executable, __file__, "--child", mode, *map(str, paths.values())],
-                check=True,
                 capture_output=True,
                 text=True,
-            ).stdout
+            )
+            if proc.returncode:
+                sys.exit(f"{mode} reader failed on {n} questions:\n{proc.stderr}")
+            out = proc.stdout
             r = json.loads(out.strip().splitlines()[-1])
             rows.append((n, mb, mode, r))
             print(
