@@ -76,6 +76,19 @@ def _add_search_args(p: argparse.ArgumentParser, from_config: bool) -> None:
     )
 
 
+def _add_skip_bad_images(p: argparse.ArgumentParser, key: str) -> None:
+    """``--skip-bad-images``: a shortcut for ``--set KEY.skip_bad_images=true``."""
+    p.add_argument(
+        "--skip-bad-images",
+        dest="overrides",
+        action="append_const",
+        const=f"{key}.skip_bad_images=true",
+        help=f"decode every image once up front and drop the records whose image cannot be "
+        f"read, logging how many and which (sets {key}.skip_bad_images; default: the first "
+        f"unreadable image stops the run, naming the file)",
+    )
+
+
 def _load_cfg(args: argparse.Namespace) -> RunConfig:
     cfg = load_config(args.config, args.overrides)
     if getattr(args, "output_dir", None):
@@ -116,6 +129,16 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _train_retriever_args(p: argparse.ArgumentParser) -> None:
+    _train_args(p)
+    _add_skip_bad_images(p, "retriever.captions")
+
+
+def _train_reader_args(p: argparse.ArgumentParser) -> None:
+    _train_args(p)
+    _add_skip_bad_images(p, "data")
+
+
 def _cmd_train_retriever(args: argparse.Namespace) -> int:
     from rvqa.retriever.train import train_retriever
 
@@ -149,6 +172,7 @@ def _cmd_train_reader(args: argparse.Namespace) -> int:
 
 def _eval_retriever_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
+    _add_skip_bad_images(p, "retriever.captions")
     p.add_argument(
         "--model", required=True, help="retriever folder (e.g. runs/demo/retriever/best)"
     )
@@ -421,6 +445,7 @@ class _QuietLoading:
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p, default="the run's reader/config.yaml")
+    _add_skip_bad_images(p, "data")
     p.add_argument("--model", required=True, help="run folder (with rvqa_run.json)")
     p.add_argument(
         "--split",
@@ -552,7 +577,7 @@ COMMANDS: dict[str, Command] = {
         ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 -m rvqa train-retriever --config configs/demo.yaml
         accelerate launch --multi_gpu --num_processes 8 -m rvqa train-retriever --config configs/coco_vqav2.yaml
         """,
-        _train_args,
+        _train_retriever_args,
         _cmd_train_retriever,
     ),
     "evaluate-retriever": Command(
@@ -594,7 +619,7 @@ COMMANDS: dict[str, Command] = {
         ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 -m rvqa train-reader
         accelerate launch --multi_gpu --num_processes 8 -m rvqa train-reader --config configs/coco_vqav2.yaml
         """,
-        _train_args,
+        _train_reader_args,
         _cmd_train_reader,
     ),
     "demo": Command(

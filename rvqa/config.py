@@ -136,6 +136,12 @@ class VQADataConfig:
     """Use this fraction of the training questions (low-data experiments)."""
     max_eval_questions: int | None = None
     """``rvqa evaluate`` and the demo: evaluate only the first N questions (None = all)."""
+    skip_bad_images: bool = False
+    """Decode every image of a split once when it is loaded (threads, a progress bar) and
+    drop the questions whose image cannot be read (missing, truncated, not an image,
+    unsupported mode, too large), logging how many and which (``--skip-bad-images``).
+    Off: nothing is checked up front, and the first unreadable image stops the run with
+    an ``ImageLoadError`` naming the file."""
 
 
 @dataclass
@@ -150,6 +156,11 @@ class CaptionDataConfig:
     splits: list[str] = field(default_factory=lambda: ["train", "restval"])
     """karpathy: which splits to read."""
     columns: ColumnMapping = field(default_factory=ColumnMapping)
+    skip_bad_images: bool = False
+    """Retriever training and evaluation: decode every image once when the captions are
+    loaded and drop the captions whose image cannot be read, logging how many and which
+    (``--skip-bad-images``). Off: the first unreadable image stops the run with an
+    ``ImageLoadError`` naming the file. Index building reads no image and ignores it."""
 
 
 @dataclass

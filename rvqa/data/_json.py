@@ -27,7 +27,7 @@ __all__ = [
     "join_root",
 ]
 
-_CHUNK = 1 << 20  # bytes fed to the parser at a time (also the items held at once)
+_CHUNK = 1 << 16  # bytes read at a time (ijson's C parser is fastest around 64 KiB)
 _NO_MATCH = "\x00"  # an ijson prefix no JSON key path has: parse, build nothing
 
 
@@ -37,19 +37,21 @@ def stream_json(
     arrays: Sequence[str],
     values: dict[str, Any] | None = None,
 ) -> Iterator[tuple[str, int, Any]]:
-    """Stream the items of top-level arrays of a JSON object file, in one pass.
+    """Stream the items of top-level arrays of a JSON object file.
 
     Yields ``(key, index, item)`` for every item of the top-level arrays named in
-    ``arrays`` (in file order within each array; items of different arrays may
-    interleave by up to one read chunk). Items are built one chunk of the file
-    (1 MiB) at a time, so memory holds what the caller keeps, not the document.
+    ``arrays``: all of the first array's items in file order, then the next
+    array's (one parsing pass each, by ijson's C parser). Items are built as the
+    file is read, so memory holds what the caller keeps, not the document.
     Numbers are ``int`` or ``float`` (as with ``json.load``).
 
-    When the iterator is exhausted, the file has been checked: well-formed UTF-8
-    JSON whose top level is an object holding every key of ``arrays`` as a list,
-    and ``values`` (when given) maps each of its keys that the file has to its
-    value, e.g. ``{"data_subtype": None}`` → ``{"data_subtype": "val2014"}`` (keys
-    the file lacks keep their value). Top-level keys may come in any order.
+    ``values`` (when given) is filled first (one more pass, building only those
+    values): each of its keys that the file has at the top level maps to its
+    value, e.g. ``{"data_subtype": None}`` → ``{"data_subtype": "val2014"}``; keys
+    the file lacks keep their value. Top-level keys may come in any order.
+
+    When the iterator is exhausted the file has been checked: well-formed UTF-8
+    JSON whose top level is an object holding every key of ``arrays`` as a list.
 
     Args:
         path: The file.
@@ -66,39 +68,31 @@ def stream_json(
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} file not found: {path}")
-    wanted = list(values or {})
-    sinks = [ijson.sendable_list() for _ in [*arrays, *wanted]]
-    coros = [
-        ijson.items_coro(sink, prefix, use_float=True)
-        for sink, prefix in zip(sinks, [f"{key}.item" for key in arrays] + wanted)
-    ]
-    counts = [0] * len(arrays)
-    chunk_index = -1
-    with open(path, "rb") as f:
-        try:
-            while chunk := f.read(_CHUNK):
-                chunk_index += 1
-                for coro in coros:
-                    coro.send(chunk)
-                for a, key in enumerate(arrays):
-                    sink = sinks[a]
-                    for item in sink:
-                        yield key, counts[a], item
-                        counts[a] += 1
-                    del sink[:]
-            chunk_index += 1  # the end of the file: errors raised by close()
-            for coro in coros:
-                coro.close()
-        except ijson.JSONError as err:
-            raise _malformed(path, what, chunk_index, err) from None
-    for key, sink in zip(wanted, sinks[len(arrays) :]):
-        if sink:
-            values[key] = sink[-1]  # as json.load: the last of repeated keys
+    for key in values or {}:
+        found = list(_items(path, what, key))
+        if found:
+            values[key] = found[-1]  # as json.load: the last of repeated keys
+    empty = []
+    for key in arrays:
+        count = 0
+        for count, item in enumerate(_items(path, what, f"{key}.item"), start=1):
+            yield key, count - 1, item
+        if count == 0:
+            empty.append(key)
     # An absent, non-list or empty array yields nothing: find out which (one more pass,
-    # only then — e.g. an empty list is fine).
-    empty = [key for key, count in zip(arrays, counts) if count == 0]
+    # only then — an empty list is fine).
     if empty:
         _check_top_level(path, what, empty)
+
+
+def _items(path: str, what: str, prefix: str) -> Iterator[Any]:
+    """ijson's items at ``prefix``, a malformed file raising a :class:`DataFormatError`."""
+    with open(path, "rb") as f:
+        try:
+            yield from ijson.items(f, prefix, use_float=True, buf_size=_CHUNK)
+        except ijson.JSONError as err:
+            # The parser has read up to f.tell(): the failure is in the last chunk read.
+            raise _malformed(path, what, max(0, -(-f.tell() // _CHUNK) - 1), err) from None
 
 
 def _check_top_level(path: str, what: str, arrays: Sequence[str]) -> None:
@@ -139,7 +133,7 @@ def _type_name(event: str, value: Any) -> str:
 
 
 def _malformed(path: str, what: str, chunk_index: int, err: Exception) -> DataFormatError:
-    """The error for a parse failure in chunk ``chunk_index``, with its exact position.
+    """The error for a parse failure in chunk ``chunk_index`` (or at the end), with its position.
 
     The parser reports what went wrong but not where; feeding the failing chunk
     again one byte at a time (after the chunks before it, a second pass that runs

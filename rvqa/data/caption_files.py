@@ -51,8 +51,7 @@ def read_coco_captions(
     path = os.fspath(path)
     file_of: dict[Any, str] = {}
     out = CaptionColumns()
-    # Top-level keys may come in any order: an annotation's image is looked up once
-    # the whole file (with every image) has been read. Caption j is annotations[j].
+    # stream_json gives every image (the first array) before the first annotation.
     for key, idx, item in stream_json(path, "COCO captions", ["images", "annotations"]):
         where = f"{path}: {key}[{idx}]"
         if key == "images":
@@ -68,16 +67,11 @@ def read_coco_captions(
         missing = [k for k in ("id", "image_id", "caption") if k not in item]
         if missing:
             raise DataFormatError(f"{where} has no {', '.join(map(repr, missing))}")
-        out.add(item["caption"], item["id"], where, item["image_id"])
-    root = None if images is None else os.fspath(images)
-    for j, image_id in enumerate(out.image_ids):
+        image_id = item["image_id"]
         if image_id not in file_of:
-            raise DataFormatError(
-                f"{path}: annotations[{j}] (id={out.ids[j]!r}): image_id {image_id!r} is not "
-                f"in the file's 'images'"
-            )
-        if root is not None:
-            out.images[j] = os.path.join(root, file_of[image_id])
+            raise DataFormatError(f"{where}: image_id {image_id!r} is not in the file's 'images'")
+        image = None if images is None else os.path.join(os.fspath(images), file_of[image_id])
+        out.add(item["caption"], item["id"], where, image_id, image)
     if not out:
         raise DataFormatError(f"{path}: the COCO captions file has no annotations")
     logger.info("%s: %d captions of %d images", path, len(out), len(set(out.image_ids)))

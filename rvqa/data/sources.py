@@ -49,14 +49,21 @@ def load_vqa(cfg: VQADataConfig, split: str) -> VQADataset:
 
     Dispatches on ``cfg.source``: ``"easy_vqa"`` (splits ``train`` / ``test``),
     ``"vqa"`` (the split names are the keys of ``cfg.splits``), ``"datasets"``
-    (the dataset's own split names). Nothing else is applied: subsample with
-    :meth:`VQADataset.subset` (``cfg.train_fraction``, ``cfg.max_eval_questions``).
+    (the dataset's own split names). With ``cfg.skip_bad_images``, every image is
+    decoded once and the questions of unreadable ones are dropped (logged; see
+    :meth:`VQADataset.without_unreadable_images`). Nothing else is applied: subsample
+    with :meth:`VQADataset.subset` (``cfg.train_fraction``, ``cfg.max_eval_questions``).
 
     Raises:
         ConfigError: (a ``ValueError``) Unknown source, or the files it needs not set.
         UsageError: (a ``ValueError``) Unknown split (listing the known names).
         DataFormatError: (a ``ValueError``) Any error the adapter finds in the data.
     """
+    dataset = _read_vqa(cfg, split)
+    return dataset.without_unreadable_images() if cfg.skip_bad_images else dataset
+
+
+def _read_vqa(cfg: VQADataConfig, split: str) -> VQADataset:
     if cfg.source == "easy_vqa":
         return read_easy_vqa(split)
     if cfg.source == "vqa":
@@ -142,11 +149,16 @@ def load_caption_split(cfg: CaptionDataConfig, split: str) -> list[CaptionRecord
 
     ``"train"`` of a karpathy source is every split in ``cfg.splits`` (e.g. train +
     restval); sources without splits give all their captions for any ``split``.
+    These are the captions whose images are used (retriever training and
+    evaluation): with ``cfg.skip_bad_images``, every image is decoded once and the
+    captions of unreadable ones are dropped (logged; see
+    :meth:`CaptionCorpus.without_unreadable_images`).
     """
     if cfg.source == "karpathy":
-        splits = list(cfg.splits) if split == "train" else [split]
-        return list(load_captions(cfg, split=splits))
-    return list(load_captions(cfg, split=split if cfg.source in SOURCE_SPLITS else None))
+        corpus = load_captions(cfg, split=list(cfg.splits) if split == "train" else [split])
+    else:
+        corpus = load_captions(cfg, split=split if cfg.source in SOURCE_SPLITS else None)
+    return list(corpus.without_unreadable_images() if cfg.skip_bad_images else corpus)
 
 
 def has_split(cfg: CaptionDataConfig, split: str | None) -> bool:
