@@ -13,7 +13,14 @@ from PIL import Image
 
 from rvqa.cli import build_parser
 from rvqa.config import CaptionDataConfig, SplitFiles, VQADataConfig, load_config
-from rvqa.data import load_caption_split, load_image, load_vqa, read_vqa_files
+from rvqa.data import (
+    CaptionCorpus,
+    CaptionRecord,
+    load_caption_split,
+    load_image,
+    load_vqa,
+    read_vqa_files,
+)
 from rvqa.data.images import find_unreadable_images
 from rvqa.errors import ImageLoadError, UsageError
 from tests.data_fixtures import write_image, write_json
@@ -121,6 +128,11 @@ def test_skip_bad_images_for_captions(vqa_split: SplitFiles, tmp_path: Path) -> 
     cfg.skip_bad_images = True
     kept = load_caption_split(cfg, "train")
     assert [c.caption_id for c in kept] == [10, 11, 50, 51]
+    # Captions without an image (e.g. COCO captions read without an image folder) are kept.
+    text_only = CaptionCorpus.from_records(
+        [CaptionRecord(caption="a dog", caption_id=1, image_id=7, image=None)]
+    )
+    assert len(text_only.without_unreadable_images()) == 1
 
 
 def test_find_unreadable_images_in_a_bounded_pool(tmp_path: Path) -> None:

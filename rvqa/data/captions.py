@@ -90,7 +90,12 @@ class CaptionCorpus(LazyRecords[CaptionRecord]):
         )
 
     def _image_key(self, i: int) -> Any:
-        image = self.image(i)
+        # By image id when known: stable, and no decoded image (a datasets column) is built.
+        if self._images is None:
+            return None
+        if self.image_ids[i] is not None:
+            return ("image_id", self.image_ids[i])
+        image = self._images[i]
         return None if image is None else image_key(image)
 
     def _image(self, i: int) -> Any:

@@ -267,7 +267,8 @@ def find_unreadable_images(
     a large data set keeps memory flat; each decoded image is dropped at once.
 
     Args:
-        images: Image references as :func:`load_image` takes them (paths, PIL images).
+        images: Image references as :func:`load_image` takes them (paths, PIL
+            images); ``None`` (no image) is skipped.
         total: How many ``images`` has (for the progress bar), when known.
         max_pixels: As :func:`load_image`; a larger image counts as unreadable.
         num_threads: Decoding threads (default: ``min(32, CPUs + 4)``).
@@ -307,7 +308,9 @@ def find_unreadable_images(
 
 
 def _unreadable_reason(image: Any, max_pixels: int | None) -> str | None:
-    """Why ``image`` cannot be loaded, in a few words (``None``: it loads)."""
+    """Why ``image`` cannot be loaded, in a few words (``None``: it loads, or there is none)."""
+    if image is None:
+        return None
     try:
         load_image(image, max_pixels)
     except ImageLoadError as err:
