@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import warnings
 from collections import deque
 from collections.abc import Iterable
@@ -68,6 +69,7 @@ bound even when a larger ``max_pixels`` (or ``None``) is passed.
 """
 
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_OPEN_LOCK = threading.Lock()  # see _load_path
 _INT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
@@ -151,15 +153,18 @@ def _load_path(path: str | os.PathLike, max_pixels: int | None) -> Image.Image:
     if os.path.getsize(path) == 0:
         raise ImageLoadError(path, "the file is empty (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            # PIL warns (rather than raises) between MAX_IMAGE_PIXELS and twice that.
+        with _OPEN_LOCK, warnings.catch_warnings():
+            # PIL warns (rather than raises) between MAX_IMAGE_PIXELS and twice that, in
+            # Image.open. Warning filters are process-wide: one thread at a time changes
+            # them (reading the header is quick; decoding runs in parallel, below).
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                _check_size(im.size, max_pixels, what=f"image {path!r}")
-                im.load()
-                rgb = _to_rgb(im)
-                if rgb is im:  # leaving the with-block closes `im`: keep a copy
-                    rgb = im.copy()
+            im = Image.open(path)
+        with im:
+            _check_size(im.size, max_pixels, what=f"image {path!r}")
+            im.load()
+            rgb = _to_rgb(im)
+            if rgb is im:  # leaving the with-block closes `im`: keep a copy
+                rgb = im.copy()
     except _ImageTooLarge:
         raise
     except _UnsupportedMode as err:
