@@ -113,6 +113,8 @@ def test_check_images_is_the_same_check_and_fails(vqa_split: SplitFiles) -> None
             vqa_split.questions, vqa_split.annotations, vqa_split.images, check_images=True
         )
     assert len(ds[:2].without_unreadable_images()) == 2  # nothing bad: unchanged
+    with pytest.raises(ImageLoadError, match=r"1 of 1 images .*no question is left: is the image"):
+        ds[2:4].without_unreadable_images()  # image 2 only, missing: nothing would be left
 
 
 def test_skip_bad_images_for_captions(vqa_split: SplitFiles, tmp_path: Path) -> None:

@@ -145,11 +145,21 @@ class LazyRecords(Sequence[R]):
 
         Logs (a warning) how many images and records were dropped and the first
         ``max_report`` files with the reason. Records without an image are kept.
+
+        Raises:
+            ImageLoadError: (a ``ValueError``) No image can be read (a wrong image
+                folder, most likely): nothing would be left.
         """
         bad, total = self._scan_images()
         if not bad:
             return self
         keep = [i for i in range(len(self)) if self._image_key(i) not in bad]
+        if not keep:
+            (name, reason), *_ = bad.values()
+            summary = self._summary(bad, total, max_report, "cannot be read", skip_first=True)
+            raise ImageLoadError(
+                name, f"{reason}; {summary}; no {self.noun} is left: is the image folder right?"
+            )
         logger.warning(
             "%s; dropped %s of %s %ss",
             self._summary(bad, total, max_report, "skipped", "that could not be read"),
