@@ -185,5 +185,3 @@ def test_search_params_override(tmp_path):
     index.set_search_params(nprobe=16)
     exact = brute_force(x[:5], x, 5)[1]
     assert [r.ids for r in index.search(x[:5], 5)] == exact.tolist()
-
-
