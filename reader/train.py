@@ -25,6 +25,7 @@ from accelerate.utils import set_seed
 
 from rvqa.config import RunConfig, save_config
 from rvqa.data import load_caption_split
+from rvqa.distributed import log_placement
 from rvqa.errors import UsageError
 from rvqa.pixels import PixelCache
 from rvqa.reader.answers import AnswerVocab, build_vocab
@@ -117,16 +118,23 @@ def train_reader(
     if s.top_k > 0 or s.vision_backbone == "retriever":
         if retriever is None:
             retriever = RetrieverModel.from_pretrained(retriever_dir(run_dir))
+        retriever = retriever.to(accelerator.device)
     if s.top_k > 0:
         index_path = index.path if index is not None else Path(cfg.index.folder())
         if index is None:
+            dev = accelerator.device  # several processes: each searches on its own GPU
+            own_gpu = dev.type == "cuda" and accelerator.num_processes > 1
             index = KnowledgeIndex.load(
                 index_path,
                 retriever=retriever,
                 nprobe=cfg.index.nprobe,
                 ef_search=cfg.index.ef_search,
                 use_gpu=cfg.index.use_gpu,
+                gpus=[dev.index or 0] if own_gpu else None,
             )
+        log_placement(
+            "train-reader", accelerator, retriever=retriever, **{f"index.{index.name}": index}
+        )
         exclude = None
         if s.exclude_own_captions:
             # The captions the index is built from (build-index's default split).
@@ -139,6 +147,9 @@ def train_reader(
             s.top_k,
             exclude_ids=exclude,
             cache_dir=out / "retrieval_cache",
+            batch_size=s.batch_size,
+            num_workers=s.num_workers,
+            accelerator=accelerator,
             show_progress=accelerator.is_local_main_process,
         )
 
@@ -191,6 +202,7 @@ def train_reader(
         desc="training reader",
         end_training=False,
     )
+    log_placement("train-reader", accelerator, reader=model)
     model_dir = result.best_model_dir or result.final_model_dir
     if accelerator.is_main_process:
         indices = {cfg.index.name: str(index_path)} if index_path is not None else {}

@@ -116,6 +116,8 @@ def evaluate_retriever(
             protocol ``all`` only; the named protocols never dedupe.
         batch_size: Encoding batch size.
         accelerator: Split the encoding across processes (every process gets the result).
+            The model must already be on the device it should run on (its inputs
+            follow its parameters: ``accelerator.device`` in the run commands).
 
     Returns:
         ``{"i2t_r1", "i2t_r10", "i2t_r5", "rsum", "t2i_r1", ...}`` in percent;
@@ -162,7 +164,7 @@ def evaluate_retriever(
     for t, im in zip(texts, img_of_caption):
         texts_of_image[im].add(distinct.setdefault(t.strip().lower(), len(distinct)))
     gallery = list(distinct)
-    txt_emb = embed_texts(gallery, batch_size=batch_size)
+    txt_emb = sharded_map(lambda xs: embed_texts(xs, batch_size=batch_size), gallery, accelerator)
     out = recall_at_k_multi(img_emb, txt_emb, texts_of_image)
     out["num_images"] = float(len(images))
     out["num_captions"] = float(len(gallery))

@@ -26,6 +26,7 @@ from accelerate.utils import set_seed
 
 from rvqa.config import RunConfig, save_config
 from rvqa.data import has_split, holdout_by_image, load_caption_split
+from rvqa.distributed import log_placement
 from rvqa.errors import DataFormatError
 from rvqa.io import write_json_atomic
 from rvqa.pixels import PixelCache
@@ -112,16 +113,14 @@ def train_retriever(
     )
     model_dir = result.best_model_dir or result.final_model_dir
     test_metrics = None
+    unwrapped = accelerator.unwrap_model(model)
     if test_records:
-        best = (
-            RetrieverModel.from_pretrained(model_dir)
-            if model_dir != result.final_model_dir
-            else None
-        )
-        unwrapped = best or accelerator.unwrap_model(model)
+        if model_dir != result.final_model_dir:  # best/ is evaluated on the run's device
+            unwrapped = RetrieverModel.from_pretrained(model_dir).to(accelerator.device)
         test_metrics = evaluate_retriever(unwrapped, test_records, accelerator=accelerator)
         if accelerator.is_main_process:
             logger.info("test recall: %s", {k: round(v, 2) for k, v in test_metrics.items()})
+    log_placement("train-retriever", accelerator, retriever=unwrapped)
     if accelerator.is_main_process:
         chosen = {"model_dir": str(model_dir), "val": _val_of(result), "test": test_metrics}
         write_json_atomic(out / METRICS_FILE, chosen)

@@ -89,10 +89,23 @@ def _add_skip_bad_images(p: argparse.ArgumentParser, key: str) -> None:
     )
 
 
+def _add_gpu_index_arg(p: argparse.ArgumentParser, config: bool) -> None:
+    default = " (default: the config's index.use_gpu)" if config else ""
+    p.add_argument(
+        "--gpu-index",
+        action="store_true",
+        default=None,
+        help="search the knowledge index on GPU: sharded over the GPUs faiss sees (one "
+        f"process's own GPU in a multi-process run); CPU with a warning without them{default}",
+    )
+
+
 def _load_cfg(args: argparse.Namespace) -> RunConfig:
     cfg = load_config(args.config, args.overrides)
     if getattr(args, "output_dir", None):
         cfg.output_dir = args.output_dir
+    if getattr(args, "gpu_index", None):
+        cfg.index.use_gpu = True
     return cfg
 
 
@@ -137,6 +150,7 @@ def _train_retriever_args(p: argparse.ArgumentParser) -> None:
 def _train_reader_args(p: argparse.ArgumentParser) -> None:
     _train_args(p)
     _add_skip_bad_images(p, "data")
+    _add_gpu_index_arg(p, config=True)  # the retrieval pass searches the index
 
 
 def _cmd_train_retriever(args: argparse.Namespace) -> int:
@@ -288,6 +302,7 @@ def _index_info_args(p: argparse.ArgumentParser) -> None:
         "--retriever", help="retriever folder: check the fingerprint and re-encode captions"
     )
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    _add_gpu_index_arg(p, config=False)
 
 
 def _cmd_index_info(args: argparse.Namespace) -> int:
@@ -300,7 +315,7 @@ def _cmd_index_info(args: argparse.Namespace) -> int:
         print(json.dumps(read_manifest(args.path), indent=1))
         return 0
     encoder = RetrieverModel.from_pretrained(args.retriever) if args.retriever else None
-    print(index_info(args.path, encoder))
+    print(index_info(args.path, encoder, use_gpu=bool(args.gpu_index)))
     return 0
 
 
@@ -352,6 +367,7 @@ def _ask_args(p: argparse.ArgumentParser) -> None:
         help="captions to retrieve (default: the number the reader was trained with)",
     )
     _add_search_args(p, from_config=False)
+    _add_gpu_index_arg(p, config=False)
     p.add_argument("--json", action="store_true", help="print the answer as JSON")
     p.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available)"
@@ -362,6 +378,7 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     import json
 
     from rvqa.data.images import load_image
+    from rvqa.distributed import log_placement
     from rvqa.pipeline import ALL_INDICES, RVQA
 
     # Cheap checks first: a typo should not cost loading the models.
@@ -381,8 +398,10 @@ def _cmd_ask(args: argparse.Namespace) -> int:
             load_indices=not args.no_retrieval,
             nprobe=args.nprobe,
             ef_search=args.ef_search,
+            use_gpu=bool(args.gpu_index),
         )
         index = None if args.no_retrieval else (model.use_indices(args.index) or ALL_INDICES)
+        log_placement("ask", **model.placement())
         out = model.answer(image, args.question, top_k=args.top_k, index=index)
     if args.json:
         print(json.dumps(out.to_dict(), indent=1, ensure_ascii=False, default=str))
@@ -469,6 +488,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
         help="evaluate only the first N (default: the config's data.max_eval_questions; 0: all)",
     )
     _add_search_args(p, from_config=True)
+    _add_gpu_index_arg(p, config=True)
     p.add_argument(
         "--compare",
         action="store_true",
@@ -523,6 +543,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             seed=args.seed,
             batch_size=args.batch_size,
             device=args.device,
+            use_gpu=True if args.gpu_index else None,
         )
     if res.table is not None:
         print(f"{res.questions} questions ({res.split})\n")
@@ -701,8 +722,12 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    # The placement / cuda-peak lines stay at INFO while loading chatter is quieted.
+    logging.getLogger("rvqa.placement").setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
-        return int(COMMANDS[args.command].run(args) or 0)
+        rc = int(COMMANDS[args.command].run(args) or 0)
+        _log_cuda_peak(args.command)
+        return rc
     except KeyboardInterrupt:
         print("rvqa: interrupted", file=sys.stderr)
         return 130
@@ -718,6 +743,26 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+PLACED_COMMANDS = (
+    "train-retriever",
+    "evaluate-retriever",
+    "build-index",
+    "train-reader",
+    "evaluate",
+    "ask",
+)
+"""The commands that log ``rvqa placement:`` and ``rvqa cuda-peak:`` lines
+(:mod:`rvqa.distributed`)."""
+
+
+def _log_cuda_peak(command: str) -> None:
+    """The ``rvqa cuda-peak:`` line at the end of a command that ran models (on success)."""
+    if command in PLACED_COMMANDS and "torch" in sys.modules:
+        from rvqa.distributed import log_cuda_peak
+
+        log_cuda_peak(command)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -233,9 +233,10 @@ class IndexSettings:
     store_embeddings: bool = True
     embeddings_dtype: Literal["float16", "float32"] = "float16"
     use_gpu: bool = False
-    """Search on the GPUs faiss sees (CPU with a warning when it sees none); read by
-    ``train-reader``'s retrieval. ``RVQA``, ``rvqa ask`` and ``rvqa evaluate`` search on
-    CPU for now."""
+    """Search the knowledge index on GPU: sharded over the GPUs faiss sees (each process's
+    own GPU in a multi-process run), CPU with one warning where faiss has none. Read by
+    ``train-reader``'s retrieval and ``rvqa evaluate``; ``--gpu-index`` sets it (also on
+    ``rvqa ask`` and ``index-info``), ``use_gpu=`` on ``RVQA.from_pretrained``."""
     nprobe: int | None = None
     """IVF indices: lists probed per query at inference (None = the value tuned at build
     time); read by ``rvqa evaluate`` and ``train-reader``'s retrieval (the API and ``rvqa ask``

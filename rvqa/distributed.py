@@ -3,17 +3,41 @@
 One sharding strategy everywhere: contiguous shards in rank order
 (:func:`shard_bounds`), so gathering them back is a concatenation in rank order
 and a several-process run yields exactly the rows of a one-process run.
+
+Placement: :func:`run_device` is the device a command's models live on (the
+``Accelerator``'s, else CUDA when available); :func:`log_placement` and
+:func:`log_cuda_peak` write the two machine-readable lines every CLI command
+emits on every process (``benchmarks/`` parses them)::
+
+    rvqa placement: stage=build-index rank=0/2 retriever=cuda:0 index.coco=faiss-cpu
+    rvqa cuda-peak: stage=build-index rank=0 bytes=123456789
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-__all__ = ["is_distributed_launch", "is_main_process", "shard_bounds", "sharded_map"]
+__all__ = [
+    "device_name",
+    "is_distributed_launch",
+    "is_main_process",
+    "log_cuda_peak",
+    "log_placement",
+    "placement_line",
+    "process_rank",
+    "run_device",
+    "shard_bounds",
+    "sharded_map",
+]
+
+placement_logger = logging.getLogger("rvqa.placement")
+"""The logger of the placement and CUDA-peak lines (INFO); the CLI keeps it at INFO
+while it quiets other loading chatter (``-q`` hides it)."""
 
 
 def is_distributed_launch() -> bool:
@@ -51,3 +75,82 @@ def sharded_map(
     if len(out) != len(items):
         raise RuntimeError(f"sharded_map gathered {len(out)} rows for {len(items)} items")
     return out
+
+
+def process_rank(accelerator: Any = None) -> tuple[int, int]:
+    """``(rank, world size)`` of this process: the accelerator's, else the launcher's env."""
+    if accelerator is not None:
+        return int(accelerator.process_index), int(accelerator.num_processes)
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def run_device(accelerator: Any = None, device: Any = None) -> Any:
+    """The device a command's models live on.
+
+    ``device`` when given, else the accelerator's (``accelerator.device``: the
+    process's GPU under ``accelerate launch``, the CPU with ``ACCELERATE_USE_CPU``),
+    else CUDA when torch sees it, else the CPU — what ``Accelerator()`` picks in a
+    single process, so commands with and without an accelerator agree.
+    """
+    import torch  # layer 2 may use torch; imported here so shard_bounds users need none
+
+    if device is not None:
+        return torch.device(device)
+    if accelerator is not None:
+        return accelerator.device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_name(component: Any) -> str:
+    """What a placement line says about ``component``.
+
+    A torch module → the device of its parameters (``cpu``, ``cuda:0``; ``mixed`` when
+    they straddle devices); a knowledge index (has ``on_gpu``) → ``faiss-gpu`` /
+    ``faiss-cpu``; a ``torch.device`` or string → itself.
+    """
+    if hasattr(component, "on_gpu"):
+        return "faiss-gpu" if component.on_gpu else "faiss-cpu"
+    params = getattr(component, "parameters", None)
+    if callable(params):
+        devices = {str(p.device) for p in params()} | {str(b.device) for b in component.buffers()}
+        if not devices:
+            return "none"
+        return devices.pop() if len(devices) == 1 else "mixed"
+    return str(component)
+
+
+def placement_line(stage: str, rank: int, world: int, components: dict[str, Any]) -> str:
+    """``rvqa placement: stage=STAGE rank=R/N name=device ...`` (see :func:`device_name`)."""
+    parts = " ".join(f"{name}={device_name(c)}" for name, c in components.items())
+    return f"rvqa placement: stage={stage} rank={rank}/{world} {parts}".rstrip()
+
+
+def log_placement(stage: str, accelerator: Any = None, **components: Any) -> str:
+    """Log (INFO, every process) where ``components`` live; returns the line.
+
+    Args:
+        stage: The CLI command (``build-index``, ``train-reader``, ...).
+        accelerator: The run's accelerator (its rank and world size), else the env's.
+        **components: name → module, knowledge index, device or string; names with
+            dots are kept (``index.coco``).
+    """
+    rank, world = process_rank(accelerator)
+    line = placement_line(stage, rank, world, components)
+    placement_logger.info("%s", line)
+    return line
+
+
+def log_cuda_peak(stage: str) -> str | None:
+    """Log ``rvqa cuda-peak: stage=STAGE rank=R bytes=B`` (INFO) when torch sees CUDA.
+
+    ``B`` is ``torch.cuda.max_memory_allocated()`` of this process's current device.
+    Returns the line (None without CUDA).
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    rank, _ = process_rank()
+    line = f"rvqa cuda-peak: stage={stage} rank={rank} bytes={torch.cuda.max_memory_allocated()}"
+    placement_logger.info("%s", line)
+    return line

@@ -34,9 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from accelerate import Accelerator
+
 from rvqa.config import RunConfig, load_config, save_config
 from rvqa.data import load_caption_split, load_vqa
 from rvqa.data.images import load_image
+from rvqa.distributed import log_placement, run_device
 from rvqa.errors import UsageError
 from rvqa.io import write_json_atomic, write_text_atomic
 from rvqa.metrics import evaluate_vqa, normalize_answer
@@ -513,6 +516,7 @@ def evaluate_split(
     seed: int = 0,
     batch_size: int = 128,
     device: str | None = None,
+    use_gpu: bool | None = None,
 ) -> EvaluationOutcome:
     """``rvqa evaluate``: load a run, answer a VQA split, write the files and ``config.yaml``.
 
@@ -537,6 +541,8 @@ def evaluate_split(
         report, report_errors, seed: As in :func:`evaluate_run`.
         batch_size: Questions per batch.
         device: Torch device (default: CUDA when available).
+        use_gpu: Search the indices on GPU (default: ``cfg.index.use_gpu``; ``rvqa
+            evaluate --gpu-index``).
 
     Raises:
         UsageError: Contradicting or out-of-range arguments.
@@ -562,8 +568,10 @@ def evaluate_split(
         load_indices=not no_retrieval,
         nprobe=nprobe if nprobe is not None else cfg.index.nprobe,
         ef_search=ef_search if ef_search is not None else cfg.index.ef_search,
+        use_gpu=cfg.index.use_gpu if use_gpu is None else use_gpu,
     )
     names = model.use_indices(indices)
+    log_placement("evaluate", **model.placement())
     if random_captions and not model.registry.names:
         raise UsageError("--random-captions needs an index (--index, or a run with indices)")
     records = list(load_vqa(cfg.data, split))
@@ -615,8 +623,13 @@ def evaluate_retriever_split(
     protocol: str = "all",
     batch_size: int = 128,
     out_dir: str | Path | None = None,
+    accelerator: Any = None,
 ) -> dict[str, float]:
     """``rvqa evaluate-retriever``: recall@1/5/10 both ways and rsum on a caption split.
+
+    The retriever runs on the accelerator's device (default: a new ``Accelerator``:
+    the process's GPU under ``accelerate launch``, where every process encodes a
+    shard of the images and captions, else CUDA when available, else the CPU).
 
     Args:
         model: A retriever folder or a loaded :class:`rvqa.retriever.modeling.RetrieverModel`.
@@ -628,7 +641,9 @@ def evaluate_retriever_split(
             images); the named protocols check the image count and keep each
             image's first 5 captions (:func:`rvqa.retriever.evaluation.evaluate_retriever`).
         batch_size: Encoding batch size.
-        out_dir: If given, write ``metrics.json`` and the resolved ``config.yaml`` there.
+        out_dir: If given, write ``metrics.json`` and the resolved ``config.yaml`` there
+            (by the main process).
+        accelerator: The run's ``Accelerator`` (default: a new one).
 
     Raises:
         UsageError: An unknown protocol, or a split whose image count does not fit it.
@@ -637,8 +652,13 @@ def evaluate_retriever_split(
     records = load_caption_split(cfg.retriever.captions, split)
     if isinstance(model, (str, Path)):
         model = RetrieverModel.from_pretrained(model)
-    metrics = evaluate_retriever(model, records, protocol=protocol, batch_size=batch_size)
-    if out_dir is not None:
+    accelerator = accelerator if accelerator is not None else Accelerator()
+    model = model.to(run_device(accelerator))
+    log_placement("evaluate-retriever", accelerator, retriever=model)
+    metrics = evaluate_retriever(
+        model, records, protocol=protocol, batch_size=batch_size, accelerator=accelerator
+    )
+    if out_dir is not None and accelerator.is_main_process:
         write_json_atomic(Path(out_dir) / METRICS_FILE, metrics)
         save_config(cfg, Path(out_dir) / CONFIG_FILE)
     return metrics

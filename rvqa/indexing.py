@@ -2,6 +2,11 @@
 
 Every index folder built here gets the resolved run config, ``config.yaml``,
 beside its manifest (the index format ignores files it does not list).
+
+The retriever encodes on the run's device (``Accelerator().device``: each
+process's GPU under ``accelerate launch --multi_gpu``, where every process encodes
+a contiguous shard of the captions; CUDA when available in a single process). The
+faiss index is trained and filled on the CPU (``faiss-cpu`` in the placement line).
 """
 
 from __future__ import annotations
@@ -10,9 +15,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from accelerate import Accelerator
+
 from rvqa.config import CaptionDataConfig, RunConfig, save_config
 from rvqa.data import load_captions
-from rvqa.distributed import is_distributed_launch
+from rvqa.distributed import log_placement, run_device
 from rvqa.errors import DataFormatError, UsageError
 from rvqa.retriever.index import build_index, rebuild_index
 from rvqa.retriever.modeling import RetrieverModel
@@ -113,6 +120,7 @@ def build_index_from_config(
             ef_construction=ef_construction,
             tuning_queries=tuning_queries,
         )
+        log_placement("build-index", **{f"index.{out.name}": "faiss-cpu"})  # no retriever
         return _with_config(path, cfg)
 
     source = (  # checked first: a typo should not cost loading the retriever
@@ -138,12 +146,9 @@ def build_index_from_config(
     corpus = load_captions(source, split=split_arg)
     if len(corpus) == 0:
         raise DataFormatError(f"the caption source {source.source} {source.path or ''} is empty")
-    accelerator = None
-
-    if is_distributed_launch():
-        from accelerate import Accelerator
-
-        accelerator = Accelerator()
+    accelerator = Accelerator()  # one process, or one per GPU under accelerate launch
+    model = model.to(run_device(accelerator))
+    log_placement("build-index", accelerator, retriever=model, **{f"index.{out.name}": "faiss-cpu"})
     desc = f"{source.source}:{source.path or ''}{':' + str(split_arg) if split_arg else ''}"
     path = build_index(
         model,
@@ -161,7 +166,7 @@ def build_index_from_config(
         ef_construction=ef_construction,
         tuning_queries=tuning_queries,
     )
-    if accelerator is not None:
+    if accelerator.num_processes > 1:
         accelerator.end_training()
     return _with_config(path, cfg)
 

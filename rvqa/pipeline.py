@@ -10,6 +10,13 @@ Knowledge indices live in a thread-safe registry: ``load_index`` / ``swap_index`
 takes one snapshot of the registry, so each answer comes from exactly one index
 state. A swap validates the new index against the loaded retriever before
 anything changes: a bad index leaves the old one serving.
+
+Placement: the retriever and reader live on ``device`` (default: CUDA when
+available, as :func:`rvqa.distributed.run_device`); with ``use_gpu=True`` the
+indices search on GPU (sharded over the GPUs faiss sees, or only ``device``'s
+GPU when it names one; CPU with one warning where faiss has none; see
+:mod:`rvqa.retriever.index.knowledge_index`). :meth:`RVQA.placement` says where
+each component is.
 """
 
 from __future__ import annotations
@@ -105,6 +112,8 @@ class RVQA:
         max_top_k: The largest ``top_k`` whose captions always fit the reader's text
             positions (``None``: no known limit).
         registry: The loaded knowledge indices (:class:`rvqa.retriever.index.IndexRegistry`).
+        use_gpu: Whether indices loaded by this model search on GPU (the default of
+            :meth:`load_index`, :meth:`swap_index` and :meth:`use_indices`).
         nprobe: ``nprobe`` for the IVF indices this model loads (``None``: as built).
         ef_search: ``efSearch`` for the HNSW indices this model loads (``None``: as built).
     """
@@ -120,6 +129,7 @@ class RVQA:
         run_dir: str | Path | None = None,
         nprobe: int | None = None,
         ef_search: int | None = None,
+        use_gpu: bool = False,
     ):
         self.device = _resolve_device(device)
         self.retriever = retriever.to(self.device).eval()
@@ -143,7 +153,8 @@ class RVQA:
                 check_int(value, key, minimum=1)
         self.nprobe = nprobe
         self.ef_search = ef_search
-        self.registry = IndexRegistry()
+        self.use_gpu = bool(use_gpu)
+        self.registry = IndexRegistry(use_gpu=self.use_gpu, gpus=self._index_gpus())
         self._swap_lock = threading.Lock()
         # (retriever object, its fingerprint): hashing every weight once, not per index load.
         self._fingerprint: tuple[Any, str] | None = None
@@ -159,6 +170,7 @@ class RVQA:
         load_indices: bool = True,
         nprobe: int | None = None,
         ef_search: int | None = None,
+        use_gpu: bool = False,
     ) -> RVQA:
         """Load a run folder: retriever, reader and its default knowledge index(es).
 
@@ -171,6 +183,9 @@ class RVQA:
                 model loads that has the parameter (default: the value tuned at build
                 time). Also the default of later :meth:`load_index` calls.
             ef_search: HNSW indices: ``efSearch``, likewise.
+            use_gpu: Search the indices on GPU (``index.use_gpu`` / ``--gpu-index``):
+                sharded over the GPUs faiss sees, or only ``device``'s GPU when it
+                names one (``cuda:1``); CPU with one warning where faiss has no GPU.
 
         Raises:
             RunFolderError: The folder, ``rvqa_run.json`` or a component file is
@@ -213,6 +228,7 @@ class RVQA:
             run_dir=run.run_dir,
             nprobe=nprobe,
             ef_search=ef_search,
+            use_gpu=use_gpu,
         )
         if load_indices:
             for name, path in run.indices.items():
@@ -267,14 +283,43 @@ class RVQA:
             logger.warning("%s does not apply to index %s (%s); left as built", key, path, factory)
         return {k: int(v) for k, v in {**defaults, **given}.items() if k == knob}
 
+    def _index_gpus(self) -> list[int] | None:
+        """The GPUs indices shard over: ``device``'s when it names one, else all (None)."""
+        if self.device.type == "cuda" and self.device.index is not None:
+            return [self.device.index]
+        return None
+
+    def placement(self) -> dict[str, str]:
+        """Where each component is: ``retriever``/``reader`` → torch device, and
+        ``index.NAME`` → ``faiss-gpu`` / ``faiss-cpu`` for every loaded index."""
+        from rvqa.distributed import device_name
+
+        out = {"retriever": device_name(self.retriever), "reader": device_name(self.reader)}
+        for name in self.registry.names:
+            try:
+                out[f"index.{name}"] = device_name(self.registry.get(name))
+            except KeyError:  # unloaded by another thread meanwhile
+                pass
+        return out
+
     def _load(
-        self, path: str | Path, name: str, nprobe: int | None = None, ef_search: int | None = None
+        self,
+        path: str | Path,
+        name: str,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        use_gpu: bool | None = None,
     ) -> KnowledgeIndex:
         params = self._search_params(path, nprobe, ef_search)
         # Checked against the cached fingerprint (the check is the same as passing the
         # retriever, which would hash all its weights again on every load or swap).
         index = KnowledgeIndex.load(
-            path, retriever=self._retriever_fingerprint(), name=name, **params
+            path,
+            retriever=self._retriever_fingerprint(),
+            name=name,
+            use_gpu=self.use_gpu if use_gpu is None else bool(use_gpu),
+            gpus=self._index_gpus(),
+            **params,
         )
         index.encoder = self.retriever  # enables index.search_images / index.add
         return index
@@ -286,6 +331,7 @@ class RVQA:
         *,
         nprobe: int | None = None,
         ef_search: int | None = None,
+        use_gpu: bool | None = None,
     ) -> str:
         """Load a knowledge index folder under ``name`` (default: the folder name).
 
@@ -296,6 +342,7 @@ class RVQA:
                 :attr:`nprobe`, else the value tuned at build time).
             ef_search: HNSW indices: ``efSearch`` (default: the model's
                 :attr:`ef_search`, else the value tuned at build time).
+            use_gpu: Search it on GPU (default: the model's :attr:`use_gpu`).
 
         Returns:
             The name it is loaded under.
@@ -311,7 +358,7 @@ class RVQA:
         with self._swap_lock:
             if name in self.registry:
                 raise UsageError(f"an index named {name!r} is loaded already; use swap_index")
-            self.registry.register(name, self._load(path, name, nprobe, ef_search))
+            self.registry.register(name, self._load(path, name, nprobe, ef_search, use_gpu))
         return name
 
     def swap_index(
@@ -321,13 +368,14 @@ class RVQA:
         *,
         nprobe: int | None = None,
         ef_search: int | None = None,
+        use_gpu: bool | None = None,
     ) -> None:
         """Replace the index ``name`` for subsequent calls (no retraining).
 
         The new index is loaded and checked against the retriever first; if that
         fails, the old index keeps serving and the error is raised. Calls already
         running finish with the old index. A ``name`` that is not loaded yet is
-        simply loaded. ``nprobe`` / ``ef_search`` as in :meth:`load_index`.
+        simply loaded. ``nprobe`` / ``ef_search`` / ``use_gpu`` as in :meth:`load_index`.
 
         Raises:
             FileNotFoundError: The folder or one of its files is missing.
@@ -336,11 +384,11 @@ class RVQA:
             UsageError: ``nprobe`` / ``ef_search`` given for an index without it.
         """
         name = name or Path(path).resolve().name
-        new = self._load(path, name, nprobe, ef_search)  # validates first
+        new = self._load(path, name, nprobe, ef_search, use_gpu)  # validates first
         with self._swap_lock:
             self.registry.swap(name, new)
 
-    def use_indices(self, specs: Sequence[str | Path]) -> list[str]:
+    def use_indices(self, specs: Sequence[str | Path], *, use_gpu: bool | None = None) -> list[str]:
         """Resolve index choices (``rvqa ask/evaluate --index``) to loaded index names.
 
         Each item is an index folder or the name of a loaded index. A folder is
@@ -350,6 +398,8 @@ class RVQA:
 
         Args:
             specs: Index folders and/or loaded index names.
+            use_gpu: Search the folders loaded here on GPU (default: the model's
+                :attr:`use_gpu`).
 
         Returns:
             The names, in order, without repeats; pass them as ``index=`` to
@@ -368,9 +418,9 @@ class RVQA:
             if path.is_dir():
                 name = path.resolve().name
                 if name in self.registry:
-                    self.swap_index(path, name=name)
+                    self.swap_index(path, name=name, use_gpu=use_gpu)
                 else:
-                    self.load_index(path, name=name)
+                    self.load_index(path, name=name, use_gpu=use_gpu)
             elif isinstance(spec, str) and spec in self.registry:
                 name = spec
             else:

@@ -177,14 +177,18 @@ def test_ask_help_lists_the_options(capsys):
 
 
 def test_ask_in_a_real_process_prints_only_the_result_or_one_error(tiny_run, image):
-    """No loading bars or INFO logs around the answer (what a user's terminal shows)."""
+    """No loading bars or INFO logs around the answer (what a user's terminal shows),
+    except the one placement line every model command logs (rvqa.distributed)."""
     base = [sys.executable, "-m", "rvqa", "ask", "--model", str(tiny_run), "--image", image]
     ok = subprocess.run(
         [*base, "--question", QUESTION, "--json"], capture_output=True, text=True, timeout=120
     )
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["question"] == QUESTION
-    assert ok.stderr.strip() == ""
+    lines = ok.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].endswith(
+        "rvqa placement: stage=ask rank=0/1 retriever=cpu reader=cpu index.tiny-captions=faiss-cpu"
+    ), ok.stderr
     bad = subprocess.run(
         [*base, "--question", QUESTION, "--index", "nope"],
         capture_output=True,

@@ -3,9 +3,6 @@ brute force, row access, query validation, fingerprint check, add, search params
 
 from __future__ import annotations
 
-import logging
-
-import faiss
 import numpy as np
 import pytest
 
@@ -188,12 +185,3 @@ def test_search_params_override(tmp_path):
     index.set_search_params(nprobe=16)
     exact = brute_force(x[:5], x, 5)[1]
     assert [r.ids for r in index.search(x[:5], 5)] == exact.tolist()
-
-
-@pytest.mark.skipif(faiss.get_num_gpus() > 0, reason="checks the CPU fallback")
-def test_use_gpu_without_gpus_warns_and_stays_on_cpu(flat_data, caplog):
-    _, q, _, path = flat_data
-    with caplog.at_level(logging.WARNING, logger="rvqa.retriever.index"):
-        index = KnowledgeIndex.load(path, use_gpu=True)
-    assert not index.on_gpu and "no GPU" in caplog.text
-    assert index.search(q, 3) == KnowledgeIndex.load(path).search(q, 3)

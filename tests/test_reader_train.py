@@ -4,13 +4,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-import rvqa.reader.retrieval as retrieval
 from rvqa.config import config_to_dict
 from rvqa.indexing import build_index_from_config
 from rvqa.reader.data import _k_for
 from rvqa.reader.train import train_reader
-from rvqa.retriever.index import KnowledgeIndex
-from rvqa.retriever.modeling import RetrieverModel
 from rvqa.retriever.train import train_retriever
 from rvqa.run_layout import retriever_dir
 from tests.tiny import interrupted_after_checkpoint, run_two_cpu_processes, tiny_run_config
@@ -55,51 +52,6 @@ def test_train_saves_model_and_run_file(retriever_run, tmp_path):
     assert run["indices"] and run["top_k"] == 2
     assert (tmp_path / "run" / run["reader"] / "model.safetensors").is_file()
     assert out["best_val_accuracy"] is not None and 0 <= out["best_val_accuracy"] <= 100
-
-
-def test_retrieval_cache_reused_and_invalidated(retriever_run, tmp_path, monkeypatch):
-    root, base = retriever_run
-    retriever = RetrieverModel.from_pretrained(retriever_dir(base.output_dir))
-    index = KnowledgeIndex.load(base.index.folder(), retriever=retriever)
-    images = {"a": "x"}  # image refs are not read when the cache hits
-    calls = []
-
-    def fake_embed(imgs, batch_size=64, show_progress=False):
-        calls.append(len(imgs))
-        import numpy as np
-
-        return (
-            np.ones((len(imgs), retriever.embed_dim), dtype=np.float32) / retriever.embed_dim**0.5
-        )
-
-    monkeypatch.setattr(retriever, "embed_images", fake_embed)
-    first = retrieval.retrieve_for_images(retriever, index, images, 2, cache_dir=tmp_path)
-    second = retrieval.retrieve_for_images(retriever, index, images, 2, cache_dir=tmp_path)
-    assert calls == [1] and first == second and len(first["a"]) == 2
-    # Another k, or a rebuilt index, is a different cache entry.
-    retrieval.retrieve_for_images(retriever, index, images, 1, cache_dir=tmp_path)
-    assert calls == [1, 1]
-    rebuilt = build_index_from_config(base, retriever=retriever, out=tmp_path / "idx2")
-    index2 = KnowledgeIndex.load(rebuilt, retriever=retriever)
-    assert retrieval.index_fingerprint(index2) != retrieval.index_fingerprint(index)
-    retrieval.retrieve_for_images(retriever, index2, images, 2, cache_dir=tmp_path)
-    assert calls == [1, 1, 1]
-    assert len(list(tmp_path.glob("retrieval-*.json"))) == 3
-
-
-def test_own_captions_excluded(retriever_run, tmp_path):
-    root, base = retriever_run
-    retriever = RetrieverModel.from_pretrained(retriever_dir(base.output_dir))
-    index = KnowledgeIndex.load(base.index.folder(), retriever=retriever)
-    import easy_vqa
-
-    paths = easy_vqa.get_train_image_paths()
-    hits = retrieval.retrieve_for_images(retriever, index, {"0": paths[0]}, 36)["0"]
-    own = hits[0][2]
-    again = retrieval.retrieve_for_images(
-        retriever, index, {"0": paths[0]}, 36, exclude_ids={"0": {own}}
-    )["0"]
-    assert own not in [h[2] for h in again] and len(again) == len(hits) - 1
 
 
 def test_k_dropout_is_deterministic():

@@ -14,7 +14,11 @@ __all__ = ["index_info"]
 
 
 def index_info(
-    path: str | os.PathLike, encoder: CaptionEncoder | None = None, n_check: int = 3
+    path: str | os.PathLike,
+    encoder: CaptionEncoder | None = None,
+    n_check: int = 3,
+    *,
+    use_gpu: bool = False,
 ) -> str:
     """A human-readable summary of an index folder plus a sanity search.
 
@@ -22,12 +26,13 @@ def index_info(
     re-encoded with ``encoder`` when given (the fingerprint is checked), else their
     stored embeddings, else vectors reconstructed from the index — and reports
     whether each finds itself at rank 1 (ties with an identical score count).
+    ``use_gpu`` runs the sanity search on GPU (:meth:`KnowledgeIndex.load`).
 
     Raises:
         The errors of :meth:`KnowledgeIndex.load`.
     """
     path = Path(path)
-    index = KnowledgeIndex.load(path, encoder, verify=True)
+    index = KnowledgeIndex.load(path, encoder, verify=True, use_gpu=use_gpu)
     m = index.manifest
     dd = m.get("dedupe") or {}
     auto = m.get("auto_choice")

@@ -2,10 +2,23 @@
 
 Thread safety: :meth:`KnowledgeIndex.search` reads one immutable state snapshot
 (faiss CPU search is read-only and releases the GIL), so many threads may search
-one index at once. GPU searches are serialised by a lock (one faiss GPU resource
-object must not run concurrent queries). :meth:`KnowledgeIndex.add` builds a new
-state on an owned in-memory copy and swaps it in with one assignment; searches
-running meanwhile finish on the old state.
+one index at once. :meth:`KnowledgeIndex.add` builds a new state on an owned
+in-memory copy and swaps it in with one assignment; searches running meanwhile
+finish on the old state.
+
+GPU (``use_gpu=True``): the index is cloned to the GPUs **sharded**
+(``GpuMultipleClonerOptions.shard = True``): each GPU holds ``1/n`` of the vectors
+and every query searches all shards, whose top-k lists faiss merges (exactly the
+one-GPU result). Sharded, not replicated, because the index shares its GPUs with
+the retriever and reader: a replica per GPU would cost the whole index on every
+GPU (600k COCO captions × 256 dims = 0.6 GB each), while batch searches are
+already fast on one GPU. A process of a multi-process run passes its own GPU
+(``gpus=[local rank]``): every process of ``accelerate launch`` sees all GPUs, and
+cloning to all of them from each of N processes would put N copies on every GPU.
+faiss GPU indices and their ``StandardGpuResources`` are not thread-safe, so every
+GPU operation (clone, search) holds one process-wide lock: concurrent searches on
+GPU indices run one at a time. Without a faiss GPU build or visible GPU, search
+stays on CPU and one warning is logged per process.
 """
 
 from __future__ import annotations
@@ -147,22 +160,43 @@ class _State:
     id_rows: _Rows | None = None
 
 
-def _to_gpu(index: faiss.Index) -> tuple[faiss.Index, bool]:
-    """Move to all GPUs faiss sees; stay on CPU (warning) without GPUs or support."""
+_GPU_LOCK = threading.Lock()
+"""Serialises every faiss GPU operation of this process (clone, search): faiss GPU
+indices and their resources must not run concurrent calls."""
+
+_warned_no_gpu = False
+
+
+def _to_gpu(index: faiss.Index, gpus: Sequence[int] | None = None) -> tuple[faiss.Index, bool]:
+    """Clone to GPUs, sharded (module docstring): ``gpus``, or all GPUs faiss sees.
+
+    Stays on CPU, with one warning per process, when faiss has no GPU support or
+    sees no GPU; with a warning (every time) when this index type cannot move.
+    """
+    global _warned_no_gpu
     ngpu = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if ngpu <= 0 or not hasattr(faiss, "index_cpu_to_all_gpus"):
-        logger.warning(
-            "use_gpu=True but faiss sees no GPU (faiss-cpu build or no device); searching on CPU"
-        )
+        if not _warned_no_gpu:
+            _warned_no_gpu = True
+            logger.warning(
+                "use_gpu=True but faiss sees no GPU (faiss-cpu build or no device); "
+                "searching on CPU"
+            )
         return index, False
+    co = faiss.GpuMultipleClonerOptions()
+    co.shard = True
     try:
-        gpu = faiss.index_cpu_to_all_gpus(index)
+        with _GPU_LOCK:
+            if gpus is None:
+                gpu = faiss.index_cpu_to_all_gpus(index, co=co)
+            else:
+                gpu = faiss.index_cpu_to_gpus_list(index, co=co, gpus=list(gpus))
     except (RuntimeError, AttributeError) as err:
         logger.warning(
             "this index type cannot move to GPU (%s); searching on CPU", str(err).splitlines()[0]
         )
         return index, False
-    logger.info("index moved to %d GPU(s)", ngpu)
+    logger.info("index sharded over %s", f"GPUs {list(gpus)}" if gpus else f"{ngpu} GPU(s)")
     return gpu, True
 
 
@@ -174,11 +208,12 @@ def _make_state(
     overrides: dict,
     use_gpu: bool,
     memory_mapped: bool,
+    gpus: Sequence[int] | None = None,
 ) -> _State:
     params = {**manifest["search_params"], **overrides}
     if params:
         set_search_params(cpu_index, params)
-    index, on_gpu = _to_gpu(cpu_index) if use_gpu else (cpu_index, False)
+    index, on_gpu = _to_gpu(cpu_index, gpus) if use_gpu else (cpu_index, False)
     caption_col, id_col = captions.data.column("caption"), captions.data.column("id")
     return _State(
         index=index,
@@ -193,12 +228,18 @@ def _make_state(
         params=params,
         memory_mapped=memory_mapped,
         on_gpu=on_gpu,
-        gpu_lock=threading.Lock() if on_gpu else None,
+        gpu_lock=_GPU_LOCK if on_gpu else None,
     )
 
 
 def _load_state(
-    path: Path, manifest: dict, mmap: bool, use_gpu: bool, overrides: dict, verify: bool
+    path: Path,
+    manifest: dict,
+    mmap: bool,
+    use_gpu: bool,
+    overrides: dict,
+    verify: bool,
+    gpus: Sequence[int] | None = None,
 ) -> _State:
     check_files(path, manifest["files"], verify=verify)
     index, mapped = read_faiss_index(path / INDEX_FILE, mmap=mmap)
@@ -215,7 +256,7 @@ def _load_state(
     embeddings = None
     if manifest.get("embeddings"):
         embeddings = np.load(path / EMBEDDINGS_FILE, mmap_mode="r", allow_pickle=False)
-    return _make_state(index, captions, embeddings, manifest, overrides, use_gpu, mapped)
+    return _make_state(index, captions, embeddings, manifest, overrides, use_gpu, mapped, gpus)
 
 
 def _overrides(nprobe: int | None, ef_search: int | None) -> dict:
@@ -247,6 +288,7 @@ class KnowledgeIndex:
         mmap: bool = True,
         use_gpu: bool = False,
         overrides: dict | None = None,
+        gpus: Sequence[int] | None = None,
     ):
         self._state = state
         self.path = path
@@ -254,6 +296,7 @@ class KnowledgeIndex:
         self.encoder = encoder
         self._mmap = mmap
         self._use_gpu = use_gpu
+        self._gpus = list(gpus) if gpus is not None else None
         self._overrides = dict(overrides or {})
         self._write_lock = threading.Lock()
 
@@ -266,6 +309,7 @@ class KnowledgeIndex:
         name: str | None = None,
         mmap: bool = True,
         use_gpu: bool = False,
+        gpus: Sequence[int] | None = None,
         nprobe: int | None = None,
         ef_search: int | None = None,
         verify: bool = False,
@@ -280,8 +324,11 @@ class KnowledgeIndex:
             mmap: Memory-map the faiss index (``IO_FLAG_MMAP_IFC`` / ``IO_FLAG_MMAP`` with
                 ``IO_FLAG_READ_ONLY``) and the Arrow captions; index types that cannot be
                 mapped are read into memory (logged).
-            use_gpu: Move the index to all GPUs faiss sees (``index_cpu_to_all_gpus``);
-                without GPUs a warning is logged and search stays on CPU.
+            use_gpu: Search on GPU: the index is sharded over ``gpus`` (module
+                docstring); without a faiss GPU build or GPU, one warning per process
+                and search stays on CPU.
+            gpus: The GPU numbers to shard over (default: all GPUs faiss sees); a
+                process of a multi-process run passes its own.
             nprobe: Override the manifest's IVF ``nprobe``.
             ef_search: Override the manifest's HNSW ``efSearch``.
             verify: Check every file's sha256 (sizes are always checked).
@@ -296,7 +343,7 @@ class KnowledgeIndex:
         manifest = read_manifest(path)
         encoder = check_fingerprint(manifest, retriever, path)
         overrides = _overrides(nprobe, ef_search)
-        state = _load_state(path, manifest, mmap, use_gpu, overrides, verify)
+        state = _load_state(path, manifest, mmap, use_gpu, overrides, verify, gpus)
         logger.info(
             "loaded knowledge index %s: %d captions, %s%s",
             path,
@@ -312,6 +359,7 @@ class KnowledgeIndex:
             mmap=mmap,
             use_gpu=use_gpu,
             overrides=overrides,
+            gpus=gpus,
         )
 
     # ---------------------------------------------------------------- properties
@@ -346,6 +394,7 @@ class KnowledgeIndex:
 
     @property
     def on_gpu(self) -> bool:
+        """Whether searches run on GPU (False after a CPU fallback)."""
         return self._state.on_gpu
 
     def __len__(self) -> int:
@@ -430,17 +479,23 @@ class KnowledgeIndex:
         """
         st = self._state  # one snapshot for the whole call
         xq = as_query_matrix(query_embeddings, st.manifest["embed_dim"])
-        k = min(check_k(k), st.index.ntotal)
         if len(xq) == 0:
+            check_k(k)
             return []
-        if k == 0:
+        scores, rows = _search(st, xq, k)
+        if rows.shape[1] == 0:
             return [SearchResult() for _ in range(len(xq))]
-        if st.gpu_lock is not None:
-            with st.gpu_lock:
-                scores, rows = st.index.search(xq, k)
-        else:
-            scores, rows = st.index.search(xq, k)
         return _results(st, scores, rows, self.name)
+
+    def search_rows(self, query_embeddings: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k as arrays: ``(scores, rows)``, both (n, min(k, len(self))).
+
+        ``rows`` are row numbers for :meth:`lookup` (-1 where the index returned no
+        hit, e.g. an IVF index probing too few lists). Validation as :meth:`search`.
+        """
+        st = self._state
+        xq = as_query_matrix(query_embeddings, st.manifest["embed_dim"])
+        return _search(st, xq, k)
 
     def search_images(
         self, images: Sequence[Any], k: int, batch_size: int = 64
@@ -470,6 +525,7 @@ class KnowledgeIndex:
                 overrides,
                 self._use_gpu,
                 memory_mapped=st.memory_mapped,
+                gpus=self._gpus,
             )
             self._overrides = overrides
 
@@ -555,7 +611,7 @@ class KnowledgeIndex:
         )
         self.path = target
         self._state = _load_state(
-            target, manifest, self._mmap, self._use_gpu, self._overrides, verify=False
+            target, manifest, self._mmap, self._use_gpu, self._overrides, False, self._gpus
         )
         return target
 
@@ -623,7 +679,7 @@ class KnowledgeIndex:
             manifest["dedupe"]["input_count"] += n_in
             manifest["dedupe"]["removed"] += n_in - len(texts)
         self._state = _make_state(
-            cpu, captions, embeddings, manifest, self._overrides, self._use_gpu, False
+            cpu, captions, embeddings, manifest, self._overrides, self._use_gpu, False, self._gpus
         )
         logger.info("added %d captions (now %d)", len(texts), cpu.ntotal)
         if save and self.path is not None:
@@ -655,6 +711,17 @@ class _Rows:
         offsets = (rows - self.starts[which]).tolist()
         ch = self.chunks
         return [ch[c][o].as_py() for c, o in zip(which.tolist(), offsets)]
+
+
+def _search(st: _State, xq: np.ndarray, k: Any) -> tuple[np.ndarray, np.ndarray]:
+    """faiss search of one state; GPU states hold the process-wide GPU lock."""
+    k = min(check_k(k), st.index.ntotal)
+    if k == 0 or len(xq) == 0:
+        return np.zeros((len(xq), k), np.float32), np.full((len(xq), k), -1, np.int64)
+    if st.gpu_lock is not None:
+        with st.gpu_lock:
+            return st.index.search(xq, k)
+    return st.index.search(xq, k)
 
 
 def _results(st: _State, scores: np.ndarray, rows: np.ndarray, name: str) -> list[SearchResult]:

@@ -54,12 +54,20 @@ class IndexRegistry:
 
     All methods are thread-safe. A search snapshots the name → index mapping
     under the lock, then searches without it, so a concurrent :meth:`swap` never
-    mixes two states of one name into one result.
+    mixes two states of one name into one result. Searches of GPU indices run one at
+    a time (each holds the process-wide faiss GPU lock of
+    :mod:`~rvqa.retriever.index.knowledge_index`), merged searches included.
+
+    Args:
+        use_gpu: The default ``use_gpu`` of :meth:`load` (see :meth:`KnowledgeIndex.load`).
+        gpus: The default ``gpus`` of :meth:`load`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, use_gpu: bool = False, gpus: Sequence[int] | None = None) -> None:
         self._lock = threading.Lock()
         self._indices: dict[str, KnowledgeIndex] = {}
+        self.use_gpu = use_gpu
+        self.gpus = gpus
 
     @property
     def names(self) -> list[str]:
@@ -103,8 +111,11 @@ class IndexRegistry:
             path: Index folder.
             name: Registry name (default: the folder name).
             encoder: Retriever (or fingerprint) to check against.
-            **load_kwargs: mmap, use_gpu, nprobe, ef_search, verify.
+            **load_kwargs: mmap, use_gpu, gpus, nprobe, ef_search, verify (``use_gpu`` and
+                ``gpus`` default to the registry's).
         """
+        load_kwargs.setdefault("use_gpu", self.use_gpu)
+        load_kwargs.setdefault("gpus", self.gpus)
         index = KnowledgeIndex.load(path, encoder, name=name, **load_kwargs)
         self.register(name or index.name, index)
         return index
