@@ -31,6 +31,7 @@ from rvqa.retriever.configuration import RetrieverConfig
 from rvqa.retriever.losses import retrieval_loss
 from rvqa.towers import (
     build_tower,
+    drop_unused_heads,
     hidden_size_of,
     load_image_processor,
     load_tokenizer,
@@ -94,18 +95,9 @@ class RetrieverModel(PreTrainedModel):
             )
         self.vision_model = build_tower(config.vision_config)
         self.text_model = build_tower(config.text_config)
-        # Drop pooler heads that this model never reads: under DDP a parameter
-        # without gradient is an error (and they cost memory).
-        if getattr(self.text_model, "pooler", None) is not None:
-            self.text_model.pooler = None
-        pooler = getattr(self.vision_model, "pooler", None)
-        # (parameter-free poolers, e.g. ResNet's average pool, are called unconditionally)
-        if (
-            config.vision_pooling != "pooled"
-            and isinstance(pooler, nn.Module)
-            and any(True for _ in pooler.parameters())
-        ):
-            self.vision_model.pooler = None
+        # Drop heads this model never reads (their weights would get no gradient).
+        drop_unused_heads(self.text_model, pooled=False)
+        drop_unused_heads(self.vision_model, pooled=config.vision_pooling == "pooled")
         self.vision_projection = _head(
             hidden_size_of(config.vision_config), config.embed_dim, config.projection
         )
