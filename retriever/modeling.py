@@ -305,14 +305,17 @@ class RetrieverModel(PreTrainedModel):
                 if name == "vse_max" and self.num_updates < self.config.max_violation_warmup:
                     name = "vse_sum"
                 self.num_updates += 1
-            loss = retrieval_loss(
-                name,
-                im,
-                txt,
-                margin=self.config.margin,
-                logit_scale=self.logit_scale,
-                positive_mask=positive_mask,
-            )
+            # In float32 even under bf16/fp16 autocast: a half-precision similarity matrix
+            # and hinge sum would round the loss (and its gradient) to 2-3 digits.
+            with torch.autocast(im.device.type, enabled=False):
+                loss = retrieval_loss(
+                    name,
+                    im.float(),
+                    txt.float(),
+                    margin=self.config.margin,
+                    logit_scale=self.logit_scale,
+                    positive_mask=positive_mask,
+                )
         return RetrieverOutput(loss=loss, image_embeds=im, text_embeds=txt)
 
     # ------------------------------------------------------------------ convenience

@@ -391,11 +391,13 @@ class Trainer:
         state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
         _check_signature(state.get("signature", {}), self.signature, ckpt)
         self.accelerator.load_state(str(ckpt))
-        # Creating the data iterator draws from the global RNG (its worker base
-        # seed); the uninterrupted run did that at the epoch start, before the
-        # checkpoint. Re-apply the restored states once the first batch is out.
-        self._restored_rng = _rng_states()
         self.step = self.resumed_from = int(state["step"])
+        # Creating the data iterator draws from the global RNG (its worker base
+        # seed). Mid-epoch, the uninterrupted run did that at the epoch start, before
+        # the checkpoint: re-apply the restored states once the first batch is out. At
+        # an epoch's end it does so after the checkpoint, as the resumed run will.
+        mid_epoch = self.step % self.steps_per_epoch != 0
+        self._restored_rng = _rng_states() if mid_epoch else None
         self.best_metric = state.get("best_metric")
         self.history = state.get("history", [])
         logger.info("resumed from %s (step %d of %d)", ckpt, self.step, self.total_steps)

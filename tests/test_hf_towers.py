@@ -17,34 +17,14 @@ from rvqa.reader.modeling import ReaderModel
 from rvqa.reader.train import train_reader
 from rvqa.retriever.modeling import RetrieverModel
 from rvqa.retriever.train import train_retriever
-from tests.tiny import coco_caption_fixture, draw_shape, tiny_run_config
+from tests.tiny import draw_shape, tiny_run_config
 from tests.tiny_towers import (
     assert_loss_fell,
+    coco_retriever_config,
     parameters_of,
     tiny_clip_folder,
     tiny_vit_folder,
 )
-
-
-def _retriever_config(root: Path, vision: Path, **retriever):
-    """A retriever run on 16 images of coloured shapes (32 captions; one image held out
-    for validation): 30 training pairs, one batch an epoch, so every step sees the same
-    pairs."""
-    captions, images = coco_caption_fixture(root / "coco", n_per_class=2)
-    settings = {
-        "vision_backbone": str(vision),
-        "image_size": 32,
-        "captions": {"source": "coco", "path": str(captions), "images": str(images)},
-        "batch_size": 32,
-        "max_steps": 8,
-        "learning_rate": 3e-3,
-        "warmup_ratio": 0.0,
-        "lr_scheduler": "constant_with_warmup",
-        "augment": False,
-        "max_violation_warmup": 0,  # hardest negatives from the first step
-        **retriever,
-    }
-    return tiny_run_config(root, **{f"retriever.{k}": v for k, v in settings.items()})
 
 
 def _assert_tower_trained(initial: torch.nn.Module, trained: torch.nn.Module) -> None:
@@ -61,7 +41,7 @@ def _assert_tower_trained(initial: torch.nn.Module, trained: torch.nn.Module) ->
 )
 def test_retriever_trains_an_hf_image_tower(tmp_path, tower, pooling):
     vision = tiny_vit_folder(tmp_path) if tower == "vit" else tiny_clip_folder(tmp_path)
-    cfg = _retriever_config(tmp_path, vision, vision_pooling=pooling)
+    cfg = coco_retriever_config(tmp_path, vision, vision_pooling=pooling)
     initial = RetrieverModel.from_backbones(cfg.retriever)  # what train_retriever builds
     expected = "ViTModel" if tower == "vit" else "CLIPVisionModel"  # CLIP's image half
     assert type(initial.vision_model).__name__ == expected
@@ -89,7 +69,7 @@ def test_clip_post_layernorm_kept_only_when_the_pooled_output_is_read(tmp_path):
     """CLIP's vision post-LayerNorm feeds only ``pooler_output``: with token-state
     pooling it would never get a gradient, so the model leaves it out."""
     clip = str(tiny_clip_folder(tmp_path))
-    cfg = _retriever_config(tmp_path, Path(clip))
+    cfg = coco_retriever_config(tmp_path, Path(clip))
     names = {}
     for pooling in ("pooled", "cls", "mean"):
         model = RetrieverModel.from_backbones(cfg.retriever, vision_pooling=pooling)

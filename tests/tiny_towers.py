@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from tests.tiny import tiny_vit_config
+from tests.tiny import coco_caption_fixture, tiny_run_config, tiny_vit_config
 
 
 def tiny_vit_folder(root: Path) -> Path:
@@ -60,6 +60,44 @@ def tiny_text_backbone_without_dropout(root: Path) -> Path:
 
         AutoTokenizer.from_pretrained(source).save_pretrained(path)
     return path
+
+
+def coco_retriever_config(root: Path, vision: str | Path, n_per_class: int = 2, **retriever):
+    """A retriever run on 8 × ``n_per_class`` images of coloured shapes, 2 captions each,
+    one image held out for validation. With the default 2: 30 training pairs in one
+    batch of up to 32, so every step sees the same pairs."""
+    captions, images = coco_caption_fixture(root / "coco", n_per_class=n_per_class)
+    settings = {
+        "vision_backbone": str(vision),
+        "image_size": 32,
+        "captions": {"source": "coco", "path": str(captions), "images": str(images)},
+        "batch_size": 32,
+        "max_steps": 8,
+        "learning_rate": 3e-3,
+        "warmup_ratio": 0.0,
+        "lr_scheduler": "constant_with_warmup",
+        "augment": False,
+        "max_violation_warmup": 0,  # hardest negatives from the first step
+        **retriever,
+    }
+    return tiny_run_config(root, **{f"retriever.{k}": v for k, v in settings.items()})
+
+
+def reader_for(cfg, **overrides):
+    """The reader ``train_reader(cfg)`` would build (answer vocabulary from the training
+    data), with ``overrides`` of its config (e.g. ``dropout=0.0``), and its processor."""
+    from rvqa.reader.answers import build_vocab
+    from rvqa.reader.data import load_reader_data
+    from rvqa.reader.modeling import ReaderModel
+    from rvqa.reader.processing import ReaderProcessor
+
+    s = cfg.reader
+    train_records, _ = load_reader_data(cfg)
+    vocab = build_vocab(
+        (r.answers for r in train_records), size=s.answer_vocab_size, min_count=s.min_answer_count
+    )
+    model = ReaderModel.from_backbones(list(vocab), s, **overrides)
+    return model, ReaderProcessor.from_config(model.config)
 
 
 def assert_loss_fell(losses: list[float], margin: float = 0.05) -> None:
