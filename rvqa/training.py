@@ -12,6 +12,14 @@ evaluation (models gather their predictions with ``gather_for_metrics``) →
 ``skip_first_batches`` on resume → ``unwrap_model(...).save_pretrained``.
 Progress bar and logging on the main process only.
 
+Gradient accumulation (``accumulate``) divides each micro-batch's loss by the
+number of micro-batches and steps the optimiser and the schedule once per
+``gradient_accumulation_steps`` batches (``steps_per_epoch`` counts optimizer
+steps). For a loss that is a mean over independent examples (the reader's) that
+is the update of one batch as large as all of them; for a loss whose negatives
+come from the batch (the retriever's) it is the mean of the micro-batches'
+gradients. Mixed precision: :func:`make_accelerator`.
+
 Runs unchanged on one CPU process, several CPU processes (gloo; start them with
 ``ACCELERATE_USE_CPU=true torchrun --nproc_per_node N ...``) and multi-GPU
 (``accelerate launch --multi_gpu ...``). The data order is a function of

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,8 +69,8 @@ def _saved_dtypes(folder: Path) -> set[torch.dtype]:
 
 @contextmanager
 def _optimizer_steps() -> Iterator[list[dict]]:
-    """Every optimizer step taken in the block: its learning rate and a copy of each
-    parameter's gradient (what the optimiser is about to apply), by parameter index."""
+    """Every optimizer step taken in the block: its learning rate and, by parameter index,
+    each parameter's ``id`` and a copy of its gradient (what the optimiser will apply)."""
     steps: list[dict] = []
 
     def record(optimizer, args, kwargs):
@@ -77,6 +78,7 @@ def _optimizer_steps() -> Iterator[list[dict]]:
         steps.append(
             {
                 "lr": optimizer.param_groups[0]["lr"],
+                "params": [id(p) for p in params],
                 "grads": [None if p.grad is None else p.grad.detach().clone() for p in params],
             }
         )
@@ -284,3 +286,49 @@ def test_accumulating_4_reader_batches_equals_one_4x_batch(tmp_path):
     a, b = small["model"].state_dict(), big["model"].state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_accumulated_retriever_gradient_is_the_mean_of_micro_batch_gradients(tmp_path):
+    """VSE++ mines its negatives inside each micro-batch: accumulating 4 batches of 8
+    gives the mean of their 4 gradients, not the gradient of one batch of 32."""
+    runs = {}
+    for batch_size, accumulation in ((8, 4), (32, 1)):
+        root = tmp_path / f"b{batch_size}"
+        cfg = coco_retriever_config(
+            root,
+            tiny_vit_folder(root),  # no BatchNorm, no dropout
+            n_per_class=3,  # 46 training pairs
+            text_backbone=str(tiny_text_backbone_without_dropout(root)),
+            batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            max_steps=1,
+            max_grad_norm=None,
+        )
+        model = RetrieverModel.from_backbones(cfg.retriever)
+        initial = copy.deepcopy(model)
+        keys = ("pixel_values", "input_ids", "attention_mask", "positive_mask")
+        with _optimizer_steps() as steps, _training_batches(model, keys) as batches:
+            train_retriever(cfg, model=model, end_training=False)
+        assert len(steps) == 1
+        names = {id(p): n for n, p in model.named_parameters()}
+        grads = dict(zip(steps[0]["params"], steps[0]["grads"], strict=True))
+        grads = {names[i]: g for i, g in grads.items() if g is not None}
+        runs[batch_size] = {"grads": grads, "batches": batches, "initial": initial}
+        # max_violation_warmup counts forward passes: 4 micro-batches, one optimizer step.
+        assert int(model.num_updates) == accumulation
+
+    small, big = runs[8], runs[32]
+    assert len(small["batches"]) == 4 and len(big["batches"]) == 1
+    micro = _concat(small["batches"])
+    assert torch.equal(micro["pixel_values"], big["batches"][0]["pixel_values"])
+    # The mean of the 4 micro-batch gradients, recomputed from the initial weights.
+    reference = small["initial"].train()
+    for batch in small["batches"]:
+        (reference(**batch).loss / 4).backward()
+    expected = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    assert set(expected) == set(small["grads"])
+    for name, grad in small["grads"].items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-7, msg=name)
+    # ... which is not the 4x batch's gradient (its negatives come from 32 pairs).
+    a, b = small["grads"]["vision_projection.weight"], big["grads"]["vision_projection.weight"]
+    assert (a - b).norm() > 0.1 * b.norm()
