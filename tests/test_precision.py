@@ -206,6 +206,7 @@ def test_bf16_reader_loss_falls_and_reloads_identically(tmp_path):
             "reader.freeze_vision": False,  # pixels through the tower, under autocast
             "reader.top_k": 0,
             "reader.mixed_precision": "bf16",
+            "reader.batch_size": 16,
             "reader.max_steps": 8,
             "reader.warmup_ratio": 0.0,
             "reader.lr_scheduler": "constant_with_warmup",
