@@ -38,6 +38,7 @@ from rvqa.errors import ConfigError
 from rvqa.reader.configuration import ReaderConfig
 from rvqa.towers import (
     build_tower,
+    drop_unused_heads,
     hidden_size_of,
     load_tower_weights,
     text_config_from_name,
@@ -85,13 +86,8 @@ class ReaderModel(PreTrainedModel):
         self.text_model = build_tower(config.text_config)
         self.vision_model = build_tower(config.vision_config)
         for tower in (self.text_model, self.vision_model):
-            # The reader uses token states only. A pooler left in place would hold weights
-            # that never get gradients, which DistributedDataParallel rejects by default.
-            # (Parameter-free poolers such as ResNet's average pool are called
-            # unconditionally by their models and cost nothing: keep them.)
-            pooler = getattr(tower, "pooler", None)
-            if isinstance(pooler, nn.Module) and any(True for _ in pooler.parameters()):
-                tower.pooler = None
+            # The reader uses token states only: heads that would get no gradient go.
+            drop_unused_heads(tower, pooled=False)
         if not all(hasattr(self.text_model, m) for m in ("embeddings", "encoder")):
             raise ConfigError(
                 f"text backbone {config.text_backbone!r} ({config.text_config.get('model_type')}) "

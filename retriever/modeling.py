@@ -31,6 +31,7 @@ from rvqa.retriever.configuration import RetrieverConfig
 from rvqa.retriever.losses import retrieval_loss
 from rvqa.towers import (
     build_tower,
+    drop_unused_heads,
     hidden_size_of,
     load_image_processor,
     load_tokenizer,
@@ -94,18 +95,9 @@ class RetrieverModel(PreTrainedModel):
             )
         self.vision_model = build_tower(config.vision_config)
         self.text_model = build_tower(config.text_config)
-        # Drop pooler heads that this model never reads: under DDP a parameter
-        # without gradient is an error (and they cost memory).
-        if getattr(self.text_model, "pooler", None) is not None:
-            self.text_model.pooler = None
-        pooler = getattr(self.vision_model, "pooler", None)
-        # (parameter-free poolers, e.g. ResNet's average pool, are called unconditionally)
-        if (
-            config.vision_pooling != "pooled"
-            and isinstance(pooler, nn.Module)
-            and any(True for _ in pooler.parameters())
-        ):
-            self.vision_model.pooler = None
+        # Drop heads this model never reads (their weights would get no gradient).
+        drop_unused_heads(self.text_model, pooled=False)
+        drop_unused_heads(self.vision_model, pooled=config.vision_pooling == "pooled")
         self.vision_projection = _head(
             hidden_size_of(config.vision_config), config.embed_dim, config.projection
         )
@@ -313,14 +305,17 @@ class RetrieverModel(PreTrainedModel):
                 if name == "vse_max" and self.num_updates < self.config.max_violation_warmup:
                     name = "vse_sum"
                 self.num_updates += 1
-            loss = retrieval_loss(
-                name,
-                im,
-                txt,
-                margin=self.config.margin,
-                logit_scale=self.logit_scale,
-                positive_mask=positive_mask,
-            )
+            # In float32 even under bf16/fp16 autocast: a half-precision similarity matrix
+            # and hinge sum would round the loss (and its gradient) to 2-3 digits.
+            with torch.autocast(im.device.type, enabled=False):
+                loss = retrieval_loss(
+                    name,
+                    im.float(),
+                    txt.float(),
+                    margin=self.config.margin,
+                    logit_scale=self.logit_scale,
+                    positive_mask=positive_mask,
+                )
         return RetrieverOutput(loss=loss, image_embeds=im, text_embeds=txt)
 
     # ------------------------------------------------------------------ convenience

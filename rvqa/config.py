@@ -74,6 +74,12 @@ class TrainSettings:
     batch_size: int = 64
     """Per process. The effective batch is batch_size × processes × gradient_accumulation_steps."""
     gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step (gradients summed, each loss divided by this).
+    For the reader's per-question mean loss, G micro-batches of b give the update of one
+    batch of G × b. Not for the retriever's contrastive losses: VSE++ / InfoNCE take their
+    negatives from each micro-batch, so accumulation averages G small-batch gradients
+    (fewer, easier negatives) instead of growing the batch; raise batch_size or processes
+    for more negatives."""
     num_epochs: int = 1
     max_steps: int | None = None
     """Optimizer steps; overrides num_epochs when set."""
@@ -81,6 +87,11 @@ class TrainSettings:
     lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"] = "cosine"
     max_grad_norm: float | None = 1.0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """bf16: the forward pass under bfloat16 autocast, on GPUs and CPUs; weights, optimiser
+    state and saved models stay float32, the retriever's loss is computed in float32.
+    fp16: GPUs only (autocast with loss scaling); on a CPU a run refuses it with a
+    ConfigError before reading data (Accelerate would silently train in float32 there):
+    use bf16 or no."""
     eval_every: int = 0
     """Evaluate every N optimizer steps; 0 = at the end of each epoch only."""
     checkpoint_every: int = 0

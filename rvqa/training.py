@@ -12,6 +12,14 @@ evaluation (models gather their predictions with ``gather_for_metrics``) →
 ``skip_first_batches`` on resume → ``unwrap_model(...).save_pretrained``.
 Progress bar and logging on the main process only.
 
+Gradient accumulation (``accumulate``) divides each micro-batch's loss by the
+number of micro-batches and steps the optimiser and the schedule once per
+``gradient_accumulation_steps`` batches (``steps_per_epoch`` counts optimizer
+steps). For a loss that is a mean over independent examples (the reader's) that
+is the update of one batch as large as all of them; for a loss whose negatives
+come from the batch (the retriever's) it is the mean of the micro-batches'
+gradients. Mixed precision: :func:`make_accelerator`.
+
 Runs unchanged on one CPU process, several CPU processes (gloo; start them with
 ``ACCELERATE_USE_CPU=true torchrun --nproc_per_node N ...``) and multi-GPU
 (``accelerate launch --multi_gpu ...``). The data order is a function of
@@ -30,20 +38,21 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from rvqa.config import TrainSettings
-from rvqa.errors import DataFormatError, ResumeError, RunFolderError, UsageError
+from rvqa.config import RunConfig, TrainSettings
+from rvqa.errors import ConfigError, DataFormatError, ResumeError, RunFolderError, UsageError
 from rvqa.io import atomic_directory, write_json_atomic
 from rvqa.run_layout import BEST, FINAL
 
@@ -88,15 +97,49 @@ class TrainResult:
 
 
 def make_accelerator(settings: TrainSettings, output_dir: str | Path) -> Accelerator:
-    """An Accelerator for ``settings`` (mixed precision, accumulation, seedable data order)."""
-    return Accelerator(
+    """An Accelerator for ``settings`` (mixed precision, accumulation, seedable data order).
+
+    ``mixed_precision: bf16`` autocasts the forward pass to bfloat16 on GPUs and CPUs
+    alike; the weights, optimiser state and saved models stay float32. ``fp16`` needs
+    a GPU: on a CPU Accelerate (1.16) turns neither autocast nor loss scaling on and
+    trains in float32 under an ``fp16`` label, so it is refused here, before any data is
+    loaded. Accelerate keeps one precision per process; a run with another precision
+    than the previous run in the same process (a bf16 retriever, then a reader with
+    ``no``) resets that process-wide state, which is safe because runs do not overlap.
+
+    Raises:
+        ConfigError: ``mixed_precision: fp16`` on a CPU (naming the setting; use bf16 or no).
+    """
+    precision = settings.mixed_precision
+    previous = AcceleratorState._shared_state.get("_mixed_precision")
+    if previous is not None and previous != precision:
+        # Accelerate refuses to change the precision of an initialised state; the
+        # process group (PartialState) is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
-        mixed_precision=settings.mixed_precision,
+        mixed_precision=precision,
         project_dir=str(output_dir),
         dataloader_config=DataLoaderConfiguration(
             use_seedable_sampler=True, data_seed=settings.seed
         ),
     )
+    if precision == "fp16" and accelerator.device.type == "cpu":
+        key = f"{_section_of(settings)}.mixed_precision".lstrip(".")
+        raise ConfigError(
+            f"{key}: fp16 needs a GPU, but this run is on the CPU, where Accelerate would "
+            f"train in float32 without saying so; use bf16 (autocast on CPU) or no, "
+            f"e.g. --set {key}=bf16"
+        )
+    return accelerator
+
+
+def _section_of(settings: TrainSettings) -> str:
+    """The run-config section that ``settings`` is (``retriever``, ``reader``), or ``""``."""
+    for f in fields(RunConfig):
+        if f.default_factory is type(settings):
+            return f.name
+    return ""
 
 
 def _optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
@@ -356,11 +399,13 @@ class Trainer:
         state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
         _check_signature(state.get("signature", {}), self.signature, ckpt)
         self.accelerator.load_state(str(ckpt))
-        # Creating the data iterator draws from the global RNG (its worker base
-        # seed); the uninterrupted run did that at the epoch start, before the
-        # checkpoint. Re-apply the restored states once the first batch is out.
-        self._restored_rng = _rng_states()
         self.step = self.resumed_from = int(state["step"])
+        # Creating the data iterator draws from the global RNG (its worker base
+        # seed). Mid-epoch, the uninterrupted run did that at the epoch start, before
+        # the checkpoint: re-apply the restored states once the first batch is out. At
+        # an epoch's end it does so after the checkpoint, as the resumed run will.
+        mid_epoch = self.step % self.steps_per_epoch != 0
+        self._restored_rng = _rng_states() if mid_epoch else None
         self.best_metric = state.get("best_metric")
         self.history = state.get("history", [])
         logger.info("resumed from %s (step %d of %d)", ckpt, self.step, self.total_steps)

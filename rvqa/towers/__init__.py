@@ -120,6 +120,36 @@ def build_tower(config_dict: dict) -> PreTrainedModel:
     return AutoModel.from_config(cfg)
 
 
+# Towers whose pooled output passes through a module that the token states skip:
+# model_type -> that module's attribute (CLIP's post-LayerNorm of the CLS state).
+_POOLED_ONLY_MODULES = {"clip_vision_model": "post_layernorm"}
+
+
+def drop_unused_heads(tower: nn.Module, *, pooled: bool) -> None:
+    """Remove the parameterised modules of ``tower`` whose output the model never reads.
+
+    A model that reads token states (``pooled=False``) never reaches the tower's
+    pooler head (BERT's and ViT's ``pooler``) nor, for a CLIP vision tower, the
+    ``post_layernorm`` applied to the CLS state only: their weights would never get a
+    gradient, which ``DistributedDataParallel`` rejects by default, and cost memory.
+    With ``pooled=True`` nothing is removed. Parameter-free poolers (ResNet's average
+    pool) are called unconditionally by their models and are kept.
+
+    Args:
+        tower: An image or text tower built by :func:`build_tower`.
+        pooled: Whether the model reads the tower's ``pooler_output``.
+    """
+    pooler = getattr(tower, "pooler", None)
+    if not pooled and isinstance(pooler, nn.Module) and any(True for _ in pooler.parameters()):
+        tower.pooler = None
+    name = _POOLED_ONLY_MODULES.get(getattr(tower.config, "model_type", ""))
+    if name is not None and not pooled:
+        # transformers 5 holds it on the tower, 4.x on tower.vision_model
+        owner = tower if hasattr(tower, name) else getattr(tower, "vision_model", None)
+        if owner is not None and isinstance(getattr(owner, name, None), nn.Module):
+            setattr(owner, name, nn.Identity())
+
+
 def load_tower_weights(tower: nn.Module, name: str, text: bool) -> None:
     """Copy pretrained weights of checkpoint ``name`` into ``tower`` (layers may be fewer)."""
     if name == "cnn":
