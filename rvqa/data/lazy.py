@@ -3,7 +3,7 @@
 A subclass keeps its parsed data in compact columns and says how to build the
 record at a position and how to take a sub-sequence; this base gives the
 ``Sequence`` protocol on top: integer indexing (negative indices, clear
-``IndexError``/``TypeError``), slicing and iteration.
+``IndexError``/``TypeError``), slicing, :meth:`~LazyRecords.take` and iteration.
 """
 
 from __future__ import annotations
@@ -57,6 +57,20 @@ class LazyRecords(Sequence[R]):
         if not -n <= i < n:
             raise IndexError(f"{self.noun} index {i} out of range for {n} {self.noun}s")
         return self._record(i % n)
+
+    def take(self, positions: Sequence[int]) -> Self:
+        """The records at ``positions`` (in that order) as a sequence of the same kind,
+        sharing the parsed data (a subset costs one integer per record).
+
+        Raises:
+            IndexError: A position out of range.
+        """
+        n = len(self)
+        positions = [operator.index(i) for i in positions]
+        bad = next((i for i in positions if not 0 <= i < n), None)
+        if bad is not None:
+            raise IndexError(f"{self.noun} index {bad} out of range for {n} {self.noun}s")
+        return self._take(positions)
 
     def __iter__(self) -> Iterator[R]:
         for i in range(len(self)):
