@@ -14,11 +14,11 @@ from rvqa.config import TrainSettings
 from rvqa.data import VQADataset, VQARecord, load_image
 from rvqa.errors import ImageLoadError
 from rvqa.pixels import ImagePixels, carry_errors, image_pixels, loader_options, raise_carried
-from rvqa.reader.answers import build_vocab
+from rvqa.reader.answers import AnswerVocab
 from rvqa.reader.data import ReaderCollator, ReaderDataset
 from rvqa.towers import small_cnn_processor
 from rvqa.training import Trainer, train
-from tests.test_reader_model import processor, tiny_model, tokenizer  # noqa: F401
+from tests.test_reader_model import ANSWERS, processor, tiny_model, tokenizer  # noqa: F401
 from tests.tiny import COLORS, draw_shape
 
 
@@ -47,8 +47,8 @@ def _dataset(paths: list[str], processor) -> ReaderDataset:  # noqa: F811
             for i, p in enumerate(paths)
         ]
     )
-    vocab = build_vocab(r.answers for r in records)
-    return ReaderDataset(records, processor.image_processor, None, vocab, 0)
+    # The tiny reader's answers, in its order.
+    return ReaderDataset(records, processor.image_processor, None, AnswerVocab(ANSWERS), 0)
 
 
 def test_streamed_pixels_are_the_processors_on_the_loaded_image(tmp_path):
@@ -84,9 +84,7 @@ def test_an_error_in_a_worker_arrives_as_itself(tmp_path):
 
 
 def _settings(workers: int, **kw) -> TrainSettings:
-    base = dict(
-        batch_size=4, max_steps=2, eval_every=0, checkpoint_every=0, log_every=0, seed=3
-    )
+    base = dict(batch_size=4, max_steps=2, eval_every=0, checkpoint_every=0, log_every=0, seed=3)
     return TrainSettings(num_workers=workers, **{**base, **kw})
 
 

@@ -3,6 +3,7 @@ feature cache on disk (equality with the tower, reuse, rebuild, a killed writer)
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ from rvqa.reader.answers import build_vocab
 from rvqa.reader.data import (
     ReaderCollator,
     ReaderDataset,
+    RecordFeatures,
     load_reader_data,
     record_image_key,
     visual_features_for,
@@ -44,9 +47,10 @@ def _image_files(folder: Path, n: int) -> list[str]:
     return paths
 
 
-def _records(ims: list, repeat_first: int = 0) -> VQADataset:
+def _records(ims: list, repeat_first: int = 0, answers: list | None = None) -> VQADataset:
     """One question per image, plus ``repeat_first`` more questions on image 0."""
     refs = [*ims, *[ims[0]] * repeat_first]
+    answers = answers or ["red"] * len(refs)
     return VQADataset.from_records(
         [
             VQARecord(
@@ -54,7 +58,7 @@ def _records(ims: list, repeat_first: int = 0) -> VQADataset:
                 image_id=ims.index(im) if isinstance(im, str) else i,
                 image=im,
                 question="what color is the shape?",
-                answers=["red"] * 10,
+                answers=[answers[i]] * 10,
             )
             for i, im in enumerate(refs)
         ]
@@ -200,7 +204,7 @@ def test_dataset_items_stream_pixels_or_read_the_cached_rows(tokenizer, processo
     plain = ReaderDataset(records, proc, None, vocab, 0)
     for i in range(4):
         assert "pixel_values" not in cached[i]
-        assert torch.equal(cached[i]["visual_features"], torch.from_numpy(feats.array[i]))
+        assert torch.equal(cached[i]["visual_features"], torch.from_numpy(np.array(feats.array[i])))
         # Streamed pixels: the processor's output on the loaded image, as float16.
         expected = proc(images=[load_image(ims[i])], return_tensors="pt")["pixel_values"][0]
         assert plain[i]["pixel_values"].dtype == torch.float16
@@ -287,3 +291,94 @@ def test_a_writer_killed_mid_write_leaves_nothing_that_loads(tokenizer, tmp_path
     counts["calls"] = 0
     again = visual_features_for(model, small_cnn_processor(32), [_records(ims)], cache)[0]
     assert counts["calls"] == 0 and again.path == feats.path
+
+
+# ---------------------------------------------------------------- two processes
+
+
+class FeatureProbe(torch.nn.Module):
+    """Answers as a fixed random linear function of the visual features (less a fixed
+    centre): a model whose answers differ between images (a random tiny reader answers
+    every question alike), so that evaluation scores 100 only if every prediction lands
+    on its own question."""
+
+    def __init__(self, features: RecordFeatures, num_answers: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = torch.nn.Linear(4 * 16, num_answers)
+        self.register_buffer(
+            "centre", torch.from_numpy(np.array(features.array)).flatten(1).mean(0)
+        )
+
+    def forward(self, visual_features, **_):
+        return SimpleNamespace(logits=self.proj(visual_features.flatten(1) - self.centre))
+
+
+_TWO_PROCESSES = """
+import json, sys
+from pathlib import Path
+from accelerate import Accelerator
+from rvqa.reader.answers import AnswerVocab
+from rvqa.reader.data import ReaderDataset, visual_features_for
+from rvqa.reader.evaluation import evaluate_reader
+from rvqa.reader.processing import ReaderProcessor
+from rvqa.towers import load_tokenizer, small_cnn_processor
+from tests.test_reader_data import FeatureProbe, _records
+from tests.test_reader_model import ANSWERS, tiny_model
+
+ims, cache, out = sys.argv[1].split(","), Path(sys.argv[2]), Path(sys.argv[3])
+answers = json.loads(sys.argv[4])
+acc = Accelerator()
+assert acc.num_processes == 2
+tok = load_tokenizer("minilm")
+model = tiny_model(tok, freeze_vision=True)
+proc = ReaderProcessor(tok, small_cnn_processor(32), max_question_length=8, max_caption_length=5)
+records = _records(ims, repeat_first=2, answers=answers)
+feats = visual_features_for(model, proc.image_processor, [records], cache, accelerator=acc,
+                            batch_size=2)[0]
+vocab = AnswerVocab(ANSWERS)
+metrics = {
+    "cached": evaluate_reader(FeatureProbe(feats, len(vocab)), proc, ReaderDataset(
+        records, proc.image_processor, None, vocab, 0, features=feats), acc, batch_size=2),
+    "pixels": evaluate_reader(model, proc, ReaderDataset(records, proc.image_processor, None,
+                              vocab, 0), acc, batch_size=2, num_workers=1),
+}
+if acc.is_main_process:
+    out.write_text(json.dumps({"metrics": metrics, "cache": str(feats.path)}))
+acc.end_training()
+"""
+
+
+def test_two_processes_write_one_cache_and_evaluate_like_one(tokenizer, processor, tmp_path):  # noqa: F811
+    from rvqa.reader.answers import AnswerVocab
+    from rvqa.reader.evaluation import evaluate_reader, predict
+    from tests.test_reader_model import ANSWERS
+    from tests.tiny import run_two_cpu_processes
+
+    ims = _image_files(tmp_path / "images", 5)  # 7 questions: the last batches are uneven
+    model, vocab = tiny_model(tokenizer, freeze_vision=True), AnswerVocab(ANSWERS)
+    proc = processor.image_processor
+    # Each question's human answer = the probe's own prediction in one process.
+    feats = visual_features_for(model, proc, [_records(ims, 2)], tmp_path / "one")[0]
+    probe_set = ReaderDataset(_records(ims, 2), proc, None, vocab, 0, features=feats)
+    answers = [
+        vocab.decode(p[0][0])
+        for p in predict(FeatureProbe(feats, len(vocab)), processor, probe_set)
+    ]
+    assert len(set(answers)) > 1  # the order of the predictions matters
+    script, out = tmp_path / "two.py", tmp_path / "out.json"
+    script.write_text(_TWO_PROCESSES)
+    args = [str(script), ",".join(ims), str(tmp_path / "fc"), str(out), json.dumps(answers)]
+    run = run_two_cpu_processes(args, REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(out.read_text())
+    # One complete cache, equal to the tower's output; no partial file left.
+    assert [p.name for p in (tmp_path / "fc").iterdir()] == [Path(got["cache"]).name]
+    torch.testing.assert_close(
+        torch.from_numpy(np.load(got["cache"])), _tower_output(model, ims), rtol=1e-6, atol=1e-6
+    )
+    # Sharded and gathered: every prediction on its question; pixels streamed by a
+    # worker in each process give the one-process accuracy of the reader.
+    assert got["metrics"]["cached"]["accuracy"] == 100.0
+    plain = ReaderDataset(_records(ims, 2, answers=answers), proc, None, vocab, 0)
+    assert got["metrics"]["pixels"] == evaluate_reader(model, processor, plain)
