@@ -91,6 +91,8 @@ class TrainSettings:
     """save_state every N optimizer steps; 0 = at the end of each epoch only."""
     keep_checkpoints: int = 2
     num_workers: int = 0
+    """DataLoader worker processes that read and preprocess images while the model trains
+    (0 = in the main process); batches are pinned in memory when the device is a GPU."""
     log_every: int = 50
     seed: int = 42
 

@@ -162,6 +162,22 @@ def test_cache_reused_and_rebuilt_when_the_key_changes(tokenizer, tmp_path, monk
     assert resized.path != changed.path
 
 
+def test_decoded_images_are_keyed_by_their_pixels(tokenizer, tmp_path, monkeypatch):  # noqa: F811
+    # Images that are objects (a datasets column decoded on access): one row per record,
+    # the key from their pixels, so new objects with the same pixels reuse the cache.
+    model = tiny_model(tokenizer, freeze_vision=True)
+    proc = small_cnn_processor(32)
+    first = visual_features_for(model, proc, [_records(images(3))], tmp_path)[0]
+    counts = _count_tower_calls(monkeypatch)
+    again = visual_features_for(model, proc, [_records(images(3))], tmp_path)[0]
+    assert counts["calls"] == 0 and again.path == first.path
+    torch.testing.assert_close(
+        torch.from_numpy(np.array(again.array)), _tower_output(model, images(3))
+    )
+    other = visual_features_for(model, proc, [_records(images(4)[1:])], tmp_path)[0]
+    assert counts["calls"] >= 2 and other.path != first.path
+
+
 def test_a_truncated_cache_file_is_rebuilt(tokenizer, tmp_path):  # noqa: F811
     model = tiny_model(tokenizer, freeze_vision=True)
     ims = _image_files(tmp_path / "images", 3)
