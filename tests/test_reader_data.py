@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from rvqa.data import CaptionRecord, VQADataset, VQARecord, load_image
+from rvqa.data import CaptionRecord, VQADataset, VQARecord, holdout_by_image, load_image, load_vqa
 from rvqa.pixels import image_pixels
 from rvqa.reader.answers import build_vocab
 from rvqa.reader.data import (
@@ -101,6 +101,12 @@ def test_load_reader_data_stays_lazy(tmp_path):
     assert train._rows is val._rows
     assert len(val) <= cfg.reader.max_eval_questions
     assert not {r.image_id for r in train} & {r.image_id for r in val}
+    # The same split as the same hold-out of a list of the records.
+    d = cfg.data
+    full = load_vqa(d, d.train_split).subset(d.train_fraction, seed=cfg.reader.seed)
+    t, v = holdout_by_image(list(full), cfg.reader.val_fraction, cfg.reader.seed)
+    assert [r.question_id for r in train] == [r.question_id for r in t]
+    assert [r.question_id for r in val] == [r.question_id for r in v][: len(val)]
 
 
 def test_features_on_disk_equal_the_tower_output_per_image(tokenizer, tmp_path):  # noqa: F811

@@ -86,6 +86,9 @@ class CaptionCorpus(LazyRecords[CaptionRecord]):
             image=self.image(i),
         )
 
+    def image_id_at(self, i: int) -> int | str | None:
+        return self.image_ids[i]
+
     def _take(self, positions: Sequence[int]) -> CaptionCorpus:
         return CaptionCorpus(
             [self.texts[i] for i in positions],

@@ -3,14 +3,14 @@
 A subclass keeps its parsed data in compact columns and says how to build the
 record at a position and how to take a sub-sequence; this base gives the
 ``Sequence`` protocol on top: integer indexing (negative indices, clear
-``IndexError``/``TypeError``), slicing, :meth:`~LazyRecords.take` and iteration.
+``IndexError``/``TypeError``), slicing, :meth:`~LazyRecords.take`, :meth:`~LazyRecords.image_id_at` and iteration.
 """
 
 from __future__ import annotations
 
 import operator
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, ClassVar, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, overload
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only (typing.Self needs Python 3.11)
     from typing_extensions import Self
@@ -57,6 +57,11 @@ class LazyRecords(Sequence[R]):
         if not -n <= i < n:
             raise IndexError(f"{self.noun} index {i} out of range for {n} {self.noun}s")
         return self._record(i % n)
+
+    def image_id_at(self, i: int) -> Any:
+        """The image id of record ``i`` (``0 <= i < len(self)``); subclasses read it from
+        their columns, without building the record (or decoding its image)."""
+        return self._record(i).image_id
 
     def take(self, positions: Sequence[int]) -> Self:
         """The records at ``positions`` (in that order) as a sequence of the same kind,

@@ -151,6 +151,9 @@ class VQADataset(LazyRecords[VQARecord]):
     def _record(self, i: int) -> VQARecord:
         return self._rows.record(self._row(i))
 
+    def image_id_at(self, i: int) -> int | str:
+        return self._rows.image_id(self._row(i))
+
     def _take(self, positions: Sequence[int]) -> VQADataset:
         return VQADataset(
             self._rows,
