@@ -307,7 +307,7 @@ def test_a_writer_killed_mid_write_leaves_nothing_that_loads(tokenizer, tmp_path
     assert counts["calls"] >= 2
     assert [p.name for p in cache.iterdir()] == [feats.path.name]  # partial file removed
     torch.testing.assert_close(
-        torch.from_numpy(np.asarray(feats.array)), _tower_output(model, ims), rtol=1e-6, atol=1e-6
+        torch.from_numpy(np.array(feats.array)), _tower_output(model, ims), rtol=1e-6, atol=1e-6
     )
     # ... and the run after that reuses it.
     counts["calls"] = 0
