@@ -1,39 +1,49 @@
 """The reader's training data: VQA records → model inputs.
 
-* :func:`load_reader_data` — a run config's (train, validation) VQA records.
-* :class:`ReaderDataset` — items of pixels (or cached image-tower features),
-  question, retrieved captions and soft answer targets.
+* :func:`load_reader_data` — a run config's (train, validation) VQA records, lazy.
+* :class:`ReaderDataset` — items of pixels (decoded on access, in the loader's
+  workers) or cached image-tower features, question, retrieved captions and
+  soft answer targets.
 * :class:`ReaderCollator` — tokenises a batch with the reader's processor.
 * :func:`visual_features_for` — a frozen image tower's features, computed once
-  per distinct image within a memory budget (:data:`FEATURE_CACHE_MAX_BYTES`).
+  per distinct image into a memory-mapped ``.npy`` file on disk
+  (``reader/feature_cache/KEY.npy``), keyed by the tower, the image processor and
+  the images, and reused by the next run with the same key.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
+import os
+import shutil
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from accelerate.utils import broadcast_object_list
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from rvqa.config import RunConfig
-from rvqa.data import holdout_by_image, load_vqa
-from rvqa.distributed import sharded_map
+from rvqa.data import holdout_by_image, load_image, load_vqa
+from rvqa.distributed import shard_bounds
 from rvqa.errors import DataFormatError
-from rvqa.pixels import PixelCache
+from rvqa.pixels import ImagePixels, carry_errors, image_pixels, loader_options, raise_carried
 from rvqa.reader.answers import AnswerVocab
 from rvqa.reader.processing import ReaderProcessor
+from rvqa.training import VOLATILE_CONFIG_KEYS
 
 logger = logging.getLogger(__name__)
 
-FEATURE_CACHE_MAX_BYTES = 2 * 1024**3
-"""Largest cache of frozen image-tower features (float32) that reader training keeps
-in memory: 2 GiB, e.g. 100,000 images × 4 tokens × 768 channels × 4 bytes = 1.2 GB.
-Over it, the tower runs on every training step instead (logged)."""
+CACHE_SUFFIX = ".npy"
+PARTIAL_SUFFIX = ".partial.npy"
+"""A feature cache being written: ``.KEY.PID.partial.npy``, renamed to ``KEY.npy`` when
+complete. Only ``KEY.npy`` files are ever read; partial files a killed writer left
+behind are removed when the next cache is built."""
 
 
 def record_image_key(record: Any) -> str:
@@ -44,28 +54,27 @@ def record_image_key(record: Any) -> str:
     return str(record.image_id)
 
 
-def load_reader_data(cfg: RunConfig) -> tuple[list, list]:
+def load_reader_data(cfg: RunConfig) -> tuple[Sequence, Sequence]:
     """(train, validation) VQA records: validation = ``reader.eval_split`` or held-out images.
+
+    Both are lazy record sequences (:class:`~rvqa.data.VQADataset`): subsets share
+    the parsed columns, and records are built on access.
 
     Raises:
         DataFormatError: The training split has no answers.
     """
     d, s = cfg.data, cfg.reader
-    train_set = load_vqa(d, d.train_split)
+    train_records = load_vqa(d, d.train_split)
     if d.train_fraction < 1.0:
-        train_set = train_set.subset(d.train_fraction, seed=s.seed)
-    train_records = list(train_set)
+        train_records = train_records.subset(d.train_fraction, seed=s.seed)
     if s.eval_split:
-        val_records = list(load_vqa(d, s.eval_split))
+        val_records = load_vqa(d, s.eval_split)
     else:
         train_records, val_records = holdout_by_image(train_records, s.val_fraction, s.seed)
     if s.max_eval_questions and len(val_records) > s.max_eval_questions:
         val_records = val_records[: s.max_eval_questions]
-    for r in train_records[:1]:
-        if r.answers is None:
-            raise DataFormatError(
-                f"the training split {d.train_split!r} has no annotations (answers)"
-            )
+    if len(train_records) and not train_records.has_answers:
+        raise DataFormatError(f"the training split {d.train_split!r} has no annotations (answers)")
     return train_records, val_records
 
 
@@ -87,33 +96,40 @@ class ReaderDataset(Dataset):
     """Items: pixel values (or cached visual features), question, captions, scores, targets.
 
     Args:
-        records: VQA records (``image``, ``image_id``, ``question``, ``question_id``, ``answers``).
-        pixels: Preprocessed pixels of every record's image.
+        records: VQA records (``image``, ``image_id``, ``question``, ``question_id``,
+            ``answers``); a lazy sequence stays lazy.
+        image_processor: Turns a record's image into pixel values, on access (in the
+            training loader's workers); float16, as they leave the workers.
         retrieved: :func:`record_image_key` → retrieved ``(caption, score, id)`` best
-            first (None: no captions).
+            first (any mapping with ``get``; None: no captions).
         vocab: The answer vocabulary (soft targets).
         top_k: Captions per question.
         k_dropout: Probability of a random k in [0, top_k] per question (see :func:`_k_for`).
         rule: Soft-target rule of :meth:`AnswerVocab.soft_target_vector`.
         seed: Seed of the k-dropout hash.
-        features: (images, V, C) image-tower features, row i = ``pixels`` row i; given,
-            items carry ``visual_features`` instead of ``pixel_values``.
+        features: Cached image-tower features of these records (from
+            :func:`visual_features_for`); given, items carry ``visual_features``
+            instead of ``pixel_values`` and no image is read.
     """
 
     def __init__(
         self,
         records: Sequence[Any],
-        pixels: PixelCache,
-        retrieved: dict[str, list] | None,
+        image_processor: Any,
+        retrieved: Any,
         vocab: AnswerVocab,
         top_k: int,
         k_dropout: float = 0.0,
         rule: str = "min3",
         seed: int = 0,
-        features: torch.Tensor | None = None,
+        features: RecordFeatures | None = None,
     ):
-        self.records = list(records)
-        self.pixels = pixels
+        if features is not None and len(features) != len(records):
+            raise ValueError(
+                f"features for {len(features)} records given with {len(records)} records"
+            )
+        self.records = records
+        self.image_processor = image_processor
         self.features = features
         self.retrieved = retrieved
         self.vocab = vocab
@@ -127,13 +143,13 @@ class ReaderDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         r = self.records[i]
-        hits = (self.retrieved or {}).get(record_image_key(r), [])
+        hits = self.retrieved.get(record_image_key(r), []) if self.retrieved is not None else []
         k = _k_for(r.question_id, self.top_k, self.k_dropout, self.seed) if self.retrieved else 0
         hits = hits[:k]
         visual = (
-            {"visual_features": self.features[self.pixels.row(r.image)]}
+            {"visual_features": self.features[i]}
             if self.features is not None
-            else {"pixel_values": self.pixels[r.image]}
+            else {"pixel_values": image_pixels(r.image, self.image_processor)}
         )
         return {
             **visual,
@@ -145,7 +161,10 @@ class ReaderDataset(Dataset):
 
 
 class ReaderCollator:
-    """Tokenises a batch with the reader's processor (cached per distinct string)."""
+    """Tokenises a batch with the reader's processor (cached per distinct string).
+
+    Pixel values stay float16 (the model casts them to its image tower's dtype).
+    """
 
     def __init__(self, processor: ReaderProcessor, with_labels: bool = True):
         self.processor = processor
@@ -169,40 +188,206 @@ class ReaderCollator:
 # --------------------------------------------------------------------------- feature cache
 
 
+class ImageTable(Sequence):
+    """The distinct images of some record sequences, in order of first appearance.
+
+    ``table[row]`` is an image reference; :meth:`rows` maps each record of one
+    sequence to its row. Images given by path are one row per path; any other
+    image (decoded by the data source on access) is one row per record. Holds
+    positions only: images are fetched from the records on access.
+    """
+
+    def __init__(self, *record_seqs: Sequence[Any]):
+        self._seqs = record_seqs
+        index: dict[str, int] = {}
+        first: list[tuple[int, int]] = []  # (sequence, position) of each row's first record
+        tokens: list[str] = []
+        self._rows: list[np.ndarray] = []
+        for s, seq in enumerate(record_seqs):
+            rows = np.empty(len(seq), dtype=np.int64)
+            for pos, r in enumerate(seq):
+                image = r.image
+                path = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
+                row = index.get(path) if path is not None else None
+                if row is None:
+                    row = len(first)
+                    first.append((s, pos))
+                    tokens.append(_image_token(image, path))
+                    if path is not None:
+                        index[path] = row
+                rows[pos] = row
+            self._rows.append(rows)
+        self._first = np.array(first, dtype=np.int64).reshape(-1, 2)
+        h = hashlib.sha256()
+        for t in tokens:
+            h.update(t.encode("utf-8", "surrogateescape") + b"\n")
+        self.digest = h.hexdigest()
+        """A hash of every image's identity, in row order (see :func:`_image_token`)."""
+
+    def __len__(self) -> int:
+        return len(self._first)
+
+    def __getitem__(self, row: int) -> Any:  # type: ignore[override]
+        s, pos = self._first[row]
+        return self._seqs[int(s)][int(pos)].image
+
+    def rows(self, seq: int) -> np.ndarray:
+        """Row of every record of sequence ``seq`` (int64, one per record)."""
+        return self._rows[seq]
+
+
+def _image_token(image: Any, path: str | None) -> str:
+    """An image's identity for the cache key: path, size and modification time of a
+    file (a missing one: its path, and loading it later names it); the pixels' hash
+    for a decoded image."""
+    if path is not None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return f"path\t{path}\tmissing"
+        return f"path\t{path}\t{st.st_size}\t{st.st_mtime_ns}"
+    pil = load_image(image)
+    return f"pixels\t{pil.size}\t{hashlib.sha256(pil.tobytes()).hexdigest()}"
+
+
+class RecordFeatures:
+    """Cached image-tower features of one record sequence, read from the memory-mapped cache.
+
+    ``features[i]`` is record i's (V, C) float32 tensor (one row copied out of the
+    file; the file itself is never read into memory). Pickles without the mapping
+    (loader workers reopen the file).
+
+    Attributes:
+        path: The cache file (``.npy``).
+        rows: Row of the file for each record.
+    """
+
+    def __init__(self, path: Path, rows: np.ndarray):
+        self.path = Path(path)
+        self.rows = rows
+        self._array: np.ndarray | None = None
+
+    @property
+    def array(self) -> np.ndarray:
+        """The whole cache, memory-mapped read-only: (images, V, C) float32."""
+        if self._array is None:
+            self._array = np.load(self.path, mmap_mode="r")
+        return self._array
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.array[self.rows[i]]))
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_array": None}
+
+
+def feature_cache_key(model: Any, image_processor: Any, table: ImageTable, precision: str) -> str:
+    """The cache's key: a hash of the image tower (config and weights), what
+    :meth:`ReaderModel.vision_features` does after it (``visual_grid``), the
+    precision it runs in, the image processor's config and the images."""
+    h = hashlib.sha256()
+    tower = model.vision_model
+    conf = tower.config.to_dict()
+    for key in VOLATILE_CONFIG_KEYS:
+        conf.pop(key, None)
+    meta = {
+        "tower": conf,
+        "visual_grid": model.config.visual_grid,
+        "dtype": str(next(tower.parameters()).dtype),
+        "precision": precision,
+        "image_processor": image_processor.to_dict(),
+        "images": table.digest,
+        "rows": len(table),
+    }
+    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(tower.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu").contiguous().float().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def _valid_cache(path: Path, rows: int) -> bool:
+    """Whether ``path`` is a complete cache of ``rows`` images (a readable float32 .npy)."""
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as err:
+        logger.warning("feature cache %s is unreadable (%s); rebuilding it", path, err)
+        return False
+    return arr.dtype == np.float32 and arr.ndim == 3 and arr.shape[0] == rows
+
+
 @torch.no_grad()
 def visual_features_for(
     model: Any,
-    pixels: PixelCache,
+    image_processor: Any,
+    record_seqs: Sequence[Sequence[Any]],
+    cache_dir: str | os.PathLike,
     *,
-    max_bytes: int = FEATURE_CACHE_MAX_BYTES,
     accelerator: Any = None,
     batch_size: int = 256,
-) -> torch.Tensor | None:
-    """A frozen image tower's features of every image in ``pixels``, computed once.
+    num_workers: int = 0,
+    max_bytes: int | None = None,
+) -> list[RecordFeatures] | None:
+    """A frozen image tower's features of every image of ``record_seqs``, on disk.
 
     A frozen tower stays in eval mode while the reader trains (no dropout, fixed
     normalisation statistics), so its output is a fixed function of the image and
-    row i here equals what :meth:`ReaderModel.vision_features` gives ``pixels``
-    row i on any training step. The tower runs under the accelerator's autocast
-    (as the training forward does) on its device; with several processes each
-    encodes its shard and every process receives all rows (each trains on rows
-    of any image).
+    a cached row equals what :meth:`ReaderModel.vision_features` gives that image's
+    pixels on any training step. The cache is ``cache_dir/KEY.npy`` (float32,
+    (images, V, C)), KEY = :func:`feature_cache_key`; a complete file with the key
+    is reused, else it is built: its size is logged first, then images stream
+    through a ``DataLoader`` (``num_workers`` workers decode and preprocess) into
+    the tower, under the accelerator's autocast on its device. With several
+    processes each encodes its contiguous shard and writes its rows into one shared
+    temporary file, which the main process renames to ``KEY.npy`` once every process
+    is done: a killed build leaves only a ``*.partial.npy`` file, which is never read
+    and is removed by the next build (as are caches of other keys: the folder holds
+    one). Readers memory-map the file: no process holds it in memory.
 
     Args:
         model: A :class:`~rvqa.reader.modeling.ReaderModel`.
-        pixels: Preprocessed pixels of every image training and evaluation read.
-        max_bytes: Memory budget: images × tokens × channels × 4 bytes (float32).
+        image_processor: The reader's image processor (what training would apply).
+        record_seqs: Record sequences (train, validation); their images are cached.
+        cache_dir: The cache folder (``reader/feature_cache`` of the run).
         accelerator: The run's ``Accelerator`` (None: one process, the model's device).
         batch_size: Images per tower forward.
+        num_workers: Loader workers that decode and preprocess images.
+        max_bytes: Disk budget; None = the free space of ``cache_dir``'s disk. A cache
+            over it is not built (logged) and the tower runs on every step; 0 never caches.
 
     Returns:
-        (images, V, C) float32 features on the CPU; None when the tower is not frozen
-        or the features would exceed ``max_bytes`` (the tower then runs per step).
+        Per sequence, its records' features; None when the tower is not frozen, there
+        are no records, or the cache is over budget.
+
+    Raises:
+        ImageLoadError: An image cannot be read (naming the file).
     """
-    n = len(pixels.pixels)
-    if not model.config.freeze_vision or n == 0:
+    if not model.config.freeze_vision or max_bytes == 0:
+        return None
+    table = ImageTable(*record_seqs)
+    n = len(table)
+    if n == 0:
         return None
     device = accelerator.device if accelerator is not None else model.device
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    is_main = rank == 0
+    precision = str(accelerator.mixed_precision) if accelerator is not None else "no"
+    cache_dir = Path(cache_dir)
+    path = (
+        cache_dir / f"{feature_cache_key(model, image_processor, table, precision)}{CACHE_SUFFIX}"
+    )
+
+    def results() -> list[RecordFeatures]:
+        return [RecordFeatures(path, table.rows(s)) for s in range(len(record_seqs))]
+
+    if path.is_file() and _valid_cache(path, n):
+        shape = np.load(path, mmap_mode="r").shape
+        logger.info("feature cache: reusing %s (%d images × %d × %d)", path, *shape)
+        return results()
+
     model.to(device)
     autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
     dtype = next(model.vision_model.parameters()).dtype  # as forward casts pixel_values
@@ -210,34 +395,95 @@ def visual_features_for(
     model.eval()
     try:
 
-        def encode(rows: list[int]) -> np.ndarray:
-            out = []
-            for s in range(0, len(rows), batch_size):
-                batch = pixels.pixels[rows[s : s + batch_size]].float().to(device, dtype)
-                with autocast():
-                    out.append(model.vision_features(batch).float().cpu().numpy())
-            return np.concatenate(out)
+        def encode(pixels: torch.Tensor) -> np.ndarray:
+            with autocast():
+                feats = model.vision_features(pixels.to(device).to(dtype))
+            return feats.float().cpu().numpy()
 
-        probe = encode([0])  # (1, V, C): the size of one image's features
-        nbytes = n * probe[0].size * 4
-        if nbytes > max_bytes:
-            logger.info(
-                "not caching frozen image-tower features: %d images × %d tokens × %d channels "
-                "× 4 bytes = %.2f GB exceeds the %.2f GB budget; the tower runs on every step",
-                n,
-                probe.shape[1],
-                probe.shape[2],
-                nbytes / 1e9,
-                max_bytes / 1e9,
+        v, c = encode(image_pixels(table[0], image_processor)[None]).shape[1:]
+        nbytes = n * v * c * 4
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        budget = max_bytes if max_bytes is not None else shutil.disk_usage(cache_dir).free
+        logger.info(
+            "feature cache: %d images × %d × %d × 4 bytes = %s on disk at %s",
+            n,
+            v,
+            c,
+            _size(nbytes),
+            path,
+        )
+        if nbytes > budget:
+            logger.warning(
+                "not caching frozen image-tower features: %s exceeds the %s %s; "
+                "the tower runs on every step",
+                _size(nbytes),
+                _size(budget),
+                "budget" if max_bytes is not None else "free on that disk",
             )
             return None
-        features = torch.from_numpy(sharded_map(encode, list(range(n)), accelerator))
+        tmp = _start_partial(cache_dir, path, (n, v, c)) if is_main else None
+        if world > 1:
+            box = [str(tmp) if tmp is not None else None]
+            broadcast_object_list(box, from_process=0)  # also: the file exists for everyone
+            tmp = Path(box[0])
+        lo, hi = shard_bounds(n, world, rank)
+        if hi > lo:
+            out = np.lib.format.open_memmap(tmp, mode="r+")
+            loader = _image_loader(table, image_processor, lo, hi, batch_size, num_workers, device)
+            at = lo
+            for batch in loader:
+                feats = encode(raise_carried(batch))
+                out[at : at + len(feats)] = feats
+                at += len(feats)
+            out.flush()
+            del out
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+        if is_main:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
     finally:
         model.train(was)
-    logger.info(
-        "cached frozen image-tower features of %d images (%s, %.1f MB)",
-        n,
-        tuple(features.shape[1:]),
-        nbytes / 1e6,
+    logger.info("feature cache: wrote %s (%s)", path, _size(nbytes))
+    return results()
+
+
+def _size(nbytes: int) -> str:
+    """Bytes in words: ``3.1 MB``, ``52.30 GB``."""
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
+def _start_partial(cache_dir: Path, path: Path, shape: tuple[int, int, int]) -> Path:
+    """Remove the folder's other caches and partial files; create the new partial file."""
+    for old in cache_dir.iterdir():
+        if old.name.endswith(CACHE_SUFFIX) and old != path:
+            old.unlink(missing_ok=True)
+    tmp = cache_dir / f".{path.stem}.{os.getpid()}{PARTIAL_SUFFIX}"
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+    del out  # header written, file sized; every process opens it r+
+    return tmp
+
+
+def _image_loader(
+    table: ImageTable,
+    image_processor: Any,
+    lo: int,
+    hi: int,
+    batch_size: int,
+    num_workers: int,
+    device: Any,
+) -> DataLoader:
+    """Rows ``[lo, hi)`` of ``table`` as batches of float16 pixels, in order."""
+    dataset, collate = carry_errors(
+        Subset(ImagePixels(table, image_processor), range(lo, hi)), torch.stack
     )
-    return features
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=collate,
+        **loader_options(num_workers, device),
+    )

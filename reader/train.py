@@ -2,10 +2,13 @@
 
 Captions for every training image come from the run's knowledge index through
 the trained retriever, retrieved once per image and cached (see
-:mod:`rvqa.reader.retrieval`). A frozen image tower (``reader.freeze_vision``,
-the demo's) is run once per image before training, and training and evaluation
-read its cached features (:func:`rvqa.reader.data.visual_features_for`, within
-a memory budget; over it the tower runs per step). Data: :mod:`rvqa.reader.data`;
+:mod:`rvqa.reader.retrieval`). Images stream through the loaders' workers
+(``reader.num_workers``); none is held in memory. A frozen image tower
+(``reader.freeze_vision``, the demo's) is run once per image before training into
+a memory-mapped file, ``reader/feature_cache/KEY.npy``, reused by the next run with
+the same tower and images, and training and evaluation read its rows
+(:func:`rvqa.reader.data.visual_features_for`; over the disk budget the tower runs
+per step). Data: :mod:`rvqa.reader.data`;
 accuracy: :mod:`rvqa.reader.evaluation`. Same Accelerate loop as the retriever
 (:func:`rvqa.training.train`): one CPU process, several (``torchrun``) or
 multi-GPU (``accelerate launch -m rvqa train-reader``). Writes
@@ -17,6 +20,7 @@ vocabulary — and processor), ``checkpoints/``, ``train_result.json``, ``config
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from pathlib import Path
 from typing import Any
@@ -27,10 +31,8 @@ from rvqa.config import RunConfig, save_config
 from rvqa.data import load_caption_split
 from rvqa.distributed import log_placement
 from rvqa.errors import UsageError
-from rvqa.pixels import PixelCache
 from rvqa.reader.answers import AnswerVocab, build_vocab
 from rvqa.reader.data import (
-    FEATURE_CACHE_MAX_BYTES,
     ReaderCollator,
     ReaderDataset,
     load_reader_data,
@@ -43,7 +45,14 @@ from rvqa.reader.processing import ReaderProcessor
 from rvqa.reader.retrieval import own_caption_ids, retrieve_for_images
 from rvqa.retriever.index import KnowledgeIndex
 from rvqa.retriever.modeling import RetrieverModel
-from rvqa.run_layout import CONFIG_FILE, READER_DIR, RETRIEVER_DIR, retriever_dir, write_run_file
+from rvqa.run_layout import (
+    CONFIG_FILE,
+    FEATURE_CACHE_DIR,
+    READER_DIR,
+    RETRIEVER_DIR,
+    retriever_dir,
+    write_run_file,
+)
 from rvqa.training import make_accelerator, run_signature, train
 
 logger = logging.getLogger(__name__)
@@ -71,7 +80,7 @@ def train_reader(
     model: ReaderModel | None = None,
     processor: ReaderProcessor | None = None,
     end_training: bool = True,
-    feature_cache_max_bytes: int = FEATURE_CACHE_MAX_BYTES,
+    feature_cache_max_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Train the reader of ``cfg.reader`` with retrieval from ``cfg.index``.
 
@@ -84,9 +93,9 @@ def train_reader(
         model, processor: Pre-built reader (tests pass tiny random ones). Its
             answer vocabulary must match the one built from the training data.
         end_training: Tear down the process group at the end.
-        feature_cache_max_bytes: Memory budget of the frozen image tower's feature
-            cache (see :func:`rvqa.reader.data.visual_features_for`); 0 runs the
-            tower on every step.
+        feature_cache_max_bytes: Disk budget of the frozen image tower's feature
+            cache (see :func:`rvqa.reader.data.visual_features_for`); None = the free
+            space of its disk; 0 runs the tower on every step.
 
     Returns:
         ``{"result": TrainResult, "model_dir": Path, "val": metrics | None,
@@ -139,7 +148,7 @@ def train_reader(
         if s.exclude_own_captions:
             # The captions the index is built from (build-index's default split).
             exclude = own_caption_ids(load_caption_split(cfg.index.captions, "train"))
-        images = {record_image_key(r): r.image for r in [*train_records, *val_records]}
+        images = {record_image_key(r): r.image for r in itertools.chain(train_records, val_records)}
         retrieved = retrieve_for_images(
             retriever,
             index,
@@ -162,23 +171,43 @@ def train_reader(
             f"the reader's answer vocabulary ({len(model.config.answers)} answers) differs from "
             f"the one built from the training data ({len(vocab)}); build the model from this vocabulary"
         )
-    all_images = [r.image for r in [*train_records, *val_records]]
-    pixels = PixelCache(all_images, processor.image_processor, desc="preprocessing images")
     rule = model.config.soft_target_rule
-    # A frozen image tower: its features once per image, read by training and evaluation.
+    # A frozen image tower: its features once per image, on disk (memory-mapped), read
+    # by training and evaluation; otherwise images stream through the loader's workers.
     features = visual_features_for(
-        model, pixels, max_bytes=feature_cache_max_bytes, accelerator=accelerator
+        model,
+        processor.image_processor,
+        [train_records, val_records],
+        out / FEATURE_CACHE_DIR,
+        accelerator=accelerator,
+        num_workers=s.num_workers,
+        max_bytes=feature_cache_max_bytes,
     )
+    train_features, val_features = features or (None, None)
+    image_processor = processor.image_processor
     train_set = ReaderDataset(
-        train_records, pixels, retrieved, vocab, s.top_k, s.k_dropout, rule, s.seed, features
+        train_records,
+        image_processor,
+        retrieved,
+        vocab,
+        s.top_k,
+        s.k_dropout,
+        rule,
+        s.seed,
+        train_features,
     )
     val_set = ReaderDataset(
-        val_records, pixels, retrieved, vocab, s.top_k, 0.0, rule, s.seed, features
+        val_records, image_processor, retrieved, vocab, s.top_k, 0.0, rule, s.seed, val_features
     )
 
     def evaluate(m: Any, acc: Any) -> dict[str, float]:
         return evaluate_reader(
-            acc.unwrap_model(m), processor, val_set, acc, batch_size=s.batch_size * 2
+            acc.unwrap_model(m),
+            processor,
+            val_set,
+            acc,
+            batch_size=s.batch_size * 2,
+            num_workers=s.num_workers,
         )
 
     def save(m: Any, path: Path) -> None:

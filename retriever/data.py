@@ -9,31 +9,28 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from rvqa.data.images import load_image
-from rvqa.pixels import PixelCache
+from rvqa.pixels import image_pixels
 
 logger = logging.getLogger(__name__)
 
 
 class PairDataset(Dataset):
-    """(image, caption) pairs: items are dicts with pixel values and the caption."""
+    """(image, caption) pairs: items are dicts with pixel values and the caption.
 
-    def __init__(self, records: Sequence, processor: Any, cache: PixelCache | None = None):
-        self.records = list(records)
+    Images are read and preprocessed on access (in the training loader's workers,
+    :mod:`rvqa.pixels`); pixel values are float16, as they leave the workers.
+    """
+
+    def __init__(self, records: Sequence, processor: Any):
+        self.records = records  # a lazy corpus stays lazy
         self.processor = processor
-        self.cache = cache
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict:
         r = self.records[i]
-        if self.cache is not None:
-            pixels = self.cache[r.image]
-        else:
-            pixels = self.processor(images=[load_image(r.image)], return_tensors="pt")[
-                "pixel_values"
-            ][0]
+        pixels = image_pixels(r.image, self.processor)
         return {"pixel_values": pixels, "caption": r.caption, "image_id": r.image_id}
 
 
@@ -50,7 +47,7 @@ class PairCollator:
         self.max_length = max_length
 
     def __call__(self, items: list[dict]) -> dict:
-        pixels = torch.stack([it["pixel_values"] for it in items])  # (B, 3, H, W)
+        pixels = torch.stack([it["pixel_values"] for it in items]).float()  # (B, 3, H, W)
         captions = [it["caption"] for it in items]
         enc = self.tokenizer(
             captions, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"

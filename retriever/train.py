@@ -29,7 +29,6 @@ from rvqa.data import has_split, holdout_by_image, load_caption_split
 from rvqa.distributed import log_placement
 from rvqa.errors import DataFormatError
 from rvqa.io import write_json_atomic
-from rvqa.pixels import PixelCache
 from rvqa.retriever.data import PairCollator, PairDataset
 from rvqa.retriever.evaluation import evaluate_retriever
 from rvqa.retriever.modeling import RetrieverModel
@@ -37,8 +36,6 @@ from rvqa.run_layout import CONFIG_FILE, METRICS_FILE, RETRIEVER_DIR
 from rvqa.training import TrainResult, make_accelerator, run_signature, train
 
 logger = logging.getLogger(__name__)
-
-CACHE_LIMIT_BYTES = 2 * 1024**3
 
 
 def train_retriever(
@@ -86,12 +83,8 @@ def train_retriever(
 
     set_seed(s.seed)  # the same config gives the same initial weights
     model = model if model is not None else RetrieverModel.from_backbones(s)
-    processor = model.image_processor
-    n_images = len({str(r.image_id) for r in train_records})
-    cache_ok = PixelCache.nbytes(n_images, s.image_size) <= CACHE_LIMIT_BYTES
-    use_cache = cache_ok if s.cache_images is None else s.cache_images
-    cache = PixelCache([r.image for r in train_records], processor) if use_cache else None
-    dataset = PairDataset(train_records, processor, cache)
+    # Images stream through the loader's workers (retriever.num_workers): none held in memory.
+    dataset = PairDataset(train_records, model.image_processor)
     collate = PairCollator(model.tokenizer, s.max_caption_length)
 
     def evaluate(m: Any, acc: Any) -> dict[str, float]:

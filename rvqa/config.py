@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import os
 import types
 import typing
@@ -40,6 +41,8 @@ import yaml
 
 from rvqa.errors import ConfigError
 from rvqa.io import write_text_atomic
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "ConfigError",
@@ -59,6 +62,7 @@ __all__ = [
     "save_config",
     "model_options",
     "RENAMED_KEYS",
+    "REMOVED_KEYS",
 ]
 
 
@@ -98,6 +102,8 @@ class TrainSettings:
     """save_state every N optimizer steps; 0 = at the end of each epoch only."""
     keep_checkpoints: int = 2
     num_workers: int = 0
+    """DataLoader worker processes that read and preprocess images while the model trains
+    (0 = in the main process); batches are pinned in memory when the device is a GPU."""
     log_every: int = 50
     seed: int = 42
 
@@ -195,8 +201,7 @@ class RetrieverSettings(TrainSettings):
     image_size: int = 64
     """Side length of the small CNN's input (vision_backbone='cnn'). A transformers
     checkpoint's own image processor decides its input size: there this value is only
-    recorded in the model config and used to estimate the pixel cache's memory, so set
-    it to the checkpoint's size (e.g. 224)."""
+    recorded in the model config, so set it to the checkpoint's size (e.g. 224)."""
     max_caption_length: int = 16
     freeze_vision: bool = False
     freeze_text: bool = True
@@ -214,8 +219,6 @@ class RetrieverSettings(TrainSettings):
     (see ``RENAMED_KEYS``)."""
     augment: bool = True
     """Random flips and small shifts of training images."""
-    cache_images: bool | None = None
-    """Preprocess every training image once and keep the tensors in memory (None = when they fit in 2 GB)."""
     eval_split: str = "val"
     """Caption split for validation during training (karpathy: 'val')."""
     val_fraction: float = 0.05
@@ -282,8 +285,9 @@ class ReaderSettings(TrainSettings):
     """Channels of the small CNN's stages (vision_backbone='cnn'); None = [32, 64, 128, 128]."""
     freeze_vision: bool = True
     """Keep the image tower fixed (not trained; kept in eval mode, so no dropout or
-    BatchNorm updates). Reader training then computes its features once per image
-    when they fit in 2 GiB (``rvqa.reader.data.visual_features_for``)."""
+    BatchNorm updates). Reader training then computes its features once per image into
+    a memory-mapped file in the run folder, reused by the next run with the same tower
+    and images (``rvqa.reader.data.visual_features_for``)."""
     freeze_word_embeddings: bool = True
     image_size: int = 64
     """Side length of the small CNN's input (vision_backbone='cnn'). With 'retriever' the
@@ -475,11 +479,20 @@ RENAMED_KEYS: dict[type, dict[str, str]] = {
     RetrieverSettings: {"temperature": "init_temperature"},
 }
 
+# Keys that no longer do anything: section class -> {key: why}. Still accepted, so that
+# run folders' saved config.yaml files load; a value other than null logs a warning.
+REMOVED_KEYS: dict[type, dict[str, str]] = {
+    RetrieverSettings: {
+        "cache_images": "training streams images through DataLoader workers (num_workers) "
+        "and keeps no image's pixels in memory",
+    },
+}
+
 
 def _build(cls: type, data: dict, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    data = _renamed(cls, data, where)
+    data = _removed(cls, _renamed(cls, data, where), where)
     kwargs = {}
     for key, value in data.items():
         if key not in names:
@@ -506,6 +519,18 @@ def _renamed(cls: type, data: dict, where: str) -> dict:
                     f"{prefix}{old} is the old name of {prefix}{new}; give only {prefix}{new}"
                 )
             data[new] = data.pop(old)
+    return data
+
+
+def _removed(cls: type, data: dict, where: str) -> dict:
+    removed = REMOVED_KEYS.get(cls)
+    if not removed or not any(k in data for k in removed):
+        return data
+    data = dict(data)
+    for key, why in removed.items():
+        if key in data and data.pop(key) is not None:
+            name = f"{where}.{key}" if where else key
+            logger.warning("%s is no longer used and is ignored: %s", name, why)
     return data
 
 

@@ -53,6 +53,10 @@ class ImageLoadError(RVQAError, ValueError):
         self.reason = reason
         super().__init__(f"cannot load image {self.path!r}: {reason}")
 
+    def __reduce__(self) -> tuple:
+        # Pickled with its two arguments (DataLoader workers hand it to the main process).
+        return type(self), (self.path, self.reason)
+
 
 class IndexFormatError(RVQAError, ValueError):
     """A knowledge index folder is malformed, truncated, or from a newer rvqa."""

@@ -4,7 +4,8 @@ A run folder (``output_dir``, e.g. ``runs/demo``) holds::
 
     rvqa_run.json          what RVQA.from_pretrained loads (this module's format)
     retriever/             train-retriever: best/, final/, checkpoints/, config.yaml
-    reader/                train-reader:    best/, final/, checkpoints/, config.yaml
+    reader/                train-reader:    best/, final/, checkpoints/, config.yaml,
+                           feature_cache/ (a frozen image tower's features, memory-mapped)
 
 ``rvqa_run.json`` names the retriever, the reader and the knowledge indices by
 paths relative to the run folder. An index inside the run folder is named
@@ -30,6 +31,7 @@ __all__ = [
     "RUN_FILE",
     "RETRIEVER_DIR",
     "READER_DIR",
+    "FEATURE_CACHE_DIR",
     "BEST",
     "FINAL",
     "CONFIG_FILE",
@@ -43,6 +45,8 @@ __all__ = [
 RUN_FILE = "rvqa_run.json"
 RETRIEVER_DIR = "retriever"
 READER_DIR = "reader"
+FEATURE_CACHE_DIR = "feature_cache"
+"""In ``reader/``: the frozen image tower's feature cache (``rvqa.reader.data``)."""
 BEST = "best"
 FINAL = "final"
 CONFIG_FILE = "config.yaml"

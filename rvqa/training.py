@@ -54,6 +54,7 @@ from transformers import get_scheduler
 from rvqa.config import RunConfig, TrainSettings
 from rvqa.errors import ConfigError, DataFormatError, ResumeError, RunFolderError, UsageError
 from rvqa.io import atomic_directory, write_json_atomic
+from rvqa.pixels import carry_errors, loader_options, raise_carried
 from rvqa.run_layout import BEST, FINAL
 
 logger = logging.getLogger(__name__)
@@ -350,18 +351,22 @@ class Trainer:
     # ------------------------------------------------------------------ setup
 
     def setup(self) -> None:
-        """Data loader, optimiser and schedule, all through ``accelerator.prepare``."""
+        """Data loader (``settings.num_workers`` workers; pinned batches on a GPU),
+        optimiser and schedule, all through ``accelerator.prepare``."""
         s, acc = self.settings, self.accelerator
         if len(self.train_dataset) == 0:
             raise DataFormatError("the training set is empty (0 examples)")
+        # Workers stream the items (images decoded and preprocessed there); an
+        # RVQAError in a worker (e.g. an unreadable image) reaches _run_epoch as itself.
+        dataset, collate_fn = carry_errors(self.train_dataset, self.collate_fn)
         loader = DataLoader(
-            self.train_dataset,
+            dataset,
             batch_size=s.batch_size,
             shuffle=True,
-            collate_fn=self.collate_fn,
-            num_workers=s.num_workers,
+            collate_fn=collate_fn,
             # contrastive losses want full batches (never empties: only when len > batch)
             drop_last=len(self.train_dataset) > s.batch_size,
+            **loader_options(s.num_workers, acc.device),
         )
         optimizer = _optimizer(self.model, s)
         self.model, self.optimizer, self.loader = acc.prepare(self.model, optimizer, loader)
@@ -461,6 +466,7 @@ class Trainer:
             epoch_loader = acc.skip_first_batches(self.loader, skip)
         running, count = 0.0, 0
         for batch in epoch_loader:
+            batch = raise_carried(batch)
             if self._restored_rng is not None:
                 _set_rng_states(self._restored_rng)
                 self._restored_rng = None

@@ -1,3 +1,4 @@
+import logging
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,18 @@ def test_renamed_key_of_older_run_folders_still_loads(tmp_path):
         r"give only retriever\.init_temperature",
     ):
         load_config(path)
+
+
+def test_removed_key_of_older_run_folders_still_loads(tmp_path, caplog):
+    # `retriever.cache_images` (pixels of every image in memory) is gone: images stream
+    # through DataLoader workers. Saved config.yaml files hold `cache_images: null`.
+    path = tmp_path / "config.yaml"
+    path.write_text("retriever:\n  cache_images: null\n  margin: 0.3\n")
+    with caplog.at_level(logging.WARNING, logger="rvqa.config"):
+        cfg = load_config(path)
+    assert cfg.retriever.margin == pytest.approx(0.3) and not caplog.text
+    assert "cache_images" not in config_to_dict(cfg)["retriever"]
+    path.write_text("retriever:\n  cache_images: true\n")
+    with caplog.at_level(logging.WARNING, logger="rvqa.config"):
+        load_config(path)
+    assert "retriever.cache_images is no longer used and is ignored" in caplog.text

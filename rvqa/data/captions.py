@@ -101,6 +101,9 @@ class CaptionCorpus(LazyRecords[CaptionRecord]):
     def _image(self, i: int) -> Any:
         return self.image(i)
 
+    def image_id_at(self, i: int) -> int | str | None:
+        return self.image_ids[i]
+
     def _take(self, positions: Sequence[int]) -> CaptionCorpus:
         return CaptionCorpus(
             [self.texts[i] for i in positions],

@@ -4,8 +4,9 @@ A subclass keeps its parsed data in compact columns and says how to build the
 record at a position, how to take a sub-sequence and which image a record
 refers to; this base gives the ``Sequence`` protocol on top (integer indexing
 with negative indices and clear ``IndexError``/``TypeError``, slicing,
-iteration) and the one up-front image check both share: every distinct image
-decoded once (:func:`rvqa.data.images.find_unreadable_images`), then
+:meth:`~LazyRecords.take`, :meth:`~LazyRecords.image_id_at`, iteration) and the
+one up-front image check both share: every distinct image decoded once
+(:func:`rvqa.data.images.find_unreadable_images`), then
 :meth:`LazyRecords.check_images` fails on unreadable ones or
 :meth:`LazyRecords.without_unreadable_images` drops their records.
 """
@@ -77,6 +78,25 @@ class LazyRecords(Sequence[R]):
         if not -n <= i < n:
             raise IndexError(f"{self.noun} index {i} out of range for {n} {self.noun}s")
         return self._record(i % n)
+
+    def image_id_at(self, i: int) -> Any:
+        """The image id of record ``i`` (``0 <= i < len(self)``); subclasses read it from
+        their columns, without building the record (or decoding its image)."""
+        return self._record(i).image_id
+
+    def take(self, positions: Sequence[int]) -> Self:
+        """The records at ``positions`` (in that order) as a sequence of the same kind,
+        sharing the parsed data (a subset costs one integer per record).
+
+        Raises:
+            IndexError: A position out of range.
+        """
+        n = len(self)
+        positions = [operator.index(i) for i in positions]
+        bad = next((i for i in positions if not 0 <= i < n), None)
+        if bad is not None:
+            raise IndexError(f"{self.noun} index {bad} out of range for {n} {self.noun}s")
+        return self._take(positions)
 
     def __iter__(self) -> Iterator[R]:
         for i in range(len(self)):

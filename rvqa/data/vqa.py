@@ -162,6 +162,9 @@ class VQADataset(LazyRecords[VQARecord]):
         path = self._rows.image_file(row)
         return path if path is not None else self._rows.record(row).image
 
+    def image_id_at(self, i: int) -> int | str:
+        return self._rows.image_id(self._row(i))
+
     def _take(self, positions: Sequence[int]) -> VQADataset:
         return VQADataset(
             self._rows,
