@@ -509,9 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="more overrides"
     )
     ap.add_argument("--interval", type=float, default=0.2, help="memory sampling period, s")
-    ap.add_argument(
-        "--gpu-monitor", action="store_true", help="also sample nvidia-smi memory.used"
-    )
+    ap.add_argument("--gpu-monitor", action="store_true", help="also sample nvidia-smi memory.used")
     ap.add_argument("--fresh", action="store_true", help="delete WORK's previous outputs first")
     return ap
 

@@ -128,11 +128,17 @@ def _plural(shape: str, n: int) -> str:
     return shape if n == 1 else shape + "s"
 
 
+def _a(phrase: str) -> str:
+    """``a red circle`` / ``an orange square``."""
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
 def _listing(objects: list[dict]) -> str:
     """``a red circle, two blue squares and a green triangle``."""
     groups = Counter((o["color"], o["shape"]) for o in objects)
     parts = [
-        f"{'a' if n == 1 else NUMBER_WORDS[n]} {c} {_plural(s, n)}" for (c, s), n in groups.items()
+        _a(f"{c} {s}") if n == 1 else f"{NUMBER_WORDS[n]} {c} {_plural(s, n)}"
+        for (c, s), n in groups.items()
     ]
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
@@ -151,7 +157,10 @@ def _scene(rng: np.random.Generator) -> dict:
         for c in cells
     ]
     objects.sort(key=lambda o: o["cell"])
-    return {"background": list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))], "objects": objects}
+    return {
+        "background": list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))],
+        "objects": objects,
+    }
 
 
 def _draw(scene: dict, width: int, height: int, rng: np.random.Generator) -> Image.Image:
@@ -187,14 +196,16 @@ def _captions(scene: dict, k: int, rng: np.random.Generator) -> list[str]:
     templates = [
         f"{_listing(objs)} on a {bg} background",
         f"{NUMBER_WORDS[n]} {_plural('shape', n)} on a {bg} background",
-        f"a {one['color']} {one['shape']} in the {_position(one['cell'])} of the picture",
+        _a(f"{one['color']} {one['shape']} in the {_position(one['cell'])} of the picture"),
     ]
     if n >= 2:
         a, b = (objs[i] for i in rng.choice(n, size=2, replace=False))
         where = "left of" if a["cell"] % 3 < b["cell"] % 3 else "next to"
         if a["cell"] // 3 < b["cell"] // 3 and a["cell"] % 3 == b["cell"] % 3:
             where = "above"
-        templates.append(f"a {a['color']} {a['shape']} {where} a {b['color']} {b['shape']}")
+        templates.append(
+            _a(f"{a['color']} {a['shape']} {where} ") + _a(f"{b['color']} {b['shape']}")
+        )
     else:
         templates.append(f"a single {one['color']} {one['shape']} and nothing else")
     shuffled = [objs[i] for i in rng.permutation(n)]
@@ -229,7 +240,9 @@ def _question_pool(scene: dict, rng: np.random.Generator) -> list[tuple[str, str
     for s in SHAPES:
         pool.append((f"How many {s}s are there?", str(shape_count[s]), "how many", "number"))
     pool.append(("How many shapes are in the picture?", str(len(objs)), "how many", "number"))
-    pool.append(("What color is the background?", scene["background"], "what color is the", "other"))
+    pool.append(
+        ("What color is the background?", scene["background"], "what color is the", "other")
+    )
     present = {(o["color"], o["shape"]) for o in objs}
     for _ in range(2):
         c = list(COLORS)[int(rng.integers(len(COLORS)))]
@@ -247,7 +260,12 @@ def _question_pool(scene: dict, rng: np.random.Generator) -> list[tuple[str, str
         )
     m = int(rng.integers(1, 4))
     pool.append(
-        (f"Are there more than {m} shapes?", "yes" if len(objs) > m else "no", "are there", "yes/no")
+        (
+            f"Are there more than {m} shapes?",
+            "yes" if len(objs) > m else "no",
+            "are there",
+            "yes/no",
+        )
     )
     # one question per text (a VQA image never asks the same question twice)
     seen, unique = set(), []
@@ -287,7 +305,7 @@ def _annotator_answer(answer: str, answer_type: str, rng: np.random.Generator) -
 
 def _answers(answer: str, answer_type: str, rng: np.random.Generator) -> list[tuple[str, str]]:
     """Ten (answer, answer_confidence) pairs from simulated annotators."""
-    reliability = float(rng.uniform(0.65, 1.0))
+    reliability = float(rng.uniform(0.75, 1.0))
     out = []
     for _ in range(10):
         right = rng.random() < reliability
@@ -327,7 +345,9 @@ def make_image(task: tuple) -> dict:
         Path(root) / "data" / "coco" / split / name, format="JPEG", quality=90
     )
     pool = _question_pool(scene, rng)
-    chosen = [pool[j] for j in sorted(rng.choice(len(pool), size=min(n_q, len(pool)), replace=False))]
+    chosen = [
+        pool[j] for j in sorted(rng.choice(len(pool), size=min(n_q, len(pool)), replace=False))
+    ]
     questions = []
     for k, (text, answer, q_type, a_type) in enumerate(chosen):
         answers = _answers(answer, a_type, rng)
@@ -440,9 +460,7 @@ class _SplitWriter:
         )
         for j, text in enumerate(rec["captions"]):
             self.caption_anns.add({"image_id": image_id, "id": image_id * 10 + j, "caption": text})
-        self.counts.update(
-            images=1, questions=len(rec["questions"]), captions=len(rec["captions"])
-        )
+        self.counts.update(images=1, questions=len(rec["questions"]), captions=len(rec["captions"]))
 
     def close(self) -> None:
         self.questions.close("}")
@@ -569,7 +587,16 @@ def generate(
         for split, n in (("train2014", images), ("val2014", val_images)):
             writer = writers[split] = _SplitWriter(root, split)
             tasks = (
-                (str(root), split, i, seed, questions_per_image, captions_per_image, min_side, max_side)
+                (
+                    str(root),
+                    split,
+                    i,
+                    seed,
+                    questions_per_image,
+                    captions_per_image,
+                    min_side,
+                    max_side,
+                )
                 for i in range(n)
             )
             for i, rec in enumerate(pool.imap(make_image, tasks, chunksize=32)):
