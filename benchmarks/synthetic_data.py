@@ -144,7 +144,7 @@ def _listing(objects: list[dict]) -> str:
 
 
 def _scene(rng: np.random.Generator) -> dict:
-    n = int(rng.choice([1, 2, 3, 4], p=[0.25, 0.35, 0.25, 0.15]))
+    n = int(rng.choice([1, 2, 3, 4], p=[0.1, 0.3, 0.35, 0.25]))
     cells = rng.choice(9, size=n, replace=False)
     colors = list(COLORS)
     objects = [
@@ -189,32 +189,49 @@ def _draw(scene: dict, width: int, height: int, rng: np.random.Generator) -> Ima
     return img
 
 
+# Each caption is written by another "annotator": words drawn from these.
+PICTURE = ("picture", "image", "photo", "frame")
+ON = ("on", "against", "over")
+BACKGROUND = ("background", "backdrop")
+OBJECTS = ("shapes", "objects", "figures")
+DRAWING = ("a simple drawing of", "a picture of", "an illustration of", "a plain image with")
+NEXT_TO = ("next to", "beside", "near")
+
+
 def _captions(scene: dict, k: int, rng: np.random.Generator) -> list[str]:
     objs, bg = scene["objects"], scene["background"]
     n = len(objs)
+
+    def pick(words: tuple[str, ...]) -> str:
+        return words[int(rng.integers(len(words)))]
+
+    def placed(o: dict) -> str:
+        size = "small " if o["scale"] < 0.65 else ("large " if o["scale"] > 0.8 else "")
+        return _a(f"{size}{o['color']} {o['shape']} in the {_position(o['cell'])}")
+
     one = objs[int(rng.integers(n))]
+    suffix = pick(("", f", {placed(one)}", f" in {_a(pick(PICTURE))}"))
     templates = [
-        f"{_listing(objs)} on a {bg} background",
-        f"{NUMBER_WORDS[n]} {_plural('shape', n)} on a {bg} background",
-        _a(f"{one['color']} {one['shape']} in the {_position(one['cell'])} of the picture"),
+        f"{', '.join(placed(o) for o in objs)} {pick(ON)} a {bg} {pick(BACKGROUND)}",
+        f"{NUMBER_WORDS[n]} {pick(OBJECTS) if n > 1 else 'shape'} {pick(ON)} a {bg} "
+        f"{pick(BACKGROUND)}{suffix}",
+        f"{placed(one)} of the {pick(PICTURE)}",
     ]
     if n >= 2:
         a, b = (objs[i] for i in rng.choice(n, size=2, replace=False))
-        where = "left of" if a["cell"] % 3 < b["cell"] % 3 else "next to"
+        where = "left of" if a["cell"] % 3 < b["cell"] % 3 else pick(NEXT_TO)
         if a["cell"] // 3 < b["cell"] // 3 and a["cell"] % 3 == b["cell"] % 3:
             where = "above"
-        templates.append(
-            _a(f"{a['color']} {a['shape']} {where} ") + _a(f"{b['color']} {b['shape']}")
-        )
+        templates.append(f"{placed(a)} {where} {placed(b)}")
     else:
-        templates.append(f"a single {one['color']} {one['shape']} and nothing else")
+        templates.append(f"{placed(one)} and nothing else {pick(ON)} the {bg} {pick(BACKGROUND)}")
     shuffled = [objs[i] for i in rng.permutation(n)]
-    templates.append(f"a simple drawing of {_listing(shuffled)}")
+    templates.append(f"{pick(DRAWING)} {', '.join(placed(o) for o in shuffled)}")
     out = []
     for i in range(k):
         text = templates[i % len(templates)]
-        if i >= len(templates):  # more captions than templates: vary the wording
-            text = "an image showing " + _listing(shuffled)
+        if i >= len(templates):  # more captions than templates: another wording
+            text = f"{_a(pick(PICTURE))} showing {_listing(shuffled)}"
         if rng.random() < 0.3:
             text = text[0].upper() + text[1:] + "."
         out.append(text)
