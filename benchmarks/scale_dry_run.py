@@ -534,7 +534,11 @@ def main(argv: list[str] | None = None) -> int:
     params = manifest and manifest["params"]
     val_images = args.val_images if args.val_images is not None else max(args.images // 10, 50)
     generated = None
-    if not params or params["images"] != args.images or params["val_images"] != val_images:
+    if (
+        not params
+        or manifest.get("format_version") != synthetic_data.FORMAT_VERSION
+        or (params["images"], params["val_images"]) != (args.images, val_images)
+    ):
         print(f"generating {args.images} + {val_images} images under {data} ...", flush=True)
         manifest = synthetic_data.generate(data, args.images, val_images, workers=args.gen_workers)
         generated = {"seconds": manifest["seconds"], "images_per_s": manifest["images_per_s"]}
