@@ -195,15 +195,22 @@ class TreeMonitor:
         self.usage.gpu_used_peak = [max(a, b) for a, b in zip(peak, used)]
 
 
+LAUNCHERS = ("torch.distributed.run", "torchrun", "accelerate.commands.launch", "accelerate")
+
+
+def _is_rvqa(p: psutil.Process) -> bool:
+    """A process running rvqa itself (not a launcher whose arguments name it)."""
+    cmd = p.cmdline()
+    return "rvqa" in cmd and not any(Path(c).name in LAUNCHERS for c in cmd[: cmd.index("rvqa")])
+
+
 def _is_rank(p: psutil.Process, pids: set[int]) -> bool:
-    """An ``rvqa`` process whose parent is not one (DataLoader workers are forks of a rank)."""
+    """An rvqa process whose parent is not one (DataLoader workers are forks of a rank)."""
     try:
-        if "rvqa" not in " ".join(p.cmdline()):
+        if not _is_rvqa(p):
             return False
         parent = p.ppid()
-        if parent not in pids:
-            return True
-        return "rvqa" not in " ".join(psutil.Process(parent).cmdline())
+        return parent not in pids or not _is_rvqa(psutil.Process(parent))
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return False
 

@@ -187,7 +187,7 @@ def test_tree_monitor_counts_forked_workers_and_pss():
     the child (like a DataLoader worker) is not a rank."""
     code = textwrap.dedent(
         """
-        import os, sys, time  # rvqa (marks this process as a rank for the monitor)
+        import os, sys, time
         a = bytearray(b"\\x01") * (150 << 20)
         pid = os.fork()
         if pid == 0:
@@ -198,7 +198,9 @@ def test_tree_monitor_counts_forked_workers_and_pss():
         os.waitpid(pid, 0)
         """
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    # the argument "rvqa" makes the parent a rank for the monitor (like `python -m rvqa`)
+    cmd = [sys.executable, "-c", code, "rvqa"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
         mon = scale_dry_run.TreeMonitor(proc.pid)
