@@ -53,7 +53,8 @@ def check_stage(stage: str, text: str, expect: str, num_processes: int) -> list[
     Args:
         stage: The stage (``train-reader``, ...).
         text: Its log.
-        expect: ``"cuda"`` (models on ``cuda[:i]``, the index on ``faiss-gpu``) or
+        expect: ``"cuda"`` (models on ``cuda[:i]``, a searched index on ``faiss-gpu``;
+            ``build-index`` writes its index with CPU faiss, so ``faiss-cpu`` there) or
             ``"cpu"`` (models on ``cpu``, the index on ``faiss-cpu``).
         num_processes: Processes of a launched stage (the evaluations run on one).
     """
@@ -74,7 +75,10 @@ def check_stage(stage: str, text: str, expect: str, num_processes: int) -> list[
                 continue
             where = f"{stage}: rank {line['rank']}: {comp}={dev}"
             if dev.startswith("faiss-"):
-                want = "faiss-gpu" if expect == "cuda" else "faiss-cpu"
+                # build-index builds and writes the index with CPU faiss (GPUs encode the
+                # captions); every stage that searches an index searches it on the GPUs.
+                gpu_index = expect == "cuda" and stage != "build-index"
+                want = "faiss-gpu" if gpu_index else "faiss-cpu"
                 if dev != want:
                     problems.append(f"{where}, expected {want}")
             elif expect == "cuda" and not (dev == "cuda" or dev.startswith("cuda:")):

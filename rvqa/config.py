@@ -250,7 +250,9 @@ class IndexSettings:
     """Search the knowledge index on GPU: sharded over the GPUs faiss sees (each process's
     own GPU in a multi-process run), CPU with one warning where faiss has none. Read by
     ``train-reader``'s retrieval and ``rvqa evaluate``; ``--gpu-index`` sets it (also on
-    ``rvqa ask`` and ``index-info``), ``use_gpu=`` on ``RVQA.from_pretrained``."""
+    ``rvqa ask`` and ``index-info``), ``use_gpu=`` on ``RVQA.from_pretrained``. ``build-index``
+    reads it too: with ``factory: null`` the automatic choice then skips HNSW, which faiss
+    cannot search on a GPU (Flat, IVF-SQ8 or IVF-PQ instead)."""
     nprobe: int | None = None
     """IVF indices: lists probed per query at inference (None = the value tuned at build
     time); read by ``rvqa evaluate`` and ``train-reader``'s retrieval (the API and ``rvqa ask``

@@ -116,6 +116,7 @@ def build_index_from_config(
             out,
             factory,
             max_memory=max_memory,
+            for_gpu=s.use_gpu,
             overwrite=overwrite,
             ef_construction=ef_construction,
             tuning_queries=tuning_queries,
@@ -156,6 +157,7 @@ def build_index_from_config(
         out,
         factory=factory,
         max_memory=max_memory,
+        for_gpu=s.use_gpu,  # searched on GPUs: no HNSW in the automatic choice
         dedupe=s.dedupe if dedupe is None else dedupe,
         batch_size=s.batch_size,
         store_embeddings=s.store_embeddings,

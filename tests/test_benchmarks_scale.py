@@ -247,6 +247,10 @@ def test_dry_run_end_to_end(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert md.count("\n| ") == 2 + len(scale_dry_run.STAGES)
     assert "retriever.vision_backbone=tiny-vit-h64-l2" in md
+    # The commands' real placement lines pass the smoke test's check for a CPU run.
+    logs = gpu_smoke.read_logs(tmp_path / "logs")
+    assert gpu_smoke.check_logs(logs, "cpu", 1) == []
+    assert "retriever=cpu" in logs["build-index"] and "=faiss-cpu" in logs["build-index"]
 
 
 # --------------------------------------------------------------------------- GPU smoke check
@@ -267,7 +271,9 @@ def _logs(folder: Path, world: int, model: str = "cuda", index: str = "faiss-gpu
                 continue
             dev = model if model == "cpu" else f"cuda:{r}"
             comps = {"retriever": dev, "reader": dev}
-            if stage in ("build-index", "train-reader", "evaluate"):
+            if stage == "build-index":  # rvqa/indexing.py: the index is built with CPU faiss
+                comps["index"] = "faiss-cpu"
+            elif stage in ("train-reader", "evaluate"):
                 comps["index"] = index
             text += _placement(stage, r, n, **comps)
             text += f"rvqa cuda-peak: stage={stage} rank={r} bytes={(r + 1) << 30}\n"

@@ -241,3 +241,30 @@ def test_use_gpu_reaches_load_from_every_cli_command(
     assert main(["train-reader", "--config", str(config), *out]) == 1
     assert "stopped after the index load" in capsys.readouterr().err
     assert load_spy == [(True, None), (False, None)]
+
+
+def test_use_gpu_reaches_the_automatic_index_choice_of_build_index(tiny_run, tmp_path, monkeypatch):
+    """``index.use_gpu`` reaches build-index, whose automatic choice then skips HNSW (no faiss
+    GPU version; tests/test_index_factory.py shows the tiers)."""
+    import rvqa.indexing
+    from rvqa.config import load_config
+
+    spy = _BuildSpy(rvqa.indexing)
+    monkeypatch.setattr(rvqa.indexing, "build_index", spy)
+    cfg = load_config(tiny_run / "retriever" / "config.yaml")
+    for use_gpu in (False, True):
+        cfg.index.use_gpu = use_gpu
+        path = rvqa.indexing.build_index_from_config(
+            cfg, retriever=tiny_run / "retriever" / "final", out=tmp_path / f"idx-{use_gpu}"
+        )
+        assert KnowledgeIndex.load(path).manifest["factory"] == "Flat"  # 36 captions
+    assert spy.for_gpu == [False, True]
+
+
+class _BuildSpy:
+    def __init__(self, module):
+        self.real, self.for_gpu = module.build_index, []
+
+    def __call__(self, *args, **kwargs):
+        self.for_gpu.append(kwargs.get("for_gpu"))
+        return self.real(*args, **kwargs)

@@ -41,6 +41,15 @@ def test_automatic_choice_thresholds():
     assert auto_nlist(1000) * 39 <= 1000
 
 
+def test_automatic_choice_for_gpu_search_skips_hnsw():
+    """faiss has no GPU HNSW: an index meant for GPU search gets an IVF tier instead."""
+    gpu = choose_factory(2_000_000, 384, "4GB", for_gpu=True)
+    assert gpu.factory == f"IVF{auto_nlist(2_000_000)},SQ8"
+    assert "no faiss GPU version" in gpu.reason
+    assert choose_factory(FLAT_MAX_VECTORS, 384, "4GB", for_gpu=True).factory == "Flat"
+    assert choose_factory(30_000_000, 384, "4GB", for_gpu=True).factory == "IVF16384,PQ96np"
+
+
 def test_parse_memory():
     assert parse_memory("4GB") == 4 * 10**9
     assert parse_memory("512MiB") == 512 * 2**20

@@ -82,6 +82,8 @@ class IndexBuildOptions:
         factory: A faiss factory string, or None to choose from N, d and ``max_memory``
             (:func:`~rvqa.retriever.index.factory.choose_factory`).
         max_memory: Budget of the automatic choice ("4GB", "512MiB", bytes).
+        for_gpu: The index will be searched on GPUs (``index.use_gpu``): the automatic
+            choice skips HNSW, which faiss cannot move to a GPU.
         ef_construction: ``efConstruction`` of HNSW graphs (ignored by other indices).
         tuning_queries: (m, d) representative queries (e.g. image embeddings of
             held-out images) to tune ``efSearch``/``nprobe`` on, instead of proxy
@@ -99,6 +101,7 @@ class IndexBuildOptions:
 
     factory: str | None = None
     max_memory: int | str = "4GB"
+    for_gpu: bool = False
     ef_construction: int = HNSW_EF_CONSTRUCTION
     tuning_queries: np.ndarray | None = field(default=None, compare=False, repr=False)
     store_embeddings: bool = True
@@ -203,7 +206,7 @@ def build_index_from_embeddings(
 
     factory, auto = opts.factory, None
     if factory is None:
-        choice = choose_factory(len(texts), d, opts.max_memory)
+        choice = choose_factory(len(texts), d, opts.max_memory, for_gpu=opts.for_gpu)
         factory, auto = choice.factory, asdict(choice)
         logger.info("automatic index choice: %s (%s)", factory, choice.reason)
     index = make_index(factory, d, ef_construction=opts.ef_construction)

@@ -15,7 +15,10 @@ factory                when                                        bytes per vec
 ``nlist`` is the power of two nearest to 4·sqrt(N), capped so that every centroid
 gets at least 39 training points (faiss' own minimum). IVF-SQ8 sits between HNSW
 and PQ because it reaches recall@10 >= 0.95 at a quarter of HNSW's memory, which
-IVF-PQ usually cannot. ``np`` skips polysemous training (only useful with
+IVF-PQ usually cannot. For an index that will be searched on GPUs
+(``for_gpu``, set from ``index.use_gpu``) the HNSW tier is skipped: faiss has no
+GPU HNSW, so such an index would stay on CPU; IVF-SQ8 / IVF-PQ and Flat move to
+GPUs. ``np`` skips polysemous training (only useful with
 polysemous search, and by far the slowest part of PQ training). The choice, its
 reason and the estimate go into the manifest.
 """
@@ -119,10 +122,13 @@ def estimate_bytes(factory_kind: str, n: int, d: int, nlist: int = 0, m: int = 0
     return int(MEMORY_OVERHEAD * (n * per_vec + fixed))
 
 
-def choose_factory(n: int, d: int, max_memory: int | str = "4GB") -> AutoChoice:
+def choose_factory(
+    n: int, d: int, max_memory: int | str = "4GB", *, for_gpu: bool = False
+) -> AutoChoice:
     """Choose a faiss factory string for ``n`` vectors of dimension ``d`` within a budget.
 
-    See the module docstring for the tiers and thresholds.
+    See the module docstring for the tiers and thresholds; ``for_gpu`` skips HNSW
+    (faiss cannot search it on a GPU).
 
     Raises:
         ValueError: Not even the smallest IVF-PQ fits the budget.
@@ -134,16 +140,18 @@ def choose_factory(n: int, d: int, max_memory: int | str = "4GB") -> AutoChoice:
         why = f"exact search: {n} vectors <= {FLAT_MAX_VECTORS} and ~{est / 1e6:.0f} MB fits {gb}"
         return AutoChoice("Flat", why, est, budget)
     est = estimate_bytes("hnsw", n, d)
-    if est <= budget:
+    if est <= budget and not for_gpu:
         why = f"HNSW{HNSW_M}: {n} vectors, ~{est / 1e6:.0f} MB (vectors + graph) fits {gb}"
         return AutoChoice(f"HNSW{HNSW_M}", why, est, budget)
     nlist = auto_nlist(n)
     est = estimate_bytes("sq8", n, d, nlist)
     if est <= budget:
-        why = (
-            f"IVF-SQ8: HNSW{HNSW_M} (~{estimate_bytes('hnsw', n, d) / 1e9:.2f} GB) exceeds {gb}; "
-            f"8-bit scalar codes ~{est / 1e6:.0f} MB fit; nlist ~ 4*sqrt(N)"
+        hnsw = (
+            f"HNSW{HNSW_M} has no faiss GPU version (index.use_gpu)"
+            if for_gpu
+            else f"HNSW{HNSW_M} (~{estimate_bytes('hnsw', n, d) / 1e9:.2f} GB) exceeds {gb}"
         )
+        why = f"IVF-SQ8: {hnsw}; 8-bit scalar codes ~{est / 1e6:.0f} MB fit; nlist ~ 4*sqrt(N)"
         return AutoChoice(f"IVF{nlist},SQ8", why, est, budget)
     for m in _pq_sizes(d):
         est = estimate_bytes("pq", n, d, nlist, m)
