@@ -37,7 +37,6 @@ from rvqa.data.easy_vqa import (
 )
 from rvqa.data.hf_datasets import read_captions_datasets, read_vqa_datasets
 from rvqa.data.official import read_vqa_files
-from rvqa.data.records import CaptionRecord
 from rvqa.data.vqa import VQADataset
 from rvqa.errors import ConfigError, UsageError
 
@@ -144,8 +143,9 @@ def load_captions(
 SOURCE_SPLITS = {"easy_vqa": tuple(EASY_VQA_SPLITS), "karpathy": KARPATHY_SPLITS}
 
 
-def load_caption_split(cfg: CaptionDataConfig, split: str) -> list[CaptionRecord]:
-    """Caption records of ``split``, as a list.
+def load_caption_split(cfg: CaptionDataConfig, split: str) -> CaptionCorpus:
+    """Caption records of ``split``, as a lazy :class:`CaptionCorpus` (records built on
+    access, so a training set of 400k captions holds compact columns, not objects).
 
     ``"train"`` of a karpathy source is every split in ``cfg.splits`` (e.g. train +
     restval); sources without splits give all their captions for any ``split``.
@@ -158,7 +158,7 @@ def load_caption_split(cfg: CaptionDataConfig, split: str) -> list[CaptionRecord
         corpus = load_captions(cfg, split=list(cfg.splits) if split == "train" else [split])
     else:
         corpus = load_captions(cfg, split=split if cfg.source in SOURCE_SPLITS else None)
-    return list(corpus.without_unreadable_images() if cfg.skip_bad_images else corpus)
+    return corpus.without_unreadable_images() if cfg.skip_bad_images else corpus
 
 
 def has_split(cfg: CaptionDataConfig, split: str | None) -> bool:
