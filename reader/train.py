@@ -20,7 +20,6 @@ vocabulary — and processor), ``checkpoints/``, ``train_result.json``, ``config
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from typing import Any
 from accelerate.utils import set_seed
 
 from rvqa.config import RunConfig, save_config
-from rvqa.data import load_caption_split
+from rvqa.data import load_caption_corpus
 from rvqa.distributed import log_placement
 from rvqa.errors import UsageError
 from rvqa.reader.answers import AnswerVocab, build_vocab
@@ -36,13 +35,12 @@ from rvqa.reader.data import (
     ReaderCollator,
     ReaderDataset,
     load_reader_data,
-    record_image_key,
     visual_features_for,
 )
 from rvqa.reader.evaluation import evaluate_reader
 from rvqa.reader.modeling import ReaderModel
 from rvqa.reader.processing import ReaderProcessor
-from rvqa.reader.retrieval import own_caption_ids, retrieve_for_images
+from rvqa.reader.retrieval import RecordImages, own_caption_ids, retrieve_for_images
 from rvqa.retriever.index import KnowledgeIndex
 from rvqa.retriever.modeling import RetrieverModel
 from rvqa.run_layout import (
@@ -146,13 +144,13 @@ def train_reader(
         )
         exclude = None
         if s.exclude_own_captions:
-            # The captions the index is built from (build-index's default split).
-            exclude = own_caption_ids(load_caption_split(cfg.index.captions, "train"))
-        images = {record_image_key(r): r.image for r in itertools.chain(train_records, val_records)}
+            # The captions the index is built from (build-index's default split): ids
+            # only, from the corpus's columns, no image opened.
+            exclude = own_caption_ids(load_caption_corpus(cfg.index.captions, "train"))
         retrieved = retrieve_for_images(
             retriever,
             index,
-            images,
+            RecordImages(train_records, val_records),  # positions only; images fetched in workers
             s.top_k,
             exclude_ids=exclude,
             cache_dir=out / "retrieval_cache",

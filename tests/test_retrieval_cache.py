@@ -15,7 +15,17 @@ import numpy as np
 import pytest
 import torch
 
-from rvqa.reader.retrieval import RetrievedCaptions, index_fingerprint, retrieve_for_images
+from rvqa.config import CaptionDataConfig
+from rvqa.data import VQADataset, VQARecord, load_caption_corpus
+from rvqa.errors import ImageLoadError, IndexMismatchError
+from rvqa.pixels import image_pixels
+from rvqa.reader.retrieval import (
+    RecordImages,
+    RetrievedCaptions,
+    index_fingerprint,
+    own_caption_ids,
+    retrieve_for_images,
+)
 from rvqa.retriever.index import KnowledgeIndex, build_index
 from rvqa.retriever.modeling import RetrieverModel
 from rvqa.run_layout import retriever_dir
@@ -77,9 +87,15 @@ def setup(tiny_run):
     index = KnowledgeIndex.load(index_dir, retriever=retriever)
     paths = [p for _, p in sorted(easy_vqa.get_train_image_paths().items())][:N_IMAGES]
     images = {str(i): p for i, p in enumerate(paths)}
+    # The reference: the retriever's embeddings of the pixels as they leave the loader's
+    # workers (float16, rvqa.pixels), searched directly.
+    pixels = torch.stack([image_pixels(p, retriever.image_processor) for p in paths])
+    retriever.eval()
+    with torch.no_grad():
+        emb = retriever.encode_images(pixels.float()).numpy()
     want = {
         key: [(c, s, i) for c, s, i in zip(r.captions, r.scores, r.ids)]
-        for key, r in zip(images, index.search(retriever.embed_images(paths), K))
+        for key, r in zip(images, index.search(emb, K))
     }
     return ret_dir, index_dir, retriever, index, images, want
 
@@ -112,12 +128,9 @@ def test_result_equals_direct_search_as_a_lazy_mapping(setup, tmp_path):
     _same(got, want)
     assert got.rows.shape == (N_IMAGES, K) and got.rows.dtype == np.int64
     assert got.get("no such image", []) == []
-    # Picklable for DataLoader workers: the copy reopens the index folder itself.
-    copy = pickle.loads(pickle.dumps(got))
-    assert copy._store.index is None
-    _same(copy, want)
     (entry,) = tmp_path.glob("retrieval-*")
     assert sorted(p.name for p in entry.iterdir()) == [
+        "digests.npy",
         "keys.json",
         "meta.json",
         "rows.npy",
@@ -242,3 +255,176 @@ def test_two_processes_shard_and_equal_one_process(setup, tmp_path):
         _same(got, want)
     (entry,) = cache.glob("retrieval-*")
     assert json.loads((entry / "keys.json").read_text()) == list(images)
+
+
+def _no_faiss_index_read(monkeypatch):
+    import faiss
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the faiss index was read")
+
+    monkeypatch.setattr(KnowledgeIndex, "load", refuse)
+    monkeypatch.setattr(faiss, "read_index", refuse)
+
+
+class _Captions(torch.utils.data.Dataset):
+    def __init__(self, retrieved, keys):
+        self.retrieved, self.keys = retrieved, keys
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __getitem__(self, i):
+        return json.dumps(self.retrieved[self.keys[i]])
+
+
+def test_workers_read_captions_without_the_faiss_index(setup, monkeypatch):
+    """Pickled (a spawned worker): only the manifest and the captions store are opened;
+    forked: the inherited store is used as is. Neither reads the faiss index."""
+    _, _, retriever, index, images, want = setup
+    got = retrieve_for_images(retriever, index, images, K)
+    _no_faiss_index_read(monkeypatch)
+    copy = pickle.loads(pickle.dumps(got))
+    assert copy._store._lookup is None and copy._store.path == Path(index.path)
+    _same(copy, want)
+    keys = list(images)
+    loader = torch.utils.data.DataLoader(
+        _Captions(got, keys),
+        batch_size=None,
+        num_workers=1,
+        multiprocessing_context="fork",
+    )
+    forked = {key: [tuple(h) for h in json.loads(item)] for key, item in zip(keys, loader)}
+    _same(forked, want)
+    # A copy of another index's captions: the manifest's fingerprint is checked.
+    copy._store.fingerprint = "0" * 16
+    copy._store._lookup = None
+    with pytest.raises(IndexMismatchError, match="changed since the captions were retrieved"):
+        copy["0"]
+
+
+def test_changed_image_file_is_retrieved_again(setup, tmp_path, encoded):
+    """Same key, rewritten file: that image is retrieved again, the others reused."""
+    _, _, retriever, index, images, want = setup
+    folder = tmp_path / "images"
+    folder.mkdir()
+    local = {}
+    for key, path in images.items():
+        local[key] = folder / f"{key}.png"
+        local[key].write_bytes(Path(path).read_bytes())
+    cache = tmp_path / "cache"
+    _same(retrieve_for_images(retriever, index, local, K, cache_dir=cache), want)
+    assert encoded[0] == N_IMAGES
+    _same(retrieve_for_images(retriever, index, local, K, cache_dir=cache), want)
+    assert encoded[0] == N_IMAGES  # unchanged: reused
+    # Image "3" regenerated with image "7"'s pixels (same key, same path).
+    local["3"].write_bytes(Path(images["7"]).read_bytes())
+    st = local["3"].stat()
+    os.utime(local["3"], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    got = retrieve_for_images(retriever, index, local, K, cache_dir=cache)
+    assert encoded[0] == N_IMAGES + 1  # only the changed image
+    _same(got, {**want, "3": want["7"]})
+    _same(
+        retrieve_for_images(retriever, index, local, K, cache_dir=cache), {**want, "3": want["7"]}
+    )
+    assert encoded[0] == N_IMAGES + 1  # the rewritten entry is reused
+    (entry,) = cache.glob("retrieval-*")
+    assert sorted(json.loads((entry / "keys.json").read_text())) == sorted(images)
+
+
+def test_record_images_hold_positions_not_images(setup, tmp_path, monkeypatch):
+    """RecordImages over lazy record sequences: keys by image id, no record built until
+    an image is asked for; the retrieval result equals the direct search."""
+    _, _, retriever, index, images, want = setup
+
+    def records(keys):
+        return VQADataset.from_records(
+            [
+                VQARecord(question_id=q, question="what?", image=images[key], image_id=int(key))
+                for q, key in enumerate(keys)
+            ]
+        )
+
+    train = records(["0", "1", "1", "2", "3", "0", "4", "5"])
+    val = records(["6", "2", "7", "8", "9", "10", "11", "11"])
+    build = VQADataset._record
+
+    def refuse(self, i):
+        raise AssertionError("a record was built")
+
+    monkeypatch.setattr(VQADataset, "_record", refuse)
+    lazy = RecordImages(train, val)
+    assert list(lazy) == list(images) and len(lazy) == N_IMAGES
+    tokens = [lazy.token(key) for key in lazy]  # file identity, from the columns
+    assert tokens[0].startswith(f"path\t{images['0']}\t")
+    monkeypatch.setattr(VQADataset, "_record", build)
+    assert lazy["7"] == images["7"]
+    _same(retrieve_for_images(retriever, index, lazy, K, cache_dir=tmp_path, num_workers=1), want)
+
+
+def test_decoded_images_are_keyed_by_their_datasets_identity(tmp_path):
+    """A datasets Image column: the token is the dataset's identity (no image decoded);
+    a regenerated dataset in the same folder has another."""
+    import datasets
+    from PIL import Image
+
+    from rvqa.data.hf_datasets import _DatasetsRows, read_vqa_datasets
+
+    def write(color):
+        pixels = [Image.new("RGB", (8, 8), c) for c in (color, "blue")]
+        ds = datasets.Dataset.from_dict(
+            {"image": pixels, "question": ["q0", "q1"], "image_id": [1, 2]},
+            features=datasets.Features(
+                {
+                    "image": datasets.Image(),
+                    "question": datasets.Value("string"),
+                    "image_id": datasets.Value("int64"),
+                }
+            ),
+        )
+        ds.save_to_disk(str(tmp_path / "ds"))
+        return RecordImages(read_vqa_datasets(str(tmp_path / "ds"), "train"))
+
+    first = write("red")
+    record = _DatasetsRows.record
+    _DatasetsRows.record = lambda self, i: (_ for _ in ()).throw(AssertionError("decoded"))
+    try:
+        tokens = [first.token(key) for key in first]
+    finally:
+        _DatasetsRows.record = record
+    assert tokens[0] == tokens[1] and tokens[0].startswith("source\t")
+    reopened = RecordImages(read_vqa_datasets(str(tmp_path / "ds"), "train"))
+    assert reopened.token("1") == first.token("1")  # the same files: the same identity
+    assert write("green").token("1") != first.token("1")  # regenerated: another
+
+
+def test_missing_image_raises_image_load_error_from_a_worker(setup, tmp_path):
+    _, _, retriever, index, images, _ = setup
+    broken = {**images, "5": str(tmp_path / "gone.png")}
+    with pytest.raises(ImageLoadError, match="gone.png"):
+        retrieve_for_images(
+            retriever, index, broken, K, cache_dir=tmp_path, num_workers=2, batch_size=2
+        )
+    assert list(tmp_path.glob("retrieval-*")) == []
+
+
+def test_own_caption_ids_read_no_image(tmp_path, monkeypatch):
+    """With skip_bad_images set, the exclusion ids still open no image."""
+    lines = [
+        {"caption": f"caption {k} of image {i}", "id": i * 10 + k, "image_id": i, "image": "x.png"}
+        for i in range(3)
+        for k in range(2)
+    ]
+    path = tmp_path / "captions.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    cfg = CaptionDataConfig(
+        source="jsonl", path=str(path), images=str(tmp_path), skip_bad_images=True
+    )
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an image was read")
+
+    monkeypatch.setattr("rvqa.data.lazy.find_unreadable_images", refuse)
+    monkeypatch.setattr("rvqa.data.images.load_image", refuse)
+    ids = own_caption_ids(load_caption_corpus(cfg, "train"))
+    assert ids == {"0": {0, 1}, "1": {10, 11}, "2": {20, 21}}

@@ -33,6 +33,7 @@ from rvqa.data.records import CaptionRecord, VQARecord
 from rvqa.data.sources import (
     SOURCE_SPLITS,
     has_split,
+    load_caption_corpus,
     load_caption_split,
     load_captions,
     load_vqa,
@@ -56,6 +57,7 @@ __all__ = [
     "has_split",
     "holdout_by_image",
     "image_key",
+    "load_caption_corpus",
     "load_caption_split",
     "load_captions",
     "load_image",

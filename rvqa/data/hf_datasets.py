@@ -11,7 +11,9 @@ split, column and row.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -235,6 +237,18 @@ class _DatasetsRows:
 
     def image_file(self, i: int) -> str | None:
         return self._all_paths()[i] if self.image_kind == "path" else None
+
+    def identity(self) -> str:
+        """The dataset's fingerprint and its Arrow files' path, size and mtime (see
+        :attr:`VQADataset.data_identity`)."""
+        files = []
+        for f in self.ds.cache_files:
+            try:
+                st = os.stat(f["filename"])
+                files.append([f["filename"], st.st_size, st.st_mtime_ns])
+            except OSError:
+                files.append([f["filename"], None, None])
+        return json.dumps({"fingerprint": getattr(self.ds, "_fingerprint", None), "files": files})
 
     def question_id(self, i: int) -> int:
         if self._question_ids is None:

@@ -40,7 +40,14 @@ from rvqa.data.official import read_vqa_files
 from rvqa.data.vqa import VQADataset
 from rvqa.errors import ConfigError, UsageError
 
-__all__ = ["SOURCE_SPLITS", "has_split", "load_caption_split", "load_captions", "load_vqa"]
+__all__ = [
+    "SOURCE_SPLITS",
+    "has_split",
+    "load_caption_corpus",
+    "load_caption_split",
+    "load_captions",
+    "load_vqa",
+]
 
 
 def load_vqa(cfg: VQADataConfig, split: str) -> VQADataset:
@@ -154,11 +161,21 @@ def load_caption_split(cfg: CaptionDataConfig, split: str) -> CaptionCorpus:
     captions of unreadable ones are dropped (logged; see
     :meth:`CaptionCorpus.without_unreadable_images`).
     """
-    if cfg.source == "karpathy":
-        corpus = load_captions(cfg, split=list(cfg.splits) if split == "train" else [split])
-    else:
-        corpus = load_captions(cfg, split=split if cfg.source in SOURCE_SPLITS else None)
+    corpus = load_caption_corpus(cfg, split)
     return corpus.without_unreadable_images() if cfg.skip_bad_images else corpus
+
+
+def load_caption_corpus(cfg: CaptionDataConfig, split: str) -> CaptionCorpus:
+    """The captions of ``split`` as a lazy :class:`CaptionCorpus`, no image opened.
+
+    The split rule of :func:`load_caption_split` without its image check
+    (``cfg.skip_bad_images`` is not applied): for what needs only the texts and
+    ids (e.g. the ids of an image's own captions), read from the corpus's columns
+    (``ids``, ``image_ids``) without building records.
+    """
+    if cfg.source == "karpathy":
+        return load_captions(cfg, split=list(cfg.splits) if split == "train" else [split])
+    return load_captions(cfg, split=split if cfg.source in SOURCE_SPLITS else None)
 
 
 def has_split(cfg: CaptionDataConfig, split: str | None) -> bool:

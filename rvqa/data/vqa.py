@@ -165,6 +165,21 @@ class VQADataset(LazyRecords[VQARecord]):
     def image_id_at(self, i: int) -> int | str:
         return self._rows.image_id(self._row(i))
 
+    def image_file_at(self, i: int) -> str | None:
+        """The file of record ``i``'s image (``0 <= i < len(self)``), without building the
+        record; None when the source holds decoded images (a ``datasets`` Image column,
+        in-memory records)."""
+        return self._rows.image_file(self._row(i))
+
+    @property
+    def data_identity(self) -> str | None:
+        """What identifies the source's data, for caches of images that have no files:
+        for a ``datasets`` source, the dataset's fingerprint (a hash of its contents)
+        and its Arrow files' paths, sizes and modification times, so a regenerated
+        dataset has another identity; None for other sources."""
+        identity = getattr(self._rows, "identity", None)
+        return identity() if identity is not None else None
+
     def _take(self, positions: Sequence[int]) -> VQADataset:
         return VQADataset(
             self._rows,
