@@ -213,6 +213,14 @@ class _DatasetsRows:
     def __len__(self) -> int:
         return len(self.ds)
 
+    @property
+    def image_source_id(self) -> str | None:
+        """``datasets``' fingerprint of the rows (kept by ``save_to_disk``; a hash of the
+        source data and of every transform after it) and the image column; None
+        without a fingerprint."""
+        fingerprint = getattr(self.ds, "_fingerprint", None)
+        return f"datasets\t{fingerprint}\t{self.col_image}" if fingerprint else None
+
     def _all_paths(self) -> list[str | None]:
         if self._paths is None:
             self._paths = [

@@ -165,6 +165,19 @@ class VQADataset(LazyRecords[VQARecord]):
     def image_id_at(self, i: int) -> int | str:
         return self._rows.image_id(self._row(i))
 
+    def image_file_at(self, i: int) -> str | None:
+        """The image file of record ``i``, or None when the source decodes its image
+        (a ``datasets.Image`` column, an in-memory image): read from the columns,
+        without building the record or opening the image."""
+        return self._rows.image_file(self._row(i))
+
+    @property
+    def image_source_id(self) -> str | None:
+        """What identifies the images that are not files, for caches keyed by content:
+        ``datasets``' fingerprint of the rows and the image column (a ``datasets``
+        source), else None (in-memory records: only their pixels identify them)."""
+        return getattr(self._rows, "image_source_id", None)
+
     def _take(self, positions: Sequence[int]) -> VQADataset:
         return VQADataset(
             self._rows,
