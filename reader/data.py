@@ -192,37 +192,51 @@ class ImageTable(Sequence):
     """The distinct images of some record sequences, in order of first appearance.
 
     ``table[row]`` is an image reference; :meth:`rows` maps each record of one
-    sequence to its row. Images given by path are one row per path; any other
-    image (decoded by the data source on access) is one row per record. Holds
-    positions only: images are fetched from the records on access.
+    sequence to its row. One row per image file (by path), else per image id
+    (records of one data source with one image id share a row), else per record.
+    Building the table reads only the sequences' columns when they are lazy
+    (:meth:`~rvqa.data.VQADataset.image_file_at`,
+    :meth:`~rvqa.data.VQADataset.image_id_at`): no image is decoded. Holds
+    positions only: ``table[row]`` builds the row's first record (in a loader
+    worker, when streamed) and returns its image.
     """
 
     def __init__(self, *record_seqs: Sequence[Any]):
         self._seqs = record_seqs
-        index: dict[str, int] = {}
+        index: dict[Any, int] = {}
         first: list[tuple[int, int]] = []  # (sequence, position) of each row's first record
-        tokens: list[str] = []
+        self._keys: list[Any] = []  # each row's identity (see _image_identity)
         self._rows: list[np.ndarray] = []
         for s, seq in enumerate(record_seqs):
             rows = np.empty(len(seq), dtype=np.int64)
-            for pos, r in enumerate(seq):
-                image = r.image
-                path = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
-                row = index.get(path) if path is not None else None
+            for pos in range(len(seq)):
+                key = _image_identity(seq, pos)
+                row = index.get(key) if key is not None else None
                 if row is None:
                     row = len(first)
                     first.append((s, pos))
-                    tokens.append(_image_token(image, path))
-                    if path is not None:
-                        index[path] = row
+                    self._keys.append(key)
+                    if key is not None:
+                        index[key] = row
                 rows[pos] = row
             self._rows.append(rows)
         self._first = np.array(first, dtype=np.int64).reshape(-1, 2)
-        h = hashlib.sha256()
-        for t in tokens:
-            h.update(t.encode("utf-8", "surrogateescape") + b"\n")
-        self.digest = h.hexdigest()
-        """A hash of every image's identity, in row order (see :func:`_image_token`)."""
+        self._digest: str | None = None
+
+    @property
+    def digest(self) -> str:
+        """A hash of every image's identity, in row order (see :func:`_image_token`);
+        computed on first use (it may read files' metadata, or decode images whose
+        source has no identity)."""
+        if self._digest is None:
+            h = hashlib.sha256()
+            for row, key in enumerate(self._keys):
+                h.update(
+                    _image_token(key, lambda row=row: self[row]).encode("utf-8", "surrogateescape")
+                    + b"\n"
+                )
+            self._digest = h.hexdigest()
+        return self._digest
 
     def __len__(self) -> int:
         return len(self._first)
@@ -236,17 +250,56 @@ class ImageTable(Sequence):
         return self._rows[seq]
 
 
-def _image_token(image: Any, path: str | None) -> str:
-    """An image's identity for the cache key: path, size and modification time of a
-    file (a missing one: its path, and loading it later names it); the pixels' hash
-    for a decoded image."""
+_NO_SOURCE = "<records>"
+"""The scope of image ids of records whose source has no identity (in-memory records)."""
+
+
+def _image_identity(seq: Sequence[Any], pos: int) -> Any:
+    """What makes record ``pos`` of ``seq`` the same image as another record, read
+    without decoding an image where ``seq`` is lazy:
+
+    * ``("path", path)`` for an image file;
+    * ``("id", source, image_id)`` for an image decoded by its source: records of one
+      source with one image id show one image. ``source`` is the sequence's
+      ``data_identity`` (a ``datasets`` fingerprint and files), or ``"<records>"`` when
+      it has none (in-memory records: their ids are taken to be shared, as
+      :func:`record_image_key` takes them for retrieval);
+    * None when the record has no image id (an image of its own).
+    """
+    file_at = getattr(seq, "image_file_at", None)
+    id_at = getattr(seq, "image_id_at", None)
+    if file_at is not None and id_at is not None:
+        path, image_id = file_at(pos), id_at(pos)
+        source = getattr(seq, "data_identity", None) or _NO_SOURCE
+    else:  # a list of records (built in memory anyway)
+        r = seq[pos]
+        image = r.image
+        path = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
+        image_id, source = getattr(r, "image_id", None), _NO_SOURCE
     if path is not None:
+        return ("path", path)
+    return None if image_id is None else ("id", source, image_id)
+
+
+def _image_token(key: Any, image: Any) -> str:
+    """An image's identity for the cache key, from its :func:`_image_identity` key:
+
+    * a file: its path, size and modification time (a missing one: its path, and
+      loading it later names it);
+    * an image id of a source with an identity: the source's identity and the id
+      (cheap; the source's identity changes when its data do);
+    * otherwise (in-memory records, no id): the hash of the pixels, ``image()`` decoded.
+    """
+    if key is not None and key[0] == "path":
+        path = key[1]
         try:
             st = os.stat(path)
         except OSError:
             return f"path\t{path}\tmissing"
         return f"path\t{path}\t{st.st_size}\t{st.st_mtime_ns}"
-    pil = load_image(image)
+    if key is not None and key[1] != _NO_SOURCE:
+        return f"id\t{key[1]}\t{type(key[2]).__name__}\t{key[2]}"
+    pil = load_image(image())
     return f"pixels\t{pil.size}\t{hashlib.sha256(pil.tobytes()).hexdigest()}"
 
 
@@ -341,9 +394,14 @@ def visual_features_for(
     is reused, else it is built: its size is logged first, then images stream
     through a ``DataLoader`` (``num_workers`` workers decode and preprocess) into
     the tower, under the accelerator's autocast on its device. With several
-    processes each encodes its contiguous shard and writes its rows into one shared
-    temporary file, which the main process renames to ``KEY.npy`` once every process
-    is done: a killed build leaves only a ``*.partial.npy`` file, which is never read
+    processes the main process alone decides (reuse, build or skip over budget, and
+    the file) and broadcasts the decision before any process acts on it, so every
+    process follows the same one whatever its own view of the disk; each encodes
+    its contiguous shard and writes its rows into one shared temporary file, which
+    the main process renames to ``KEY.npy`` once every process is done. Images are
+    keyed by path, or by image id within their source (:class:`ImageTable`): the
+    key is computed by the main process only and decodes images only for in-memory
+    records without a source identity. A killed build leaves only a ``*.partial.npy`` file, which is never read
     and is removed by the next build (as are caches of other keys: the folder holds
     one). Readers memory-map the file: no process holds it in memory.
 
@@ -364,6 +422,8 @@ def visual_features_for(
 
     Raises:
         ImageLoadError: An image cannot be read (naming the file).
+        RuntimeError: (other processes) The main process failed while deciding; it
+            raises its own error, and no process waits for it forever.
     """
     if not model.config.freeze_vision or max_bytes == 0:
         return None
@@ -374,81 +434,144 @@ def visual_features_for(
     device = accelerator.device if accelerator is not None else model.device
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     is_main = rank == 0
-    precision = str(accelerator.mixed_precision) if accelerator is not None else "no"
-    cache_dir = Path(cache_dir)
-    path = (
-        cache_dir / f"{feature_cache_key(model, image_processor, table, precision)}{CACHE_SUFFIX}"
-    )
-
-    def results() -> list[RecordFeatures]:
-        return [RecordFeatures(path, table.rows(s)) for s in range(len(record_seqs))]
-
-    if path.is_file() and _valid_cache(path, n):
-        shape = np.load(path, mmap_mode="r").shape
-        logger.info("feature cache: reusing %s (%d images × %d × %d)", path, *shape)
-        return results()
-
-    model.to(device)
     autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
     dtype = next(model.vision_model.parameters()).dtype  # as forward casts pixel_values
+
+    def encode(pixels: torch.Tensor) -> np.ndarray:
+        with autocast():
+            feats = model.vision_features(pixels.to(device).to(dtype))
+        return feats.float().cpu().numpy()
+
     was = model.training
     model.eval()
     try:
-
-        def encode(pixels: torch.Tensor) -> np.ndarray:
-            with autocast():
-                feats = model.vision_features(pixels.to(device).to(dtype))
-            return feats.float().cpu().numpy()
-
-        v, c = encode(image_pixels(table[0], image_processor)[None]).shape[1:]
-        nbytes = n * v * c * 4
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        budget = max_bytes if max_bytes is not None else shutil.disk_usage(cache_dir).free
-        logger.info(
-            "feature cache: %d images × %d × %d × 4 bytes = %s on disk at %s",
-            n,
-            v,
-            c,
-            _size(nbytes),
-            path,
-        )
-        if nbytes > budget:
-            logger.warning(
-                "not caching frozen image-tower features: %s exceeds the %s %s; "
-                "the tower runs on every step",
-                _size(nbytes),
-                _size(budget),
-                "budget" if max_bytes is not None else "free on that disk",
-            )
-            return None
-        tmp = _start_partial(cache_dir, path, (n, v, c)) if is_main else None
-        if world > 1:
-            box = [str(tmp) if tmp is not None else None]
-            broadcast_object_list(box, from_process=0)  # also: the file exists for everyone
-            tmp = Path(box[0])
-        lo, hi = shard_bounds(n, world, rank)
-        if hi > lo:
-            out = np.lib.format.open_memmap(tmp, mode="r+")
-            loader = _image_loader(table, image_processor, lo, hi, batch_size, num_workers, device)
-            at = lo
-            for batch in loader:
-                feats = encode(raise_carried(batch))
-                out[at : at + len(feats)] = feats
-                at += len(feats)
-            out.flush()
-            del out
-        if accelerator is not None:
-            accelerator.wait_for_everyone()
+        decision: dict[str, Any] = {}
+        failure: BaseException | None = None
         if is_main:
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        if accelerator is not None:
-            accelerator.wait_for_everyone()
+            try:
+                decision = _decide(
+                    model, image_processor, table, cache_dir, accelerator, max_bytes, encode
+                )
+            except Exception as err:
+                if world == 1:
+                    raise
+                failure = err
+                decision = {"action": "error", "error": f"{type(err).__name__}: {err}"}
+        if world > 1:
+            box = [decision]
+            broadcast_object_list(box, from_process=0)  # also: the partial file exists
+            decision = box[0]
+        if failure is not None:
+            raise failure
+        action = decision["action"]
+        if action == "error":
+            raise RuntimeError(
+                f"feature cache: the main process failed ({decision['error']}); see its log"
+            )
+        if action == "skip":
+            return None
+        path = Path(decision["path"])
+        if action == "build":
+            _build_shard(
+                table,
+                image_processor,
+                Path(decision["tmp"]),
+                encode,
+                model,
+                device,
+                rank,
+                world,
+                batch_size,
+                num_workers,
+            )
+            if accelerator is not None:
+                accelerator.wait_for_everyone()
+            if is_main:
+                tmp = Path(decision["tmp"])
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+                logger.info("feature cache: wrote %s (%s)", path, _size(decision["nbytes"]))
+            if accelerator is not None:
+                accelerator.wait_for_everyone()
     finally:
         model.train(was)
-    logger.info("feature cache: wrote %s (%s)", path, _size(nbytes))
-    return results()
+    return [RecordFeatures(path, table.rows(s)) for s in range(len(record_seqs))]
+
+
+def _decide(
+    model: Any,
+    image_processor: Any,
+    table: ImageTable,
+    cache_dir: str | os.PathLike,
+    accelerator: Any,
+    max_bytes: int | None,
+    encode: Any,
+) -> dict[str, Any]:
+    """The main process's decision, which every process follows: ``{"action": "reuse",
+    "path"}`` (a complete cache with the key), ``{"action": "skip"}`` (over budget) or
+    ``{"action": "build", "path", "tmp", "nbytes"}`` (the partial file created)."""
+    n = len(table)
+    precision = str(accelerator.mixed_precision) if accelerator is not None else "no"
+    cache_dir = Path(cache_dir)
+    key = feature_cache_key(model, image_processor, table, precision)
+    path = cache_dir / f"{key}{CACHE_SUFFIX}"
+    if path.is_file() and _valid_cache(path, n):
+        shape = np.load(path, mmap_mode="r").shape
+        logger.info("feature cache: reusing %s (%d images × %d × %d)", path, *shape)
+        return {"action": "reuse", "path": str(path)}
+    model.to(accelerator.device if accelerator is not None else model.device)
+    v, c = encode(image_pixels(table[0], image_processor)[None]).shape[1:]
+    nbytes = n * v * c * 4
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    budget = max_bytes if max_bytes is not None else shutil.disk_usage(cache_dir).free
+    logger.info(
+        "feature cache: %d images × %d × %d × 4 bytes = %s on disk at %s",
+        n,
+        v,
+        c,
+        _size(nbytes),
+        path,
+    )
+    if nbytes > budget:
+        logger.warning(
+            "not caching frozen image-tower features: %s exceeds the %s %s; "
+            "the tower runs on every step",
+            _size(nbytes),
+            _size(budget),
+            "budget" if max_bytes is not None else "free on that disk",
+        )
+        return {"action": "skip"}
+    tmp = _start_partial(cache_dir, path, (n, v, c))
+    return {"action": "build", "path": str(path), "tmp": str(tmp), "nbytes": nbytes}
+
+
+def _build_shard(
+    table: ImageTable,
+    image_processor: Any,
+    tmp: Path,
+    encode: Any,
+    model: Any,
+    device: Any,
+    rank: int,
+    world: int,
+    batch_size: int,
+    num_workers: int,
+) -> None:
+    """Encode this process's contiguous shard of ``table`` into its rows of ``tmp``."""
+    lo, hi = shard_bounds(len(table), world, rank)
+    if hi <= lo:
+        return
+    model.to(device)
+    out = np.lib.format.open_memmap(tmp, mode="r+")
+    loader = _image_loader(table, image_processor, lo, hi, batch_size, num_workers, device)
+    at = lo
+    for batch in loader:
+        feats = encode(raise_carried(batch))
+        out[at : at + len(feats)] = feats
+        at += len(feats)
+    out.flush()
+    del out
 
 
 def _size(nbytes: int) -> str:

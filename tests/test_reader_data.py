@@ -169,8 +169,9 @@ def test_cache_reused_and_rebuilt_when_the_key_changes(tokenizer, tmp_path, monk
 
 
 def test_decoded_images_are_keyed_by_their_pixels(tokenizer, tmp_path, monkeypatch):  # noqa: F811
-    # Images that are objects (a datasets column decoded on access): one row per record,
-    # the key from their pixels, so new objects with the same pixels reuse the cache.
+    # In-memory images (records without a data source that identifies them): one row
+    # per image id, the key from their pixels (the fallback: nothing cheaper says what
+    # they are), so new objects with the same pixels reuse the cache, other pixels do not.
     model = tiny_model(tokenizer, freeze_vision=True)
     proc = small_cnn_processor(32)
     first = visual_features_for(model, proc, [_records(images(3))], tmp_path)[0]
@@ -182,6 +183,83 @@ def test_decoded_images_are_keyed_by_their_pixels(tokenizer, tmp_path, monkeypat
     )
     other = visual_features_for(model, proc, [_records(images(4)[1:])], tmp_path)[0]
     assert counts["calls"] >= 2 and other.path != first.path
+
+
+def _hf_vqa_folder(folder: Path, ims: list, image_of: list[int]) -> Path:
+    """A ``datasets`` folder (split ``train``) with an Image column: question i on image
+    ``image_of[i]`` (its ``image_id``)."""
+    import datasets
+
+    features = datasets.Features(
+        {
+            "question": datasets.Value("string"),
+            "image_id": datasets.Value("int64"),
+            "image": datasets.Image(),
+            "answers": datasets.List(datasets.Value("string")),
+        }
+    )
+    rows = {
+        "question": [f"question {i}?" for i in range(len(image_of))],
+        "image_id": image_of,
+        "image": [ims[j] for j in image_of],
+        "answers": [["red"] * 10 for _ in image_of],
+    }
+    ds = datasets.Dataset.from_dict(rows, features=features)
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(folder))
+    return folder
+
+
+def test_dataset_images_one_row_per_image_id_and_no_decoding_to_key_or_reuse(
+    tokenizer,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
+    # Images decoded by a datasets source: one row per image id, keyed by the dataset's
+    # fingerprint and the ids; an image is decoded only to encode it (once per image),
+    # never to build the table, compute the key or reuse the cache.
+    from rvqa.data import read_vqa_datasets
+    from rvqa.data.hf_datasets import _DatasetsRows
+    from rvqa.reader.data import ImageTable
+
+    model, proc = tiny_model(tokenizer, freeze_vision=True), small_cnn_processor(32)
+    ims, image_of = images(3), [0, 1, 0, 2, 1]  # 5 questions on 3 images
+    folder = _hf_vqa_folder(tmp_path / "hf", ims, image_of)
+    built = {"records": 0}
+    original = _DatasetsRows.record
+
+    def counting(self, i):
+        built["records"] += 1
+        return original(self, i)
+
+    monkeypatch.setattr(_DatasetsRows, "record", counting)
+    ds = read_vqa_datasets(str(folder), "train")
+    train, val = ds[:3], ds[3:]
+    table = ImageTable(train, val)
+    assert len(table) == 3 and table.digest
+    assert table.rows(0).tolist() == [0, 1, 0] and table.rows(1).tolist() == [2, 1]
+    assert built["records"] == 0  # table and key from the columns only
+
+    first = visual_features_for(model, proc, [train, val], tmp_path / "fc")
+    assert built["records"] == 1 + 3  # the size probe + one per image (not per question)
+    on_disk = np.load(first[0].path)
+    torch.testing.assert_close(torch.from_numpy(on_disk), _tower_output(model, ims))
+    for seq, feats in ((train, first[0]), (val, first[1])):
+        for i in range(len(seq)):
+            torch.testing.assert_close(feats[i], _tower_output(model, ims)[seq.image_id_at(i)])
+
+    # The next run (the dataset loaded again): reused, no image decoded, the tower idle.
+    built["records"] = 0
+    calls = _count_tower_calls(monkeypatch)
+    ds = read_vqa_datasets(str(folder), "train")
+    again = visual_features_for(model, proc, [ds[:3], ds[3:]], tmp_path / "fc")
+    assert again[0].path == first[0].path and built["records"] == 0 and calls["calls"] == 0
+
+    # Other data under the same path and ids (another fingerprint): another key.
+    _hf_vqa_folder(tmp_path / "hf", images(4)[1:], image_of)
+    ds = read_vqa_datasets(str(folder), "train")
+    other = visual_features_for(model, proc, [ds[:3], ds[3:]], tmp_path / "fc")
+    assert other[0].path != first[0].path and calls["calls"] >= 2
+    torch.testing.assert_close(other[0][0], _tower_output(model, images(4)[1:])[0])
 
 
 def test_a_truncated_cache_file_is_rebuilt(tokenizer, tmp_path):  # noqa: F811
@@ -404,3 +482,73 @@ def test_two_processes_write_one_cache_and_evaluate_like_one(tokenizer, processo
     assert got["metrics"]["cached"]["accuracy"] == 100.0
     plain = ReaderDataset(_records(ims, 2, answers=answers), proc, None, vocab, 0)
     assert got["metrics"]["pixels"] == evaluate_reader(model, processor, plain)
+
+
+_DISAGREEING_RANKS = """
+import json, os, shutil, sys
+from pathlib import Path
+from accelerate import Accelerator
+from rvqa.reader import data
+from rvqa.reader.data import visual_features_for
+from rvqa.towers import load_tokenizer, small_cnn_processor
+from tests.test_reader_data import _records
+from tests.test_reader_model import tiny_model
+
+ims, cache, out = sys.argv[1].split(","), Path(sys.argv[2]), Path(sys.argv[3])
+acc = Accelerator()
+assert acc.num_processes == 2
+if acc.process_index == 1:  # rank 1's own view: no free space, every cache invalid
+    Usage = type(shutil.disk_usage(cache.parent))
+    shutil.disk_usage = lambda _: Usage(total=10**6, used=10**6, free=0)
+    data._valid_cache = lambda path, rows: False
+if acc.process_index == 0:  # its second build fails on rank 0 while it decides
+    original, calls = data._start_partial, [0]
+    def fails_the_second_time(*args):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise OSError("No space left on device (simulated)")
+        return original(*args)
+    data._start_partial = fails_the_second_time
+model = tiny_model(load_tokenizer("minilm"), freeze_vision=True)
+proc, records = small_cnn_processor(32), _records(ims)
+got = {}
+for run in ("build", "reuse"):
+    feats = visual_features_for(model, proc, [records], cache, accelerator=acc, batch_size=2)
+    got[run] = None if feats is None else [str(feats[0].path), feats[0].array.tolist()]
+try:  # a new key (other weights): rank 0 builds, and fails doing so
+    next(model.vision_model.parameters()).data.add_(0.5)
+    visual_features_for(model, proc, [records], cache, accelerator=acc, batch_size=2)
+    got["failure"] = None
+except Exception as err:
+    got["failure"] = f"{type(err).__name__}: {err}"
+(out / f"rank{acc.process_index}.json").write_text(json.dumps(got))
+acc.end_training()
+"""
+
+
+def test_every_process_follows_the_main_process_decision(tokenizer, tmp_path):  # noqa: F811
+    # Rank 1 sees a full disk and no valid cache; the main process sees room and then
+    # its own cache: both ranks build once, then reuse it, with the same features (not
+    # pixels on one rank, features on the other, nor a rank waiting forever). When the
+    # main process fails while deciding, every process raises instead of hanging.
+    from tests.tiny import run_two_cpu_processes
+
+    ims = _image_files(tmp_path / "images", 5)
+    script, out = tmp_path / "ranks.py", tmp_path / "out"
+    script.write_text(_DISAGREEING_RANKS)
+    out.mkdir()
+    args = [str(script), ",".join(ims), str(tmp_path / "fc"), str(out)]
+    run = run_two_cpu_processes(args, REPO, timeout=240)  # a hang fails here
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    model = tiny_model(tokenizer, freeze_vision=True)
+    for got in ranks:
+        assert got["build"] is not None and got["reuse"] == got["build"] == ranks[0]["build"]
+        torch.testing.assert_close(
+            torch.tensor(got["build"][1]), _tower_output(model, ims), rtol=1e-6, atol=1e-6
+        )
+    assert ranks[0]["failure"] == "OSError: No space left on device (simulated)"
+    assert ranks[1]["failure"] == (
+        "RuntimeError: feature cache: the main process failed "
+        "(OSError: No space left on device (simulated)); see its log"
+    )

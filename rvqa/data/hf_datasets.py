@@ -239,7 +239,9 @@ class _DatasetsRows:
         return self._all_paths()[i] if self.image_kind == "path" else None
 
     def identity(self) -> str:
-        """The dataset's fingerprint and its Arrow files' path, size and mtime (see
+        """The dataset's fingerprint (a hash of the source data and every transform after
+        it, kept by ``save_to_disk``), the image column, and its Arrow files' path, size
+        and mtime (see
         :attr:`VQADataset.data_identity`)."""
         files = []
         for f in self.ds.cache_files:
@@ -248,7 +250,8 @@ class _DatasetsRows:
                 files.append([f["filename"], st.st_size, st.st_mtime_ns])
             except OSError:
                 files.append([f["filename"], None, None])
-        return json.dumps({"fingerprint": getattr(self.ds, "_fingerprint", None), "files": files})
+        fingerprint = getattr(self.ds, "_fingerprint", None)
+        return json.dumps({"fingerprint": fingerprint, "image": self.col_image, "files": files})
 
     def question_id(self, i: int) -> int:
         if self._question_ids is None:
