@@ -47,6 +47,7 @@ from rvqa.run_layout import (
     CONFIG_FILE,
     FEATURE_CACHE_DIR,
     READER_DIR,
+    RETRIEVAL_CACHE_DIR,
     RETRIEVER_DIR,
     retriever_dir,
     write_run_file,
@@ -153,7 +154,7 @@ def train_reader(
             RecordImages(train_records, val_records),  # positions only; images fetched in workers
             s.top_k,
             exclude_ids=exclude,
-            cache_dir=out / "retrieval_cache",
+            cache_dir=out / RETRIEVAL_CACHE_DIR,
             batch_size=s.batch_size,
             num_workers=s.num_workers,
             accelerator=accelerator,

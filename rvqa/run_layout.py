@@ -5,7 +5,8 @@ A run folder (``output_dir``, e.g. ``runs/demo``) holds::
     rvqa_run.json          what RVQA.from_pretrained loads (this module's format)
     retriever/             train-retriever: best/, final/, checkpoints/, config.yaml
     reader/                train-reader:    best/, final/, checkpoints/, config.yaml,
-                           feature_cache/ (a frozen image tower's features, memory-mapped)
+                           feature_cache/ (a frozen image tower's features, memory-mapped),
+                           retrieval_cache/ (captions retrieved for the training images)
 
 ``rvqa_run.json`` names the retriever, the reader and the knowledge indices by
 paths relative to the run folder. An index inside the run folder is named
@@ -32,6 +33,7 @@ __all__ = [
     "RETRIEVER_DIR",
     "READER_DIR",
     "FEATURE_CACHE_DIR",
+    "RETRIEVAL_CACHE_DIR",
     "BEST",
     "FINAL",
     "CONFIG_FILE",
@@ -47,6 +49,8 @@ RETRIEVER_DIR = "retriever"
 READER_DIR = "reader"
 FEATURE_CACHE_DIR = "feature_cache"
 """In ``reader/``: the frozen image tower's feature cache (``rvqa.reader.data``)."""
+RETRIEVAL_CACHE_DIR = "retrieval_cache"
+"""In ``reader/``: captions retrieved for the training images (``rvqa.reader.retrieval``)."""
 BEST = "best"
 FINAL = "final"
 CONFIG_FILE = "config.yaml"
