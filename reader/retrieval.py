@@ -106,20 +106,21 @@ def cache_tag(retriever: Any, index: Any, k: int, exclude_ids: dict[str, set] | 
 class _CaptionStore:
     """Row number → (caption id, caption text) of a knowledge index.
 
-    In the process that retrieved, the loaded index's :meth:`KnowledgeIndex.lookup`
-    (its memory-mapped Arrow caption columns). A forked ``DataLoader`` worker
-    inherits this object as it is (nothing is pickled) and reads the same columns,
-    shared with the parent; neither touches the faiss index. Pickled (a spawned
-    worker), it carries only the index folder and fingerprint: the copy reads the
-    folder's manifest (fingerprint checked) and memory-maps its captions store
-    (:func:`~rvqa.retriever.index.read_captions`) on first use; the faiss index file
-    is never read.
+    For an index with a folder it holds only the folder and fingerprint, and on
+    first use reads the folder's manifest (fingerprint checked) and memory-maps its
+    captions store (:func:`~rvqa.retriever.index.read_captions`): it keeps no
+    reference to the loaded index, whose faiss index (HNSW is not memory-mapped) is
+    freed once the retrieval pass is over, and never reads the faiss index file. A
+    forked ``DataLoader`` worker inherits it as it is (the mapped columns shared with
+    the parent), a spawned one gets the folder and fingerprint (pickled). An index
+    without a folder (built in memory) is read through its own
+    :meth:`KnowledgeIndex.lookup` and cannot be pickled.
     """
 
     def __init__(self, index: Any, fingerprint: str):
         self.path = Path(index.path) if getattr(index, "path", None) else None
         self.fingerprint = fingerprint
-        self._lookup: Any = index.lookup
+        self._lookup: Any = None if self.path is not None else index.lookup
 
     def __getstate__(self) -> dict:
         if self.path is None:

@@ -20,6 +20,7 @@ vocabulary — and processor), ``checkpoints/``, ``train_result.json``, ``config
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,10 @@ def train_reader(
             accelerator=accelerator,
             show_progress=accelerator.is_local_main_process,
         )
+        # Training reads captions from the index's memory-mapped caption store only:
+        # free the faiss index and the exclusion sets before the reader is built.
+        index = exclude = None
+        gc.collect()
 
     if model is None:
         model, processor = build_reader(cfg, vocab, retriever)
