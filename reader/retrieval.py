@@ -8,7 +8,7 @@ retrieval runs once per distinct image. :func:`retrieve_for_images`:
   device; the shards' arrays are gathered over the process group (no shared
   disk needed), so every process holds the one-process result.
 * **Streamed.** Images are fetched, decoded and preprocessed by a ``DataLoader``'s
-  workers (:mod:`rvqa.pixels`: float16 pixels, pinned memory on CUDA, a worker's
+  workers (:mod:`rvqa.pixels`: float32 pixels as at inference, pinned memory on CUDA, a worker's
   :class:`~rvqa.errors.ImageLoadError` raised as itself); only the retriever's
   forward runs in the main process. :class:`RecordImages` gives the images of
   record sequences by key without holding any: ``images[key]`` builds the record
@@ -395,7 +395,9 @@ def _retrieve_shard(
     device = next(retriever.parameters()).device
     dtype = next(retriever.vision_model.parameters()).dtype
     dataset, collate = carry_errors(
-        ImagePixels(_KeyedImages(images, keys), retriever.image_processor), torch.stack
+        # float32 pixels: the captions are those inference retrieves for the image
+        ImagePixels(_KeyedImages(images, keys), retriever.image_processor, torch.float32),
+        torch.stack,
     )
     loader = DataLoader(
         dataset,

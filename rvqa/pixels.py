@@ -3,8 +3,10 @@
 No stage keeps every image's pixels: datasets call :func:`image_pixels` in
 ``__getitem__``, so the loader's workers decode and preprocess while the model
 trains, and memory holds only the batches in flight. Pixels leave the workers
-as float16 (half the bytes through shared and pinned memory; the models cast
-them to their own dtype).
+as float16 for training and the feature cache (half the bytes through shared and
+pinned memory; the models cast them to their own dtype) and as float32 for the
+reader's retrieval pass, which must embed images exactly as inference does
+(:meth:`RetrieverModel.embed_images`).
 
 An :class:`~rvqa.errors.RVQAError` raised in a worker (a missing or corrupt
 image: :class:`~rvqa.errors.ImageLoadError`) would reach the main process as
@@ -35,34 +37,36 @@ __all__ = [
 ]
 
 
-def image_pixels(image: Any, processor: Any) -> torch.Tensor:
-    """One image (path, PIL image, array) → its (3, H, W) float16 pixel values.
+def image_pixels(image: Any, processor: Any, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """One image (path, PIL image, array) → its (3, H, W) pixel values in ``dtype``.
 
     Raises:
         ImageLoadError: The image cannot be read (naming the file).
     """
     pil = load_image(image)
-    return processor(images=[pil], return_tensors="pt")["pixel_values"][0].to(torch.float16)
+    return processor(images=[pil], return_tensors="pt")["pixel_values"][0].to(dtype)
 
 
 class ImagePixels(Dataset):
-    """A sequence of images → float16 pixel values, preprocessed on access.
+    """A sequence of images → pixel values (float16 unless ``dtype``), preprocessed on access.
 
     Args:
         images: Image references (anything :func:`~rvqa.data.images.load_image`
             takes); a lazy sequence stays lazy.
         processor: The image processor (``images=[PIL], return_tensors="pt"``).
+        dtype: Pixel dtype leaving the workers.
     """
 
-    def __init__(self, images: Sequence[Any], processor: Any):
+    def __init__(self, images: Sequence[Any], processor: Any, dtype: torch.dtype = torch.float16):
         self.images = images
         self.processor = processor
+        self.dtype = dtype
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return image_pixels(self.images[i], self.processor)
+        return image_pixels(self.images[i], self.processor, self.dtype)
 
 
 def loader_options(num_workers: int, device: Any = None) -> dict[str, Any]:
