@@ -12,8 +12,11 @@ where it was loaded" by reading ``.device``. The spy therefore
 * records, through a global forward pre-hook, every forward of every module with
   parameters: its tag and the devices of its tensor inputs.
 
-A test then asserts that every forward ran on a module moved to the sentinel and
-with inputs on its parameters' device. A command that forgets
+A test then asserts that every forward ran on a module moved to the sentinel. (The
+inputs' devices are recorded too, but on CPU every tensor reports ``cpu``, so only
+the modules' placement is really checked here; inputs follow the model's
+``.device`` in the code, and a batch left behind on a GPU run fails in torch.) A
+command that forgets
 ``model.to(accelerator.device)`` (build-index, evaluate-retriever, the test
 evaluation of train-retriever and the retrieval pass of train-reader did, before
 issue 17) runs its towers on untagged modules, and fails here. On a GPU the same
