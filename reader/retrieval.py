@@ -410,8 +410,15 @@ def _retrieve_shard(
     retriever.eval()
     start = 0
     try:
+        # One iterator: tqdm.auto's asyncio variant calls iter() on what it wraps, and a
+        # second iter() of a DataLoader would start a second, idle set of workers.
+        batches = iter(loader)
         for batch in tqdm(
-            loader, desc="retrieving captions", unit="batch", disable=not show_progress
+            batches,
+            total=len(loader),
+            desc="retrieving captions",
+            unit="batch",
+            disable=not show_progress,
         ):
             pixels = raise_carried(batch)
             emb = retriever.encode_images(pixels.to(device, dtype, non_blocking=True))

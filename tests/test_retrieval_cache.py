@@ -426,3 +426,25 @@ def test_own_caption_ids_read_no_image(tmp_path, monkeypatch):
     monkeypatch.setattr("rvqa.data.images.load_image", refuse)
     ids = own_caption_ids(load_caption_corpus(cfg, "train"))
     assert ids == {"0": {0, 1}, "1": {10, 11}, "2": {20, 21}}
+
+
+def test_one_set_of_loader_workers_with_a_progress_bar(setup, tmp_path, monkeypatch):
+    """The retrieval pass starts one DataLoader iterator (one set of workers), also with
+    its progress bar on: tqdm.auto calls iter() on what it wraps, which on a DataLoader
+    would start a second, idle set of worker processes for the whole pass."""
+    from torch.utils.data import DataLoader
+
+    _, _, retriever, index, images, want = setup
+    iterators = []
+    real_iter = DataLoader.__iter__
+
+    def counting_iter(self):
+        iterators.append(self)
+        return real_iter(self)
+
+    monkeypatch.setattr(DataLoader, "__iter__", counting_iter)
+    got = retrieve_for_images(
+        retriever, index, images, K, cache_dir=tmp_path, num_workers=1, show_progress=True
+    )
+    _same(got, want)
+    assert len(iterators) == 1
