@@ -126,6 +126,107 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- knowledge task
+
+
+def _make_knowledge_task_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", metavar="OUT", help="the task folder to write, e.g. data/knowledge")
+    p.add_argument(
+        "--train-assignment",
+        type=int,
+        default=0,
+        metavar="A",
+        help="assignment of the training answers, the test split and facts/A.jsonl (default 0)",
+    )
+    p.add_argument(
+        "--swap-assignment",
+        type=int,
+        default=1,
+        metavar="B",
+        help="assignment of the test_B answers and facts/B.jsonl; not A (default 1)",
+    )
+    p.add_argument(
+        "--augment-assignments",
+        type=int,
+        default=40,
+        metavar="N",
+        help="assignments for retriever captions and worlds.json: the first N that are "
+        "neither A nor B (default 40)",
+    )
+    p.add_argument(
+        "--max-train-images", type=int, default=None, metavar="N", help="first N train images"
+    )
+    p.add_argument(
+        "--max-test-images", type=int, default=None, metavar="N", help="first N test images"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the shuffled control and of the retriever captions' assignments",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing task folder")
+
+
+def _cmd_make_knowledge_task(args: argparse.Namespace) -> int:
+    import os
+    import shlex
+
+    from rvqa.data.knowledge import make_knowledge_task
+
+    m = make_knowledge_task(
+        args.out,
+        train_assignment=args.train_assignment,
+        swap_assignment=args.swap_assignment,
+        augment_assignments=args.augment_assignments,
+        max_train_images=args.max_train_images,
+        max_test_images=args.max_test_images,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    out = os.path.abspath(args.out)
+    print(
+        f"wrote the knowledge task to {out} (A={m['train_assignment']}, "
+        f"B={m['swap_assignment']}, {len(m['augment_assignments'])} augmentation assignments)"
+    )
+    for split, info in m["splits"].items():
+        print(
+            f"  {split:<7} {info['num_images']:>5} images  {info['num_questions']:>6} questions  "
+            f"(answers of assignment {info['assignment']})"
+        )
+    skipped = ", ".join(f"{k} {v}" for k, v in m["skipped_images"].items())
+    print(f"  skipped images (colour or shape unknown): {skipped}")
+    print(
+        f"  facts: A {m['num_facts']['A']}, B {m['num_facts']['B']}, A-shuffled "
+        f"{m['num_facts']['A-shuffled']}; retriever captions {m['num_retriever_captions']}"
+    )
+    chance = "  ".join(f"{k} {100 * v:.2f}" for k, v in m["chance_accuracy"].items())
+    print(f"  chance accuracy (%): {chance}")
+    cfg = shlex.quote(os.path.join(out, "knowledge.yaml"))
+
+    def index(label: str, name: str) -> str:
+        path = shlex.quote(os.path.join(out, "facts", f"{label}.jsonl"))
+        return (
+            f"rvqa build-index --config {cfg} --set index.captions.source=jsonl "
+            f"--set index.captions.path={path} --out indices/{name}"
+        )
+
+    print("next:")
+    for line in (
+        f"rvqa train-retriever --config {cfg}",
+        index("A", "knowledge-A"),
+        index("B", "knowledge-B"),
+        index("A-shuffled", "knowledge-A-shuffled"),
+        f"rvqa train-reader --config {cfg}",
+        "rvqa evaluate --model runs/knowledge --split test --compare "
+        "--index knowledge-A --index indices/knowledge-A-shuffled --out runs/knowledge/eval-A",
+        "rvqa evaluate --model runs/knowledge --split test_B --index indices/knowledge-B "
+        "--out runs/knowledge/eval-B",
+    ):
+        print(f"  {line}")
+    return 0
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -588,6 +689,16 @@ COMMANDS: dict[str, Command] = {
         """,
         _add_config_args,
         _cmd_config,
+    ),
+    "make-knowledge-task": Command(
+        "write the offline knowledge task: easy-vqa emblems whose answers are only in a fact corpus",
+        """
+        rvqa make-knowledge-task data/knowledge                       # all easy-vqa images
+        rvqa make-knowledge-task /tmp/kt --max-train-images 200 --max-test-images 50 --overwrite
+        rvqa make-knowledge-task data/knowledge-2-7 --train-assignment 2 --swap-assignment 7
+        """,
+        _make_knowledge_task_args,
+        _cmd_make_knowledge_task,
     ),
     "train-retriever": Command(
         "train the image-caption alignment model (retriever)",

@@ -20,6 +20,7 @@ __all__ = [
     "DataFormatError",
     "ImageLoadError",
     "IndexFormatError",
+    "KnowledgeTaskError",
     "IndexMismatchError",
     "UnknownIndexError",
     "RunFolderError",
@@ -56,6 +57,11 @@ class ImageLoadError(RVQAError, ValueError):
     def __reduce__(self) -> tuple:
         # Pickled with its two arguments (DataLoader workers hand it to the main process).
         return type(self), (self.path, self.reason)
+
+
+class KnowledgeTaskError(RVQAError, ValueError):
+    """The knowledge task (``rvqa make-knowledge-task``): an assignment that does not
+    exist, contradicting assignments, or a text that is not a fact of the task."""
 
 
 class IndexFormatError(RVQAError, ValueError):

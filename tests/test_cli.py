@@ -164,6 +164,7 @@ def test_commands_table():
     """Every command has help, examples, an argument builder and a function."""
     assert list(cli.COMMANDS) == [
         "config",
+        "make-knowledge-task",
         "train-retriever",
         "evaluate-retriever",
         "build-index",

@@ -20,9 +20,13 @@ from rvqa.data.vqa import ColumnRows, VQADataset
 from rvqa.errors import DataFormatError, UsageError
 
 __all__ = [
+    "EASY_VQA_SHAPES",
     "EASY_VQA_SPLITS",
+    "EasyVQAImage",
     "check_easy_vqa_split",
     "easy_vqa_captions",
+    "easy_vqa_colors",
+    "easy_vqa_images",
     "easy_vqa_question_type",
     "read_easy_vqa",
 ]
@@ -161,14 +165,16 @@ def read_easy_vqa(split: str) -> VQADataset:
 
 # ------------------------------------------------------------ easy-vqa derived captions
 
-_EASY_SHAPES = ("circle", "rectangle", "triangle")
+EASY_VQA_SHAPES = ("circle", "rectangle", "triangle")
+"""The shapes easy-vqa draws (one per image)."""
 
 
-def _easy_vqa_colors() -> tuple[str, ...]:
+def easy_vqa_colors() -> tuple[str, ...]:
+    """The colours easy-vqa draws, in the order of its answer list (8: green, red, ...)."""
     import easy_vqa
 
     return tuple(
-        a for a in easy_vqa.get_answers() if a and a not in _EASY_SHAPES and a not in _YES_NO
+        a for a in easy_vqa.get_answers() if a and a not in EASY_VQA_SHAPES and a not in _YES_NO
     )
 
 
@@ -185,7 +191,7 @@ class _Evidence:
 def _add_evidence(ev: _Evidence, question: str, answer: str, colors: Sequence[str]) -> None:
     words = re.findall(r"[a-z]+", question.lower())
     said_colors = [w for w in words if w in colors]
-    said_shapes = [w for w in words if w in _EASY_SHAPES]
+    said_shapes = [w for w in words if w in EASY_VQA_SHAPES]
     if answer in _YES_NO:
         # "is there a red shape?" yes -> red; "does the image not contain a circle?" yes
         # -> not a circle; "is no teal shape present?" no -> teal.
@@ -197,7 +203,7 @@ def _add_evidence(ev: _Evidence, question: str, answer: str, colors: Sequence[st
         # "what color is the triangle?" blue -> blue (and a triangle)
         ev.colors_yes.add(answer)
         ev.shapes_yes.update(said_shapes)
-    elif answer in _EASY_SHAPES:
+    elif answer in EASY_VQA_SHAPES:
         # "what is the blue shape?" rectangle -> rectangle (and blue)
         ev.shapes_yes.add(answer)
         ev.colors_yes.update(said_colors)
@@ -215,16 +221,69 @@ def _article(word: str) -> str:
     return "an" if word[:1] in "aeiou" else "a"
 
 
+@dataclass(frozen=True)
+class EasyVQAImage:
+    """One easy-vqa image and what its questions and answers say it shows.
+
+    Attributes:
+        image_id: The easy-vqa image id (unique within a split only).
+        image: The PNG's path.
+        color: The shape's colour, or ``None`` when the answers do not determine it.
+        shape: ``"circle"``, ``"rectangle"`` or ``"triangle"``, or ``None`` likewise.
+    """
+
+    image_id: int
+    image: str
+    color: str | None
+    shape: str | None
+
+
+def easy_vqa_images(split: str = "train") -> list[EasyVQAImage]:
+    """Every image of an easy-vqa split with its colour and shape, read from its own answers.
+
+    easy-vqa ships no labels beside its questions; each image shows one coloured
+    shape, and its question/answer pairs state the colour and shape directly
+    ("what color is the shape?" → blue, "what is the blue shape?" → rectangle) or
+    through yes/no questions, including negations ("does the image not contain a
+    gray shape?" → yes means *not* gray). A value is used when the answers name
+    exactly one (and never contradict it), or when all but one value are ruled
+    out; otherwise it is ``None``.
+
+    Args:
+        split: ``"train"`` (4,000 images) or ``"test"`` (1,000 images).
+
+    Returns:
+        One entry per image, sorted by image id.
+
+    Raises:
+        UsageError: (a ``ValueError``) Unknown split.
+    """
+    check_easy_vqa_split(split)
+    texts, answers, image_ids, folder = _easy_vqa_raw(split)
+    colors = easy_vqa_colors()
+    evidence: dict[int, _Evidence] = {}
+    for question, answer, image_id in zip(texts, answers, image_ids):
+        ev = evidence.setdefault(image_id, _Evidence(set(), set(), set(), set()))
+        _add_evidence(ev, question, answer, colors)
+    return [
+        EasyVQAImage(
+            image_id=image_id,
+            image=_easy_image_path(folder, image_id),
+            color=_resolve(evidence[image_id].colors_yes, evidence[image_id].colors_no, colors),
+            shape=_resolve(
+                evidence[image_id].shapes_yes, evidence[image_id].shapes_no, EASY_VQA_SHAPES
+            ),
+        )
+        for image_id in sorted(evidence)
+    ]
+
+
 def easy_vqa_captions(split: str = "train") -> list[CaptionRecord]:
     """One caption per easy-vqa image, derived from that image's own questions and answers.
 
-    These are **not human captions**: easy-vqa has none. Each image shows one
-    coloured shape, and its question/answer metadata states the colour and shape
-    directly ("what color is the shape?" → blue, "what is the blue shape?" →
-    rectangle) or through yes/no questions, including negations ("does the image
-    not contain a gray shape?" → yes means *not* gray). A value is used when the
-    answers name exactly one (and never contradict it), or when all but one value
-    are ruled out. Captions read ``"a blue circle"``; with only one attribute known,
+    These are **not human captions**: easy-vqa has none. The colour and shape come
+    from :func:`easy_vqa_images` (the image's answers, directly or by elimination).
+    Captions read ``"a blue circle"``; with only one attribute known,
     ``"a blue shape"`` or ``"a circle"``; with neither, ``"a shape"``.
 
     Args:
@@ -237,20 +296,10 @@ def easy_vqa_captions(split: str = "train") -> list[CaptionRecord]:
     Raises:
         UsageError: (a ``ValueError``) Unknown split.
     """
-    check_easy_vqa_split(split)
-    texts, answers, image_ids, folder = _easy_vqa_raw(split)
-    colors = _easy_vqa_colors()
-    evidence: dict[int, _Evidence] = {}
-    for question, answer, image_id in zip(texts, answers, image_ids):
-        ev = evidence.setdefault(image_id, _Evidence(set(), set(), set(), set()))
-        _add_evidence(ev, question, answer, colors)
-
     records = []
     n_full = 0
-    for image_id in sorted(evidence):
-        ev = evidence[image_id]
-        color = _resolve(ev.colors_yes, ev.colors_no, colors)
-        shape = _resolve(ev.shapes_yes, ev.shapes_no, _EASY_SHAPES)
+    for im in easy_vqa_images(split):
+        color, shape = im.color, im.shape
         if color and shape:
             caption = f"{_article(color)} {color} {shape}"
             n_full += 1
@@ -263,9 +312,9 @@ def easy_vqa_captions(split: str = "train") -> list[CaptionRecord]:
         records.append(
             CaptionRecord(
                 caption=caption,
-                caption_id=f"easyvqa-{split}-{image_id}",
-                image_id=image_id,
-                image=_easy_image_path(folder, image_id),
+                caption_id=f"easyvqa-{split}-{im.image_id}",
+                image_id=im.image_id,
+                image=im.image,
             )
         )
     logger.info(
