@@ -7,6 +7,7 @@ This layer depends on neither model package and does not import torch:
 * :func:`load_image` — paths, PIL images, arrays → RGB PIL images.
 * :func:`load_vqa` — a run config's VQA split → :class:`VQADataset` of :class:`VQARecord`.
 * :func:`load_captions` — a run config's captions → :class:`CaptionCorpus` of :class:`CaptionRecord`.
+* :func:`make_knowledge_task` — the offline knowledge task folder (easy-vqa emblems + facts).
 
 Malformed data is a :class:`rvqa.errors.DataFormatError` (a ``ValueError``)
 naming the file or dataset and the record.
@@ -21,13 +22,30 @@ from rvqa.data.caption_files import (
 )
 from rvqa.data.captions import CaptionCorpus
 from rvqa.data.easy_vqa import (
+    EASY_VQA_SHAPES,
     EASY_VQA_SPLITS,
+    EasyVQAImage,
     easy_vqa_captions,
+    easy_vqa_colors,
+    easy_vqa_images,
     easy_vqa_question_type,
     read_easy_vqa,
 )
 from rvqa.data.hf_datasets import read_captions_datasets, read_vqa_datasets
 from rvqa.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, image_key, load_image
+from rvqa.data.knowledge import (
+    EMBLEMS,
+    KNOWLEDGE_QUESTIONS,
+    Assignment,
+    Emblem,
+    Entity,
+    Fact,
+    check_facts,
+    knowledge_assignment,
+    make_knowledge_task,
+    num_assignments,
+    parse_fact,
+)
 from rvqa.data.official import coco_image_name, read_vqa_files
 from rvqa.data.records import CaptionRecord, VQARecord
 from rvqa.data.sources import (
@@ -43,25 +61,40 @@ from rvqa.data.vqa import VQADataset
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "EASY_VQA_SHAPES",
     "EASY_VQA_SPLITS",
+    "EMBLEMS",
+    "KNOWLEDGE_QUESTIONS",
     "KARPATHY_SPLITS",
     "SOURCE_SPLITS",
+    "Assignment",
     "CaptionCorpus",
     "CaptionRecord",
+    "EasyVQAImage",
+    "Emblem",
+    "Entity",
+    "Fact",
     "ImageLoadError",
     "VQADataset",
     "VQARecord",
+    "check_facts",
     "coco_image_name",
     "easy_vqa_captions",
+    "easy_vqa_colors",
+    "easy_vqa_images",
     "easy_vqa_question_type",
     "has_split",
     "holdout_by_image",
     "image_key",
+    "knowledge_assignment",
     "load_caption_corpus",
     "load_caption_split",
     "load_captions",
     "load_image",
     "load_vqa",
+    "make_knowledge_task",
+    "num_assignments",
+    "parse_fact",
     "read_captions_datasets",
     "read_coco_captions",
     "read_easy_vqa",

@@ -173,7 +173,9 @@ class Assignment:
         for e in self.entities:
             if e.emblem == emblem:
                 return e
-        raise KnowledgeTaskError(f"unknown emblem {emblem!r}; known: {', '.join(map(str, EMBLEMS))}")
+        raise KnowledgeTaskError(
+            f"unknown emblem {emblem!r}; known: {', '.join(map(str, EMBLEMS))}"
+        )
 
     def facts(self) -> list[str]:
         """Every fact of the assignment: 3 per emblem (:data:`FACT_KINDS` order), emblem order."""
@@ -186,10 +188,15 @@ class Assignment:
     def table(self) -> list[dict[str, str]]:
         """The assignment as rows ``{color, shape, name, good, city}`` (for manifests)."""
         return [
-            {"color": e.emblem.color, "shape": e.emblem.shape, "name": e.name, "good": e.good,
-             "city": e.city}
+            {
+                "color": e.emblem.color,
+                "shape": e.emblem.shape,
+                "name": e.name,
+                "good": e.good,
+                "city": e.city,
+            }
             for e in self.entities
-        ]  # fmt: skip
+        ]
 
 
 @dataclass(frozen=True)
@@ -217,7 +224,9 @@ class KnowledgeQuestion:
 
 KNOWLEDGE_QUESTIONS = (
     KnowledgeQuestion("name", "whose emblem is this?", "whose emblem is"),
-    KnowledgeQuestion("good", "what does the owner of this emblem trade in?", "what does the owner"),
+    KnowledgeQuestion(
+        "good", "what does the owner of this emblem trade in?", "what does the owner"
+    ),
     KnowledgeQuestion("city", "where is the owner of this emblem based?", "where is the owner"),
 )
 """The questions asked about every image: one hop (the name) and two hops (good, city)."""
@@ -231,7 +240,9 @@ def _universes() -> tuple[tuple[str, ...], tuple[str, ...]]:
     syllables = [c + v for c in _CONSONANTS for v in _VOWELS]
     taken = set(GOODS) | set(COLORS) | set(SHAPES)
     names = ["".join(p) for p in itertools.product(syllables, repeat=3)]
-    cities = ["".join(p) + s for p in itertools.product(syllables, repeat=2) for s in _CITY_SUFFIXES]
+    cities = [
+        "".join(p) + s for p in itertools.product(syllables, repeat=2) for s in _CITY_SUFFIXES
+    ]
     names = [n for n in names if n not in taken]
     cities = [c for c in cities if c not in taken]
     random.Random(_NAME_SEED).shuffle(names)
@@ -317,7 +328,9 @@ def augment_assignment_numbers(
         TypeError: Neither an integer nor a list of integers.
     """
     if isinstance(augment, bool):
-        raise TypeError(f"augment_assignments must be a count or a list of integers, got {augment!r}")
+        raise TypeError(
+            f"augment_assignments must be a count or a list of integers, got {augment!r}"
+        )
     if isinstance(augment, int):
         count = augment
         available = num_assignments() - len({train_assignment, swap_assignment})
@@ -329,7 +342,9 @@ def augment_assignment_numbers(
         out = [k for k in range(count + 2) if k not in (train_assignment, swap_assignment)]
         return out[:count]
     if isinstance(augment, (str, bytes)) or not isinstance(augment, Sequence):
-        raise TypeError(f"augment_assignments must be a count or a list of integers, got {augment!r}")
+        raise TypeError(
+            f"augment_assignments must be a count or a list of integers, got {augment!r}"
+        )
     numbers = [_check_assignment(k, "augmentation assignment") for k in augment]
     if not numbers:
         raise KnowledgeTaskError("augment_assignments is an empty list; give at least one")
@@ -492,7 +507,10 @@ def _check_colors() -> None:
 
 def _questions_json(subtype: str, images: list[_TaskImage]) -> dict:
     return {
-        "info": {"description": "rvqa knowledge task (easy-vqa emblems)", "version": GENERATOR_VERSION},
+        "info": {
+            "description": "rvqa knowledge task (easy-vqa emblems)",
+            "version": GENERATOR_VERSION,
+        },
         "task_type": "Open-Ended",
         "data_type": "knowledge",
         "data_subtype": subtype,
@@ -502,7 +520,7 @@ def _questions_json(subtype: str, images: list[_TaskImage]) -> dict:
             for im in images
             for j, q in enumerate(KNOWLEDGE_QUESTIONS)
         ],
-    }  # fmt: skip
+    }
 
 
 def _annotations_json(subtype: str, images: list[_TaskImage], assignment: Assignment) -> dict:
@@ -571,8 +589,9 @@ def _write_images(root: Path, split: str, images: list[_TaskImage]) -> None:
     for im in images:
         with Image.open(im.source) as src:
             # 4:4:4 chroma (no subsampling): 64-pixel shapes keep their colours at the edges.
-            src.convert("RGB").save(root / _image_name(split, im.image_id), "JPEG", quality=95,
-                                    subsampling=0)  # fmt: skip
+            src.convert("RGB").save(
+                root / _image_name(split, im.image_id), "JPEG", quality=95, subsampling=0
+            )
 
 
 def knowledge_run_config(root: str, output_dir: str = "runs/knowledge") -> dict:
@@ -605,16 +624,23 @@ def knowledge_run_config(root: str, output_dir: str = "runs/knowledge") -> dict:
         "retriever": {
             # + [CLS] and [SEP]: the retriever's budget counts the special tokens
             "max_caption_length": READER_CAPTION_LENGTH + 2,
-            "captions": {"source": "jsonl", "path": at(_FILES["retriever_captions"]), "images": root},
+            "captions": {
+                "source": "jsonl",
+                "path": at(_FILES["retriever_captions"]),
+                "images": root,
+            },
         },
-        "index": {"name": "knowledge-A", "captions": {"source": "jsonl", "path": at(_FILES["facts_A"])}},
+        "index": {
+            "name": "knowledge-A",
+            "captions": {"source": "jsonl", "path": at(_FILES["facts_A"])},
+        },
         "reader": {
             "top_k": 3,
             "max_caption_length": READER_CAPTION_LENGTH,
             # facts belong to no image: nothing to exclude
             "exclude_own_captions": False,
         },
-    }  # fmt: skip
+    }
 
 
 _CONFIG_HEADER = """\
@@ -695,12 +721,17 @@ def make_knowledge_task(
         )
     augment = augment_assignment_numbers(augment_assignments, a_num, b_num)
     limits = {}
-    for name, value in (("max_train_images", max_train_images), ("max_test_images", max_test_images)):
+    for name, value in (
+        ("max_train_images", max_train_images),
+        ("max_test_images", max_test_images),
+    ):
         limits[name] = None if value is None else check_int(value, name, 1)
     seed = check_int(seed, "seed", 0)
     out = Path(out_dir)
     if out.exists() and not overwrite:  # before the slow part
-        raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
+        raise FileExistsError(
+            f"{out} already exists (pass overwrite=True / --overwrite to replace it)"
+        )
     _check_colors()
 
     A, B = knowledge_assignment(a_num), knowledge_assignment(b_num)
@@ -732,9 +763,7 @@ def make_knowledge_task(
     splits_info = {}
     for split, (q, a, image_split, role) in _SPLITS.items():
         split_images = images[image_split]
-        per_type = {
-            kq.question_type: len(split_images) for kq in KNOWLEDGE_QUESTIONS
-        }
+        per_type = {kq.question_type: len(split_images) for kq in KNOWLEDGE_QUESTIONS}
         splits_info[split] = {
             "questions": _FILES[q],
             "annotations": _FILES[a],
@@ -757,19 +786,36 @@ def make_knowledge_task(
         "max_test_images": limits["max_test_images"],
         "splits": splits_info,
         "questions": [
-            {"question": q.text, "kind": q.kind, "question_type": q.question_type,
-             "answer_type": q.answer_type}
+            {
+                "question": q.text,
+                "kind": q.kind,
+                "question_type": q.question_type,
+                "answer_type": q.answer_type,
+            }
             for q in KNOWLEDGE_QUESTIONS
         ],
-        "chance_accuracy": {q.question_type: chance for q in KNOWLEDGE_QUESTIONS} | {"overall": chance},
+        "chance_accuracy": {q.question_type: chance for q in KNOWLEDGE_QUESTIONS}
+        | {"overall": chance},
+        # goods may repeat across assignments: test_B questions whose answer is A's too
+        "test_B_answers_same_as_A": {
+            q.question_type: sum(
+                A.entity(im.emblem).value(q.kind) == B.entity(im.emblem).value(q.kind)
+                for im in images[_TEST]
+            )
+            for q in KNOWLEDGE_QUESTIONS
+        },
         "skipped_images": skipped,
         "skipped_images_reason": "their easy-vqa answers do not determine both colour and shape",
         "files": dict(_FILES),
-        "num_facts": {"A": len(A.facts()), "B": len(B.facts()), "A-shuffled": len(shuffled.facts())},
+        "num_facts": {
+            "A": len(A.facts()),
+            "B": len(B.facts()),
+            "A-shuffled": len(shuffled.facts()),
+        },
         "num_retriever_captions": len(retriever_rows),
         "reader_max_caption_length": READER_CAPTION_LENGTH,
         "emblems": {"A": A.table(), "B": B.table(), "A-shuffled": shuffled.table()},
-    }  # fmt: skip
+    }
     root = os.path.abspath(out)
     run_config = knowledge_run_config(root)
     config_from_dict(run_config, source="knowledge.yaml")  # a typo here would fail the user's run
