@@ -34,6 +34,7 @@ from rvqa.distributed import shard_bounds
 from rvqa.errors import DataFormatError
 from rvqa.pixels import ImagePixels, carry_errors, image_pixels, loader_options, raise_carried
 from rvqa.reader.answers import AnswerVocab
+from rvqa.reader.augmentation import TermWorlds
 from rvqa.reader.processing import ReaderProcessor
 from rvqa.training import VOLATILE_CONFIG_KEYS
 
@@ -110,6 +111,9 @@ class ReaderDataset(Dataset):
         features: Cached image-tower features of these records (from
             :func:`visual_features_for`); given, items carry ``visual_features``
             instead of ``pixel_values`` and no image is read.
+        worlds: Counterfactual term worlds (training only): each question's
+            captions, question and answers are rewritten into the world a hash
+            of its id chooses (:class:`~rvqa.reader.augmentation.TermWorlds`).
     """
 
     def __init__(
@@ -123,6 +127,7 @@ class ReaderDataset(Dataset):
         rule: str = "min3",
         seed: int = 0,
         features: RecordFeatures | None = None,
+        worlds: TermWorlds | None = None,
     ):
         if features is not None and len(features) != len(records):
             raise ValueError(
@@ -137,6 +142,7 @@ class ReaderDataset(Dataset):
         self.k_dropout = k_dropout
         self.rule = rule
         self.seed = seed
+        self.worlds = worlds
 
     def __len__(self) -> int:
         return len(self.records)
@@ -151,12 +157,18 @@ class ReaderDataset(Dataset):
             if self.features is not None
             else {"pixel_values": image_pixels(r.image, self.image_processor)}
         )
+        question, captions, answers = r.question, [h[0] for h in hits], list(r.answers or [])
+        if self.worlds is not None:
+            w = self.worlds.world_for(r.question_id, self.seed)
+            question = self.worlds.rewrite(question, w)
+            captions = self.worlds.rewrite_all(captions, w)
+            answers = self.worlds.rewrite_all(answers, w)
         return {
             **visual,
-            "question": r.question,
-            "captions": [h[0] for h in hits],
+            "question": question,
+            "captions": captions,
             "scores": [h[1] for h in hits],
-            "labels": self.vocab.soft_target_vector(r.answers or [], self.rule),
+            "labels": self.vocab.soft_target_vector(answers, self.rule),
         }
 
 

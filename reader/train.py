@@ -32,6 +32,7 @@ from rvqa.data import load_caption_corpus
 from rvqa.distributed import log_placement
 from rvqa.errors import UsageError
 from rvqa.reader.answers import AnswerVocab, build_vocab
+from rvqa.reader.augmentation import TermWorlds
 from rvqa.reader.data import (
     ReaderCollator,
     ReaderDataset,
@@ -110,9 +111,12 @@ def train_reader(
     set_seed(s.seed)
 
     train_records, val_records = load_reader_data(cfg)
-    vocab = build_vocab(
-        (r.answers for r in train_records), size=s.answer_vocab_size, min_count=s.min_answer_count
-    )
+    worlds = TermWorlds.load(s.term_worlds) if s.term_worlds else None
+    train_answers: Any = (r.answers for r in train_records)
+    if worlds is not None:
+        logger.info("reader training rewrites its facts into %r", worlds)
+        train_answers = worlds.answer_lists(train_answers)  # every world's answers
+    vocab = build_vocab(train_answers, size=s.answer_vocab_size, min_count=s.min_answer_count)
     cover = vocab.coverage(r.answers for r in train_records)
     logger.info(
         "reader data: %d train / %d val questions; %d answers cover %.1f%% of training questions",
@@ -199,6 +203,7 @@ def train_reader(
         rule,
         s.seed,
         train_features,
+        worlds,
     )
     val_set = ReaderDataset(
         val_records, image_processor, retrieved, vocab, s.top_k, 0.0, rule, s.seed, val_features

@@ -307,6 +307,13 @@ class ReaderSettings(TrainSettings):
     """Never retrieve a training image's own captions (needs captions that share the VQA image ids)."""
     k_dropout: float = 0.0
     """Probability of training a sample with a random k in [0, top_k] (robustness to index changes)."""
+    term_worlds: str | None = None
+    """A JSON file of counterfactual term worlds (the knowledge task's ``worlds.json``): every
+    training question is rewritten — its retrieved captions, question and answers alike —
+    into one of these worlds or left as is (chosen per question by a hash), so that the
+    image alone no longer tells the answer and the reader must read its evidence
+    (``rvqa.reader.augmentation.TermWorlds``). A classifier reader's answer vocabulary then
+    holds every world's answers. Validation and evaluation are never rewritten."""
     eval_split: str | None = None
     """VQA split for validation during training; None = hold out val_fraction of the training images."""
     val_fraction: float = 0.05

@@ -54,6 +54,18 @@ def test_train_saves_model_and_run_file(retriever_run, tmp_path):
     assert out["best_val_accuracy"] is not None and 0 <= out["best_val_accuracy"] <= 100
 
 
+def test_term_worlds_rewrite_training_answers_into_the_vocabulary(retriever_run, tmp_path):
+    worlds = tmp_path / "worlds.json"
+    worlds.write_text(json.dumps({"worlds": {"1": {"red": "crimson", "circle": "disc"}}}))
+    cfg = _cfg(retriever_run, tmp_path / "run", term_worlds=str(worlds))
+    out = train_reader(cfg)
+    answers = json.loads((out["model_dir"] / "config.json").read_text())["answers"]
+    assert {"red", "crimson", "circle", "disc"} <= set(answers)
+    plain = train_reader(_cfg(retriever_run, tmp_path / "plain"))
+    base = json.loads((plain["model_dir"] / "config.json").read_text())["answers"]
+    assert "crimson" not in base and set(answers) - set(base) == {"crimson", "disc"}
+
+
 def test_k_dropout_is_deterministic():
     ks = [_k_for(q, 3, 0.5, 0) for q in range(2000)]
     assert ks == [_k_for(q, 3, 0.5, 0) for q in range(2000)]
