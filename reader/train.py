@@ -28,7 +28,7 @@ from typing import Any
 from accelerate.utils import set_seed
 
 from rvqa.config import RunConfig, save_config
-from rvqa.data import load_caption_corpus
+from rvqa.data import check_index_facts, load_caption_corpus
 from rvqa.distributed import log_placement
 from rvqa.errors import UsageError
 from rvqa.reader.answers import AnswerVocab, build_vocab
@@ -145,6 +145,8 @@ def train_reader(
                 use_gpu=cfg.index.use_gpu,
                 gpus=[dev.index or 0] if own_gpu else None,
             )
+        if cfg.data.require_facts:
+            check_index_facts(index, f"index {index.name!r} ({index_path})")
         log_placement(
             "train-reader", accelerator, retriever=retriever, **{f"index.{index.name}": index}
         )

@@ -153,6 +153,11 @@ class VQADataConfig:
     """Use this fraction of the training questions (low-data experiments)."""
     max_eval_questions: int | None = None
     """``rvqa evaluate`` and the demo: evaluate only the first N questions (None = all)."""
+    require_facts: bool = False
+    """The knowledge task (``rvqa make-knowledge-task`` sets it): every knowledge index a run
+    reads (``train-reader``'s, ``rvqa evaluate``'s) must hold only facts of the task
+    (``rvqa.data.knowledge`` templates); an index with any other caption is refused with a
+    ``KnowledgeTaskError`` naming the index, the caption's row and its text."""
     skip_bad_images: bool = False
     """Decode every image of a split once when it is loaded (threads, a progress bar) and
     drop the questions whose image cannot be read (missing, truncated, not an image,

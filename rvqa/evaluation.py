@@ -37,7 +37,7 @@ from typing import Any
 from accelerate import Accelerator
 
 from rvqa.config import RunConfig, load_config, save_config
-from rvqa.data import load_caption_split, load_vqa
+from rvqa.data import check_index_facts, load_caption_split, load_vqa
 from rvqa.data.images import load_image
 from rvqa.distributed import log_placement, run_device
 from rvqa.errors import UsageError
@@ -571,6 +571,9 @@ def evaluate_split(
         use_gpu=cfg.index.use_gpu if use_gpu is None else use_gpu,
     )
     names = model.use_indices(indices)
+    if cfg.data.require_facts:
+        for name in model.registry.names:
+            check_index_facts(model.registry.get(name), f"index {name!r}")
     log_placement("evaluate", **model.placement())
     if random_captions and not model.registry.names:
         raise UsageError("--random-captions needs an index (--index, or a run with indices)")

@@ -68,6 +68,7 @@ __all__ = [
     "KnowledgeQuestion",
     "augment_assignment_numbers",
     "check_facts",
+    "check_index_facts",
     "emblem_facts",
     "knowledge_assignment",
     "knowledge_run_config",
@@ -450,6 +451,28 @@ def check_facts(
     return out
 
 
+def check_index_facts(index: Any, where: str) -> None:
+    """Every caption of a knowledge index must parse as a fact of the task.
+
+    ``index`` is anything with ``len`` and ``lookup(rows) -> (ids, texts)`` (a
+    :class:`~rvqa.retriever.index.KnowledgeIndex`), read in chunks.
+
+    Raises:
+        KnowledgeTaskError: Naming ``where``, the first offending row and its text.
+    """
+    n, chunk = len(index), 4096
+    for start in range(0, n, chunk):
+        _, texts = index.lookup(range(start, min(n, start + chunk)))
+        for row, text in enumerate(texts, start):
+            try:
+                parse_fact(text)
+            except (KnowledgeTaskError, TypeError) as err:
+                raise KnowledgeTaskError(
+                    f"{where}: row {row}: {err} (data.require_facts: the knowledge task "
+                    "reads only its facts)"
+                ) from None
+
+
 # --------------------------------------------------------------------------- the task folder
 
 _TRAIN, _TEST = "train", "test"
@@ -620,7 +643,13 @@ def knowledge_run_config(root: str, output_dir: str = "runs/knowledge") -> dict:
         }
     return {
         "output_dir": output_dir,
-        "data": {"source": "vqa", "train_split": "train", "eval_split": "test", "splits": splits},
+        "data": {
+            "source": "vqa",
+            "train_split": "train",
+            "eval_split": "test",
+            "splits": splits,
+            "require_facts": True,
+        },
         "retriever": {
             # + [CLS] and [SEP]: the retriever's budget counts the special tokens
             "max_caption_length": READER_CAPTION_LENGTH + 2,
@@ -639,6 +668,10 @@ def knowledge_run_config(root: str, output_dir: str = "runs/knowledge") -> dict:
             "max_caption_length": READER_CAPTION_LENGTH,
             # facts belong to no image: nothing to exclude
             "exclude_own_captions": False,
+            # each training question rewritten into another assignment (B never among
+            # them; a classifier reader, which can only answer what it was trained on,
+            # needs worlds-with-swap.json to answer with B's terms)
+            "term_worlds": at(_FILES["worlds"]),
         },
     }
 
