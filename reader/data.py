@@ -93,7 +93,7 @@ def _k_for(question_id: Any, top_k: int, k_dropout: float, seed: int) -> int:
 
 
 class ReaderDataset(Dataset):
-    """Items: pixel values (or cached visual features), question, captions, scores, targets.
+    """Items: pixel values (or cached visual features), question, captions, scores, answers, targets.
 
     Args:
         records: VQA records (``image``, ``image_id``, ``question``, ``question_id``,
@@ -102,7 +102,8 @@ class ReaderDataset(Dataset):
             training loader's workers); float16, as they leave the workers.
         retrieved: :func:`record_image_key` → retrieved ``(caption, score, id)`` best
             first (any mapping with ``get``; None: no captions).
-        vocab: The answer vocabulary (soft targets).
+        vocab: The answer vocabulary (soft targets); None: no ``labels`` (the generative
+            reader's collator makes its targets from the items' ``answers``).
         top_k: Captions per question.
         k_dropout: Probability of a random k in [0, top_k] per question (see :func:`_k_for`).
         rule: Soft-target rule of :meth:`AnswerVocab.soft_target_vector`.
@@ -117,7 +118,7 @@ class ReaderDataset(Dataset):
         records: Sequence[Any],
         image_processor: Any,
         retrieved: Any,
-        vocab: AnswerVocab,
+        vocab: AnswerVocab | None,
         top_k: int,
         k_dropout: float = 0.0,
         rule: str = "min3",
@@ -151,13 +152,16 @@ class ReaderDataset(Dataset):
             if self.features is not None
             else {"pixel_values": image_pixels(r.image, self.image_processor)}
         )
-        return {
+        item = {
             **visual,
             "question": r.question,
             "captions": [h[0] for h in hits],
             "scores": [h[1] for h in hits],
-            "labels": self.vocab.soft_target_vector(r.answers or [], self.rule),
+            "answers": list(r.answers or []),
         }
+        if self.vocab is not None:
+            item["labels"] = self.vocab.soft_target_vector(item["answers"], self.rule)
+        return item
 
 
 class ReaderCollator:
