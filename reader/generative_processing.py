@@ -56,6 +56,7 @@ def train_sentencepiece_tokenizer(
     folder: str | os.PathLike,
     vocab_size: int = ReaderSettings.spm_vocab_size,
     max_sentences: int = 2_000_000,
+    seed: int = 0,
 ) -> Any:
     """Train a SentencePiece unigram model on ``texts`` into ``folder/spiece.model`` and
     load it as the ``transformers`` T5 tokenizer.
@@ -69,6 +70,7 @@ def train_sentencepiece_tokenizer(
         folder: Where ``spiece.model`` is written.
         vocab_size: Pieces, special tokens included.
         max_sentences: Sentences sampled when there are more.
+        seed: Seed of SentencePiece's sampling.
 
     Raises:
         DataFormatError: No non-empty text.
@@ -82,6 +84,7 @@ def train_sentencepiece_tokenizer(
     lines.append(f"{QUESTION_PROMPT} {CONTEXT_PROMPT} {CAPTION_SEPARATOR}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    spm.set_random_generator_seed(seed)
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(lines),

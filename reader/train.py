@@ -112,7 +112,9 @@ def _scratch_tokenizer(
     if accelerator.is_main_process and not (resume and (folder / SPM_FILE).is_file()):
         texts = tokenizer_training_text(train_records, retrieved, record_image_key)
         with atomic_directory(folder, overwrite=True) as tmp:
-            tok = train_sentencepiece_tokenizer(texts, tmp, cfg.reader.spm_vocab_size)
+            tok = train_sentencepiece_tokenizer(
+                texts, tmp, cfg.reader.spm_vocab_size, seed=cfg.reader.seed
+            )
         logger.info(
             "SentencePiece tokenizer: %d pieces from %d distinct texts", len(tok), len(texts)
         )
@@ -233,7 +235,7 @@ def train_reader(
         tokenizer = None
         if generative and s.t5_backbone == SCRATCH:
             tokenizer = _scratch_tokenizer(cfg, out, train_records, retrieved, accelerator, resume)
-            extra_signature["tokenizer"] = _file_digest(out / TOKENIZER_DIR / SPM_FILE)
+            extra_signature["tokenizer"] = _tokenizer_digest(tokenizer)
         model, processor = build_reader(cfg, vocab, retriever, tokenizer)
     elif processor is None:
         raise UsageError("a pre-built reader needs its processor")
@@ -333,5 +335,6 @@ def train_reader(
     }
 
 
-def _file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+def _tokenizer_digest(tokenizer: Any) -> str:
+    """The identity of a tokenizer's pieces and scores (not of its files' paths)."""
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]

@@ -4,11 +4,11 @@ saving, training end to end, the RVQA API and ``rvqa ask`` / ``evaluate`` on its
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
+from rvqa.data import load_image
 from rvqa.errors import ConfigError, UsageError
 from rvqa.reader.auto import load_reader, reader_type_of
 from rvqa.reader.generative import GenerativeReaderModel
@@ -109,6 +109,16 @@ def test_sentencepiece_tokenizer_round_trips_and_saves(tokenizer, tmp_path):
         assert tokenizer.decode(ids, skip_special_tokens=True) == text
     # Words seen in training are single pieces (it learnt the task's vocabulary).
     assert tokenizer.tokenize("circle") == ["▁circle"]
+    # Deterministic: the same text and seed give the same model file.
+    a = train_sentencepiece_tokenizer(TEXTS * 3, tmp_path / "a", vocab_size=64, seed=1)
+    b = train_sentencepiece_tokenizer(TEXTS * 3, tmp_path / "b", vocab_size=64, seed=1)
+    import sentencepiece as spm
+
+    pieces = [spm.SentencePieceProcessor(model_file=str(tmp_path / d / SPM_FILE)) for d in "ab"]
+    assert [[(p.id_to_piece(i), p.get_score(i)) for i in range(len(p))] for p in pieces] == [
+        [(pieces[0].id_to_piece(i), pieces[0].get_score(i)) for i in range(len(pieces[0]))]
+    ] * 2
+    assert a.get_vocab() == b.get_vocab()
     tokenizer.save_pretrained(tmp_path)
     from transformers import AutoTokenizer
 
@@ -332,10 +342,8 @@ def test_rvqa_answers_with_sequence_probability_and_evidence(rvqa_model):
     # Same as the reader's own generation on the same inputs.
     p = model.processor
     b = p(None, [out.question], [[e.text for e in out.evidence]])
-    pixels = p.image_processor(images=[__import__("PIL.Image").Image.open(image).convert("RGB")])
-    gen = model.reader.generate_answers(
-        **b, pixel_values=torch.as_tensor(pixels["pixel_values"]), num_beams=2
-    )
+    pixels = p.image_processor(images=[load_image(image)], return_tensors="pt")["pixel_values"]
+    gen = model.reader.generate_answers(**b, pixel_values=pixels, num_beams=2)
     assert p.decode(gen.sequences[:, 0]) == [out.answer]
     assert gen.probs[0, 0].item() == pytest.approx(out.score, rel=1e-4)
     # Swapping indices: the evidence follows the index.
@@ -382,11 +390,7 @@ def test_empty_generation_is_reported(rvqa_model, tokenizer, caplog):
     p = model.processor
     image = easy_vqa.get_test_image_paths()[0]
     question = "what color is the shape?"
-    pixels = torch.as_tensor(
-        p.image_processor(images=[__import__("PIL.Image").Image.open(image).convert("RGB")])[
-            "pixel_values"
-        ]
-    )
+    pixels = p.image_processor(images=[load_image(image)], return_tensors="pt")["pixel_values"]
     b = {**p(None, [question]), "pixel_values": pixels, "labels": p.labels([["a", "the"]])}
     assert b["labels"].tolist() == [[p.eos_id]]  # answers that normalise to nothing
     opt = torch.optim.AdamW(model.reader.parameters(), lr=1e-2)
@@ -437,6 +441,7 @@ def test_generative_run_resumes_where_it_stopped(tmp_path, monkeypatch):
     from rvqa.indexing import build_index_from_config
     from rvqa.reader.train import train_reader
     from rvqa.retriever.train import train_retriever
+    from rvqa.run_layout import retriever_dir
     from tests.tiny import interrupted_after_checkpoint, tiny_run_config
 
     kw = {**_generative_overrides(), "reader.checkpoint_every": 2, "reader.eval_every": 0}
@@ -444,13 +449,20 @@ def test_generative_run_resumes_where_it_stopped(tmp_path, monkeypatch):
     train_retriever(cfg)
     build_index_from_config(cfg)
     full = train_reader(cfg)["result"]
-    spm_bytes = (Path(cfg.output_dir) / "reader" / "tokenizer" / SPM_FILE).read_bytes()
+    # The interrupted run: another folder, the same retriever (linked).
+    other = tiny_run_config(tmp_path, **kw)
+    other.output_dir = str(tmp_path / "b")
+    src = retriever_dir(cfg.output_dir)
+    (tmp_path / "b" / "retriever").mkdir(parents=True)
+    (tmp_path / "b" / "retriever" / src.name).symlink_to(src, target_is_directory=True)
     with interrupted_after_checkpoint(monkeypatch, 2):
-        train_reader(cfg)
-    resumed = train_reader(cfg, resume=True)["result"]
+        train_reader(other)
+    spm_file = tmp_path / "b" / "reader" / "tokenizer" / SPM_FILE
+    spm_bytes = spm_file.read_bytes()
+    resumed = train_reader(other, resume=True)["result"]
     assert resumed.resumed_from_step == 2 and resumed.steps == 4
     assert resumed.losses == pytest.approx(full.losses[2:], rel=1e-5, abs=1e-6)
-    assert (Path(cfg.output_dir) / "reader" / "tokenizer" / SPM_FILE).read_bytes() == spm_bytes
+    assert spm_file.read_bytes() == spm_bytes  # reused, not retrained
 
 
 def test_processor_for_the_scratch_backbone_needs_the_tokenizer(tokenizer):
