@@ -159,5 +159,99 @@ class ReaderConfig(PretrainedConfig):
         return tower_config_from_dict(self.text_config)
 
 
-# The one registration of ReaderConfig (the model class is registered in modeling.py).
+class GenerativeReaderConfig(PretrainedConfig):
+    """Configuration of :class:`~rvqa.reader.generative.GenerativeReaderModel`.
+
+    A T5 encoder-decoder reads the image tower's features (projected to ``d_model``)
+    followed by the tokens of ``question: Q context: caption_1 ; caption_2 ...`` and
+    generates the answer. Fields shared with :class:`rvqa.config.ReaderSettings` take
+    their defaults from there, except ``vision_backbone`` (``"cnn"``, as
+    :class:`ReaderConfig`'s: a config built by hand has no retriever tower).
+
+    Args:
+        t5_config: Config dict (``model_type`` ``"t5"``) of the encoder-decoder.
+        vision_config: Config dict of the image tower (as :class:`ReaderConfig`'s).
+        t5_backbone: ``"scratch"`` (trained from scratch, with a SentencePiece tokenizer
+            trained on the task's text) or the T5 checkpoint the weights came from.
+        vision_backbone: Name the image weights came from (``"cnn"``, ``"retriever"``, a
+            checkpoint).
+        image_size: The small CNN's input side (recorded only for checkpoints).
+        visual_grid: Visual tokens per side (``None``: the tower's tokens as they are).
+        top_k: Default number of retrieved captions per question.
+        max_question_length: Question tokens kept.
+        max_caption_length: Tokens kept per caption.
+        max_input_length: Text tokens the encoder reads at most (prompt words,
+            question, captions and end-of-sequence; the visual tokens come on top).
+        max_answer_length: Answer tokens generated at most (end-of-sequence excluded).
+        num_beams: Beam search width (1 = greedy).
+        freeze_vision: Keep the image tower fixed (features cacheable per image).
+        initializer_range: Std of the normal init of the visual projection.
+    """
+
+    model_type = "rvqa-generative-reader"
+
+    # Generation parameter names: declared fields so that PreTrainedConfig saves them.
+    top_k: int = _S.top_k
+    num_beams: int = _S.num_beams
+
+    def __init__(
+        self,
+        t5_config: dict | None = None,
+        vision_config: dict | None = None,
+        t5_backbone: str = _S.t5_backbone,
+        vision_backbone: str = "cnn",
+        image_size: int = _S.image_size,
+        visual_grid: int | None = _S.visual_grid,
+        top_k: int = _S.top_k,
+        max_question_length: int = _S.max_question_length,
+        max_caption_length: int = _S.max_caption_length,
+        max_input_length: int = _S.max_input_length,
+        max_answer_length: int = _S.max_answer_length,
+        num_beams: int = _S.num_beams,
+        freeze_vision: bool = _S.freeze_vision,
+        initializer_range: float = 0.02,
+        **kwargs: Any,
+    ):
+        for name, value, low in (
+            ("top_k", top_k, 0),
+            ("max_question_length", max_question_length, 1),
+            ("max_caption_length", max_caption_length, 1),
+            ("max_input_length", max_input_length, 1),
+            ("max_answer_length", max_answer_length, 1),
+            ("num_beams", num_beams, 1),
+            *((("visual_grid", visual_grid, 1),) if visual_grid is not None else ()),
+        ):
+            try:
+                check_int(value, name, low)
+            except (TypeError, UsageError) as err:  # a config value: always a ConfigError
+                raise ConfigError(str(err)) from None
+        for name, value in (("t5_config", t5_config), ("vision_config", vision_config)):
+            if value is not None and not isinstance(value, dict):
+                raise TypeError(f"{name} must be a config dict (with model_type), got {value!r}")
+        self.t5_config = dict(t5_config) if t5_config else None
+        self.vision_config = dict(vision_config) if vision_config else None
+        self.t5_backbone = t5_backbone
+        self.vision_backbone = vision_backbone
+        self.image_size = image_size
+        self.visual_grid = visual_grid
+        self.top_k = top_k
+        self.max_question_length = max_question_length
+        self.max_caption_length = max_caption_length
+        self.max_input_length = max_input_length
+        self.max_answer_length = max_answer_length
+        self.num_beams = num_beams
+        self.freeze_vision = bool(freeze_vision)
+        self.initializer_range = initializer_range
+        super().__init__(**kwargs)
+
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> Any:
+        """The T5 config as a ``PretrainedConfig`` (generic transformers code asks)."""
+        if not self.t5_config:
+            return self
+        return tower_config_from_dict(self.t5_config)
+
+
+# The one registration of the reader configs (the model classes are registered in
+# modeling.py and generative.py).
 AutoConfig.register(ReaderConfig.model_type, ReaderConfig, exist_ok=True)
+AutoConfig.register(GenerativeReaderConfig.model_type, GenerativeReaderConfig, exist_ok=True)

@@ -94,7 +94,7 @@ def _k_for(question_id: Any, top_k: int, k_dropout: float, seed: int) -> int:
 
 
 class ReaderDataset(Dataset):
-    """Items: pixel values (or cached visual features), question, captions, scores, targets.
+    """Items: pixel values (or cached visual features), question, captions, scores, answers, targets.
 
     Args:
         records: VQA records (``image``, ``image_id``, ``question``, ``question_id``,
@@ -103,7 +103,8 @@ class ReaderDataset(Dataset):
             training loader's workers); float16, as they leave the workers.
         retrieved: :func:`record_image_key` → retrieved ``(caption, score, id)`` best
             first (any mapping with ``get``; None: no captions).
-        vocab: The answer vocabulary (soft targets).
+        vocab: The answer vocabulary (soft targets); None: no ``labels`` (the generative
+            reader's collator makes its targets from the items' ``answers``).
         top_k: Captions per question.
         k_dropout: Probability of a random k in [0, top_k] per question (see :func:`_k_for`).
         rule: Soft-target rule of :meth:`AnswerVocab.soft_target_vector`.
@@ -121,7 +122,7 @@ class ReaderDataset(Dataset):
         records: Sequence[Any],
         image_processor: Any,
         retrieved: Any,
-        vocab: AnswerVocab,
+        vocab: AnswerVocab | None,
         top_k: int,
         k_dropout: float = 0.0,
         rule: str = "min3",
@@ -163,13 +164,16 @@ class ReaderDataset(Dataset):
             question = self.worlds.rewrite(question, w)
             captions = self.worlds.rewrite_all(captions, w)
             answers = self.worlds.rewrite_all(answers, w)
-        return {
+        item = {
             **visual,
             "question": question,
             "captions": captions,
             "scores": [h[1] for h in hits],
-            "labels": self.vocab.soft_target_vector(answers, self.rule),
+            "answers": answers,
         }
+        if self.vocab is not None:
+            item["labels"] = self.vocab.soft_target_vector(item["answers"], self.rule)
+        return item
 
 
 class ReaderCollator:

@@ -21,7 +21,6 @@ weakly matching caption. ``k = 0`` (no retrieval) is the same model reading
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,13 +35,19 @@ from transformers.utils import ModelOutput
 from rvqa.config import ReaderSettings, model_options
 from rvqa.errors import ConfigError
 from rvqa.reader.configuration import ReaderConfig
+from rvqa.reader.vision import (
+    VisionTowerMixin,
+    build_image_tower,
+    start_vision_tower,
+    vision_config_for,
+    visual_token_bound,
+)
 from rvqa.towers import (
     build_tower,
     drop_unused_heads,
     hidden_size_of,
     load_tower_weights,
     text_config_from_name,
-    vision_config_from_name,
 )
 
 logger = logging.getLogger(__name__)
@@ -66,7 +71,7 @@ class ReaderOutput(ModelOutput):
     logits: torch.FloatTensor | None = None
 
 
-class ReaderModel(PreTrainedModel):
+class ReaderModel(VisionTowerMixin, PreTrainedModel):
     """Question + retrieved captions + image → answer logits (see the module docstring)."""
 
     config_class = ReaderConfig
@@ -84,10 +89,9 @@ class ReaderModel(PreTrainedModel):
         if config.num_answers == 0:
             raise ConfigError("ReaderConfig.answers is empty; build the answer vocabulary first")
         self.text_model = build_tower(config.text_config)
-        self.vision_model = build_tower(config.vision_config)
-        for tower in (self.text_model, self.vision_model):
-            # The reader uses token states only: heads that would get no gradient go.
-            drop_unused_heads(tower, pooled=False)
+        # The reader uses token states only: heads that would get no gradient go.
+        drop_unused_heads(self.text_model, pooled=False)
+        self.vision_model = build_image_tower(config.vision_config)
         if not all(hasattr(self.text_model, m) for m in ("embeddings", "encoder")):
             raise ConfigError(
                 f"text backbone {config.text_backbone!r} ({config.text_config.get('model_type')}) "
@@ -124,18 +128,10 @@ class ReaderModel(PreTrainedModel):
     def apply_freezing(self) -> None:
         """A frozen image tower is a fixed feature extractor (its features can be
         cached per image); frozen word embeddings skip the vocabulary-sized update."""
-        for p in self.vision_model.parameters():
-            p.requires_grad_(not self.config.freeze_vision)
+        self.freeze_vision_tower()
         self.text_model.get_input_embeddings().weight.requires_grad_(
             not self.config.freeze_word_embeddings
         )
-
-    def train(self, mode: bool = True) -> ReaderModel:
-        """Like ``nn.Module.train``; a frozen image tower stays in eval mode."""
-        super().train(mode)
-        if mode and self.config.freeze_vision:
-            self.vision_model.eval()
-        return self
 
     def _init_weights(self, module: nn.Module) -> None:
         # Linear / Embedding / LayerNorm of the reader itself: the transformers default
@@ -194,24 +190,11 @@ class ReaderModel(PreTrainedModel):
         image_size = opts["image_size"]
         grid = opts["visual_grid"]
 
-        if vision_tower is not None:
-            vision_config = vision_tower.config.to_dict()
-        elif vision_backbone == "retriever":
-            raise ConfigError(
-                "vision_backbone='retriever' needs vision_tower=<the retriever's image tower>, "
-                "e.g. RetrieverModel.from_pretrained(path).vision_model"
-            )
-        else:
-            vision_config = vision_config_from_name(vision_backbone, image_size, grid)
-        if vision_config["model_type"] == "rvqa-small-cnn":
-            vision_config["grid_size"] = grid  # the CNN's weights do not depend on the grid
-            if cnn_hidden_sizes is not None:
-                if vision_tower is not None:
-                    raise ConfigError("cnn_hidden_sizes cannot change a given vision_tower")
-                vision_config["hidden_sizes"] = list(cnn_hidden_sizes)
-                vision_config["hidden_size"] = cnn_hidden_sizes[-1]
+        vision_config = vision_config_for(
+            vision_backbone, vision_tower, image_size, grid, cnn_hidden_sizes
+        )
         opts.setdefault(
-            "max_visual_tokens", max(64, _visual_token_bound(vision_config, grid, image_size))
+            "max_visual_tokens", max(64, visual_token_bound(vision_config, grid, image_size))
         )
         config = ReaderConfig(
             text_config=text_config_from_name(text_backbone, num_text_layers),
@@ -222,12 +205,7 @@ class ReaderModel(PreTrainedModel):
             **opts,
         )
         model = cls(config)
-        if vision_tower is not None:
-            missing, _ = model.vision_model.load_state_dict(vision_tower.state_dict(), strict=False)
-            if missing:
-                raise ConfigError(f"vision_tower lacks weights the reader needs: {missing[:5]}")
-        elif load_weights:
-            load_tower_weights(model.vision_model, vision_backbone, text=False)
+        start_vision_tower(model.vision_model, vision_tower, vision_backbone, load_weights)
         if load_weights:
             load_tower_weights(model.text_model, text_backbone, text=True)
         model.apply_freezing()
@@ -265,19 +243,6 @@ class ReaderModel(PreTrainedModel):
             is_caption = (caption_index >= 0).to(dtype)  # (B, L)
             token_scores = scores.to(dtype).gather(1, caption_index.clamp(min=0)) * is_caption
         return self.score_embedding(token_scores.unsqueeze(-1)) * is_caption.unsqueeze(-1)
-
-    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) pixels → (B, V, C) image-tower tokens (pooled to the grid).
-
-        With ``freeze_vision`` these are a fixed function of the image, so training
-        can compute them once per image and pass ``visual_features`` instead.
-        """
-        feats = self.vision_model(pixel_values=pixel_values).last_hidden_state
-        if feats.ndim == 4:  # conv feature map (ResNet, ConvNeXt): (B, C, h, w) → (B, h*w, C)
-            feats = feats.flatten(2).transpose(1, 2)
-        if self.config.visual_grid is not None:
-            feats = _pool_to_grid(feats, self.config.visual_grid)  # (B, V, C)
-        return feats
 
     def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) pixels → (B, V, H) visual token embeddings."""
@@ -355,10 +320,8 @@ class ReaderModel(PreTrainedModel):
         text = self.embed_text(
             input_ids, token_type_ids, caption_index, caption_scores
         )  # (B, L, H)
-        vision_dtype = next(self.vision_model.parameters()).dtype
-        if visual_features is None:
-            visual_features = self.vision_features(pixel_values.to(vision_dtype))  # (B, V, C)
-        visual = self.embed_visual(visual_features.to(vision_dtype)).to(text.dtype)  # (B, V, H)
+        feats = self.visual_inputs(pixel_values, visual_features)  # (B, V, C)
+        visual = self.embed_visual(feats).to(text.dtype)  # (B, V, H)
         x = torch.cat([text, visual], dim=1)  # (B, L+V, H)
         mask = torch.cat(  # visual tokens are never padding
             [attention_mask, attention_mask.new_ones(batch, visual.shape[1])], dim=1
@@ -443,43 +406,6 @@ class ReaderModel(PreTrainedModel):
                 f"has only {caption_scores.shape[1]} columns"
             )
         return batch, length
-
-
-def _pool_to_grid(tokens: torch.Tensor, grid: int) -> torch.Tensor:
-    """Average-pool a square patch grid (optionally after one CLS token) to grid × grid.
-
-    (B, N, C) → (B, grid² [+1], C). Token sets that are not a square grid, and grids
-    already no larger than ``grid``, pass through unchanged.
-    """
-    batch, n, channels = tokens.shape
-    side = math.isqrt(n)
-    has_cls = side * side != n
-    if has_cls:
-        side = math.isqrt(n - 1)
-        if side * side != n - 1:
-            return tokens
-    if side <= grid:
-        return tokens
-    cls, patches = (tokens[:, :1], tokens[:, 1:]) if has_cls else (None, tokens)
-    fmap = patches.transpose(1, 2).reshape(batch, channels, side, side)  # (B, C, s, s)
-    patches = F.adaptive_avg_pool2d(fmap, grid).flatten(2).transpose(1, 2)  # (B, g², C)
-    return torch.cat([cls, patches], dim=1) if cls is not None else patches
-
-
-def _visual_token_bound(vision_config: dict, grid: int | None, image_size: int) -> int:
-    """An upper bound on the visual tokens a tower config gives (sizes the position table)."""
-    if grid is not None:
-        return grid * grid + 1
-    if vision_config.get("model_type") == "rvqa-small-cnn":
-        side = vision_config.get("grid_size") or image_size // 2 ** len(
-            vision_config["hidden_sizes"]
-        )
-        return side * side
-    patch = vision_config.get("patch_size")
-    if isinstance(patch, int):
-        side = vision_config.get("image_size", image_size) // patch
-        return side * side + 1
-    return 64
 
 
 AutoModel.register(ReaderConfig, ReaderModel, exist_ok=True)

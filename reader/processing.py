@@ -66,13 +66,27 @@ class ReaderProcessor:
         self.max_question_length = max_question_length
         self.max_caption_length = max_caption_length
         self.cache_size = cache_size
+        self._ids: dict[str, tuple[int, ...]] = {}
+        self._warned: set[str] = set()  # long questions already reported
+        self._special_ids(tokenizer)
+
+    KIND = "classifier"
+    """The reader type this processor's layout is for (saved in ``reader_processor.json``)."""
+
+    def _special_ids(self, tokenizer: Any) -> None:
+        """The special tokens of the layout (``[CLS]``, ``[SEP]``, padding)."""
         # Like BERT; RoBERTa-style tokenizers have only <s> / </s>.
         self.cls_id = _first_id(tokenizer, ("cls_token_id", "bos_token_id"), "[CLS]/<s>")
         self.sep_id = _first_id(tokenizer, ("sep_token_id", "eos_token_id"), "[SEP]/</s>")
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else 0
-        self._ids: dict[str, tuple[int, ...]] = {}
-        self._warned: set[str] = set()  # long questions already reported
+
+    def _budgets(self) -> dict[str, Any]:
+        """The token budgets saved beside the tokenizer (``__init__`` keyword arguments)."""
+        return {
+            "max_question_length": self.max_question_length,
+            "max_caption_length": self.max_caption_length,
+        }
 
     # ------------------------------------------------------------------ building
 
@@ -91,20 +105,9 @@ class ReaderProcessor:
         """
         if tokenizer is None:
             tokenizer = load_tokenizer(config.text_backbone)
-        if image_processor is None:
-            vision_type = (config.vision_config or {}).get("model_type")
-            if vision_type == "rvqa-small-cnn":
-                image_processor = small_cnn_processor(config.image_size)
-            elif config.vision_backbone == "retriever":
-                raise ConfigError(
-                    "vision_backbone='retriever': pass image_processor=<the retriever's image "
-                    "processor> (it cannot be loaded by name)"
-                )
-            else:
-                image_processor = load_image_processor(config.vision_backbone, config.image_size)
         return cls(
             tokenizer,
-            image_processor,
+            image_processor_for(config, image_processor),
             max_question_length=config.max_question_length,
             max_caption_length=config.max_caption_length,
         )
@@ -117,8 +120,8 @@ class ReaderProcessor:
         if self.image_processor is not None:
             self.image_processor.save_pretrained(path)
         budgets = {
-            "max_question_length": self.max_question_length,
-            "max_caption_length": self.max_caption_length,
+            "kind": self.KIND,
+            **self._budgets(),
             "has_image_processor": self.image_processor is not None,
         }
         write_json_atomic(path / PROCESSOR_FILE, budgets, indent=2)
@@ -137,15 +140,16 @@ class ReaderProcessor:
                 "write one with ReaderProcessor.save_pretrained"
             )
         budgets = json.loads((path / PROCESSOR_FILE).read_text(encoding="utf-8"))
+        kind = budgets.pop("kind", ReaderProcessor.KIND)  # folders written before the field
+        if kind != cls.KIND:
+            raise ConfigError(
+                f"{path / PROCESSOR_FILE} is the processor of a {kind!r} reader; load it with "
+                f"rvqa.reader.auto.load_reader (not {cls.__name__})"
+            )
         image_processor = None
-        if budgets.get("has_image_processor", True):
+        if budgets.pop("has_image_processor", True):
             image_processor = AutoImageProcessor.from_pretrained(path)
-        return cls(
-            AutoTokenizer.from_pretrained(path),
-            image_processor,
-            max_question_length=budgets["max_question_length"],
-            max_caption_length=budgets["max_caption_length"],
-        )
+        return cls(AutoTokenizer.from_pretrained(path), image_processor, **budgets)
 
     # ------------------------------------------------------------------ tokens
 
@@ -314,6 +318,27 @@ class ReaderProcessor:
             raise UsageError(f"{len(images)} images for {batch} questions")
         rgb = [im.convert("RGB") if getattr(im, "mode", "RGB") != "RGB" else im for im in images]
         return self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
+
+
+def image_processor_for(config: Any, image_processor: Any = None) -> Any:
+    """The image processor of a reader config's image tower: ``image_processor`` when
+    given, the small CNN's, or the named checkpoint's.
+
+    Raises:
+        ConfigError: ``vision_backbone='retriever'`` and no ``image_processor`` (the
+            retriever's cannot be loaded by name).
+    """
+    if image_processor is not None:
+        return image_processor
+    vision_type = (config.vision_config or {}).get("model_type")
+    if vision_type == "rvqa-small-cnn":
+        return small_cnn_processor(config.image_size)
+    if config.vision_backbone == "retriever":
+        raise ConfigError(
+            "vision_backbone='retriever': pass image_processor=<the retriever's image "
+            "processor> (it cannot be loaded by name)"
+        )
+    return load_image_processor(config.vision_backbone, config.image_size)
 
 
 def _first_id(tokenizer: Any, names: tuple[str, ...], what: str) -> int:

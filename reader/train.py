@@ -21,25 +21,37 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 from accelerate.utils import set_seed
+from transformers import T5Tokenizer
 
 from rvqa.config import RunConfig, save_config
 from rvqa.data import check_index_facts, load_caption_corpus
 from rvqa.distributed import log_placement
-from rvqa.errors import UsageError
+from rvqa.errors import ConfigError, UsageError
+from rvqa.io import atomic_directory
 from rvqa.reader.answers import AnswerVocab, build_vocab
 from rvqa.reader.augmentation import TermWorlds
+from rvqa.reader.auto import is_generative, make_collator
 from rvqa.reader.data import (
-    ReaderCollator,
     ReaderDataset,
     load_reader_data,
+    record_image_key,
     visual_features_for,
 )
 from rvqa.reader.evaluation import evaluate_reader
+from rvqa.reader.generative import SCRATCH, GenerativeReaderModel
+from rvqa.reader.generative_processing import (
+    SPM_FILE,
+    GenerativeReaderProcessor,
+    tokenizer_training_text,
+    train_sentencepiece_tokenizer,
+)
 from rvqa.reader.modeling import ReaderModel
 from rvqa.reader.processing import ReaderProcessor
 from rvqa.reader.retrieval import RecordImages, own_caption_ids, retrieve_for_images
@@ -58,18 +70,63 @@ from rvqa.training import make_accelerator, run_signature, train
 
 logger = logging.getLogger(__name__)
 
+TOKENIZER_DIR = "tokenizer"
+"""``reader/tokenizer/``: the scratch generative reader's SentencePiece model of the run."""
+
 
 def build_reader(
-    cfg: RunConfig, vocab: AnswerVocab, retriever: Any = None
-) -> tuple[ReaderModel, ReaderProcessor]:
-    """A fresh reader (pretrained text backbone) and its processor."""
+    cfg: RunConfig, vocab: AnswerVocab | None, retriever: Any = None, tokenizer: Any = None
+) -> tuple[Any, Any]:
+    """A fresh reader of ``reader.type`` and its processor: the classifier over
+    ``vocab``, or the generative reader reading ``tokenizer`` (required for
+    ``t5_backbone: scratch``; a checkpoint's own otherwise)."""
     s = cfg.reader
     tower = retriever.vision_model if s.vision_backbone == "retriever" else None
+    image_processor = retriever.image_processor if tower is not None else None
+    if s.type == "generative":
+        model = GenerativeReaderModel.from_backbones(s, tokenizer=tokenizer, vision_tower=tower)
+        processor = GenerativeReaderProcessor.from_config(
+            model.config, tokenizer=tokenizer, image_processor=image_processor
+        )
+        fits = processor.max_captions()
+        if s.top_k > fits:
+            raise ConfigError(
+                f"reader.top_k={s.top_k} captions do not fit reader.max_input_length="
+                f"{s.max_input_length} text tokens (at most {fits} with max_question_length="
+                f"{s.max_question_length}, max_caption_length={s.max_caption_length})"
+            )
+        return model, processor
+    if vocab is None:
+        raise UsageError("the classifier reader needs its answer vocabulary")
     model = ReaderModel.from_backbones(list(vocab), s, vision_tower=tower)
-    processor = ReaderProcessor.from_config(
-        model.config, image_processor=retriever.image_processor if tower is not None else None
-    )
+    processor = ReaderProcessor.from_config(model.config, image_processor=image_processor)
     return model, processor
+
+
+def _scratch_tokenizer(
+    cfg: RunConfig,
+    out: Path,
+    train_records: Any,
+    retrieved: Any,
+    accelerator: Any,
+    resume: Any,
+    worlds: Any = None,
+) -> Any:
+    """The scratch generative reader's SentencePiece tokenizer: trained by the main
+    process on the run's training text into ``reader/tokenizer/`` (a resumed run
+    reuses it), then loaded by every process."""
+    folder = out / TOKENIZER_DIR
+    if accelerator.is_main_process and not (resume and (folder / SPM_FILE).is_file()):
+        texts = tokenizer_training_text(train_records, retrieved, record_image_key, worlds=worlds)
+        with atomic_directory(folder, overwrite=True) as tmp:
+            tok = train_sentencepiece_tokenizer(
+                texts, tmp, cfg.reader.spm_vocab_size, seed=cfg.reader.seed
+            )
+        logger.info(
+            "SentencePiece tokenizer: %d pieces from %d distinct texts", len(tok), len(texts)
+        )
+    accelerator.wait_for_everyone()
+    return T5Tokenizer.from_pretrained(folder, extra_ids=0)
 
 
 def train_reader(
@@ -78,8 +135,8 @@ def train_reader(
     resume: bool | str = False,
     retriever: Any = None,
     index: Any = None,
-    model: ReaderModel | None = None,
-    processor: ReaderProcessor | None = None,
+    model: Any = None,
+    processor: Any = None,
     end_training: bool = True,
     feature_cache_max_bytes: int | None = None,
 ) -> dict[str, Any]:
@@ -111,20 +168,32 @@ def train_reader(
     set_seed(s.seed)
 
     train_records, val_records = load_reader_data(cfg)
+    generative = s.type == "generative"
     worlds = TermWorlds.load(s.term_worlds) if s.term_worlds else None
-    train_answers: Any = (r.answers for r in train_records)
     if worlds is not None:
         logger.info("reader training rewrites its facts into %r", worlds)
-        train_answers = worlds.answer_lists(train_answers)  # every world's answers
-    vocab = build_vocab(train_answers, size=s.answer_vocab_size, min_count=s.min_answer_count)
-    cover = vocab.coverage(r.answers for r in train_records)
-    logger.info(
-        "reader data: %d train / %d val questions; %d answers cover %.1f%% of training questions",
-        len(train_records),
-        len(val_records),
-        len(vocab),
-        100 * cover.question_coverage,
-    )
+    vocab = None
+    if generative:
+        logger.info(
+            "reader data: %d train / %d val questions; generative reader (%s)",
+            len(train_records),
+            len(val_records),
+            s.t5_backbone,
+        )
+    else:
+        train_answers: Any = (r.answers for r in train_records)
+        if worlds is not None:
+            train_answers = worlds.answer_lists(train_answers)  # every world's answers
+        vocab = build_vocab(train_answers, size=s.answer_vocab_size, min_count=s.min_answer_count)
+        cover = vocab.coverage(r.answers for r in train_records)
+        logger.info(
+            "reader data: %d train / %d val questions; %d answers cover %.1f%% of training "
+            "questions",
+            len(train_records),
+            len(val_records),
+            len(vocab),
+            100 * cover.question_coverage,
+        )
 
     retrieved = None
     index_path = None
@@ -172,16 +241,27 @@ def train_reader(
         index = exclude = None
         gc.collect()
 
+    extra_signature: dict[str, Any] = {}
     if model is None:
-        model, processor = build_reader(cfg, vocab, retriever)
+        tokenizer = None
+        if generative and s.t5_backbone == SCRATCH:
+            tokenizer = _scratch_tokenizer(
+                cfg, out, train_records, retrieved, accelerator, resume, worlds
+            )
+            extra_signature["tokenizer"] = _tokenizer_digest(tokenizer)
+        model, processor = build_reader(cfg, vocab, retriever, tokenizer)
     elif processor is None:
         raise UsageError("a pre-built reader needs its processor")
-    if list(model.config.answers) != list(vocab):
+    if is_generative(model) != generative:
+        raise UsageError(
+            f"reader.type is {s.type!r} but the pre-built reader is a {type(model).__name__}"
+        )
+    if vocab is not None and list(model.config.answers) != list(vocab):
         raise UsageError(
             f"the reader's answer vocabulary ({len(model.config.answers)} answers) differs from "
             f"the one built from the training data ({len(vocab)}); build the model from this vocabulary"
         )
-    rule = model.config.soft_target_rule
+    rule = getattr(model.config, "soft_target_rule", "min3")
     # A frozen image tower: its features once per image, on disk (memory-mapped), read
     # by training and evaluation; otherwise images stream through the loader's workers.
     features = visual_features_for(
@@ -223,19 +303,28 @@ def train_reader(
 
     def save(m: Any, path: Path) -> None:
         m.save_pretrained(path)
-        processor.save_pretrained(path)  # the vocabulary is config.answers (one copy)
+        # The classifier's vocabulary is config.answers (one copy); a scratch generative
+        # reader's SentencePiece model is saved with its tokenizer.
+        processor.save_pretrained(path)
+        spm_file = out / TOKENIZER_DIR / SPM_FILE
+        if generative and spm_file.is_file():
+            shutil.copyfile(spm_file, path / SPM_FILE)
 
     result = train(
         model,
         train_set,
-        ReaderCollator(processor),
+        make_collator(processor),
         s,
         out,
         evaluate=evaluate if val_records else None,
         metric="accuracy" if val_records else None,
         resume=resume,
         signature=run_signature(
-            model.config, s, data=dataclasses.asdict(cfg.data), index=cfg.index.folder()
+            model.config,
+            s,
+            data=dataclasses.asdict(cfg.data),
+            index=cfg.index.folder(),
+            **extra_signature,
         ),
         save_fn=save,
         accelerator=accelerator,
@@ -258,3 +347,8 @@ def train_reader(
         "val": result.history[-1] if result.history else None,
         "best_val_accuracy": result.best_metric,
     }
+
+
+def _tokenizer_digest(tokenizer: Any) -> str:
+    """The identity of a tokenizer's pieces and scores (not of its files' paths)."""
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]

@@ -513,9 +513,12 @@ def _cmd_ask(args: argparse.Namespace) -> int:
 
 def _format_answer(out, retrieval: bool) -> str:
     """The human-readable ``rvqa ask`` result: answer, alternatives, evidence table."""
-    lines = [f"Q: {out.question}", f"A: {out.answer}  (score {out.score:.3f})"]
+    shown = "(empty answer: the reader generated nothing)" if out.empty else out.answer
+    lines = [f"Q: {out.question}", f"A: {shown}  (score {out.score:.3f})"]
     if out.alternatives:
-        lines.append("   also: " + ", ".join(f"{a} {s:.3f}" for a, s in out.alternatives))
+        lines.append(
+            "   also: " + ", ".join(f"{a or '(empty)'} {s:.3f}" for a, s in out.alternatives)
+        )
     if not out.evidence:
         why = "no captions retrieved" if retrieval else "answered without retrieval"
         lines.append(f"Evidence: none ({why})")

@@ -283,6 +283,11 @@ class ReaderSettings(TrainSettings):
     learning_rate: float = 3e-4
     eval_every: int = 200
 
+    type: Literal["classifier", "generative"] = "classifier"
+    """'classifier': scores a fixed answer vocabulary (ReaderModel: text_backbone, answer_vocab_size,
+    ...). 'generative': a T5 encoder-decoder generates the answer text (GenerativeReaderModel:
+    t5_*, spm_vocab_size, max_input_length, max_answer_length, num_beams). Both read the image
+    tower settings, top_k and the question / caption budgets."""
     text_backbone: str = "minilm"
     num_text_layers: int | None = 2
     """Keep only the first N layers of the text backbone (None = all)."""
@@ -324,6 +329,27 @@ class ReaderSettings(TrainSettings):
     val_fraction: float = 0.05
     max_eval_questions: int | None = 2000
     """Cap on validation questions evaluated every eval_every steps."""
+
+    # The generative reader (type: generative).
+    t5_backbone: str = "scratch"
+    """'scratch': a small T5 (t5_* sizes) trained from scratch with a SentencePiece tokenizer
+    trained on the task's text (spm_vocab_size); else a T5 checkpoint name or folder (e.g.
+    google/flan-t5-base) with its own tokenizer (the t5_* sizes are then the checkpoint's)."""
+    t5_d_model: int = 128
+    t5_num_layers: int = 2
+    """Encoder layers, and as many decoder layers (scratch only)."""
+    t5_num_heads: int = 4
+    t5_d_ff: int = 512
+    spm_vocab_size: int = 4000
+    """Pieces of the scratch SentencePiece tokenizer (fewer when the text has fewer)."""
+    max_input_length: int = 128
+    """Text tokens the generative reader's encoder reads (question: ... context: ...); top_k
+    must fit: at most (max_input_length - prompt - max_question_length) // (max_caption_length + 1) captions."""
+    max_answer_length: int = 8
+    """Answer tokens generated (and kept of training targets), end-of-sequence excluded."""
+    num_beams: int = 4
+    """Beam search width of the generative reader (1 = greedy); answers' alternatives are the
+    other beams, so at most num_beams - 1 alternatives."""
 
 
 @dataclass

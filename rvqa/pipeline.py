@@ -36,6 +36,7 @@ from rvqa.checks import check_int
 from rvqa.config import ReaderSettings
 from rvqa.data.images import ImageLoadError, image_key, load_image
 from rvqa.errors import DataFormatError, RunFolderError, UnknownIndexError, UsageError
+from rvqa.reader.auto import is_generative, load_reader
 from rvqa.reader.modeling import ReaderModel
 from rvqa.reader.processing import PROCESSOR_FILE, ReaderProcessor
 from rvqa.retriever.index import IndexRegistry, KnowledgeIndex, read_manifest
@@ -69,10 +70,14 @@ class Answer:
 
     Attributes:
         answer: The predicted answer.
-        score: Its probability (sigmoid of the reader's logit).
-        alternatives: The next best answers with their probabilities.
+        score: Its probability: the sigmoid of the classifier's logit, or the generative
+            reader's sequence probability ``exp(Σ log p(token))``.
+        alternatives: The next best answers with their probabilities (the generative
+            reader's other beams).
         evidence: The captions the reader read: (text, score, index name, id).
         question: The question as asked.
+        empty: The generative reader generated nothing but end-of-sequence: ``answer``
+            is ``""`` (with its probability in ``score``), never silently.
     """
 
     answer: str
@@ -80,12 +85,14 @@ class Answer:
     alternatives: list[tuple[str, float]] = field(default_factory=list)
     evidence: list[Evidence] = field(default_factory=list)
     question: str = ""
+    empty: bool = False
 
     def to_dict(self) -> dict:
-        """JSON-ready dict."""
+        """JSON-ready dict (``empty``: the answer is an empty generation)."""
         return {
             "question": self.question,
             "answer": self.answer,
+            "empty": self.empty,
             "score": self.score,
             "alternatives": [{"answer": a, "score": s} for a, s in self.alternatives],
             "evidence": [e._asdict() for e in self.evidence],
@@ -107,7 +114,9 @@ class RVQA:
     ``rvqa demo``) or from loaded components.
 
     Attributes:
-        answers: The reader's answer vocabulary.
+        answers: The classifier reader's answer vocabulary (``None`` for the generative
+            reader, whose answers are free text).
+        generative: Whether the reader generates its answers (``reader.type: generative``).
         default_top_k: Captions retrieved when ``top_k`` is not given (the run's).
         max_top_k: The largest ``top_k`` whose captions always fit the reader's text
             positions (``None``: no known limit).
@@ -121,7 +130,7 @@ class RVQA:
     def __init__(
         self,
         retriever: RetrieverModel,
-        reader: ReaderModel,
+        reader: Any,
         processor: ReaderProcessor,
         *,
         top_k: int | None = None,
@@ -135,7 +144,8 @@ class RVQA:
         self.retriever = retriever.to(self.device).eval()
         self.reader = reader.to(self.device).eval()
         self.processor = processor
-        self.answers = list(reader.config.answers)
+        self.generative = is_generative(reader)
+        self.answers = None if self.generative else list(reader.config.answers)
         self.max_top_k = _max_top_k(self.reader, processor)
         # A reader trained without retrieval (top_k 0) answers without captions; should an
         # index be loaded anyway, it reads the run settings' default number of captions.
@@ -217,8 +227,7 @@ class RVQA:
         if budgets.get("has_image_processor", True):
             _require(reader_path, ("preprocessor_config.json",), "reader")
         retriever = RetrieverModel.from_pretrained(retriever_path)
-        reader = ReaderModel.from_pretrained(reader_path)
-        processor = ReaderProcessor.from_pretrained(reader_path)
+        reader, processor = load_reader(reader_path)  # either type, by its saved model_type
         model = cls(
             retriever,
             reader,
@@ -594,10 +603,15 @@ class RVQA:
             # Checked up front: whether k captions fit would otherwise depend on their
             # lengths, i.e. on the image.
             p = self.processor
+            room = (
+                f"max_input_length={p.max_input_length} text tokens"
+                if self.generative
+                else f"{_text_positions(self.reader)} positions"
+            )
             raise UsageError(
                 f"top_k={k} is more captions than the reader's text fits: at most "
-                f"{self.max_top_k} ({_text_positions(self.reader)} positions, questions up "
-                f"to {p.max_question_length} tokens, captions up to {p.max_caption_length})"
+                f"{self.max_top_k} ({room}, questions up to {p.max_question_length} tokens, "
+                f"captions up to {p.max_caption_length})"
             )
         return k
 
@@ -646,6 +660,8 @@ class RVQA:
     ) -> list[Answer]:
         """Reader forward; ``pil`` are the distinct images, ``rows[i]`` question i's image."""
         retrieved = any(evidence)  # no captions at all: the reader's k = 0 input
+        if self.generative:
+            return self._generate(pil, rows, questions, evidence, n_alt)
         batch = self.processor(
             None,
             questions,
@@ -653,16 +669,51 @@ class RVQA:
             scores=[[e.score for e in ev] for ev in evidence] if retrieved else None,
         )
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        pixels = self.processor.image_processor(images=pil, return_tensors="pt")["pixel_values"]
-        vision_dtype = next(self.reader.vision_model.parameters()).dtype
-        feats = self.reader.vision_features(pixels.to(self.device, vision_dtype))  # (U, V, C)
-        batch["visual_features"] = feats[torch.tensor(rows, device=self.device)]  # (B, V, C)
+        batch["visual_features"] = self._visual_features(pil, rows)  # (B, V, C)
         probs = torch.sigmoid(self.reader(**batch).logits.float())  # (B, A)
         p, idx = probs.topk(min(1 + max(n_alt, 0), probs.shape[-1]), dim=-1)
         answers = []
         for q, ev, pi, ii in zip(questions, evidence, p.tolist(), idx.tolist()):
             ranked = [(self.answers[j], float(v)) for j, v in zip(ii, pi)]
             answers.append(Answer(ranked[0][0], ranked[0][1], ranked[1:], ev, question=q))
+        return answers
+
+    def _visual_features(self, pil: list, rows: list[int]) -> torch.Tensor:
+        """(B, V, C) image-tower features of each question's image (each distinct image once)."""
+        pixels = self.processor.image_processor(images=pil, return_tensors="pt")["pixel_values"]
+        vision_dtype = next(self.reader.vision_model.parameters()).dtype
+        feats = self.reader.vision_features(pixels.to(self.device, vision_dtype))  # (U, V, C)
+        return feats[torch.tensor(rows, device=self.device)]
+
+    def _generate(
+        self,
+        pil: list,
+        rows: list[int],
+        questions: list[str],
+        evidence: list[list[Evidence]],
+        n_alt: int,
+    ) -> list[Answer]:
+        """The generative reader: beam search; score = sequence probability, alternatives =
+        the other beams (at most ``num_beams - 1``); an empty generation is flagged."""
+        batch = self.processor(None, questions, captions=[[e.text for e in ev] for ev in evidence])
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        n = min(1 + n_alt, self.reader.config.num_beams)
+        out = self.reader.generate_answers(
+            **batch, visual_features=self._visual_features(pil, rows), num_return_sequences=n
+        )
+        texts = self.processor.decode(out.sequences.flatten(0, 1))
+        answers = []
+        for i, (q, ev, probs) in enumerate(zip(questions, evidence, out.probs.tolist())):
+            ranked: list[tuple[str, float]] = []
+            for text, p in zip(texts[i * n : (i + 1) * n], probs):
+                if text not in (a for a, _ in ranked):  # beams that decode alike: the best
+                    ranked.append((text, float(p)))
+            empty = ranked[0][0] == ""
+            if empty:
+                logger.warning("the generative reader generated an empty answer to %r", q)
+            answers.append(
+                Answer(ranked[0][0], ranked[0][1], ranked[1:], ev, question=q, empty=empty)
+            )
         return answers
 
 
@@ -765,7 +816,10 @@ def _text_positions(reader: ReaderModel) -> int | None:
 
 
 def _max_top_k(reader: ReaderModel, processor: ReaderProcessor) -> int | None:
-    """Most captions that always fit: [CLS] question [SEP] (caption [SEP]) x k."""
+    """Most captions that always fit: [CLS] question [SEP] (caption [SEP]) x k, or the
+    generative reader's ``max_input_length`` (its processor knows its layout)."""
+    if hasattr(processor, "max_captions"):
+        return processor.max_captions()
     positions = _text_positions(reader)
     q_len = getattr(processor, "max_question_length", None)
     c_len = getattr(processor, "max_caption_length", None)

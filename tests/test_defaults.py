@@ -21,7 +21,8 @@ import rvqa.reader.modeling as reader_modeling
 import rvqa.retriever.modeling as retriever_modeling
 from rvqa.config import ReaderSettings, RetrieverSettings
 from rvqa.pipeline import RVQA
-from rvqa.reader.configuration import ReaderConfig
+from rvqa.reader.configuration import GenerativeReaderConfig, ReaderConfig
+from rvqa.reader.generative_processing import GenerativeReaderProcessor
 from rvqa.reader.modeling import ReaderModel
 from rvqa.reader.processing import ReaderProcessor
 from rvqa.retriever.configuration import RetrieverConfig
@@ -36,6 +37,8 @@ PAIRS = [
     (RetrieverSettings, RetrieverConfig),
     (ReaderSettings, ReaderConfig),
     (ReaderSettings, ReaderProcessor),
+    (ReaderSettings, GenerativeReaderConfig),
+    (ReaderSettings, GenerativeReaderProcessor),
 ]
 
 # Intended differences between a settings default and the other side's default.
@@ -44,6 +47,9 @@ ALLOWED_DIFFERENCES = {
         "provenance of the image weights: a run reuses the trained retriever's tower "
         "('retriever'); a ReaderConfig built by hand has no such tower, so its default "
         "is 'cnn' (from scratch)"
+    ),
+    (ReaderSettings, GenerativeReaderConfig, "vision_backbone"): (
+        "as ReaderConfig's: a GenerativeReaderConfig built by hand has no retriever tower"
     ),
 }
 

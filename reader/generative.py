@@ -1,0 +1,381 @@
+"""The generative reader: a T5 encoder-decoder that writes the answer.
+
+The encoder reads the image and the text at once::
+
+    v_1 ... v_V | question: Q context: caption_1 ; caption_2 ... </s>
+
+The visual tokens are the image tower's features (the same ``visual_features`` the
+classifier reads and the feature cache stores: :mod:`rvqa.reader.vision`) projected
+by a Linear layer to T5's ``d_model`` and prepended to the token embeddings
+(``inputs_embeds``; the attention mask grows by V ones). The decoder is trained with
+T5's LM loss on the most common human answer and generates the answer by greedy or
+beam search (``num_beams``). Each generated answer's score is its sequence
+probability ``exp(Σ log p(token))`` (``</s>`` included), recomputed by one
+teacher-forced decoder pass over the returned sequences, so it is the probability
+the model assigns, whatever the search's own ranking adjustments.
+
+``t5_backbone: scratch`` builds a small T5 (``t5_*`` sizes) on a SentencePiece
+vocabulary trained on the task's text; a checkpoint name (``google/flan-t5-base``)
+starts from its weights and tokenizer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    PreTrainedModel,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
+
+from rvqa.config import ReaderSettings, model_options
+from rvqa.errors import ConfigError, UsageError
+from rvqa.reader.configuration import GenerativeReaderConfig
+from rvqa.reader.generative_processing import IGNORE_INDEX
+from rvqa.reader.vision import (
+    VisionTowerMixin,
+    build_image_tower,
+    start_vision_tower,
+    vision_config_for,
+)
+from rvqa.towers import hidden_size_of
+
+logger = logging.getLogger(__name__)
+
+# Options from_backbones takes besides the GenerativeReaderConfig fields it fills itself.
+_BUILD_KEYS = ("t5_d_model", "t5_num_layers", "t5_num_heads", "t5_d_ff", "cnn_hidden_sizes")
+_FILLED_KEYS = ("t5_config", "vision_config")
+SCRATCH = "scratch"
+
+
+@dataclass
+class GeneratedAnswers:
+    """What :meth:`GenerativeReaderModel.generate_answers` returns.
+
+    Attributes:
+        sequences: (B, n, T) generated token ids (decoder start first, padded), per
+            question best first.
+        log_probs: (B, n) each sequence's log-probability (sum over its tokens,
+            ``</s>`` included).
+    """
+
+    sequences: torch.Tensor
+    log_probs: torch.Tensor
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """(B, n) sequence probabilities, ``exp(log_probs)``."""
+        return self.log_probs.exp()
+
+
+def scratch_t5_config(
+    vocab_size: int, d_model: int, num_layers: int, num_heads: int, d_ff: int
+) -> dict:
+    """The config dict of a small T5 trained from scratch (T5 v1.1 style: gated GELU,
+    untied output layer; ``<pad>`` 0 = decoder start, ``</s>`` 1)."""
+    if d_model % num_heads:
+        raise ConfigError(f"t5_d_model={d_model} is not a multiple of t5_num_heads={num_heads}")
+    return T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=d_model // num_heads,
+        d_ff=d_ff,
+        num_layers=num_layers,
+        num_decoder_layers=num_layers,
+        num_heads=num_heads,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    ).to_dict()
+
+
+class GenerativeReaderModel(VisionTowerMixin, PreTrainedModel):
+    """Image + question + retrieved captions → generated answer (see the module docstring)."""
+
+    config_class = GenerativeReaderConfig
+    base_model_prefix = "reader"
+    main_input_name = "input_ids"
+    _no_split_modules: list[str] = []
+
+    def __init__(self, config: GenerativeReaderConfig):
+        super().__init__(config)
+        if not config.t5_config or not config.vision_config:
+            raise ConfigError(
+                "GenerativeReaderConfig needs t5_config and vision_config dicts; build one "
+                "with GenerativeReaderModel.from_backbones(...)"
+            )
+        t5_config = T5Config.from_dict(
+            {k: v for k, v in config.t5_config.items() if k != "model_type"}
+        )
+        self.t5 = T5ForConditionalGeneration(t5_config)
+        self.vision_model = build_image_tower(config.vision_config)
+        self.visual_projection = nn.Linear(hidden_size_of(config.vision_config), t5_config.d_model)
+        self.post_init()
+        self.freeze_vision_tower()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # The visual projection: normal(initializer_range); T5 and the tower init themselves.
+        if module is self.visual_projection:
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+            nn.init.zeros_(module.bias)
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def from_backbones(
+        cls,
+        settings: Any | None = None,
+        *,
+        tokenizer: Any = None,
+        vision_tower: PreTrainedModel | None = None,
+        load_weights: bool = True,
+        **overrides: Any,
+    ) -> GenerativeReaderModel:
+        """Build a generative reader from settings.
+
+        Args:
+            settings: A :class:`rvqa.config.ReaderSettings` (or any object): attributes
+                named like an option are used; missing ones take the ``ReaderSettings``
+                default (:func:`rvqa.config.model_options`).
+            tokenizer: The tokenizer the model will read (its size is the scratch T5's
+                vocabulary; for a checkpoint it must fit the checkpoint's vocabulary).
+            vision_tower: An existing image tower (``vision_backbone="retriever"``).
+            load_weights: Load pretrained T5 / image tower weights (False: random, tests).
+            **overrides: ``t5_backbone``, ``t5_d_model``, ``t5_num_layers``,
+                ``t5_num_heads``, ``t5_d_ff``, ``cnn_hidden_sizes`` and any
+                :class:`GenerativeReaderConfig` field except the two config dicts.
+
+        Raises:
+            TypeError: An unknown option.
+            ConfigError: Scratch without a tokenizer, a tokenizer larger than a
+                checkpoint's vocabulary, ``vision_backbone="retriever"`` without
+                ``vision_tower``, or a backbone that cannot be loaded.
+        """
+        opts = model_options(
+            settings,
+            ReaderSettings,
+            GenerativeReaderConfig,
+            overrides,
+            build_keys=_BUILD_KEYS,
+            filled_keys=_FILLED_KEYS,
+            what="generative reader",
+        )
+        sizes = {k: opts.pop(k) for k in _BUILD_KEYS if k.startswith("t5_")}
+        cnn_hidden_sizes = opts.pop("cnn_hidden_sizes")
+        t5_backbone = opts["t5_backbone"]
+        if t5_backbone == SCRATCH:
+            if tokenizer is None:
+                raise ConfigError(
+                    "t5_backbone='scratch' needs tokenizer= (train one with "
+                    "rvqa.reader.generative_processing.train_sentencepiece_tokenizer)"
+                )
+            t5_config = scratch_t5_config(
+                len(tokenizer),
+                sizes["t5_d_model"],
+                sizes["t5_num_layers"],
+                sizes["t5_num_heads"],
+                sizes["t5_d_ff"],
+            )
+        else:
+            t5_config = _checkpoint_t5_config(t5_backbone)
+            if tokenizer is not None and len(tokenizer) > t5_config["vocab_size"]:
+                raise ConfigError(
+                    f"the tokenizer has {len(tokenizer)} tokens but {t5_backbone!r} has "
+                    f"{t5_config['vocab_size']} embeddings"
+                )
+        vision_config = vision_config_for(
+            opts["vision_backbone"],
+            vision_tower,
+            opts["image_size"],
+            opts["visual_grid"],
+            cnn_hidden_sizes,
+        )
+        model = cls(
+            GenerativeReaderConfig(t5_config=t5_config, vision_config=vision_config, **opts)
+        )
+        start_vision_tower(model.vision_model, vision_tower, opts["vision_backbone"], load_weights)
+        if load_weights and t5_backbone != SCRATCH:
+            pretrained = T5ForConditionalGeneration.from_pretrained(t5_backbone)
+            model.t5.load_state_dict(pretrained.state_dict())
+        model.freeze_vision_tower()
+        return model
+
+    # ------------------------------------------------------------------ forward
+
+    def encoder_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        pixel_values: torch.Tensor | None = None,
+        visual_features: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs_embeds (B, V+L, d_model), attention mask (B, V+L)): the projected
+        visual tokens, then the token embeddings of the text.
+
+        Raises:
+            TypeError / ValueError: Inputs of the wrong type or shape.
+        """
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.ndim != 2 or input_ids.dtype.is_floating_point:
+            raise ValueError(
+                f"input_ids must be integer token ids of shape (batch, length), got "
+                f"{input_ids.dtype} {tuple(input_ids.shape)}"
+            )
+        batch = input_ids.shape[0]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        elif tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        feats = self.visual_inputs(pixel_values, visual_features)  # (B, V, C)
+        if feats.shape[0] != batch:
+            raise ValueError(f"{feats.shape[0]} images for {batch} questions")
+        text = self.t5.get_input_embeddings()(input_ids)  # (B, L, D)
+        visual = self.visual_projection(feats.to(self.visual_projection.weight.dtype))
+        embeds = torch.cat([visual.to(text.dtype), text], dim=1)  # (B, V+L, D)
+        mask = torch.cat(  # visual tokens are never padding
+            [attention_mask.new_ones(batch, visual.shape[1]), attention_mask], dim=1
+        )
+        return embeds, mask
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        visual_features: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Seq2SeqLMOutput:
+        """T5 on the image and text (the :class:`GenerativeReaderProcessor` output).
+
+        Args:
+            input_ids: (B, L) text token ids.
+            attention_mask: (B, L) 1 for real tokens (None = all real).
+            pixel_values: (B, 3, H, W) images, or
+            visual_features: (B, V, C) precomputed :meth:`vision_features`.
+            labels: (B, T) target ids, ``-100`` at padding; the loss is T5's mean token
+                cross-entropy.
+            decoder_input_ids: Instead of ``labels`` (shifted right inside T5).
+        """
+        embeds, mask = self.encoder_inputs(input_ids, attention_mask, pixel_values, visual_features)
+        return self.t5(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            labels=labels,
+            decoder_input_ids=decoder_input_ids,
+            return_dict=True,
+        )
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate_answers(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        visual_features: torch.Tensor | None = None,
+        num_beams: int | None = None,
+        num_return_sequences: int = 1,
+        **kwargs: Any,
+    ) -> GeneratedAnswers:
+        """Generate answers: greedy (``num_beams=1``) or beam search.
+
+        Args:
+            input_ids, attention_mask, pixel_values, visual_features: As :meth:`forward`.
+            num_beams: Beam width (default: ``config.num_beams``).
+            num_return_sequences: Answers per question (the best beams; at most ``num_beams``).
+            **kwargs: Ignored batch keys (e.g. ``labels``).
+
+        Returns:
+            Sequences and their log-probabilities, per question best first (by the
+            sequence probability; beam search ranks by it too: no length penalty).
+
+        Raises:
+            UsageError: ``num_return_sequences`` above ``num_beams`` or below 1.
+        """
+        beams = self.config.num_beams if num_beams is None else int(num_beams)
+        n = int(num_return_sequences)
+        if beams < 1 or not 1 <= n <= beams:
+            raise UsageError(
+                f"num_return_sequences={n} must be between 1 and num_beams={beams} (≥ 1)"
+            )
+        embeds, mask = self.encoder_inputs(input_ids, attention_mask, pixel_values, visual_features)
+        encoded = self.t5.get_encoder()(inputs_embeds=embeds, attention_mask=mask, return_dict=True)
+        search = {"num_beams": beams, "num_return_sequences": n}
+        if beams > 1:
+            search.update(length_penalty=0.0, early_stopping=True)
+        sequences = self.t5.generate(
+            encoder_outputs=BaseModelOutput(last_hidden_state=encoded.last_hidden_state),
+            attention_mask=mask,
+            max_new_tokens=self.config.max_answer_length + 1,  # + </s>
+            do_sample=False,
+            **search,
+        )  # (B*n, T), decoder start first
+        log_probs = self.sequence_log_probs(encoded.last_hidden_state, mask, sequences, n)
+        batch = input_ids.shape[0]
+        sequences = sequences.view(batch, n, -1)
+        log_probs = log_probs.view(batch, n)
+        order = log_probs.argsort(dim=1, descending=True, stable=True)
+        return GeneratedAnswers(
+            sequences=sequences.gather(1, order[..., None].expand_as(sequences)),
+            log_probs=log_probs.gather(1, order),
+        )
+
+    def sequence_log_probs(
+        self, encoder_states: torch.Tensor, mask: torch.Tensor, sequences: torch.Tensor, n: int = 1
+    ) -> torch.Tensor:
+        """(B*n,) log-probability of generated ``sequences`` (decoder start first):
+        the sum of their tokens' log-probabilities up to and including the first
+        ``</s>``, from one teacher-forced decoder pass."""
+        labels = sequences[:, 1:].clone()
+        eos = self.t5.config.eos_token_id
+        is_eos = labels == eos
+        # Positions after the first </s> are padding.
+        after = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
+        labels[after] = IGNORE_INDEX
+        out = self.t5(
+            encoder_outputs=BaseModelOutput(
+                last_hidden_state=encoder_states.repeat_interleave(n, dim=0)
+            ),
+            attention_mask=mask.repeat_interleave(n, dim=0),
+            labels=labels,
+            return_dict=True,
+        )
+        logp = F.log_softmax(out.logits.float(), dim=-1)
+        keep = labels != IGNORE_INDEX
+        token = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+        return (token * keep).sum(dim=1)
+
+
+def _checkpoint_t5_config(name: str) -> dict:
+    """The config dict of a T5 checkpoint (a hub name or a local folder)."""
+    try:
+        cfg = AutoConfig.from_pretrained(name)
+    except OSError as err:
+        raise ConfigError(
+            f"cannot load t5_backbone {name!r}: {str(err).splitlines()[0]} (use 'scratch' "
+            "to train a small T5 from scratch, or a T5 checkpoint name or folder)"
+        ) from None
+    if cfg.model_type not in {"t5", "mt5", "umt5"}:
+        raise ConfigError(f"t5_backbone {name!r} is a {cfg.model_type!r} model, not a T5")
+    return cfg.to_dict()
+
+
+AutoModel.register(GenerativeReaderConfig, GenerativeReaderModel, exist_ok=True)

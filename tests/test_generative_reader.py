@@ -1,0 +1,475 @@
+"""The generative reader (reader.type: generative): tokenizer, model, generation scores,
+saving, training end to end, the RVQA API and ``rvqa ask`` / ``evaluate`` on its runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rvqa.data import load_image
+from rvqa.errors import ConfigError, UsageError
+from rvqa.reader.auto import load_reader, reader_type_of
+from rvqa.reader.generative import GenerativeReaderModel
+from rvqa.reader.generative_processing import (
+    SPM_FILE,
+    GenerativeReaderProcessor,
+    answer_target,
+    train_sentencepiece_tokenizer,
+)
+from rvqa.towers import small_cnn_processor
+from tests.tiny import draw_shape
+
+COLORS = ["red", "green", "blue", "yellow"]
+SHAPES = ["circle", "square"]
+TEXTS = (
+    [f"what color is the {s}?" for s in SHAPES]
+    + [f"is there a {c} shape?" for c in COLORS]
+    + [f"a {c} {s}" for c in COLORS for s in SHAPES]
+    + [f"a picture of a {c} {s}" for c in COLORS for s in SHAPES]
+    + COLORS
+    + SHAPES
+    + ["yes", "no"]
+)
+TINY_T5 = {"t5_d_model": 32, "t5_num_layers": 1, "t5_num_heads": 2, "t5_d_ff": 64}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return train_sentencepiece_tokenizer(TEXTS, tmp_path_factory.mktemp("spm"), vocab_size=64)
+
+
+def tiny_model(tokenizer, seed: int = 0, **kw) -> GenerativeReaderModel:
+    torch.manual_seed(seed)
+    opts = {
+        "vision_backbone": "cnn",
+        "cnn_hidden_sizes": [8, 16],
+        "image_size": 32,
+        "visual_grid": 2,
+        "num_beams": 3,
+        "max_answer_length": 4,
+        **TINY_T5,
+        **kw,
+    }
+    return GenerativeReaderModel.from_backbones(tokenizer=tokenizer, load_weights=False, **opts)
+
+
+def processor_for(model, tokenizer) -> GenerativeReaderProcessor:
+    return GenerativeReaderProcessor.from_config(model.config, tokenizer=tokenizer)
+
+
+QUESTIONS = ["what color is the circle?", "what color is the square?", "is there a red shape?"]
+CAPTIONS = [["a red circle", "a blue square"], ["a blue square"], []]
+IMAGES = [("red", "circle"), ("blue", "square"), ("green", "circle")]
+
+
+def batch(processor, answers=None):
+    images = [draw_shape(c, s) for c, s in IMAGES]
+    out = dict(processor(images, QUESTIONS, CAPTIONS))
+    if answers is not None:
+        out["labels"] = processor.labels(answers)
+    return out
+
+
+def overfit(model, processor, answers, steps: int = 40, lr: float = 3e-3) -> list[float]:
+    """Fit one fixed batch (dropout off: memorising, not generalising, is the point)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    b = batch(processor, answers)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(**b).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def inputs(b: dict) -> dict:
+    return {k: v for k, v in b.items() if k != "labels"}
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def test_sentencepiece_tokenizer_round_trips_and_saves(tokenizer, tmp_path):
+    # T5's special tokens at T5's ids; no <s>.
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)
+    assert tokenizer.bos_token_id is None and len(tokenizer) <= 64
+    for text in ("a picture of a blue square", "is there a red shape?", "yellow"):
+        ids = tokenizer(text).input_ids
+        assert ids[-1] == tokenizer.eos_token_id and tokenizer.unk_token_id not in ids
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    # Words seen in training are single pieces (it learnt the task's vocabulary).
+    assert tokenizer.tokenize("circle") == ["▁circle"]
+    # Deterministic: the same text and seed give the same model file.
+    a = train_sentencepiece_tokenizer(TEXTS * 3, tmp_path / "a", vocab_size=64, seed=1)
+    b = train_sentencepiece_tokenizer(TEXTS * 3, tmp_path / "b", vocab_size=64, seed=1)
+    import sentencepiece as spm
+
+    pieces = [spm.SentencePieceProcessor(model_file=str(tmp_path / d / SPM_FILE)) for d in "ab"]
+    assert [[(p.id_to_piece(i), p.get_score(i)) for i in range(len(p))] for p in pieces] == [
+        [(pieces[0].id_to_piece(i), pieces[0].get_score(i)) for i in range(len(pieces[0]))]
+    ] * 2
+    assert a.get_vocab() == b.get_vocab()
+    tokenizer.save_pretrained(tmp_path)
+    from transformers import AutoTokenizer
+
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again("a green circle?").input_ids == tokenizer("a green circle?").input_ids
+
+
+def test_tokenizer_needs_text_and_a_large_enough_vocabulary(tmp_path):
+    from rvqa.errors import DataFormatError
+
+    with pytest.raises(DataFormatError, match="no text"):
+        train_sentencepiece_tokenizer(["", "  "], tmp_path / "a")
+    with pytest.raises(ConfigError, match="spm_vocab_size=5"):
+        train_sentencepiece_tokenizer(TEXTS, tmp_path / "b", vocab_size=5)
+
+
+def test_answer_target_is_the_most_common_normalised_answer():
+    assert answer_target(["Two", "2", "two.", "three"]) == "2"
+    assert answer_target(["red", "blue", "blue", "red"]) == "red"  # tie: the first
+    assert answer_target(["a", "the"]) == "" and answer_target([]) == ""
+    with pytest.raises(TypeError, match="list of strings"):
+        answer_target("red")
+
+
+# ----------------------------------------------------------------------------- processor
+
+
+def test_processor_layout_and_caption_budget(tokenizer):
+    model = tiny_model(tokenizer, max_question_length=16, max_caption_length=4)
+    p = processor_for(model, tokenizer)
+
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    b = p(None, ["is there a red shape?"], [["a red circle", "a blue square"]])
+    want = (
+        ids("question:")
+        + ids("is there a red shape?")[:16]
+        + ids("context:")
+        + ids("a red circle")[:4]
+        + ids(";")
+        + ids("a blue square")[:4]
+        + [tokenizer.eos_token_id]
+    )
+    assert b["input_ids"][0].tolist() == want
+    assert p.decode([want]) == [
+        "question: is there a red shape? context: a red circle ; a blue square"
+    ]
+    # k = max_captions always fits (longest captions); one more may not, and says so.
+    k = p.max_captions()
+    long = "a picture of a yellow square circle"
+    assert len(ids(long)) > 4
+    full = p(None, ["what color is the circle?"], [[long] * k])
+    assert full["input_ids"].shape[1] <= p.max_input_length
+    small = GenerativeReaderProcessor(
+        tokenizer, max_question_length=8, max_caption_length=4, max_input_length=40
+    )
+    with pytest.raises(UsageError, match="max_input_length=40.*at most"):
+        small(None, ["what color is the circle?"], [[long] * (small.max_captions() + 1)])
+    with pytest.raises(ConfigError, match="max_input_length=5"):
+        GenerativeReaderProcessor(tokenizer, max_question_length=8, max_input_length=5)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def test_loss_falls_until_greedy_generation_reproduces_the_targets(tokenizer):
+    model = tiny_model(tokenizer)
+    p = processor_for(model, tokenizer)
+    answers = [["red", "red", "Red"], ["blue"], ["yes"]]
+    losses = overfit(model, p, answers)
+    assert losses[-1] < 0.05 * losses[0], losses[::10]
+    out = model.generate_answers(**inputs(batch(p)), num_beams=1)
+    assert p.decode(out.sequences[:, 0]) == ["red", "blue", "yes"]
+    assert (out.probs > 0.5).all() and (out.probs <= 1).all()
+
+
+def test_beam_scores_are_sequence_probabilities_of_a_forward_pass(tokenizer):
+    model = tiny_model(tokenizer, seed=1)
+    p = processor_for(model, tokenizer)
+    overfit(model, p, [["red"], ["blue"], ["yes"]], steps=8)  # peaked, but not one-hot
+    b = inputs(batch(p))
+    out = model.generate_answers(**b, num_return_sequences=3)
+    assert out.sequences.shape[:2] == (3, 3)
+    for i in range(3):
+        probs = out.probs[i].tolist()
+        assert probs == sorted(probs, reverse=True) and 0 < probs[-1] and sum(probs) <= 1 + 1e-5
+        for j in range(3):
+            seq = out.sequences[i, j, 1:].tolist()  # drop the decoder start
+            if tokenizer.eos_token_id in seq:  # up to the first </s>; else max_answer_length + 1
+                seq = seq[: seq.index(tokenizer.eos_token_id) + 1]
+            one = {k: v[i : i + 1] for k, v in b.items()}
+            loss = model(**one, labels=torch.tensor([seq])).loss  # mean token cross-entropy
+            want = torch.exp(-loss * len(seq)).item()
+            assert out.probs[i, j].item() == pytest.approx(want, rel=1e-4, abs=1e-7)
+    # Greedy's answer is beam search's first when the model is this sure.
+    greedy = model.generate_answers(**b, num_beams=1)
+    assert p.decode(greedy.sequences[:, 0]) == p.decode(out.sequences[:, 0])
+    with pytest.raises(UsageError, match="num_return_sequences=4.*num_beams=3"):
+        model.generate_answers(**b, num_return_sequences=4)
+
+
+def test_save_and_load_give_identical_generations(tokenizer, tmp_path):
+    model = tiny_model(tokenizer)
+    p = processor_for(model, tokenizer)
+    overfit(model, p, [["green"], ["square"], ["no"]], steps=10)
+    model.save_pretrained(tmp_path)
+    p.save_pretrained(tmp_path)
+    assert reader_type_of(tmp_path) == "generative"
+    loaded, lp = load_reader(tmp_path)
+    assert isinstance(loaded, GenerativeReaderModel) and isinstance(lp, GenerativeReaderProcessor)
+    assert lp.max_input_length == p.max_input_length and lp.max_captions() == p.max_captions()
+    b = inputs(batch(p))
+    assert torch.equal(lp(None, QUESTIONS, CAPTIONS)["input_ids"], b["input_ids"])
+    want = model.generate_answers(**b, num_return_sequences=2)
+    got = loaded.eval().generate_answers(**b, num_return_sequences=2)
+    assert torch.equal(got.sequences, want.sequences)
+    torch.testing.assert_close(got.log_probs, want.log_probs)
+    assert lp.decode(got.sequences[:, 0]) == p.decode(want.sequences[:, 0])
+    # The classifier's loader refuses the folder, naming the way to load it.
+    from rvqa.reader.processing import ReaderProcessor
+
+    with pytest.raises(ConfigError, match="generative.*load_reader"):
+        ReaderProcessor.from_pretrained(tmp_path)
+
+
+def test_checkpoint_backbone_loads_its_weights_and_tokenizer(tokenizer, tmp_path):
+    """t5_backbone = a T5 checkpoint folder (a tiny random one here, never the hub)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(3)
+    cfg = T5Config(
+        vocab_size=len(tokenizer) + 4,
+        d_model=16,
+        d_kv=8,
+        d_ff=32,
+        num_layers=1,
+        num_heads=2,
+        decoder_start_token_id=0,
+        tie_word_embeddings=False,
+    )
+    ckpt = tmp_path / "tiny-t5"
+    T5ForConditionalGeneration(cfg).save_pretrained(ckpt)
+    tokenizer.save_pretrained(ckpt)
+    model = GenerativeReaderModel.from_backbones(
+        t5_backbone=str(ckpt), vision_backbone="cnn", cnn_hidden_sizes=[8, 16], image_size=32
+    )
+    saved = T5ForConditionalGeneration.from_pretrained(ckpt).state_dict()
+    for name, tensor in model.t5.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
+    assert model.config.t5_config["d_model"] == 16  # the checkpoint's sizes, not t5_d_model
+    p = GenerativeReaderProcessor.from_config(model.config)  # the checkpoint's tokenizer
+    assert p.tokenizer("a red circle").input_ids == tokenizer("a red circle").input_ids
+    out = model.eval().generate_answers(**inputs(batch(p)), num_return_sequences=2)
+    assert out.probs.shape == (3, 2) and ((out.probs > 0) & (out.probs <= 1)).all()
+    with pytest.raises(ConfigError, match="cannot load t5_backbone"):
+        GenerativeReaderModel.from_backbones(
+            t5_backbone=str(ckpt / "missing"), vision_backbone="cnn"
+        )
+    with pytest.raises(ConfigError, match="scratch.*tokenizer"):
+        GenerativeReaderModel.from_backbones(vision_backbone="cnn")
+
+
+# ----------------------------------------------------------------------------- a whole run
+
+
+def _generative_overrides() -> dict:
+    return {
+        "reader.type": "generative",
+        "reader.num_beams": 2,
+        "reader.max_answer_length": 4,
+        "reader.max_input_length": 64,
+        "reader.spm_vocab_size": 120,
+        "reader.learning_rate": 3e-3,
+        "reader.max_steps": 4,
+        **{f"reader.{k}": v for k, v in TINY_T5.items()},
+    }
+
+
+@pytest.fixture(scope="module")
+def generative_run(tmp_path_factory):
+    """A tiny easy-vqa run whose reader is generative (scratch T5 + SentencePiece)."""
+    from tests.tiny import build_tiny_run
+
+    root = tmp_path_factory.mktemp("generative")
+    return build_tiny_run(root, **_generative_overrides())
+
+
+def test_train_reader_writes_a_loadable_generative_run(generative_run):
+    run = json.loads((generative_run / "rvqa_run.json").read_text())
+    model_dir = generative_run / run["reader"]
+    assert json.loads((model_dir / "config.json").read_text())["model_type"] == (
+        "rvqa-generative-reader"
+    )
+    for f in ("model.safetensors", "tokenizer.json", SPM_FILE, "reader_processor.json"):
+        assert (model_dir / f).is_file(), f
+    result = json.loads((generative_run / "reader" / "train_result.json").read_text())
+    assert result["steps"] == 4 and result["metric"] == "accuracy"
+    assert 0 <= result["best_metric"] <= 100 and result["history"]
+
+
+@pytest.fixture(scope="module")
+def rvqa_model(generative_run):
+    from rvqa import RVQA
+
+    return RVQA.from_pretrained(generative_run, device="cpu")
+
+
+def test_rvqa_answers_with_sequence_probability_and_evidence(rvqa_model):
+    import easy_vqa
+
+    image = easy_vqa.get_test_image_paths()[0]
+    model = rvqa_model
+    assert model.generative and model.answers is None
+    out = model.answer(image, "what color is the shape?", num_alternatives=1)
+    assert isinstance(out.answer, str) and 0 < out.score <= 1
+    assert len(out.evidence) == 2 and all(e.text for e in out.evidence)
+    assert len(out.alternatives) <= 1  # num_beams = 2: at most one other beam
+    assert all(0 < s <= out.score for _, s in out.alternatives)
+    assert out.empty == (out.answer == "")
+    # Same as the reader's own generation on the same inputs.
+    p = model.processor
+    b = p(None, [out.question], [[e.text for e in out.evidence]])
+    pixels = p.image_processor(images=[load_image(image)], return_tensors="pt")["pixel_values"]
+    gen = model.reader.generate_answers(**b, pixel_values=pixels, num_beams=2)
+    assert p.decode(gen.sequences[:, 0]) == [out.answer]
+    assert gen.probs[0, 0].item() == pytest.approx(out.score, rel=1e-4)
+    # Swapping indices: the evidence follows the index.
+    ev = model.retrieve([image], top_k=1)
+    assert len(ev[0]) == 1
+    none = model.answer(image, "what color is the shape?", index=None)
+    assert none.evidence == [] and 0 < none.score <= 1
+
+
+def test_top_k_beyond_the_input_length_is_refused(rvqa_model):
+    import easy_vqa
+
+    model = rvqa_model
+    k = model.max_top_k
+    assert k == model.processor.max_captions() and k >= 2
+    image = easy_vqa.get_test_image_paths()[0]
+    with pytest.raises(UsageError, match=rf"top_k={k + 1} .*max_input_length=64"):
+        model.answer(image, "what color is the shape?", top_k=k + 1)
+
+
+def test_training_refuses_a_top_k_that_does_not_fit(tmp_path):
+    from rvqa.reader.train import build_reader
+    from tests.tiny import tiny_run_config
+
+    cfg = tiny_run_config(
+        tmp_path,
+        **{**_generative_overrides(), "reader.top_k": 50, "reader.vision_backbone": "cnn"},
+    )
+    tok = train_sentencepiece_tokenizer(TEXTS, tmp_path / "spm", vocab_size=64)
+    with pytest.raises(ConfigError, match="reader.top_k=50 .*max_input_length=64"):
+        build_reader(cfg, None, tokenizer=tok)
+
+
+def test_empty_generation_is_reported(rvqa_model, tokenizer, caplog):
+    """A reader that learnt to answer nothing: "" with its probability, flagged everywhere."""
+    import copy
+
+    import easy_vqa
+
+    from rvqa.cli import _format_answer
+
+    model = copy.copy(rvqa_model)  # the module's model stays as trained
+    model.reader = copy.deepcopy(rvqa_model.reader)
+    p = model.processor
+    image = easy_vqa.get_test_image_paths()[0]
+    question = "what color is the shape?"
+    pixels = p.image_processor(images=[load_image(image)], return_tensors="pt")["pixel_values"]
+    b = {**p(None, [question]), "pixel_values": pixels, "labels": p.labels([["a", "the"]])}
+    assert b["labels"].tolist() == [[p.eos_id]]  # answers that normalise to nothing
+    opt = torch.optim.AdamW(model.reader.parameters(), lr=1e-2)
+    model.reader.train()
+    for _ in range(30):
+        loss = model.reader(**b).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.reader.eval()
+    with caplog.at_level("WARNING"):
+        out = model.answer(image, question, index=None)
+    assert out.answer == "" and out.empty and 0 < out.score <= 1
+    assert "empty answer" in caplog.text
+    assert out.to_dict()["empty"] is True and out.to_dict()["answer"] == ""
+    assert "(empty answer" in _format_answer(out, retrieval=False)
+
+
+def test_cli_ask_and_evaluate_on_a_generative_run(generative_run, rvqa_model, tmp_path, capsys):
+    import easy_vqa
+
+    from rvqa.cli import main
+
+    image = easy_vqa.get_test_image_paths()[0]
+    capsys.readouterr()
+    assert main(["ask", "--model", str(generative_run), "--image", image,
+                 "--question", "what color is the shape?", "--json", "--device", "cpu"]) == 0  # fmt: skip
+    data = json.loads(capsys.readouterr().out)
+    want = rvqa_model.answer(image, "what color is the shape?")
+    assert data["answer"] == want.answer and data["empty"] is want.empty
+    assert data["score"] == pytest.approx(want.score, rel=1e-4)
+
+    from rvqa.config import load_config
+    from rvqa.data import load_vqa
+    from rvqa.evaluation import evaluate_run
+    from rvqa.metrics import evaluate_vqa
+
+    records = list(load_vqa(load_config(None).data, "test"))[:12]
+    run = evaluate_run(rvqa_model, records, out_dir=tmp_path, show_progress=False)
+    preds = json.loads((tmp_path / "predictions.json").read_text())
+    assert len(preds) == 12 and all(isinstance(p["answer"], str) for p in preds)
+    assert preds[0]["answer"] == rvqa_model.answer(records[0].image, records[0].question).answer
+    assert run.accuracy.overall == evaluate_vqa(preds, records).overall
+
+
+def test_generative_run_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """The shared loop's resume: the tokenizer is reused and the losses continue exactly."""
+    from rvqa.indexing import build_index_from_config
+    from rvqa.reader.train import train_reader
+    from rvqa.retriever.train import train_retriever
+    from rvqa.run_layout import retriever_dir
+    from tests.tiny import interrupted_after_checkpoint, tiny_run_config
+
+    kw = {**_generative_overrides(), "reader.checkpoint_every": 2, "reader.eval_every": 0}
+    cfg = tiny_run_config(tmp_path, **kw)
+    train_retriever(cfg)
+    build_index_from_config(cfg)
+    full = train_reader(cfg)["result"]
+    # The interrupted run: another folder, the same retriever (linked).
+    other = tiny_run_config(tmp_path, **kw)
+    other.output_dir = str(tmp_path / "b")
+    src = retriever_dir(cfg.output_dir)
+    (tmp_path / "b" / "retriever").mkdir(parents=True)
+    (tmp_path / "b" / "retriever" / src.name).symlink_to(src, target_is_directory=True)
+    with interrupted_after_checkpoint(monkeypatch, 2):
+        train_reader(other)
+    spm_file = tmp_path / "b" / "reader" / "tokenizer" / SPM_FILE
+    spm_bytes = spm_file.read_bytes()
+    resumed = train_reader(other, resume=True)["result"]
+    assert resumed.resumed_from_step == 2 and resumed.steps == 4
+    assert resumed.losses == pytest.approx(full.losses[2:], rel=1e-5, abs=1e-6)
+    assert spm_file.read_bytes() == spm_bytes  # reused, not retrained
+
+
+def test_processor_for_the_scratch_backbone_needs_the_tokenizer(tokenizer):
+    model = tiny_model(tokenizer)
+    with pytest.raises(ConfigError, match="scratch.*tokenizer="):
+        GenerativeReaderProcessor.from_config(model.config)
+    p = GenerativeReaderProcessor.from_config(
+        model.config, tokenizer=tokenizer, image_processor=small_cnn_processor(32)
+    )
+    assert p.max_question_length == model.config.max_question_length
