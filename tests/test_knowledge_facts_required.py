@@ -26,14 +26,15 @@ def _facts():
 
 
 def test_an_index_of_facts_passes():
-    check_index_facts(_Index(_facts() * 100), "index 'knowledge-A'")  # 7,200 rows, 2 chunks
+    assert len(_facts()) == 24  # one fact card per emblem
+    check_index_facts(_Index(_facts() * 200), "index 'knowledge-A'")  # 4,800 rows, 2 chunks
 
 
 def test_a_caption_that_is_not_a_fact_is_named_with_its_row():
-    texts = _facts() * 100
-    texts[5000] = "a red circle"
+    texts = _facts() * 200
+    texts[4500] = "a red circle"
     with pytest.raises(KnowledgeTaskError) as err:
         check_index_facts(_Index(texts), "index 'easyvqa-captions'")
     msg = str(err.value)
-    assert "index 'easyvqa-captions'" in msg and "row 5000" in msg and "'a red circle'" in msg
+    assert "index 'easyvqa-captions'" in msg and "row 4500" in msg and "'a red circle'" in msg
     assert "data.require_facts" in msg

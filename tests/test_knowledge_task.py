@@ -25,6 +25,7 @@ from rvqa.data.knowledge import (
     SHAPES,
     TEST_IMAGE_ID_OFFSET,
     Emblem,
+    Fact,
     augment_assignment_numbers,
     check_facts,
     emblem_facts,
@@ -58,11 +59,12 @@ def _files(root: Path) -> dict[str, bytes]:
     }
 
 
-def _facts_file(path: Path) -> dict[tuple[Emblem, str], tuple[str, str]]:
-    """(emblem, kind) -> (name, value) from a facts JSONL file, via parse_fact."""
+def _facts_file(path: Path) -> dict[Emblem, Fact]:
+    """emblem -> its parsed fact card, from a facts JSONL file (one card per emblem)."""
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     facts = check_facts([line["caption"] for line in lines], str(path))
-    return {(f.emblem, f.kind): (f.name, f.value) for f in facts}
+    assert len({f.emblem for f in facts}) == len(facts)
+    return {f.emblem: f for f in facts}
 
 
 def _emblem_of_images() -> dict[int, Emblem]:
@@ -156,19 +158,21 @@ def test_augmentation_assignments():
 # --------------------------------------------------------------------------- facts
 
 
-def test_parse_fact_inverts_every_template():
+def test_parse_fact_inverts_the_fact_card():
     a = knowledge_assignment(7)
+    assert a.facts() == [emblem_facts(e) for e in a.entities]
     for e in a.entities:
-        for kind, text in zip(FACT_KINDS, emblem_facts(e)):
-            assert str(e.emblem) in text  # each fact names its emblem
-            fact = parse_fact(text)
-            assert (fact.emblem, fact.kind, fact.name, fact.value) == (
-                e.emblem,
-                kind,
-                e.name,
-                e.value(kind),
-            )
-    assert len(check_facts(a.facts(), "assignment 7", assignment=a)) == 72
+        text = emblem_facts(e)
+        assert text == (
+            f"the {e.emblem} is the emblem of {e.name}, which trades in {e.good} "
+            f"and is based in {e.city}."
+        )  # one card: the emblem and all three answers
+        fact = parse_fact(text)
+        assert fact == Fact(e.emblem, e.name, e.good, e.city)
+        assert [fact.value(k) for k in FACT_KINDS] == [e.value(k) for k in FACT_KINDS]
+    assert len(check_facts(a.facts(), "assignment 7", assignment=a)) == 24
+    with pytest.raises(KnowledgeTaskError, match="'colour'"):
+        parse_fact(a.facts()[0]).value("colour")
 
 
 def test_check_facts_names_the_first_text_that_is_not_a_fact():
@@ -178,12 +182,27 @@ def test_check_facts_names_the_first_text_that_is_not_a_fact():
     msg = str(err.value)
     assert "indices/easyvqa-captions" in msg and "text 1" in msg and "'a blue circle'" in msg
     with pytest.raises(KnowledgeTaskError, match="purple"):
-        parse_fact("the purple circle is the emblem of kavelo.")
+        parse_fact(
+            "the purple circle is the emblem of kavelo, which trades in salt and is based in meseport."
+        )
+    # the old one-fact-per-kind sentences are not facts any more
+    with pytest.raises(KnowledgeTaskError, match="which trades in"):
+        parse_fact("the red circle is the emblem of kavelo.")
+    with pytest.raises(TypeError, match="string"):
+        parse_fact(7)
     # a well-formed fact of another assignment is not a fact of this one
     other = knowledge_assignment(1).facts()[4]
     with pytest.raises(KnowledgeTaskError, match="not a fact of assignment 0") as err:
         check_facts([facts[0], other], "facts/B.jsonl", assignment=knowledge_assignment(0))
     assert repr(other) in str(err.value)
+    # a card right in its name and city but wrong in its good is named, with the true card
+    a0 = knowledge_assignment(0).entities[0]
+    wrong_good = facts[0].replace(f" in {a0.good} ", " in saltpeter ")
+    with pytest.raises(KnowledgeTaskError) as err:
+        check_facts([wrong_good], "facts/A.jsonl", assignment=knowledge_assignment(0))
+    msg = str(err.value)
+    assert "text 0" in msg and repr(wrong_good) in msg and "wrong good" in msg
+    assert repr(facts[0]) in msg
 
 
 def test_shuffled_control_leaves_no_emblem_its_true_value():
@@ -243,8 +262,8 @@ def test_official_loader_reads_every_split_with_answers_of_its_assignment(task):
             assert len(r.answers) == NUM_HUMAN_ANSWERS and len(set(r.answers)) == 1
             assert r.answer_type == "other"
             kind = KIND_OF_TYPE[r.question_type]
-            name, value = facts[role][(emblem_of[r.image_id], kind)]
-            assert r.answers[0] == r.multiple_choice_answer == value
+            card = facts[role][emblem_of[r.image_id]]  # one card answers every question
+            assert r.answers[0] == r.multiple_choice_answer == card.value(kind)
         for path in {r.image for r in ds}:
             assert path.endswith(".jpg") and os.path.isfile(path)
         img = load_image(ds[0].image)
@@ -285,7 +304,7 @@ def test_generated_run_config_reads_the_task(task):
     assert [r.caption for r in facts] == knowledge_assignment(0).facts()
     assert all(r.image is None for r in facts)
     pairs = load_captions(cfg.retriever.captions)
-    assert len(pairs) == 3 * N_TRAIN == manifest["num_retriever_captions"]
+    assert len(pairs) == N_TRAIN == manifest["num_retriever_captions"]  # one card per image
     assert all(os.path.isfile(r.image) for r in pairs)
 
 
@@ -295,9 +314,10 @@ def test_jsonl_caption_source_reads_every_fact_file(task):
         corpus = load_captions(
             CaptionDataConfig(source="jsonl", path=str(root / f"facts/{label}.jsonl"))
         )
-        assert len(corpus) == 72 == manifest["num_facts"][label]
+        assert len(corpus) == 24 == manifest["num_facts"][label]
         parsed = check_facts([r.caption for r in corpus], label)
-        assert {f.emblem for f in parsed} == set(EMBLEMS)
+        assert [f.emblem for f in parsed] == list(EMBLEMS)  # one card per emblem
+        assert [r.caption_id for r in corpus] == [f"{label}-{e.color}-{e.shape}" for e in EMBLEMS]
     check_facts(
         [
             r.caption
@@ -314,12 +334,17 @@ def test_shuffled_fact_file_is_wrong_for_every_emblem(task):
     root, _ = task
     true = knowledge_assignment(0)
     shuffled = _facts_file(root / "facts/A-shuffled.jsonl")
+    assert sorted(shuffled) == list(EMBLEMS)
+    owners = {e.name: e for e in true.entities}
     for e in true.entities:
+        card = shuffled[e.emblem]
         for kind in FACT_KINDS:
-            assert shuffled[(e.emblem, kind)][1] != e.value(kind)
+            assert card.value(kind) != e.value(kind)
+        moved = owners[card.name]  # a whole entity of A, moved from another emblem
+        assert moved.emblem != e.emblem and (card.good, card.city) == (moved.good, moved.city)
 
 
-def test_retriever_captions_are_the_image_emblems_facts_under_augmentation_assignments(task):
+def test_retriever_captions_are_the_image_emblems_cards_under_augmentation_assignments(task):
     root, manifest = task
     augment = manifest["augment_assignments"]
     assert augment == [2, 3, 4, 5, 6]
@@ -329,6 +354,7 @@ def test_retriever_captions_are_the_image_emblems_facts_under_augmentation_assig
     rows = [
         json.loads(line) for line in (root / "retriever_captions.jsonl").read_text().splitlines()
     ]
+    assert len(rows) == len({row["image_id"] for row in rows}) == N_TRAIN  # one card per image
     used = set()
     for row in rows:
         fact = parse_fact(row["caption"])

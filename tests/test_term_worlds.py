@@ -21,10 +21,10 @@ TABLES = [
 def test_rewrite_is_whole_word_longest_first_and_simultaneous():
     w = TermWorlds(TABLES)
     assert len(w) == 3  # the base (identity) + 2
-    text = "vardelo, owner of the red circle emblem, trades in salt. vardelos saltpeter port lume"
+    text = "the red circle is the emblem of vardelo, which trades in salt. vardelos saltpeter port lume"
     assert w.rewrite(text, 0) == text
     assert w.rewrite(text, 1) == (
-        "miskaro, owner of the red circle emblem, trades in tin. vardelos saltpeter oskar"
+        "the red circle is the emblem of miskaro, which trades in tin. vardelos saltpeter oskar"
     )
     # a swap a <-> b happens in one pass, not a -> b -> a
     assert w.rewrite("vardelo trades in salt", 2) == "salt trades in vardelo"

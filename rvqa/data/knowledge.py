@@ -5,10 +5,12 @@ colours: 24 *emblems*. An *assignment* ``k`` maps every emblem to an invented
 entity — a name, the good it trades in and the city it is based in — and the
 task's questions ask about that entity ("whose emblem is this?", "what does the
 owner of this emblem trade in?", "where is the owner of this emblem based?").
-The image shows only the emblem; the answer is in the facts of the assignment
-("the red circle is the emblem of kavelo.", ...), so a reader can only answer
-from retrieved facts, and swapping the fact corpus for another assignment's
-(``test_B``) must swap its answers.
+The image shows only the emblem; the answer is in the assignment's facts, one
+*fact card* per emblem ("the red circle is the emblem of kavelo, which trades in
+salt and is based in meseport."), so a reader can only answer from retrieved
+facts — one retrieved card answers all three questions, the one hop (emblem →
+name) and the two hops (emblem → owner → good or city) — and swapping the fact
+corpus for another assignment's (``test_B``) must swap its answers.
 
 :func:`make_knowledge_task` writes a self-contained task folder: JPEG images with
 official COCO names, official-format questions and annotations (read unchanged
@@ -80,7 +82,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 """Bumped whenever the same options would give different files."""
 
 COLORS = ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow")
@@ -102,7 +104,8 @@ GOODS = (
 """What entities trade in: single lowercase words; each assignment draws 24 distinct ones."""
 
 FACT_KINDS = ("name", "good", "city")
-"""The three facts of an emblem, in file order: its owner's name, good and city."""
+"""What an emblem's fact card states about its owner, in card order: name, good, city
+(each asked by one of :data:`KNOWLEDGE_QUESTIONS`)."""
 
 TEST_IMAGE_ID_OFFSET = 100_000
 """Added to easy-vqa's test image ids (which repeat its train ids) in the task."""
@@ -110,8 +113,8 @@ TEST_IMAGE_ID_OFFSET = 100_000
 DEFAULT_AUGMENT_ASSIGNMENTS = 40
 """Augmentation assignments by default: the first 40 numbers that are neither A nor B."""
 
-READER_CAPTION_LENGTH = 22
-"""MiniLM (all-MiniLM-L6-v2 WordPiece) tokens of the longest fact of any assignment,
+READER_CAPTION_LENGTH = 28
+"""MiniLM (all-MiniLM-L6-v2 WordPiece) tokens of the longest fact card of any assignment,
 without special tokens: the reader's ``max_caption_length`` for the task (measured
 over every assignment by ``tests/test_knowledge_task.py``)."""
 
@@ -179,8 +182,8 @@ class Assignment:
         )
 
     def facts(self) -> list[str]:
-        """Every fact of the assignment: 3 per emblem (:data:`FACT_KINDS` order), emblem order."""
-        return [text for e in self.entities for text in emblem_facts(e)]
+        """Every fact of the assignment: one card per emblem (:func:`emblem_facts`), emblem order."""
+        return [emblem_facts(e) for e in self.entities]
 
     def terms(self) -> list[str]:
         """Every name, good and city of the assignment (emblem order, then kind)."""
@@ -202,15 +205,18 @@ class Assignment:
 
 @dataclass(frozen=True)
 class Fact:
-    """A parsed fact: which emblem, which kind, the owner's name and the stated value.
-
-    For ``kind == "name"``, ``value`` is the name too.
-    """
+    """A parsed fact card: the emblem and what it states of its owner (name, good, city)."""
 
     emblem: Emblem
-    kind: str
     name: str
-    value: str
+    good: str
+    city: str
+
+    def value(self, kind: str) -> str:
+        """The stated ``"name"``, ``"good"`` or ``"city"``."""
+        if kind not in FACT_KINDS:
+            raise KnowledgeTaskError(f"unknown fact kind {kind!r}; known: {', '.join(FACT_KINDS)}")
+        return getattr(self, kind)
 
 
 @dataclass(frozen=True)
@@ -299,7 +305,7 @@ def shuffled_assignment(assignment: Assignment, seed: int = 0) -> Assignment:
 
     A random derangement (seeded by ``seed``) of the entities over the emblems, so
     that every emblem's name, good and city are another emblem's (within an
-    assignment they are all distinct, so every fact of every emblem is wrong).
+    assignment they are all distinct, so every part of every fact card is wrong).
     The result keeps ``assignment``'s number.
     """
     rng = random.Random(f"rvqa-knowledge-shuffle-{assignment.number}-{seed}")
@@ -363,35 +369,37 @@ def augment_assignment_numbers(
 
 # --------------------------------------------------------------------------- facts
 
-_NAME_FACT = "the {color} {shape} is the emblem of {name}."
-_GOOD_FACT = "{name}, owner of the {color} {shape} emblem, trades in {good}."
-_CITY_FACT = "{name}, owner of the {color} {shape} emblem, is based in {city}."
+_CARD = (
+    "the {color} {shape} is the emblem of {name}, which trades in {good} and is based in {city}."
+)
 
 _WORD = r"([a-z]+)"
 _COLOR_RE = "(" + "|".join(COLORS) + ")"
 _SHAPE_RE = "(" + "|".join(SHAPES) + ")"
-_FACT_RES = (
-    ("name", re.compile(rf"the {_COLOR_RE} {_SHAPE_RE} is the emblem of {_WORD}\.")),
-    ("good", re.compile(rf"{_WORD}, owner of the {_COLOR_RE} {_SHAPE_RE} emblem, trades in {_WORD}\.")),
-    ("city", re.compile(rf"{_WORD}, owner of the {_COLOR_RE} {_SHAPE_RE} emblem, is based in {_WORD}\.")),
-)  # fmt: skip
+_CARD_RE = re.compile(
+    rf"the {_COLOR_RE} {_SHAPE_RE} is the emblem of {_WORD}, which trades in {_WORD} "
+    rf"and is based in {_WORD}\."
+)
 
 
-def emblem_facts(entity: Entity) -> tuple[str, str, str]:
-    """The 3 facts of an entity (:data:`FACT_KINDS` order); each names the emblem, so
-    that a query made from the image alone can retrieve it."""
-    fields = {
-        "color": entity.emblem.color,
-        "shape": entity.emblem.shape,
-        "name": entity.name,
-        "good": entity.good,
-        "city": entity.city,
-    }
-    return (_NAME_FACT.format(**fields), _GOOD_FACT.format(**fields), _CITY_FACT.format(**fields))
+def emblem_facts(entity: Entity) -> str:
+    """The fact card of an entity: one sentence naming its emblem, name, good and city.
+
+    It names the emblem, so that a query made from the image alone retrieves it, and
+    it holds all three answers, so that one retrieved card answers the one-hop
+    question (emblem → name) and both two-hop ones (emblem → owner → good, city).
+    """
+    return _CARD.format(
+        color=entity.emblem.color,
+        shape=entity.emblem.shape,
+        name=entity.name,
+        good=entity.good,
+        city=entity.city,
+    )
 
 
 def parse_fact(text: str) -> Fact:
-    """The inverse of the fact templates.
+    """The inverse of :func:`emblem_facts`: a fact card's emblem, name, good and city.
 
     Raises:
         KnowledgeTaskError: (a ``ValueError``) ``text`` is not a fact of the task
@@ -400,16 +408,11 @@ def parse_fact(text: str) -> Fact:
     """
     if not isinstance(text, str):
         raise TypeError(f"a fact must be a string, got {type(text).__name__} {text!r}")
-    for kind, pattern in _FACT_RES:
-        m = pattern.fullmatch(text)
-        if m is None:
-            continue
-        if kind == "name":
-            color, shape, name = m.groups()
-            return Fact(Emblem(color, shape), kind, name, name)
-        name, color, shape, value = m.groups()
-        return Fact(Emblem(color, shape), kind, name, value)
-    example = emblem_facts(knowledge_assignment(0).entities[0])[1]
+    m = _CARD_RE.fullmatch(text)
+    if m is not None:
+        color, shape, name, good, city = m.groups()
+        return Fact(Emblem(color, shape), name, good, city)
+    example = emblem_facts(knowledge_assignment(0).entities[0])
     raise KnowledgeTaskError(
         f"{text!r} is not a fact of the knowledge task (facts read e.g. {example!r})"
     )
@@ -423,7 +426,8 @@ def check_facts(
     Args:
         texts: Fact texts, e.g. a knowledge index's captions.
         where: What holds them, for the message (e.g. the index folder).
-        assignment: When given, each fact must also be true under it.
+        assignment: When given, each fact must also be true under it (name, good
+            and city of its emblem's owner).
 
     Returns:
         The parsed facts, in order.
@@ -441,18 +445,19 @@ def check_facts(
             raise KnowledgeTaskError(f"{where}: text {i}: {err}") from None
         if assignment is not None:
             entity = assignment.entity(fact.emblem)
-            if fact.name != entity.name or fact.value != entity.value(fact.kind):
+            wrong = [k for k in FACT_KINDS if fact.value(k) != entity.value(k)]
+            if wrong:
                 raise KnowledgeTaskError(
                     f"{where}: text {i} {text!r} is not a fact of assignment "
-                    f"{assignment.number} (there the {fact.emblem} belongs to {entity.name}: "
-                    f"{emblem_facts(entity)[FACT_KINDS.index(fact.kind)]!r})"
+                    f"{assignment.number} (wrong {', '.join(wrong)}; there the card of "
+                    f"the {fact.emblem} reads {emblem_facts(entity)!r})"
                 )
         out.append(fact)
     return out
 
 
 def check_index_facts(index: Any, where: str) -> None:
-    """Every caption of a knowledge index must parse as a fact of the task.
+    """Every caption of a knowledge index must parse as a fact card of the task.
 
     ``index`` is anything with ``len`` and ``lookup(rows) -> (ids, texts)`` (a
     :class:`~rvqa.retriever.index.KnowledgeIndex`), read in chunks.
@@ -576,9 +581,8 @@ def _annotations_json(subtype: str, images: list[_TaskImage], assignment: Assign
 
 def _fact_lines(assignment: Assignment, label: str) -> list[dict]:
     return [
-        {"caption": text, "id": f"{label}-{e.emblem.color}-{e.emblem.shape}-{kind}"}
+        {"caption": emblem_facts(e), "id": f"{label}-{e.emblem.color}-{e.emblem.shape}"}
         for e in assignment.entities
-        for kind, text in zip(FACT_KINDS, emblem_facts(e))
     ]
 
 
@@ -623,7 +627,7 @@ def knowledge_run_config(root: str, output_dir: str = "runs/knowledge") -> dict:
     Data source ``vqa`` with the splits ``train`` (assignment A), ``test`` (held-out
     images, A) and ``test_B`` (the same questions, answers of B); the index of A's
     facts (``knowledge-A``); the retriever trained on ``retriever_captions.jsonl``;
-    the reader with ``top_k`` 3 and a caption budget that fits every fact.
+    the reader with ``top_k`` 3 and a caption budget that fits every fact card.
 
     Args:
         root: The task folder as the config names it (absolute, or relative to the
@@ -712,9 +716,10 @@ def make_knowledge_task(
       ``OpenEnded_knowledge_test_questions.json`` + ``knowledge_test_A_annotations.json``
       (A) and ``knowledge_test_B_annotations.json`` (the same questions under B).
     * ``facts/A.jsonl``, ``facts/B.jsonl``, ``facts/A-shuffled.jsonl`` (A's
-      entities deranged over the emblems: every fact wrong): ``{"caption", "id"}``
-      lines for the ``jsonl`` caption source.
-    * ``retriever_captions.jsonl``: each train image's 3 facts, each under a random
+      entities deranged over the emblems: every card wrong): 24 fact cards each
+      (:func:`emblem_facts`), ``{"caption", "id"}`` lines (ids ``A-red-circle``...)
+      for the ``jsonl`` caption source.
+    * ``retriever_captions.jsonl``: each train image's fact card under a random
       augmentation assignment (``caption``, ``id``, ``image_id``, ``image`` relative
       to ``out_dir``); never B's terms.
     * ``worlds.json``: ``{"base": A, "worlds": {"<k>": {A's term: k's term}}}`` for
@@ -780,17 +785,15 @@ def make_knowledge_task(
     rng = random.Random(f"rvqa-knowledge-retriever-{seed}")
     retriever_rows = []
     for im in images[_TRAIN]:
-        for kind_index, kind in enumerate(FACT_KINDS):
-            k = rng.choice(augment)
-            text = emblem_facts(knowledge_assignment(k).entity(im.emblem))[kind_index]
-            retriever_rows.append(
-                {
-                    "caption": text,
-                    "id": f"{im.image_id}-{kind}",
-                    "image_id": im.image_id,
-                    "image": _image_name(_TRAIN, im.image_id),
-                }
-            )
+        k = rng.choice(augment)
+        retriever_rows.append(
+            {
+                "caption": emblem_facts(knowledge_assignment(k).entity(im.emblem)),
+                "id": str(im.image_id),
+                "image_id": im.image_id,
+                "image": _image_name(_TRAIN, im.image_id),
+            }
+        )
     worlds = {str(k): _world(A, knowledge_assignment(k)) for k in augment}
 
     splits_info = {}
