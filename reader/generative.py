@@ -80,8 +80,11 @@ class GeneratedAnswers:
 def scratch_t5_config(
     vocab_size: int, d_model: int, num_layers: int, num_heads: int, d_ff: int
 ) -> dict:
-    """The config dict of a small T5 trained from scratch (T5 v1.1 style: gated GELU,
-    untied output layer; ``<pad>`` 0 = decoder start, ``</s>`` 1)."""
+    """The config dict of a small T5 trained from scratch: gated GELU (T5 v1.1) with the
+    output layer tied to the token embeddings (T5 v1.0; ``<pad>`` 0 = decoder start,
+    ``</s>`` 1). Tied, the initial logits are O(1) (v1.1's untied layer starts with a
+    loss near 50), and the decoder's output space is the input's embedding space, which
+    copying a name from the evidence needs."""
     if d_model % num_heads:
         raise ConfigError(f"t5_d_model={d_model} is not a multiple of t5_num_heads={num_heads}")
     return T5Config(
@@ -93,7 +96,7 @@ def scratch_t5_config(
         num_decoder_layers=num_layers,
         num_heads=num_heads,
         feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
+        tie_word_embeddings=True,
         pad_token_id=0,
         eos_token_id=1,
         decoder_start_token_id=0,

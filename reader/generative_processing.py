@@ -8,7 +8,7 @@ whole text may not pass ``max_input_length`` (:meth:`GenerativeReaderProcessor.m
 says how many captions always fit). The target is the record's most common
 answer after the official normalisation (:func:`answer_target`), ``</s>``-ended.
 
-With ``t5_backbone: scratch`` the tokenizer is a SentencePiece unigram model trained
+With ``t5_backbone: scratch`` the tokenizer is a SentencePiece BPE model trained
 on the task's text by :func:`train_sentencepiece_tokenizer` (T5's special tokens:
 ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2), loaded as the ``transformers`` T5 tokenizer
 and saved with the model.
@@ -58,7 +58,7 @@ def train_sentencepiece_tokenizer(
     max_sentences: int = 2_000_000,
     seed: int = 0,
 ) -> Any:
-    """Train a SentencePiece unigram model on ``texts`` into ``folder/spiece.model`` and
+    """Train a SentencePiece BPE model on ``texts`` into ``folder/spiece.model`` and
     load it as the ``transformers`` T5 tokenizer.
 
     T5's special tokens: ``<pad>`` = 0 (also the decoder start), ``</s>`` = 1,
@@ -90,7 +90,12 @@ def train_sentencepiece_tokenizer(
             sentence_iterator=iter(lines),
             model_prefix=str(folder / Path(SPM_FILE).stem),
             vocab_size=vocab_size,
-            model_type="unigram",
+            # BPE: on a task's small, repetitive text (names seen a few times each) the
+            # unigram trainer kept whole training names as pieces and split common words and
+            # unseen names into single characters; BPE keeps frequent words whole and
+            # splits every name into pieces shared by many names, which copying an unseen
+            # name from the evidence needs.
+            model_type="bpe",
             pad_id=0,
             eos_id=1,
             unk_id=2,

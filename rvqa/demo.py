@@ -6,11 +6,7 @@
    swap: paraphrased captions, and a deliberately shuffled index);
 4. the reader, trained with retrieval;
 5. evaluation on the easy-vqa test split with retrieval, with swapped indices and
-   without retrieval (one table), then a few answers with their evidence;
-6. the knowledge task (``rvqa.knowledge_demo``), where the answer is not in the
-   pixels: a classifier and a generative reader trained with fact index A, then
-   evaluated with A, with B swapped in (no retraining), with corrupted facts and
-   without retrieval, and a few answers before and after the swap.
+   without retrieval (one table), then a few answers with their evidence.
 
 No downloads: everything comes from installed packages. ``--fast`` shrinks data
 and steps so the whole chain runs in about a minute (used by the tests).
@@ -29,7 +25,6 @@ from rvqa.data import easy_vqa_captions, load_vqa
 from rvqa.evaluation import compare
 from rvqa.indexing import build_index_from_config
 from rvqa.io import write_json_atomic, write_text_atomic
-from rvqa.knowledge_demo import knowledge_table, run_knowledge_demo
 from rvqa.pipeline import RVQA
 from rvqa.reader.train import train_reader
 from rvqa.retriever.index import build_index_from_embeddings
@@ -81,7 +76,7 @@ def run_demo(
     run_dir = Path(cfg.output_dir)
     indices_dir = Path(indices_dir)
 
-    _say("== 1/6 data: easy-vqa (offline, from its PyPI package)")
+    _say("== 1/5 data: easy-vqa (offline, from its PyPI package)")
     captions = easy_vqa_captions("train")
     full = sum(
         1 for c in captions if not c.caption.endswith("shape") and len(c.caption.split()) == 3
@@ -92,7 +87,7 @@ def run_demo(
         f"{len({c.caption for c in captions})} distinct"
     )
 
-    _say("== 2/6 retriever: small CNN (from scratch) + packaged all-MiniLM-L6-v2 (frozen)")
+    _say("== 2/5 retriever: small CNN (from scratch) + packaged all-MiniLM-L6-v2 (frozen)")
     ret = train_retriever(cfg, end_training=False)
     test = ret["test"]
     if test:
@@ -102,7 +97,7 @@ def run_demo(
             )
         )
 
-    _say(f"== 3/6 knowledge indices under {indices_dir}/")
+    _say(f"== 3/5 knowledge indices under {indices_dir}/")
 
     retriever = RetrieverModel.from_pretrained(ret["model_dir"])
     main_index = build_index_from_config(cfg, retriever=retriever, overwrite=True)
@@ -139,13 +134,13 @@ def run_demo(
     _say(f"   {main_index} (captions), {para_dir} (paraphrased), {shuf_dir} (shuffled control)")
 
     _say(
-        "== 4/6 reader: first 2 MiniLM layers + the retriever's image tower, reading retrieved captions"
+        "== 4/5 reader: first 2 MiniLM layers + the retriever's image tower, reading retrieved captions"
     )
     rd = train_reader(cfg, retriever=retriever, end_training=False)
     if rd["best_val_accuracy"] is not None:
         _say(f"   validation VQA accuracy {rd['best_val_accuracy']:.2f}")
 
-    _say("== 5/6 evaluation on the easy-vqa test split (official VQA accuracy)")
+    _say("== 5/5 evaluation on the easy-vqa test split (official VQA accuracy)")
     model = RVQA.from_pretrained(run_dir)
     records = list(load_vqa(cfg.data, cfg.data.eval_split))
     if cfg.data.max_eval_questions:
@@ -175,33 +170,6 @@ def run_demo(
         for ev in out.evidence:
             _say(f"     evidence [{ev.index}] {ev.text!r}  score {ev.score:.3f}")
 
-    _say("\n== 6/6 knowledge task: answers that are only in the facts (rvqa make-knowledge-task)")
-    know = run_knowledge_demo(retriever, run_dir, indices_dir, fast=fast, say=_say)
-    ktable = knowledge_table(know["tables"])
-    _say(
-        "\n   Official VQA accuracy on held-out images; every prediction scored against "
-        f"assignment A's answers and B's (chance {know['chance']:.2f}):\n"
-    )
-    _say(ktable)
-    for kind, rows in know["tables"].items():
-        copied = next(r["copied_B_names"] for r in rows if "copied_B_names" in r)
-        _say(
-            f"   {kind}: with index B, {copied:.1f} % of owner names are B's, copied from the evidence"
-        )
-    _say("\n   Before and after the swap (generative reader):")
-    for ex in know["examples"]:
-        _say(f"\n  Q: {ex['question']}   (image {ex['image']})")
-        for when, key, truth in (("index A", "before", "truth_A"), ("index B", "after", "truth_B")):
-            a = ex[key]
-            _say(
-                f"  {when}: {a.answer!r} ({a.score:.2f}; truth {ex[truth]!r})  evidence: {a.evidence[0].text!r}"
-            )
-    write_json_atomic(
-        run_dir / "demo_knowledge_results.json",
-        {"tables": know["tables"], "chance": know["chance"], "wall_time_s": know["wall_time_s"]},
-    )
-    write_text_atomic(run_dir / "demo_knowledge_results.md", ktable + "\n")
-
     example = records[0]
     _say(f"\nDone in {time.time() - t0:.0f} s. Try next:")
     _say(f'  rvqa ask --model {run_dir} --image {example.image} --question "{example.question}"')
@@ -213,11 +181,4 @@ def run_demo(
         "  python -c \"from rvqa import RVQA; m = RVQA.from_pretrained('" + str(run_dir) + "'); "
         f"print(m.answer('{example.image}', '{example.question}'))\""
     )
-    return {
-        "rows": rows,
-        "table": table,
-        "knowledge": know,
-        "knowledge_table": ktable,
-        "run_dir": run_dir,
-        "wall_time_s": time.time() - t0,
-    }
+    return {"rows": rows, "table": table, "run_dir": run_dir, "wall_time_s": time.time() - t0}

@@ -126,6 +126,26 @@ def test_sentencepiece_tokenizer_round_trips_and_saves(tokenizer, tmp_path):
     assert again("a green circle?").input_ids == tokenizer("a green circle?").input_ids
 
 
+def test_unseen_names_split_into_pieces_shared_with_training_names(tmp_path):
+    # The knowledge task's text: cards naming invented entities. A name of another
+    # assignment (never in training) must tokenize into multi-letter pieces that
+    # training names share, not into single letters (which a unigram model trained on
+    # such text did), and common words must stay whole.
+    from rvqa.data import knowledge_assignment
+
+    texts = [t for k in range(2, 12) for t in knowledge_assignment(k).facts()]
+    texts += [e.name for k in range(2, 12) for e in knowledge_assignment(k).entities]
+    tok = train_sentencepiece_tokenizer(texts, tmp_path, vocab_size=400, seed=0)
+    assert "▁emblem" in tok.tokenize("the emblem of")
+    unseen = [e.name for e in knowledge_assignment(1).entities]
+    pieces = [tok.tokenize(n) for n in unseen]
+    letters = sum(len(p.lstrip("▁")) for ps in pieces for p in ps)
+    assert letters / sum(len(ps) for ps in pieces) >= 1.5, pieces[:3]  # unigram: 1.0
+    for name in unseen:
+        ids = tok(name).input_ids
+        assert tok.unk_token_id not in ids and tok.decode(ids, skip_special_tokens=True) == name
+
+
 def test_tokenizer_needs_text_and_a_large_enough_vocabulary(tmp_path):
     from rvqa.errors import DataFormatError
 
