@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides=overrides,
     )
     table = knowledge_table(res["tables"])
-    print(f"\nchance {res['chance']:.2f} %; official VQA accuracy on held-out images\n")
+    recall = ", ".join(f"{k} {v:.1f} %" for k, v in res["card_recall"].items())
+    print(f"\nthe image's own card retrieved from index A: {recall}")
+    print(f"chance {res['chance']:.2f} %; official VQA accuracy on held-out images\n")
     print(table)
     for kind, rows in res["tables"].items():
         copied = next(r["copied_B_names"] for r in rows if "copied_B_names" in r)
@@ -85,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             "argv": sys.argv[1:] if argv is None else argv,
             "tables": res["tables"],
             "chance": res["chance"],
+            "card_recall": res["card_recall"],
             "wall_time_s": wall,
         },
     )

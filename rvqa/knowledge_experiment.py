@@ -111,6 +111,29 @@ def _build_fact_indices(task_dir: Path, retriever: Any, indices_dir: Path) -> di
     return out
 
 
+def card_recall(
+    retriever: Any, index_folder: Path, records: Sequence[Any], ks: Sequence[int] = (1, 3)
+) -> dict[str, float]:
+    """Percent of held-out images whose own fact card is among the top ``k`` of an index.
+
+    An image's card is the one naming its owner (the answer of its "whose emblem is
+    this?" question under the index's assignment); ``records`` carry those answers.
+    """
+    asked = [r for r in records if r.question.startswith("whose emblem")]
+    if not asked:
+        raise ValueError("no 'whose emblem is this?' question among the records")
+    index = KnowledgeIndex.load(index_folder, retriever=retriever)
+    found = index.search_images([r.image for r in asked], max(ks))
+    out = {}
+    for k in ks:
+        hits = sum(
+            any(r.answers[0] in re.findall(r"[a-z]+", h.text) for h in res.hits[:k])
+            for r, res in zip(asked, found)
+        )
+        out[f"recall@{k}"] = 100.0 * hits / len(asked)
+    return out
+
+
 def _accuracy(predictions: list[dict], records: Sequence[Any]) -> float:
     return evaluate_vqa(predictions, records).overall
 
@@ -162,7 +185,8 @@ def run_knowledge_experiment(
         examples: Questions answered with A and then B for :func:`knowledge_table`'s readers.
 
     Returns:
-        ``{"tables": {reader: rows}, "examples": [...], "chance": percent, "wall_time_s"}``;
+        ``{"tables": {reader: rows}, "examples": [...], "chance": percent, "card_recall":
+        {"recall@1": %, "recall@3": %}, "wall_time_s"}``;
         each row: ``condition``, ``vs_A`` / ``vs_B`` (official accuracy against A's / B's
         answers), ``train_s``, and for index B ``copied_B_names``.
     """
@@ -186,6 +210,14 @@ def run_knowledge_experiment(
     )
     folders = _build_fact_indices(task_dir, retriever, indices_dir)
     say(f"   fact indices: {', '.join(str(p) for p in folders.values())}")
+    records_a = list(
+        load_vqa(knowledge_reader_config(task_dir, work_dir, "classifier", 1).data, "test")
+    )
+    recall = card_recall(retriever, folders["A"], records_a)
+    say(
+        "   the image's own card among the retrieved: "
+        + ", ".join(f"{k} {v:.1f} %" for k, v in recall.items())
+    )
 
     tables: dict[str, list[dict]] = {}
     shown = []
@@ -232,7 +264,13 @@ def run_knowledge_experiment(
         say(f"   {kind} reader: trained and evaluated in {time.time() - t1:.0f} s")
         if kind == readers[-1]:
             shown = _examples(model, records_a, records_b, examples)
-    return {"tables": tables, "examples": shown, "chance": chance, "wall_time_s": time.time() - t0}
+    return {
+        "tables": tables,
+        "examples": shown,
+        "chance": chance,
+        "card_recall": recall,
+        "wall_time_s": time.time() - t0,
+    }
 
 
 def _examples(model: RVQA, records_a, records_b, n: int) -> list[dict]:

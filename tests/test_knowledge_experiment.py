@@ -1,6 +1,7 @@
 """The knowledge-swap experiment: reader configs, the copied-names measure, the table."""
 
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -76,3 +77,69 @@ def test_reader_overrides_apply_and_unknown_reader_is_named(task, tmp_path):
     assert cfg.reader.learning_rate == 0.003
     with pytest.raises(ValueError, match="unknown reader 'pointer'"):
         knowledge_reader_config(task, tmp_path / "p", "pointer", 1)
+
+
+@pytest.mark.slow
+def test_whole_experiment_with_tiny_models(tmp_path):
+    """Both readers (tiny towers) through the whole experiment; the card recall agrees with a
+    brute-force ranking of the retriever's embeddings."""
+    import numpy as np
+
+    from rvqa.data import load_vqa
+    from rvqa.knowledge_experiment import card_recall, run_knowledge_experiment
+    from rvqa.retriever.modeling import RetrieverModel
+    from tests.tiny import tiny_run_config
+
+    cfg = tiny_run_config(tmp_path)
+    retriever = RetrieverModel.from_backbones(cfg.retriever)
+    tiny_reader = [
+        f"reader.text_backbone={cfg.reader.text_backbone}",
+        "reader.num_text_layers=null",
+        "reader.batch_size=16",
+        "reader.max_eval_questions=16",
+        "reader.max_question_length=8",
+        "reader.max_caption_length=12",  # the tiny text backbone has 64 positions
+    ]
+    generative = [
+        "reader.batch_size=16",
+        "reader.t5_d_model=16",
+        "reader.t5_num_heads=2",
+        "reader.t5_d_ff=32",
+        "reader.t5_num_layers=1",
+        "reader.spm_vocab_size=120",
+        "reader.num_beams=2",
+    ]
+    lines = []
+    res = run_knowledge_experiment(
+        retriever,
+        tmp_path / "exp",
+        train_images=24,
+        test_images=6,
+        epochs=1,
+        overrides={"classifier": tiny_reader, "generative": generative},
+        say=lines.append,
+        examples=1,
+    )
+    assert set(res["tables"]) == {"classifier", "generative"}
+    for rows in res["tables"].values():
+        assert [r["condition"] for r in rows] == [c for c, _ in CONDITIONS]
+        assert all(0 <= r["vs_A"] <= 100 and 0 <= r["vs_B"] <= 100 for r in rows)
+        assert 0 <= rows[1]["copied_B_names"] <= 100
+    ex = res["examples"][0]
+    assert ex["before"].evidence[0].index == "A" and ex["after"].evidence[0].index == "B"
+    assert any("own card" in line for line in lines)
+
+    # card recall: brute force over the index's 24 cards
+    task = tmp_path / "exp" / "knowledge-task"
+    records = list(load_vqa(knowledge_reader_config(task, tmp_path, "classifier", 1).data, "test"))
+    cards = [json.loads(line)["caption"] for line in (task / "facts" / "A.jsonl").open()]
+    asked = [r for r in records if r.question.startswith("whose emblem")]
+    q = retriever.embed_images([r.image for r in asked])
+    x = retriever.embed_texts(cards)
+    order = np.argsort(-(q @ x.T), axis=1, kind="stable")
+    words = [set(re.findall(r"[a-z]+", c)) for c in cards]
+    want = 100 * np.mean(
+        [any(r.answers[0] in words[j] for j in o[:3]) for r, o in zip(asked, order)]
+    )
+    got = card_recall(retriever, tmp_path / "exp" / "indices" / "knowledge-A", records, ks=(3,))
+    assert got["recall@3"] == pytest.approx(want) == res["card_recall"]["recall@3"]
