@@ -709,10 +709,17 @@ class RVQA:
                 if text not in (a for a, _ in ranked):  # beams that decode alike: the best
                     ranked.append((text, float(p)))
             empty = ranked[0][0] == ""
-            if empty:
-                logger.warning("the generative reader generated an empty answer to %r", q)
             answers.append(
                 Answer(ranked[0][0], ranked[0][1], ranked[1:], ev, question=q, empty=empty)
+            )
+        empties = [a.question for a in answers if a.empty]
+        if empties:  # one line per call, not one per question of an evaluation
+            logger.warning(
+                "the generative reader generated an empty answer to %d of %d question(s), "
+                "e.g. %r (Answer.empty)",
+                len(empties),
+                len(answers),
+                empties[0],
             )
         return answers
 

@@ -424,7 +424,7 @@ def test_empty_generation_is_reported(rvqa_model, tokenizer, caplog):
     with caplog.at_level("WARNING"):
         out = model.answer(image, question, index=None)
     assert out.answer == "" and out.empty and 0 < out.score <= 1
-    assert "empty answer" in caplog.text
+    assert "empty answer to 1 of 1 question(s)" in caplog.text  # one line per call
     assert out.to_dict()["empty"] is True and out.to_dict()["answer"] == ""
     assert "(empty answer" in _format_answer(out, retrieval=False)
 
