@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--retriever", required=True, help="a trained retriever folder")
     p.add_argument("--out", required=True, help="work folder (task, indices, reader runs)")
     p.add_argument("--readers", default=",".join(READERS), help="comma-separated")
-    p.add_argument("--train-images", type=int, default=None, help="default: all usable")
-    p.add_argument("--test-images", type=int, default=300)
+    p.add_argument("--train-images", type=int, default=0, help="0 (default): all (3,578)")
+    p.add_argument("--test-images", type=int, default=300, help="0: all (888)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument(
         "--set",
@@ -51,14 +51,17 @@ def main(argv: list[str] | None = None) -> int:
     overrides: dict[str, list[str]] = {}
     for reader, kv in args.set:
         overrides.setdefault(reader, []).append(kv)
+    for name in [*readers, *overrides]:
+        if name not in READERS:
+            p.error(f"unknown reader {name!r}; expected one of {', '.join(READERS)}")
     t0 = time.time()
     retriever = RetrieverModel.from_pretrained(args.retriever)
     res = run_knowledge_experiment(
         retriever,
         args.out,
         readers=readers,
-        train_images=args.train_images,
-        test_images=args.test_images,
+        train_images=args.train_images or None,
+        test_images=args.test_images or None,
         epochs=args.epochs,
         overrides=overrides,
     )

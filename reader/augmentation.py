@@ -125,6 +125,24 @@ class TermWorlds:
         h = hashlib.sha256(f"worlds:{seed}:{key}".encode()).hexdigest()[:12]
         return int(h, 16) % len(self.tables)
 
+    def matches(self, text: str) -> bool:
+        """Whether ``text`` holds a term of the base assignment."""
+        return self._pattern.search(text) is not None
+
+    def check_applies(self, answer_lists: Iterable[Sequence[str]], what: str) -> None:
+        """Fail unless some answer holds a term of the tables: worlds written for another
+        fact assignment would silently rewrite nothing.
+
+        Raises:
+            DataFormatError: Naming the tables' source and ``what`` was searched.
+        """
+        if not any(self.matches(a) for answers in answer_lists for a in answers):
+            raise DataFormatError(
+                f"{self.source}: none of its {len(self.tables[1])} terms occurs in {what}; "
+                "these worlds were written for another fact assignment (make the task and "
+                "its worlds together: rvqa make-knowledge-task)"
+            )
+
     def rewrite(self, text: str, world: int) -> str:
         """``text`` with every term of the base assignment replaced by world ``world``'s."""
         table = self.tables[world]

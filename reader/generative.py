@@ -376,8 +376,10 @@ def _checkpoint_t5_config(name: str) -> dict:
             f"cannot load t5_backbone {name!r}: {str(err).splitlines()[0]} (use 'scratch' "
             "to train a small T5 from scratch, or a T5 checkpoint name or folder)"
         ) from None
-    if cfg.model_type not in {"t5", "mt5", "umt5"}:
-        raise ConfigError(f"t5_backbone {name!r} is a {cfg.model_type!r} model, not a T5")
+    if cfg.model_type not in {"t5", "mt5"}:  # umt5: a bias table per layer, not T5's layout
+        raise ConfigError(
+            f"t5_backbone {name!r} is a {cfg.model_type!r} model; expected a T5 or mT5 checkpoint"
+        )
     return cfg.to_dict()
 
 

@@ -8,10 +8,13 @@ whole text may not pass ``max_input_length`` (:meth:`GenerativeReaderProcessor.m
 says how many captions always fit). The target is the record's most common
 answer after the official normalisation (:func:`answer_target`), ``</s>``-ended.
 
-With ``t5_backbone: scratch`` the tokenizer is a SentencePiece BPE model trained
-on the task's text by :func:`train_sentencepiece_tokenizer` (T5's special tokens:
+With ``t5_backbone: scratch`` the tokenizer is a SentencePiece model trained with
+BPE on the task's text by :func:`train_sentencepiece_tokenizer` (T5's special tokens:
 ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2), loaded as the ``transformers`` T5 tokenizer
-and saved with the model.
+and saved with the model. transformers' T5 tokenizer segments with the model's pieces
+and scores as a unigram model does, not with the BPE merges: "the" becomes
+``▁t he`` although ``▁the`` is a piece (sentencepiece itself gives ``▁the``).
+Training and inference use the same saved ``tokenizer.json``, so they agree.
 """
 
 from __future__ import annotations

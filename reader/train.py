@@ -27,7 +27,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from transformers import T5Tokenizer
 
 from rvqa.config import RunConfig, save_config
@@ -116,15 +116,25 @@ def _scratch_tokenizer(
     process on the run's training text into ``reader/tokenizer/`` (a resumed run
     reuses it), then loaded by every process."""
     folder = out / TOKENIZER_DIR
+    failure: list[Any] = [None]
     if accelerator.is_main_process and not (resume and (folder / SPM_FILE).is_file()):
-        texts = tokenizer_training_text(train_records, retrieved, record_image_key, worlds=worlds)
-        with atomic_directory(folder, overwrite=True) as tmp:
-            tok = train_sentencepiece_tokenizer(
-                texts, tmp, cfg.reader.spm_vocab_size, seed=cfg.reader.seed
+        try:
+            texts = tokenizer_training_text(
+                train_records, retrieved, record_image_key, worlds=worlds
             )
-        logger.info(
-            "SentencePiece tokenizer: %d pieces from %d distinct texts", len(tok), len(texts)
-        )
+            with atomic_directory(folder, overwrite=True) as tmp:
+                tok = train_sentencepiece_tokenizer(
+                    texts, tmp, cfg.reader.spm_vocab_size, seed=cfg.reader.seed
+                )
+            logger.info(
+                "SentencePiece tokenizer: %d pieces from %d distinct texts", len(tok), len(texts)
+            )
+        except Exception as err:  # every process raises it, none waits for the others
+            failure = [err]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(failure, from_process=0)
+    if failure[0] is not None:
+        raise failure[0]
     accelerator.wait_for_everyone()
     return T5Tokenizer.from_pretrained(folder, extra_ids=0)
 
@@ -171,6 +181,11 @@ def train_reader(
     generative = s.type == "generative"
     worlds = TermWorlds.load(s.term_worlds) if s.term_worlds else None
     if worlds is not None:
+        n = min(len(train_records), 5000)
+        worlds.check_applies(
+            (r.answers or [] for r in train_records[:n]),
+            f"the answers of the first {n} training questions",
+        )
         logger.info("reader training rewrites its facts into %r", worlds)
     vocab = None
     if generative:
@@ -242,9 +257,11 @@ def train_reader(
         gc.collect()
 
     extra_signature: dict[str, Any] = {}
+    own_spm = False  # this run trained (or resumed) the scratch tokenizer in reader/tokenizer/
     if model is None:
         tokenizer = None
         if generative and s.t5_backbone == SCRATCH:
+            own_spm = True
             tokenizer = _scratch_tokenizer(
                 cfg, out, train_records, retrieved, accelerator, resume, worlds
             )
@@ -307,7 +324,7 @@ def train_reader(
         # reader's SentencePiece model is saved with its tokenizer.
         processor.save_pretrained(path)
         spm_file = out / TOKENIZER_DIR / SPM_FILE
-        if generative and spm_file.is_file():
+        if own_spm and spm_file.is_file():
             shutil.copyfile(spm_file, path / SPM_FILE)
 
     result = train(

@@ -573,7 +573,8 @@ def evaluate_split(
     names = model.use_indices(indices)
     if cfg.data.require_facts:
         for name in model.registry.names:
-            check_index_facts(model.registry.get(name), f"index {name!r}")
+            index = model.registry.get(name)
+            check_index_facts(index, f"index {name!r} ({index.path})")
     log_placement("evaluate", **model.placement())
     if random_captions and not model.registry.names:
         raise UsageError("--random-captions needs an index (--index, or a run with indices)")

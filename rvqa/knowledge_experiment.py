@@ -79,8 +79,8 @@ def knowledge_reader_config(
                 "term_worlds": str(task_dir / "worlds.json"),
                 "learning_rate": 1e-3,
                 "spm_vocab_size": 1000,
-                # SentencePiece pieces: a card is up to ~32, a question up to ~12
-                "max_question_length": 16,
+                # the scratch tokenizer's pieces: a card is up to ~30, a question up to 18
+                "max_question_length": 20,
                 "max_caption_length": 36,
                 "max_input_length": 160,
                 "max_answer_length": 8,

@@ -102,3 +102,10 @@ def test_reader_dataset_rewrites_captions_and_answers_consistently():
         assert base["captions"] == ["the red circle is the emblem of vardelo."]
         assert vocab.decode(int(np.argmax(base["labels"]))) == "vardelo"
     assert seen == {0, 1, 2}
+
+
+def test_worlds_of_another_assignment_are_refused():
+    w = TermWorlds(TABLES, source="old/worlds.json")
+    w.check_applies([["yes"], ["vardelo"]], "the answers")
+    with pytest.raises(DataFormatError, match=r"old/worlds.json: none of its 3 terms occurs in"):
+        w.check_applies([["yes"], ["kavelo"]], "the answers of the first 2 training questions")
