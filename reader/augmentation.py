@@ -15,9 +15,10 @@ The tables come from a JSON file (the knowledge task writes ``worlds.json``)::
     {"base": 0, "worlds": {"2": {"vardelo": "miskaro", "salt": "tin", ...}, ...}}
 
 Substitution is one pass of whole-word matches (longest term first), so a table
-that maps ``a → b`` and ``b → a`` swaps them. The world of a question is chosen
-by a hash of its id and the seed (as the reader's k-dropout), never by the RNG,
-so a data loader's read-ahead cannot disturb the RNG state that checkpoints save.
+that maps ``a → b`` and ``b → a`` swaps them. The world of a question in an epoch
+is chosen by a hash of its id, the epoch and the seed (as the reader's k-dropout),
+never by the RNG, so a data loader's read-ahead cannot disturb the RNG state that
+checkpoints save, and a resumed run rewrites as the uninterrupted one.
 """
 
 from __future__ import annotations

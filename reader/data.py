@@ -114,7 +114,8 @@ class ReaderDataset(Dataset):
             instead of ``pixel_values`` and no image is read.
         worlds: Counterfactual term worlds (training only): each question's
             captions, question and answers are rewritten into the world a hash
-            of its id chooses (:class:`~rvqa.reader.augmentation.TermWorlds`).
+            of its id and the epoch (:meth:`set_epoch`, called by the training
+            loop) chooses (:class:`~rvqa.reader.augmentation.TermWorlds`).
     """
 
     def __init__(
@@ -144,6 +145,12 @@ class ReaderDataset(Dataset):
         self.rule = rule
         self.seed = seed
         self.worlds = worlds
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The training epoch (``rvqa.training`` calls it before each epoch): with term
+        worlds, each question is rewritten into another world in every epoch."""
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -160,7 +167,7 @@ class ReaderDataset(Dataset):
         )
         question, captions, answers = r.question, [h[0] for h in hits], list(r.answers or [])
         if self.worlds is not None:
-            w = self.worlds.world_for(r.question_id, self.seed)
+            w = self.worlds.world_for(f"{r.question_id}@{self.epoch}", self.seed)
             question = self.worlds.rewrite(question, w)
             captions = self.worlds.rewrite_all(captions, w)
             answers = self.worlds.rewrite_all(answers, w)

@@ -320,7 +320,7 @@ class ReaderSettings(TrainSettings):
     term_worlds: str | None = None
     """A JSON file of counterfactual term worlds (the knowledge task's ``worlds.json``): every
     training question is rewritten — its retrieved captions, question and answers alike —
-    into one of these worlds or left as is (chosen per question by a hash), so that the
+    into one of these worlds or left as is (chosen per question and epoch by a hash), so that the
     image alone no longer tells the answer and the reader must read its evidence
     (``rvqa.reader.augmentation.TermWorlds``). A classifier reader's answer vocabulary then
     holds every world's answers. Validation and evaluation are never rewritten."""

@@ -460,6 +460,8 @@ class Trainer:
         """The epoch's batches (those a resumed run has not seen yet), step by step."""
         s, acc = self.settings, self.accelerator
         self.loader.set_epoch(epoch)
+        if hasattr(self.train_dataset, "set_epoch"):  # e.g. the reader's per-epoch term worlds
+            self.train_dataset.set_epoch(epoch)  # before the epoch's workers copy the dataset
         epoch_loader = self.loader
         skip = (self.step - epoch * self.steps_per_epoch) * s.gradient_accumulation_steps
         if skip > 0:

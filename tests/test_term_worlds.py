@@ -94,7 +94,7 @@ def test_reader_dataset_rewrites_captions_and_answers_consistently():
     seen = set()
     for i in range(40):
         item, base = ds[i], plain[i]
-        w = worlds.world_for(i, 0)
+        w = worlds.world_for(f"{i}@0", 0)  # question id @ epoch
         seen.add(w)
         name = {0: "vardelo", 1: "miskaro", 2: "salt"}[w]
         assert item["captions"] == [f"the red circle is the emblem of {name}."]
@@ -109,3 +109,24 @@ def test_worlds_of_another_assignment_are_refused():
     w.check_applies([["yes"], ["vardelo"]], "the answers")
     with pytest.raises(DataFormatError, match=r"old/worlds.json: none of its 3 terms occurs in"):
         w.check_applies([["yes"], ["kavelo"]], "the answers of the first 2 training questions")
+
+
+def test_a_question_gets_another_world_in_another_epoch():
+    worlds = TermWorlds(TABLES)
+    vocab = AnswerVocab(["vardelo", "miskaro", "salt"])
+    records = [_record(q) for q in range(60)]
+    hits = {"1": [("the red circle is the emblem of vardelo.", 0.9, 1)]}
+    features = np.zeros((60, 2, 3), dtype=np.float32)
+    ds = ReaderDataset(records, None, hits, vocab, 1, seed=0, features=features, worlds=worlds)
+
+    def captions():
+        return [ds[i]["captions"][0] for i in range(60)]
+
+    first = captions()
+    assert captions() == first  # deterministic within an epoch
+    ds.set_epoch(1)
+    second = captions()
+    changed = sum(a != b for a, b in zip(first, second))
+    assert changed > 25  # 2 of 3 worlds differ: ~40 of 60
+    ds.set_epoch(0)
+    assert captions() == first  # a resumed epoch rewrites as before

@@ -161,3 +161,29 @@ def test_failed_save_keeps_the_previous_model_and_leaves_no_temporary(tmp_path):
 def test_empty_training_set_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"the training set is empty \(0 examples\)"):
         train(Linear(), [], collate, settings(), tmp_path, end_training=False)
+
+
+class EpochPoints(torch.utils.data.Dataset):
+    """Points whose items record the epoch the loop announced before reading them."""
+
+    def __init__(self):
+        self.items = points(8)
+        self.epoch = None
+        self.seen: list[int | None] = []
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        self.seen.append(self.epoch)
+        return self.items[i]
+
+
+def test_the_loop_tells_the_dataset_its_epoch_before_reading_it(tmp_path):
+    ds = EpochPoints()
+    s = settings(max_steps=None, num_epochs=3, eval_every=0, checkpoint_every=0)
+    train(Linear(), ds, collate, s, tmp_path, save_fn=save_state_dict)
+    assert ds.seen == [0] * 8 + [1] * 8 + [2] * 8
