@@ -38,6 +38,7 @@ from rvqa.reader.configuration import ReaderConfig
 from rvqa.reader.vision import (
     VisionTowerMixin,
     build_image_tower,
+    check_visual_features,
     start_vision_tower,
     vision_config_for,
     visual_token_bound,
@@ -298,14 +299,8 @@ class ReaderModel(VisionTowerMixin, PreTrainedModel):
         Raises:
             TypeError / ValueError: Inputs of the wrong type, shape or range.
         """
-        if visual_features is not None:
-            if pixel_values is not None:
-                raise ValueError("give pixel_values or visual_features, not both")
-            if not isinstance(visual_features, torch.Tensor) or visual_features.ndim != 3:
-                raise ValueError(
-                    "visual_features must be a (batch, tokens, channels) tensor, got "
-                    f"{getattr(visual_features, 'shape', type(visual_features).__name__)}"
-                )
+        if visual_features is not None:  # checked before its shape gives the batch size
+            check_visual_features(pixel_values, visual_features)
         batch, length = self._check_inputs(
             pixel_values if visual_features is None else visual_features,
             input_ids,

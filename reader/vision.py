@@ -123,13 +123,7 @@ class VisionTowerMixin:
         """
         dtype = next(self.vision_model.parameters()).dtype
         if visual_features is not None:
-            if pixel_values is not None:
-                raise ValueError("give pixel_values or visual_features, not both")
-            if not isinstance(visual_features, torch.Tensor) or visual_features.ndim != 3:
-                raise ValueError(
-                    "visual_features must be a (batch, tokens, channels) tensor, got "
-                    f"{getattr(visual_features, 'shape', type(visual_features).__name__)}"
-                )
+            check_visual_features(pixel_values, visual_features)
             return visual_features.to(dtype)
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4:
             raise ValueError(
@@ -137,6 +131,21 @@ class VisionTowerMixin:
                 f"{getattr(pixel_values, 'shape', type(pixel_values).__name__)}"
             )
         return self.vision_features(pixel_values.to(dtype))
+
+
+def check_visual_features(pixel_values: Any, visual_features: Any) -> None:
+    """Given ``visual_features``: no ``pixel_values`` beside them, and a (B, V, C) tensor.
+
+    Raises:
+        ValueError: Naming what was given.
+    """
+    if pixel_values is not None:
+        raise ValueError("give pixel_values or visual_features, not both")
+    if not isinstance(visual_features, torch.Tensor) or visual_features.ndim != 3:
+        raise ValueError(
+            "visual_features must be a (batch, tokens, channels) tensor, got "
+            f"{getattr(visual_features, 'shape', type(visual_features).__name__)}"
+        )
 
 
 def pool_to_grid(tokens: torch.Tensor, grid: int) -> torch.Tensor:

@@ -203,20 +203,9 @@ class Assignment:
         ]
 
 
-@dataclass(frozen=True)
-class Fact:
-    """A parsed fact card: the emblem and what it states of its owner (name, good, city)."""
-
-    emblem: Emblem
-    name: str
-    good: str
-    city: str
-
-    def value(self, kind: str) -> str:
-        """The stated ``"name"``, ``"good"`` or ``"city"``."""
-        if kind not in FACT_KINDS:
-            raise KnowledgeTaskError(f"unknown fact kind {kind!r}; known: {', '.join(FACT_KINDS)}")
-        return getattr(self, kind)
+Fact = Entity
+"""A parsed fact card (:func:`parse_fact`): what it states of its emblem's owner — the
+same fields as an assignment's :class:`Entity`."""
 
 
 @dataclass(frozen=True)
