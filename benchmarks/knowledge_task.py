@@ -28,7 +28,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 def main(argv: list[str] | None = None) -> int:
     from rvqa.io import write_json_atomic
-    from rvqa.knowledge_experiment import READERS, knowledge_table, run_knowledge_experiment
+    from rvqa.knowledge_experiment import (
+        READERS,
+        TOP_K,
+        knowledge_table,
+        run_knowledge_experiment,
+    )
     from rvqa.retriever.modeling import RetrieverModel
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -38,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-images", type=int, default=0, help="0 (default): all (3,578)")
     p.add_argument("--test-images", type=int, default=300, help="0: all (888)")
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--top-k", type=int, default=TOP_K, help="fact cards read per question")
+    p.add_argument("--augment-assignments", type=int, default=400, help="term worlds")
     p.add_argument(
         "--set",
         nargs=2,
@@ -63,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         train_images=args.train_images or None,
         test_images=args.test_images or None,
         epochs=args.epochs,
+        top_k=args.top_k,
+        augment_assignments=args.augment_assignments,
         overrides=overrides,
     )
     table = knowledge_table(res["tables"])

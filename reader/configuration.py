@@ -184,6 +184,8 @@ class GenerativeReaderConfig(PretrainedConfig):
             question, captions and end-of-sequence; the visual tokens come on top).
         max_answer_length: Answer tokens generated at most (end-of-sequence excluded).
         num_beams: Beam search width (1 = greedy).
+        copy_from_context: A copy head (pointer-generator) mixes a pointer over the read
+            text tokens into T5's output distribution (:class:`~rvqa.reader.generative.CopyT5ForConditionalGeneration`).
         freeze_vision: Keep the image tower fixed (features cacheable per image).
         initializer_range: Std of the normal init of the visual projection.
     """
@@ -208,6 +210,7 @@ class GenerativeReaderConfig(PretrainedConfig):
         max_input_length: int = _S.max_input_length,
         max_answer_length: int = _S.max_answer_length,
         num_beams: int = _S.num_beams,
+        copy_from_context: bool = _S.copy_from_context,
         freeze_vision: bool = _S.freeze_vision,
         initializer_range: float = 0.02,
         **kwargs: Any,
@@ -240,6 +243,7 @@ class GenerativeReaderConfig(PretrainedConfig):
         self.max_input_length = max_input_length
         self.max_answer_length = max_answer_length
         self.num_beams = num_beams
+        self.copy_from_context = bool(copy_from_context)
         self.freeze_vision = bool(freeze_vision)
         self.initializer_range = initializer_range
         super().__init__(**kwargs)

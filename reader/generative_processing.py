@@ -9,12 +9,14 @@ says how many captions always fit). The target is the record's most common
 answer after the official normalisation (:func:`answer_target`), ``</s>``-ended.
 
 With ``t5_backbone: scratch`` the tokenizer is a SentencePiece model trained with
-BPE on the task's text by :func:`train_sentencepiece_tokenizer` (T5's special tokens:
+BPE on the text the reader reads (:func:`tokenizer_training_text`: at the frequencies it
+reads it) by :func:`train_sentencepiece_tokenizer` (T5's special tokens:
 ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2), loaded as the ``transformers`` T5 tokenizer
 and saved with the model. transformers' T5 tokenizer segments with the model's pieces
-and scores as a unigram model does, not with the BPE merges: "the" becomes
-``▁t he`` although ``▁the`` is a piece (sentencepiece itself gives ``▁the``).
-Training and inference use the same saved ``tokenizer.json``, so they agree.
+and scores as a unigram model does, not with the BPE merges: trained on deduplicated
+text (dominated by a task's many names) "the" became ``▁t he`` although ``▁the`` is a
+piece; with the text's real frequencies frequent words stay whole. Training and
+inference use the same saved ``tokenizer.json``, so they agree.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def train_sentencepiece_tokenizer(
     lines = [t.strip() for t in texts if isinstance(t, str) and t.strip()]
     if not lines:
         raise DataFormatError("no text to train the SentencePiece tokenizer on")
-    lines.append(f"{QUESTION_PROMPT} {CONTEXT_PROMPT} {CAPTION_SEPARATOR}")
+    lines.append(f"{QUESTION_PROMPT} {CONTEXT_PROMPT} {CAPTION_SEPARATOR}")  # always covered
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     spm.set_random_generator_seed(seed)
@@ -306,28 +308,36 @@ def tokenizer_training_text(
     image_key: Any,
     max_sentences: int = 2_000_000,
     worlds: Any = None,
+    top_k: int | None = None,
+    seed: int = 0,
+    epochs: int = 1,
 ) -> list[str]:
-    """The distinct training text of a run: questions, answers (normalised targets and
-    raw) and the retrieved captions of the training images, at most ``max_sentences``
-    (an even sample of the records beyond); with term ``worlds``
-    (:class:`~rvqa.reader.augmentation.TermWorlds`), each text in every world too — the
-    text training reads."""
+    """The text the reader reads in training, at the frequencies it reads it: per
+    question (an even sample when there are more than ``max_sentences // 8``), the
+    prompt words, the question, its image's first ``top_k`` retrieved captions and its
+    target answer — each text a separate sentence, as the processor tokenises each part
+    on its own. With term ``worlds`` (:class:`~rvqa.reader.augmentation.TermWorlds`)
+    each question's texts are rewritten into its world of each of the first ``epochs``
+    epochs (the choice :class:`~rvqa.reader.data.ReaderDataset` makes with ``seed``).
+
+    Frequencies matter: deduplicated, a task's text is dominated by its many distinct
+    names, and the pieces of frequent words ("the", "question") are then scored below
+    their letters (transformers' T5 tokenizer segments by piece scores)."""
     n = len(train_records)
-    step = max(1, int(np.ceil(n / max(1, max_sentences // 4))))
-    texts: dict[str, None] = {}
-    seen_images: set[str] = set()
+    per_question = 8
+    step = max(1, int(np.ceil(n * max(1, epochs) / max(1, max_sentences // per_question))))
+    texts: list[str] = []
+    prompt = f"{QUESTION_PROMPT} {CONTEXT_PROMPT} {CAPTION_SEPARATOR}"
     for i in range(0, n, step):
         r = train_records[i]
-        texts[r.question] = None
-        answers = list(r.answers or [])
-        texts[answer_target(answers)] = None
-        texts.update(dict.fromkeys(answers))
-        key = image_key(r)
-        if retrieved is not None and key not in seen_images:
-            seen_images.add(key)
-            texts.update(dict.fromkeys(h[0] for h in retrieved.get(key, [])))
-    if worlds is not None:
-        base = list(texts)
-        for w in range(1, len(worlds)):
-            texts.update(dict.fromkeys(worlds.rewrite_all(base, w)))
+        captions = [
+            h[0] for h in (retrieved.get(image_key(r), []) if retrieved is not None else [])
+        ]
+        own = [prompt, r.question, *captions[:top_k], answer_target(list(r.answers or []))]
+        if worlds is None:
+            texts.extend(own)
+            continue
+        for epoch in range(max(1, epochs)):
+            w = worlds.world_for(f"{r.question_id}@{epoch}", seed)
+            texts.extend(worlds.rewrite_all(own, w))
     return [t for t in texts if t][:max_sentences]

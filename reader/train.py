@@ -120,15 +120,19 @@ def _scratch_tokenizer(
     if accelerator.is_main_process and not (resume and (folder / SPM_FILE).is_file()):
         try:
             texts = tokenizer_training_text(
-                train_records, retrieved, record_image_key, worlds=worlds
+                train_records,
+                retrieved,
+                record_image_key,
+                worlds=worlds,
+                top_k=cfg.reader.top_k,
+                seed=cfg.reader.seed,
+                epochs=min(cfg.reader.num_epochs, 4),
             )
             with atomic_directory(folder, overwrite=True) as tmp:
                 tok = train_sentencepiece_tokenizer(
                     texts, tmp, cfg.reader.spm_vocab_size, seed=cfg.reader.seed
                 )
-            logger.info(
-                "SentencePiece tokenizer: %d pieces from %d distinct texts", len(tok), len(texts)
-            )
+            logger.info("SentencePiece tokenizer: %d pieces from %d texts", len(tok), len(texts))
         except Exception as err:  # every process raises it, none waits for the others
             failure = [err]
     if accelerator.num_processes > 1:

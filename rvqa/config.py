@@ -350,6 +350,11 @@ class ReaderSettings(TrainSettings):
     num_beams: int = 4
     """Beam search width of the generative reader (1 = greedy); answers' alternatives are the
     other beams, so at most num_beams - 1 alternatives."""
+    copy_from_context: bool = True
+    """A copy head on the generative reader (pointer-generator, See et al. 2017): each output
+    token's probability mixes T5's vocabulary distribution with a pointer attention over the
+    text tokens it reads, so a name never seen in training can be copied from the evidence.
+    Off: plain T5 (the pointer's weights are new, so a hub T5 starts with an untrained head)."""
 
 
 @dataclass

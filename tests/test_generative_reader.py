@@ -287,8 +287,16 @@ def test_checkpoint_backbone_loads_its_weights_and_tokenizer(tokenizer, tmp_path
         t5_backbone=str(ckpt), vision_backbone="cnn", cnn_hidden_sizes=[8, 16], image_size=32
     )
     saved = T5ForConditionalGeneration.from_pretrained(ckpt).state_dict()
-    for name, tensor in model.t5.state_dict().items():
-        assert torch.equal(tensor, saved[name]), name
+    own = model.t5.state_dict()
+    # every checkpoint weight loaded; the copy head (copy_from_context) is the only new part
+    assert sorted(set(own) - set(saved)) == [
+        "copy_gate.bias",
+        "copy_gate.weight",
+        "copy_key.weight",
+        "copy_query.weight",
+    ]
+    for name, tensor in saved.items():
+        assert torch.equal(own[name], tensor), name
     assert model.config.t5_config["d_model"] == 16  # the checkpoint's sizes, not t5_d_model
     p = GenerativeReaderProcessor.from_config(model.config)  # the checkpoint's tokenizer
     assert p.tokenizer("a red circle").input_ids == tokenizer("a red circle").input_ids
@@ -493,3 +501,143 @@ def test_processor_for_the_scratch_backbone_needs_the_tokenizer(tokenizer):
         model.config, tokenizer=tokenizer, image_processor=small_cnn_processor(32)
     )
     assert p.max_question_length == model.config.max_question_length
+
+
+# --------------------------------------------------------------------------- copy head
+
+
+def _copy_t5(seed: int = 0, vocab: int = 24, d: int = 16):
+    from transformers import T5Config
+
+    from rvqa.reader.generative import CopyT5ForConditionalGeneration, scratch_t5_config
+
+    torch.manual_seed(seed)
+    cfg = T5Config.from_dict(scratch_t5_config(vocab, d, 1, 2, 32))
+    cfg.dropout_rate = 0.0
+    return CopyT5ForConditionalGeneration(cfg).eval()
+
+
+def test_copy_head_is_the_pointer_generator_mixture():
+    """p(w) = g·softmax(lm)(w) + (1−g)·Σ_{i: id_i = w} a_i, written out with loops."""
+    from transformers import T5ForConditionalGeneration
+
+    from rvqa.reader.generative import NO_COPY
+
+    model = _copy_t5()
+    # the head's own init survives T5's post_init (std 1 would saturate the pointer)
+    assert 0.1 < model.copy_query.weight.std() * 16**0.5 < 2
+    assert float(model.copy_gate.bias) == 0.0
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 24, (2, 7), generator=g)
+    ids[0, 1] = ids[0, 4]  # a token at two positions: both pointer weights go to it
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    copy_ids = ids.masked_fill(mask == 0, NO_COPY)
+    copy_ids[0, 0] = NO_COPY  # e.g. a visual token
+    labels = torch.randint(3, 24, (2, 3), generator=g)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, copy_ids=copy_ids)
+    plain = T5ForConditionalGeneration.forward(
+        model, input_ids=ids, attention_mask=mask, labels=labels, output_hidden_states=True
+    )
+    dec = plain.decoder_hidden_states[-1]
+    enc = plain.encoder_last_hidden_state
+    p_vocab = plain.logits.softmax(-1)
+    want = torch.zeros_like(p_vocab)
+    for b in range(2):
+        for t in range(3):
+            q = model.copy_query(dec[b, t])
+            scores = [
+                float(q @ model.copy_key(enc[b, i])) / 16**0.5 if copy_ids[b, i] >= 0 else None
+                for i in range(7)
+            ]
+            valid = torch.tensor([s for s in scores if s is not None])
+            att = iter(valid.softmax(0).tolist())
+            gate = torch.sigmoid(model.copy_gate(dec[b, t]))[0]
+            want[b, t] = gate * p_vocab[b, t]
+            for i, s in enumerate(scores):
+                if s is not None:
+                    want[b, t, copy_ids[b, i]] += (1 - gate) * next(att)
+    got = out.logits.exp()
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(got.sum(-1), torch.ones(2, 3), atol=1e-5)
+    nll = -want.log().gather(-1, labels[..., None]).mean()
+    assert torch.allclose(out.loss, nll, atol=1e-5)
+    # without copy_ids it is the plain T5 (same loss as T5's own forward)
+    assert torch.allclose(model(input_ids=ids, attention_mask=mask, labels=labels).loss, plain.loss)
+    with pytest.raises(ValueError, match="one id per encoder position"):
+        model(input_ids=ids, attention_mask=mask, labels=labels, copy_ids=copy_ids[:, :3])
+
+
+def test_copy_head_learns_to_copy_and_generate_passes_copy_ids_to_every_beam():
+    """Answer = the token after a marker in a random sequence; held-out sequences are
+    answered by greedy and beam search (copy_ids expanded per beam by generate)."""
+    model = _copy_t5(seed=0, d=32).train()
+    g = torch.Generator().manual_seed(0)
+    marker = 3
+
+    def make(n):
+        ids = torch.randint(4, 24, (n, 8), generator=g)
+        pos = torch.randint(0, 7, (n,), generator=g)
+        ids[torch.arange(n), pos] = marker
+        answer = ids[torch.arange(n), pos + 1]
+        return ids, torch.stack([answer, torch.ones_like(answer)], 1)  # answer </s>
+
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(300):
+        ids, labels = make(64)
+        loss = model(input_ids=ids, labels=labels, copy_ids=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert sum(losses[-10:]) < 0.1 * sum(losses[:10])
+    model.eval()
+    ids, labels = make(200)
+    with torch.no_grad():
+        greedy = model.generate(input_ids=ids, copy_ids=ids, max_new_tokens=2, do_sample=False)
+        beams = model.generate(
+            input_ids=ids, copy_ids=ids, max_new_tokens=2, do_sample=False, num_beams=3
+        )
+    for out in (greedy, beams):
+        accuracy = (out[:, 1] == labels[:, 0]).float().mean().item()
+        assert accuracy >= 0.9, accuracy
+
+
+def test_tokenizer_training_text_is_the_text_read_at_its_frequencies():
+    """Per question: the prompt words, the question, its top_k captions and its target,
+    rewritten into the question's world of each epoch (ReaderDataset's choice)."""
+    from types import SimpleNamespace
+
+    from rvqa.reader.augmentation import TermWorlds
+    from rvqa.reader.generative_processing import tokenizer_training_text
+
+    recs = [
+        SimpleNamespace(
+            question_id=i,
+            image=f"im{i % 2}",
+            question="whose emblem is this?",
+            answers=["kavelo"] * 10,
+        )
+        for i in range(6)
+    ]
+    retrieved = {
+        "im0": [("the red circle is the emblem of kavelo.", 0.9), ("other card", 0.5)],
+        "im1": [("the blue circle is the emblem of kavelo.", 0.8), ("other card", 0.4)],
+    }
+    texts = tokenizer_training_text(recs, retrieved, lambda r: r.image, top_k=1)
+    assert texts.count("question: context: ;") == 6  # once per question, not deduplicated
+    assert texts.count("whose emblem is this?") == 6 and texts.count("kavelo") == 6
+    assert "other card" not in texts  # beyond top_k: never read
+    worlds = TermWorlds([{"kavelo": "bamoke"}, {"kavelo": "fudito"}])
+    texts = tokenizer_training_text(
+        recs, retrieved, lambda r: r.image, worlds=worlds, top_k=1, seed=3, epochs=2
+    )
+    want = [
+        worlds.rewrite("kavelo", worlds.world_for(f"{i}@{e}", 3))
+        for i in range(6)
+        for e in range(2)
+    ]
+    assert [t for t in texts if t in {"kavelo", "bamoke", "fudito"}] == want
+    assert len(texts) == 6 * 2 * 4
+    assert len(tokenizer_training_text(recs, retrieved, lambda r: r.image, max_sentences=16)) <= 16

@@ -9,6 +9,7 @@ import pytest
 from rvqa.data import make_knowledge_task
 from rvqa.knowledge_experiment import (
     CONDITIONS,
+    TOP_K,
     copied_names,
     knowledge_reader_config,
     knowledge_table,
@@ -32,7 +33,10 @@ def test_generative_reader_never_trains_on_the_swap_assignment(task, tmp_path):
     cls_worlds = json.loads(open(cls.reader.term_worlds).read())["worlds"]
     assert not b_terms & {v for t in gen_worlds.values() for v in t.values()}
     assert b_terms <= {v for t in cls_worlds.values() for v in t.values()}
-    assert gen.data.require_facts and gen.reader.top_k == cls.reader.top_k == 3
+    assert gen.data.require_facts and gen.reader.top_k == cls.reader.top_k == TOP_K == 1
+    assert (
+        knowledge_reader_config(task, tmp_path / "g3", "generative", 1, top_k=3).reader.top_k == 3
+    )
 
 
 def _ev(question, prediction, evidence, qid):
