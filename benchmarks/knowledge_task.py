@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         epochs=args.epochs,
         top_k=args.top_k,
         augment_assignments=args.augment_assignments,
+        retriever_dir=args.retriever,
         overrides=overrides,
     )
     table = knowledge_table(res["tables"])

@@ -185,7 +185,10 @@ class GenerativeReaderConfig(PretrainedConfig):
         max_answer_length: Answer tokens generated at most (end-of-sequence excluded).
         num_beams: Beam search width (1 = greedy).
         copy_from_context: A copy head (pointer-generator) mixes a pointer over the read
-            text tokens into T5's output distribution (:class:`~rvqa.reader.generative.CopyT5ForConditionalGeneration`).
+            text tokens into T5's output distribution
+            (:class:`~rvqa.reader.generative.CopyT5ForConditionalGeneration`). False here
+            (a reader saved before the head existed loads as it was trained);
+            ``from_backbones`` passes ``ReaderSettings.copy_from_context`` (True).
         freeze_vision: Keep the image tower fixed (features cacheable per image).
         initializer_range: Std of the normal init of the visual projection.
     """
@@ -210,7 +213,7 @@ class GenerativeReaderConfig(PretrainedConfig):
         max_input_length: int = _S.max_input_length,
         max_answer_length: int = _S.max_answer_length,
         num_beams: int = _S.num_beams,
-        copy_from_context: bool = _S.copy_from_context,
+        copy_from_context: bool = False,
         freeze_vision: bool = _S.freeze_vision,
         initializer_range: float = 0.02,
         **kwargs: Any,

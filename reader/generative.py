@@ -135,27 +135,36 @@ class CopyT5ForConditionalGeneration(T5ForConditionalGeneration):
         t5_inputs.update(output_hidden_states=True, return_dict=True)
         out = super().forward(**t5_inputs)
         encoder_states = out.encoder_last_hidden_state  # (B, S, D)
-        if copy_ids.shape != encoder_states.shape[:2]:
+        if tuple(copy_ids.shape) != tuple(encoder_states.shape[:2]):
             raise ValueError(
                 f"copy_ids must have one id per encoder position {tuple(encoder_states.shape[:2])}, "
                 f"got {tuple(copy_ids.shape)}"
             )
-        state = out.decoder_hidden_states[-1].float()  # (B, T, D), after the final norm
-        keys = self.copy_key(encoder_states.float())
-        scores = (
-            torch.einsum("btd,bsd->bts", self.copy_query(state), keys) * state.shape[-1] ** -0.5
-        )
-        copyable = copy_ids != NO_COPY
-        scores = scores.masked_fill(~copyable[:, None, :], torch.finfo(scores.dtype).min)
-        pointer = scores.softmax(dim=-1) * copyable[:, None, :].any(-1, keepdim=True)
-        copied = torch.zeros(
-            (*pointer.shape[:2], out.logits.shape[-1]), dtype=pointer.dtype, device=pointer.device
-        )
-        index = copy_ids.clamp(min=0)[:, None, :].expand(-1, pointer.shape[1], -1)
-        copied.scatter_add_(2, index, pointer)
-        gate = torch.sigmoid(self.copy_gate(state))  # (B, T, 1)
-        probs = gate * out.logits.float().softmax(dim=-1) + (1 - gate) * copied
-        log_probs = probs.clamp(min=torch.finfo(probs.dtype).tiny).log()
+        # The head in float32 whatever the model's dtype or autocast (a bf16 gate and
+        # mixture would leave p summing to 1 ± 0.003).
+        with torch.autocast(device_type=encoder_states.device.type, enabled=False):
+            state = out.decoder_hidden_states[-1].float()  # (B, T, D), after the final norm
+            query = F.linear(state, self.copy_query.weight.float())
+            keys = F.linear(encoder_states.float(), self.copy_key.weight.float())
+            scores = torch.einsum("btd,bsd->bts", query, keys) * state.shape[-1] ** -0.5
+            copyable = copy_ids != NO_COPY
+            scores = scores.masked_fill(~copyable[:, None, :], torch.finfo(scores.dtype).min)
+            any_copyable = copyable.any(dim=-1)[:, None, None]  # (B, 1, 1)
+            pointer = scores.softmax(dim=-1) * any_copyable
+            copied = torch.zeros(
+                (*pointer.shape[:2], out.logits.shape[-1]),
+                dtype=pointer.dtype,
+                device=pointer.device,
+            )
+            index = copy_ids.clamp(min=0)[:, None, :].expand(-1, pointer.shape[1], -1)
+            copied.scatter_add_(2, index, pointer)
+            gate = torch.sigmoid(
+                F.linear(state, self.copy_gate.weight.float(), self.copy_gate.bias.float())
+            )  # (B, T, 1)
+            # nothing to copy (no text token read): the vocabulary alone, still normalised
+            gate = torch.where(any_copyable, gate, torch.ones_like(gate))
+            probs = gate * out.logits.float().softmax(dim=-1) + (1 - gate) * copied
+            log_probs = probs.clamp(min=torch.finfo(probs.dtype).tiny).log()
         loss = None
         if labels is not None:
             loss = F.nll_loss(

@@ -324,8 +324,9 @@ def tokenizer_training_text(
     names, and the pieces of frequent words ("the", "question") are then scored below
     their letters (transformers' T5 tokenizer segments by piece scores)."""
     n = len(train_records)
-    per_question = 8
-    step = max(1, int(np.ceil(n * max(1, epochs) / max(1, max_sentences // per_question))))
+    rounds = max(1, epochs) if worlds is not None else 1
+    per_question = 3 + (top_k if top_k is not None else 8)  # prompt, question, captions, target
+    step = max(1, int(np.ceil(n * rounds / max(1, max_sentences // per_question))))
     texts: list[str] = []
     prompt = f"{QUESTION_PROMPT} {CONTEXT_PROMPT} {CAPTION_SEPARATOR}"
     for i in range(0, n, step):
@@ -337,7 +338,7 @@ def tokenizer_training_text(
         if worlds is None:
             texts.extend(own)
             continue
-        for epoch in range(max(1, epochs)):
+        for epoch in range(rounds):
             w = worlds.world_for(f"{r.question_id}@{epoch}", seed)
             texts.extend(worlds.rewrite_all(own, w))
     return [t for t in texts if t][:max_sentences]

@@ -354,7 +354,8 @@ class ReaderSettings(TrainSettings):
     """A copy head on the generative reader (pointer-generator, See et al. 2017): each output
     token's probability mixes T5's vocabulary distribution with a pointer attention over the
     text tokens it reads, so a name never seen in training can be copied from the evidence.
-    Off: plain T5 (the pointer's weights are new, so a hub T5 starts with an untrained head)."""
+    With a hub T5 the head's weights are new (trained from scratch on top of the checkpoint).
+    Off: the plain T5."""
 
 
 @dataclass

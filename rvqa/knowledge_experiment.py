@@ -36,6 +36,7 @@ from rvqa.pipeline import RVQA
 from rvqa.reader.auto import load_reader
 from rvqa.reader.train import train_reader
 from rvqa.retriever.index import KnowledgeIndex, build_index_from_embeddings
+from rvqa.run_layout import write_run_file
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +172,7 @@ def run_knowledge_experiment(
     epochs: int = 3,
     top_k: int = TOP_K,
     augment_assignments: int = 400,
+    retriever_dir: str | Path | None = None,
     overrides: dict[str, Sequence[str]] | None = None,
     say: Callable[[str], None] = print,
     examples: int = 2,
@@ -187,6 +189,9 @@ def run_knowledge_experiment(
         top_k: Fact cards each reader reads (:data:`TOP_K`).
         augment_assignments: Term worlds of training (more distinct names: copying, not
             memorising, is what fits them).
+        retriever_dir: The retriever's folder: each reader's folder then gets an
+            ``rvqa_run.json`` (retriever, reader, index A), so ``RVQA.from_pretrained``,
+            ``rvqa ask`` and ``rvqa evaluate --model`` load it (``--index`` for B).
         overrides: Reader type → extra ``--set``-style overrides of its run config.
         say: Where progress lines go.
         examples: Questions answered with A and then B for :func:`knowledge_table`'s readers.
@@ -242,6 +247,14 @@ def run_knowledge_experiment(
         index = KnowledgeIndex.load(folders["A"], retriever=retriever)
         rd = train_reader(cfg, retriever=retriever, index=index, end_training=False)
         train_s = time.time() - t1
+        if retriever_dir is not None:
+            write_run_file(
+                work_dir / f"knowledge-{kind}",
+                retriever_dir,
+                rd["model_dir"],
+                {folders["A"].name: folders["A"]},
+                top_k,
+            )
         reader, processor = load_reader(rd["model_dir"])
         model = RVQA(retriever, reader, processor, top_k=top_k, device="cpu")
         for key, folder in folders.items():

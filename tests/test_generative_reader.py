@@ -566,6 +566,33 @@ def test_copy_head_is_the_pointer_generator_mixture():
     assert torch.allclose(model(input_ids=ids, attention_mask=mask, labels=labels).loss, plain.loss)
     with pytest.raises(ValueError, match="one id per encoder position"):
         model(input_ids=ids, attention_mask=mask, labels=labels, copy_ids=copy_ids[:, :3])
+    # a row with nothing to copy: the vocabulary distribution alone, still normalised
+    none = copy_ids.clone()
+    none[1] = NO_COPY
+    got = model(input_ids=ids, attention_mask=mask, labels=labels, copy_ids=none).logits.exp()
+    assert torch.allclose(got.sum(-1), torch.ones(2, 3), atol=1e-5)
+    assert torch.allclose(got[1], p_vocab[1], atol=1e-6)
+    # under bf16 autocast the head and the mixture stay float32 (normalised to 1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf = model(input_ids=ids, attention_mask=mask, labels=labels, copy_ids=copy_ids).logits
+    assert bf.dtype == torch.float32
+    assert torch.allclose(bf.exp().sum(-1), torch.ones(2, 3), atol=1e-5)
+
+
+def test_a_reader_saved_without_the_copy_option_loads_without_a_head(tokenizer, tmp_path):
+    """Readers saved before copy_from_context existed load as trained (no random head)."""
+    from transformers import T5ForConditionalGeneration
+
+    from rvqa.reader.generative import CopyT5ForConditionalGeneration
+
+    model = tiny_model(tokenizer, copy_from_context=False)
+    model.save_pretrained(tmp_path / "old")
+    cfg = json.loads((tmp_path / "old" / "config.json").read_text())
+    cfg.pop("copy_from_context")
+    (tmp_path / "old" / "config.json").write_text(json.dumps(cfg))
+    old = GenerativeReaderModel.from_pretrained(tmp_path / "old")
+    assert not old.config.copy_from_context and type(old.t5) is T5ForConditionalGeneration
+    assert isinstance(tiny_model(tokenizer).t5, CopyT5ForConditionalGeneration)  # the default
 
 
 def test_copy_head_learns_to_copy_and_generate_passes_copy_ids_to_every_beam():
@@ -640,4 +667,11 @@ def test_tokenizer_training_text_is_the_text_read_at_its_frequencies():
     ]
     assert [t for t in texts if t in {"kavelo", "bamoke", "fudito"}] == want
     assert len(texts) == 6 * 2 * 4
-    assert len(tokenizer_training_text(recs, retrieved, lambda r: r.image, max_sentences=16)) <= 16
+    # beyond max_sentences: an even sample of the questions, first to last
+    many = [
+        SimpleNamespace(question_id=i, image="im0", question=f"question {i}?", answers=["x"])
+        for i in range(40)
+    ]
+    texts = tokenizer_training_text(many, retrieved, lambda r: r.image, max_sentences=40, top_k=1)
+    asked = [t for t in texts if t.startswith("question ")]
+    assert asked == [f"question {i}?" for i in range(0, 40, 4)]
