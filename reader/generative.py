@@ -73,8 +73,8 @@ class CopyT5ForConditionalGeneration(T5ForConditionalGeneration):
     greedy and beam search in ``generate`` and the sequence scores use ``p``) and the
     loss is the mean ``−log p`` of the label tokens. Copying a name never seen in
     training then needs only the attention to find it, not an output embedding trained
-    on it: a T5 trained from scratch learns to read unseen names from the evidence in a
-    few hundred steps, where the plain T5 stays near a quarter right
+    on it: on the knowledge task a T5 trained from scratch copies 99.9 % of the unseen
+    owner names after 636 steps, where the reader without the head had reached 16 %
     (``benchmarks/README.md``). Without ``copy_ids`` it is the plain T5 distribution.
     """
 

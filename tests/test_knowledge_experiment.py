@@ -114,12 +114,14 @@ def test_whole_experiment_with_tiny_models(tmp_path):
         "reader.num_beams=2",
     ]
     lines = []
+    retriever.save_pretrained(tmp_path / "ret")
     res = run_knowledge_experiment(
         retriever,
         tmp_path / "exp",
         train_images=24,
         test_images=6,
         epochs=1,
+        retriever_dir=tmp_path / "ret",
         overrides={"classifier": tiny_reader, "generative": generative},
         say=lines.append,
         examples=1,
@@ -132,6 +134,12 @@ def test_whole_experiment_with_tiny_models(tmp_path):
     ex = res["examples"][0]
     assert ex["before"].evidence[0].index == "A" and ex["after"].evidence[0].index == "B"
     assert any("own card" in line for line in lines)
+    # each reader's folder is a run: RVQA.from_pretrained loads it, with index A
+    from rvqa.pipeline import RVQA
+
+    run = RVQA.from_pretrained(tmp_path / "exp" / "knowledge-generative")
+    got = run.answer(ex["image"], ex["question"])
+    assert got.evidence and {e.index for e in got.evidence} == {"knowledge-A"}
 
     # card recall: brute force over the index's 24 cards
     task = tmp_path / "exp" / "knowledge-task"
