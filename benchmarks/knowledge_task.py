@@ -6,9 +6,11 @@ counterfactual term worlds, and evaluates each on the held-out test images under
 five conditions (index A, index B swapped in without retraining, shuffled facts,
 random facts, no retrieval), scoring every prediction against A's and B's answers.
 
-    python benchmarks/knowledge_task.py --retriever runs/demo/retriever/best --out runs/knowledge-exp
-    python benchmarks/knowledge_task.py --retriever runs/demo/retriever/best --out runs/k \\
-        --readers generative --epochs 4 --set generative reader.learning_rate=3e-3
+    rvqa make-knowledge-task data/knowledge && rvqa train-retriever --config data/knowledge/knowledge.yaml
+    python benchmarks/knowledge_task.py --retriever runs/knowledge/retriever/best --out runs/knowledge-exp \\
+        --readers generative --epochs 4          # one card per question (--top-k, default 1)
+    python benchmarks/knowledge_task.py --retriever runs/demo/retriever/best --out runs/k --top-k 3 \\
+        --set generative reader.copy_from_context=false   # the demo's retriever; an ablation
 
 Prints the table (markdown) and writes ``results.json`` into ``--out``.
 """

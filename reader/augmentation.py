@@ -126,6 +126,11 @@ class TermWorlds:
         h = hashlib.sha256(f"worlds:{seed}:{key}".encode()).hexdigest()[:12]
         return int(h, 16) % len(self.tables)
 
+    def world_of(self, question_id: Any, epoch: int, seed: int = 0) -> int:
+        """The world a training question is rewritten into in ``epoch`` (the one choice
+        :class:`~rvqa.reader.data.ReaderDataset` and the scratch tokenizer's text share)."""
+        return self.world_for(f"{question_id}@{epoch}", seed)
+
     def matches(self, text: str) -> bool:
         """Whether ``text`` holds a term of the base assignment."""
         return self._pattern.search(text) is not None

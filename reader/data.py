@@ -167,7 +167,7 @@ class ReaderDataset(Dataset):
         )
         question, captions, answers = r.question, [h[0] for h in hits], list(r.answers or [])
         if self.worlds is not None:
-            w = self.worlds.world_for(f"{r.question_id}@{self.epoch}", self.seed)
+            w = self.worlds.world_of(r.question_id, self.epoch, self.seed)
             question = self.worlds.rewrite(question, w)
             captions = self.worlds.rewrite_all(captions, w)
             answers = self.worlds.rewrite_all(answers, w)

@@ -113,6 +113,8 @@ class CopyT5ForConditionalGeneration(T5ForConditionalGeneration):
         copy_ids: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Seq2SeqLMOutput:
+        # T5's parameters are named, not left to **kwargs: generate() checks its model
+        # kwargs (encoder_outputs, copy_ids ...) against this signature.
         """T5's forward; with ``copy_ids`` ((B, S): the token id at each encoder position,
         :data:`NO_COPY` where nothing can be copied) the output distribution mixes in
         the pointer (see the class docstring)."""
@@ -144,9 +146,11 @@ class CopyT5ForConditionalGeneration(T5ForConditionalGeneration):
         # mixture would leave p summing to 1 ± 0.003).
         with torch.autocast(device_type=encoder_states.device.type, enabled=False):
             state = out.decoder_hidden_states[-1].float()  # (B, T, D), after the final norm
-            query = F.linear(state, self.copy_query.weight.float())
-            keys = F.linear(encoder_states.float(), self.copy_key.weight.float())
-            scores = torch.einsum("btd,bsd->bts", query, keys) * state.shape[-1] ** -0.5
+            # q·(W_k e) = (q W_k)·e: the key projection folded into the query, so a
+            # decoding step (T = 1) does not project every encoder state again
+            query = F.linear(state, self.copy_query.weight.float()) @ self.copy_key.weight.float()
+            scores = torch.einsum("btd,bsd->bts", query, encoder_states.float())
+            scores = scores * state.shape[-1] ** -0.5
             copyable = copy_ids != NO_COPY
             scores = scores.masked_fill(~copyable[:, None, :], torch.finfo(scores.dtype).min)
             any_copyable = copyable.any(dim=-1)[:, None, None]  # (B, 1, 1)

@@ -313,7 +313,7 @@ def tokenizer_training_text(
     epochs: int = 1,
 ) -> list[str]:
     """The text the reader reads in training, at the frequencies it reads it: per
-    question (an even sample when there are more than ``max_sentences // 8``), the
+    question (an even sample when the texts would pass ``max_sentences``), the
     prompt words, the question, its image's first ``top_k`` retrieved captions and its
     target answer — each text a separate sentence, as the processor tokenises each part
     on its own. With term ``worlds`` (:class:`~rvqa.reader.augmentation.TermWorlds`)
@@ -339,6 +339,6 @@ def tokenizer_training_text(
             texts.extend(own)
             continue
         for epoch in range(rounds):
-            w = worlds.world_for(f"{r.question_id}@{epoch}", seed)
+            w = worlds.world_of(r.question_id, epoch, seed)
             texts.extend(worlds.rewrite_all(own, w))
     return [t for t in texts if t][:max_sentences]

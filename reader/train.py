@@ -126,6 +126,8 @@ def _scratch_tokenizer(
                 worlds=worlds,
                 top_k=cfg.reader.top_k,
                 seed=cfg.reader.seed,
+                # the worlds of the first epochs: enough to cover the terms' pieces
+                # without multiplying the text by a long run's epoch count
                 epochs=min(cfg.reader.num_epochs, 4),
             )
             with atomic_directory(folder, overwrite=True) as tmp:

@@ -5,7 +5,8 @@ Run by ``benchmarks/knowledge_task.py`` (meant to become the knowledge part of
 
 1. the knowledge task (``rvqa.data.knowledge``): easy-vqa images, facts of
    assignment A (training) and B (the swap), official-format questions;
-2. three fact indices with a trained retriever (the demo's): A, B and A's facts shuffled
+2. three fact indices with a trained retriever (one trained on the task's cards reads
+   with ``top_k`` 1; the demo's easy-vqa retriever needs 3): A, B and A's facts shuffled
    across emblems (a corrupted control);
 3. two readers trained with index A and counterfactual term worlds
    (``reader.term_worlds``): the classifier (its vocabulary includes B's answers,
@@ -223,9 +224,9 @@ def run_knowledge_experiment(
     )
     folders = _build_fact_indices(task_dir, retriever, indices_dir)
     say(f"   fact indices: {', '.join(str(p) for p in folders.values())}")
-    records_a = list(
-        load_vqa(knowledge_reader_config(task_dir, work_dir, "classifier", 1).data, "test")
-    )
+    data = knowledge_reader_config(task_dir, work_dir, "classifier", 1).data  # both readers'
+    records_a = list(load_vqa(data, "test"))
+    records_b = list(load_vqa(data, "test_B"))
     recall = card_recall(retriever, folders["A"], records_a)
     say(
         "   the image's own card among the retrieved: "
@@ -259,8 +260,6 @@ def run_knowledge_experiment(
         model = RVQA(retriever, reader, processor, top_k=top_k, device="cpu")
         for key, folder in folders.items():
             model.load_index(folder, name=key)
-        records_a = list(load_vqa(cfg.data, "test"))
-        records_b = list(load_vqa(cfg.data, "test_B"))
         rows = []
         for label, key in CONDITIONS:
             control = RandomCaptions(model.registry, seed=0) if key == "random" else None

@@ -83,14 +83,21 @@ def _record(qid):
     )
 
 
-def test_reader_dataset_rewrites_captions_and_answers_consistently():
+def _datasets(n: int) -> tuple[TermWorlds, AnswerVocab, ReaderDataset, ReaderDataset]:
+    """n questions about one image whose retrieved card names vardelo: (worlds, vocab,
+    the dataset rewriting into the worlds, the same dataset without them)."""
     worlds = TermWorlds(TABLES)
     vocab = AnswerVocab(["vardelo", "miskaro", "salt"])
-    records = [_record(q) for q in range(40)]
+    records = [_record(q) for q in range(n)]
     hits = {"1": [("the red circle is the emblem of vardelo.", 0.9, 1)]}
-    features = np.zeros((40, 2, 3), dtype=np.float32)
+    features = np.zeros((n, 2, 3), dtype=np.float32)
     ds = ReaderDataset(records, None, hits, vocab, 1, seed=0, features=features, worlds=worlds)
     plain = ReaderDataset(records, None, hits, vocab, 1, seed=0, features=features)
+    return worlds, vocab, ds, plain
+
+
+def test_reader_dataset_rewrites_captions_and_answers_consistently():
+    worlds, vocab, ds, plain = _datasets(40)
     seen = set()
     for i in range(40):
         item, base = ds[i], plain[i]
@@ -112,12 +119,7 @@ def test_worlds_of_another_assignment_are_refused():
 
 
 def test_a_question_gets_another_world_in_another_epoch():
-    worlds = TermWorlds(TABLES)
-    vocab = AnswerVocab(["vardelo", "miskaro", "salt"])
-    records = [_record(q) for q in range(60)]
-    hits = {"1": [("the red circle is the emblem of vardelo.", 0.9, 1)]}
-    features = np.zeros((60, 2, 3), dtype=np.float32)
-    ds = ReaderDataset(records, None, hits, vocab, 1, seed=0, features=features, worlds=worlds)
+    _, _, ds, _ = _datasets(60)
 
     def captions():
         return [ds[i]["captions"][0] for i in range(60)]
