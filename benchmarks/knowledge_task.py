@@ -9,8 +9,10 @@ random facts, no retrieval), scoring every prediction against A's and B's answer
     rvqa make-knowledge-task data/knowledge && rvqa train-retriever --config data/knowledge/knowledge.yaml
     python benchmarks/knowledge_task.py --retriever runs/knowledge/retriever/best --out runs/knowledge-exp \\
         --readers generative --epochs 4          # one card per question (--top-k, default 1)
-    python benchmarks/knowledge_task.py --retriever runs/demo/retriever/best --out runs/k --top-k 3 \\
-        --set generative reader.copy_from_context=false   # the demo's retriever; an ablation
+    python benchmarks/knowledge_task.py --retriever runs/demo/retriever/best --out runs/k \\
+        --card-steps 40       # the demo's retriever, fine-tuned on the cards first (as rvqa demo)
+    python benchmarks/knowledge_task.py --retriever runs/knowledge/retriever/best --out runs/k2 \\
+        --readers generative --set generative reader.copy_from_context=false   # an ablation
 
 Prints the table (markdown) and writes ``results.json`` into ``--out``.
 """
@@ -33,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from rvqa.knowledge_experiment import (
         READERS,
         TOP_K,
+        format_examples,
         knowledge_table,
         run_knowledge_experiment,
     )
@@ -47,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--top-k", type=int, default=TOP_K, help="fact cards read per question")
     p.add_argument("--augment-assignments", type=int, default=400, help="term worlds")
+    p.add_argument(
+        "--card-steps",
+        type=int,
+        default=0,
+        help="first fine-tune --retriever on the task's fact cards for this many steps",
+    )
     p.add_argument(
         "--set",
         nargs=2,
@@ -75,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         top_k=args.top_k,
         augment_assignments=args.augment_assignments,
         retriever_dir=args.retriever,
+        card_steps=args.card_steps,
         overrides=overrides,
     )
     table = knowledge_table(res["tables"])
@@ -88,12 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{kind}: trained in {rows[0]['train_s']:.0f} s; with index B {copied:.1f} % of "
             "owner names are B's, copied from the evidence"
         )
-    for ex in res["examples"]:
-        print(f"\nQ: {ex['question']}  ({ex['image']})")
-        for when, key, truth in (("index A", "before", "truth_A"), ("index B", "after", "truth_B")):
-            a = ex[key]
-            ev = a.evidence[0].text if a.evidence else ""
-            print(f"  {when}: {a.answer!r} ({a.score:.2f}; truth {ex[truth]!r})  read: {ev!r}")
+    print(format_examples(res["examples"]))
     wall = time.time() - t0
     print(f"\nwall time {wall:.0f} s")
     write_json_atomic(

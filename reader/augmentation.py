@@ -161,7 +161,16 @@ class TermWorlds:
         return [self.rewrite(t, world) for t in texts]
 
     def answer_lists(self, answer_lists: Iterable[Sequence[str]]) -> Iterable[list[str]]:
-        """Every answer list in every world (for the answer vocabulary of a classifier)."""
+        """Every answer list in every world (for the answer vocabulary of a classifier).
+
+        Each distinct list is rewritten once (VQA answer lists repeat a lot; the knowledge
+        task has 72 distinct ones for thousands of questions, times hundreds of worlds)."""
+        done: dict[tuple[str, ...], list[list[str]]] = {}
         for answers in answer_lists:
-            for w in range(len(self.tables)):
-                yield self.rewrite_all(answers, w)
+            key = tuple(answers) if not isinstance(answers, str) else None
+            if key is None:  # not a list: build_vocab names the bad entry
+                yield answers  # type: ignore[misc]
+                continue
+            if key not in done:
+                done[key] = [self.rewrite_all(answers, w) for w in range(len(self.tables))]
+            yield from done[key]

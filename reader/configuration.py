@@ -65,6 +65,13 @@ class ReaderConfig(PretrainedConfig):
             ``"min3"`` = ``min(1, count / 3)`` (the standard VQA recipe),
             ``"loo"`` = the leave-one-out average the official metric uses.
         initializer_range: Std of the normal init of the reader's own weights.
+        copy_from_context: Copy answers from the captions (an extractive pointer): an
+            answer of the vocabulary that occurs in the retrieved captions gets, on top of
+            its classifier logit, a pointer score from the ``[CLS]`` state and the state
+            of its first token there. The answer a card names is then read, not learnt
+            per class from its own few examples. ``False`` here (a config saved before the
+            option loads as the model it was); ``from_backbones`` passes
+            ``ReaderSettings.copy_from_context`` (True).
     """
 
     model_type = "rvqa-reader"
@@ -93,6 +100,7 @@ class ReaderConfig(PretrainedConfig):
         answers: Sequence[str] | None = None,
         soft_target_rule: str = "min3",
         initializer_range: float = 0.02,
+        copy_from_context: bool = False,
         **kwargs: Any,
     ):
         optional = (("visual_grid", visual_grid), ("classifier_hidden", classifier_hidden))
@@ -141,6 +149,7 @@ class ReaderConfig(PretrainedConfig):
         self.answers = answers
         self.soft_target_rule = soft_target_rule
         self.initializer_range = initializer_range
+        self.copy_from_context = bool(copy_from_context)
         super().__init__(**kwargs)
 
     @property

@@ -123,6 +123,11 @@ class ReaderModel(VisionTowerMixin, PreTrainedModel):
             nn.Dropout(config.dropout),
             nn.Linear(width, config.num_answers),
         )
+        # Copying answers from the captions (an extractive pointer): the [CLS] state's
+        # query against the state of each answer's first token in the captions.
+        if config.copy_from_context:
+            self.copy_query = nn.Linear(hidden, hidden)
+            self.copy_key = nn.Linear(hidden, hidden)
         self.post_init()
         self.apply_freezing()
 
@@ -277,6 +282,8 @@ class ReaderModel(VisionTowerMixin, PreTrainedModel):
         caption_scores: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         visual_features: torch.Tensor | None = None,
+        context_answers: torch.Tensor | None = None,
+        context_positions: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> ReaderOutput:
         """Score every answer for a batch (the :class:`~rvqa.reader.processing.ReaderProcessor` output).
@@ -291,6 +298,12 @@ class ReaderModel(VisionTowerMixin, PreTrainedModel):
                 and the batch has captions, ignored otherwise.
             visual_features: (B, V, C) precomputed :meth:`vision_features` instead of
                 ``pixel_values`` (a frozen image tower's output, cached by training).
+            context_answers: (B, C) ids of vocabulary answers found in the captions (-1:
+                padding); with ``context_positions`` (B, C), the position of each one's
+                first token in ``input_ids``. Required by a reader with
+                ``copy_from_context`` when the batch has captions (its processor makes
+                them): answer ``a``'s logit gains the pointer score
+                ``max_i (W_q h_CLS) · (W_k h_i) / sqrt(H)`` over its occurrences ``i``.
             labels: (B, num_answers) soft targets in [0, 1]. The loss is
                 ``binary_cross_entropy_with_logits(logits, labels, reduction="mean") *
                 num_answers`` — per question the *sum* over answers, averaged over the batch
@@ -327,6 +340,10 @@ class ReaderModel(VisionTowerMixin, PreTrainedModel):
         )
         hidden = self.text_model.encoder(x, attention_mask=mask).last_hidden_state  # (B, L+V, H)
         logits = self.classifier(hidden[:, 0])  # (B, A): from the [CLS] state
+        if self.config.copy_from_context:
+            logits = logits + self.copy_scores(
+                hidden, logits.shape[1], caption_index, context_answers, context_positions
+            )
 
         loss = None
         if labels is not None:
@@ -340,6 +357,55 @@ class ReaderModel(VisionTowerMixin, PreTrainedModel):
             )
             loss = loss * logits.shape[1]
         return ReaderOutput(loss=loss, logits=logits)
+
+    def copy_scores(
+        self,
+        hidden: torch.Tensor,
+        num_answers: int,
+        caption_index: torch.Tensor | None,
+        answers: torch.Tensor | None,
+        positions: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """(B, A) pointer scores added to the logits: for each answer found in the captions,
+        the best scaled dot product between the ``[CLS]`` query and the key of one of its
+        occurrences; 0 for answers not in the captions."""
+        if answers is None or positions is None:
+            if caption_index is not None and bool((caption_index >= 0).any()):
+                raise ValueError(
+                    "this reader copies answers from its captions (copy_from_context=True) but "
+                    "the batch has captions and no context_answers / context_positions; build "
+                    "batches with the reader's own processor (ReaderProcessor.from_pretrained)"
+                )
+            answers = hidden.new_full((hidden.shape[0], 0), -1, dtype=torch.long)
+            positions = torch.zeros_like(answers)
+        batch, length, width = hidden.shape
+        for name, value in (("context_answers", answers), ("context_positions", positions)):
+            if value.ndim != 2 or value.shape[0] != batch or value.dtype.is_floating_point:
+                raise ValueError(
+                    f"{name} must be integer ids of shape (batch={batch}, C), got "
+                    f"{value.dtype} {tuple(value.shape)}"
+                )
+        if answers.shape != positions.shape:
+            raise ValueError(
+                f"context_answers {tuple(answers.shape)} and context_positions "
+                f"{tuple(positions.shape)} must have the same shape"
+            )
+        valid = answers >= 0
+        if bool((answers >= num_answers).any()):
+            raise ValueError(
+                f"context_answers holds answer id {int(answers.max())} but the vocabulary has "
+                f"{num_answers} answers"
+            )
+        if bool(((positions < 0) | (positions >= length))[valid].any()):
+            raise ValueError(f"context_positions must lie in [0, {length}) (the text length)")
+        keys = hidden.gather(1, positions.clamp(0, length - 1).unsqueeze(-1).expand(-1, -1, width))
+        query = self.copy_query(hidden[:, 0])  # (B, H)
+        scores = torch.einsum("bh,bch->bc", query, self.copy_key(keys)) / width**0.5  # (B, C)
+        # Padding goes to an extra column, dropped; an answer found twice keeps its best.
+        target = torch.where(valid, answers, num_answers)
+        out = scores.new_zeros(batch, num_answers + 1)
+        out = out.scatter_reduce(1, target, scores, reduce="amax", include_self=False)
+        return out[:, :num_answers]
 
     def _check_inputs(
         self,

@@ -11,8 +11,10 @@ little more than list concatenation.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
+import re
 import math
 import os
 from collections.abc import Sequence
@@ -31,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 PROCESSOR_FILE = "reader_processor.json"
 
+_WORD = re.compile(r"[^\W_]+")  # a word: letters and digits (answers match whole words)
+
 
 class ReaderProcessor:
     """Tokenizer + image processor + token budgets of the reader.
@@ -44,6 +48,10 @@ class ReaderProcessor:
         max_caption_length: Tokens kept per caption, excluding its ``[SEP]``.
         cache_size: Distinct strings whose token ids are kept; the cache is emptied
             when it grows past this.
+        answers: The reader's answer vocabulary when it copies answers from its captions
+            (``ReaderConfig.copy_from_context``): each batch then also marks where an
+            answer of the vocabulary occurs in a caption (``context_answers``,
+            ``context_positions``). Needs a fast tokenizer (offsets).
     """
 
     def __init__(
@@ -53,6 +61,7 @@ class ReaderProcessor:
         max_question_length: int = ReaderSettings.max_question_length,
         max_caption_length: int = ReaderSettings.max_caption_length,
         cache_size: int = 200_000,
+        answers: Sequence[str] | None = None,
     ):
         for name, value in (
             ("max_question_length", max_question_length),
@@ -69,6 +78,11 @@ class ReaderProcessor:
         self._ids: dict[str, tuple[int, ...]] = {}
         self._warned: set[str] = set()  # long questions already reported
         self._special_ids(tokenizer)
+        self.answers = None if answers is None else list(answers)
+        self._answer_ids: dict[tuple[str, ...], int] = {}
+        self._in_caption: dict[str, tuple[tuple[int, int], ...]] = {}
+        if self.answers is not None:
+            self._start_answer_matching(tokenizer)
 
     KIND = "classifier"
     """The reader type this processor's layout is for (saved in ``reader_processor.json``)."""
@@ -83,10 +97,27 @@ class ReaderProcessor:
 
     def _budgets(self) -> dict[str, Any]:
         """The token budgets saved beside the tokenizer (``__init__`` keyword arguments)."""
-        return {
+        out: dict[str, Any] = {
             "max_question_length": self.max_question_length,
             "max_caption_length": self.max_caption_length,
         }
+        if self.answers is not None:
+            out["answers"] = self.answers
+        return out
+
+    def _start_answer_matching(self, tokenizer: Any) -> None:
+        if not getattr(tokenizer, "is_fast", False):
+            raise ConfigError(
+                "copy_from_context needs a fast tokenizer (character offsets) to find the "
+                f"answers in the captions; {type(tokenizer).__name__} is not one"
+            )
+        for i, a in enumerate(self.answers or []):
+            if not isinstance(a, str):
+                raise TypeError(f"answers[{i}] must be a string, got {type(a).__name__}")
+            words = tuple(w.lower() for w in _WORD.findall(a))
+            if words:
+                self._answer_ids.setdefault(words, i)
+        self._max_answer_words = max((len(w) for w in self._answer_ids), default=0)
 
     # ------------------------------------------------------------------ building
 
@@ -110,6 +141,7 @@ class ReaderProcessor:
             image_processor_for(config, image_processor),
             max_question_length=config.max_question_length,
             max_caption_length=config.max_caption_length,
+            answers=config.answers if getattr(config, "copy_from_context", False) else None,
         )
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
@@ -159,6 +191,7 @@ class ReaderProcessor:
         if new and len(self._ids) + len(new) > self.cache_size:
             self._ids.clear()  # simple bound on memory; a cleared string is re-tokenised
             self._warned.clear()
+            self._in_caption.clear()
             new = list(dict.fromkeys(texts))
         if new:
             encoded = self.tokenizer(
@@ -169,6 +202,42 @@ class ReaderProcessor:
             )["input_ids"]
             self._ids.update(zip(new, map(tuple, encoded)))
         return [self._ids[t] for t in texts]
+
+    def answers_in(self, captions: Sequence[str]) -> list[tuple[tuple[int, int], ...]]:
+        """Where the vocabulary's answers occur in each caption: ``(answer id, token index)``
+        pairs, the index of the answer's first token in the caption's token ids (through a
+        cache, like :meth:`token_ids`). An answer matches whole words, case-insensitively
+        (``"salt"`` in ``"trades in Salt."``, not in ``"salty"``); multi-word answers match
+        word sequences."""
+        if self.answers is None:
+            raise UsageError("this processor has no answer vocabulary (answers=None)")
+        new = list(dict.fromkeys(t for t in captions if t not in self._in_caption))
+        if new:
+            offsets = self.tokenizer(
+                new,
+                add_special_tokens=False,
+                return_attention_mask=False,
+                return_token_type_ids=False,
+                return_offsets_mapping=True,
+            )["offset_mapping"]
+            for text, offs in zip(new, offsets):
+                self._in_caption[text] = self._match_answers(text, offs)
+        return [self._in_caption[t] for t in captions]
+
+    def _match_answers(self, text: str, offsets: Sequence[Any]) -> tuple[tuple[int, int], ...]:
+        words = list(_WORD.finditer(text))
+        lowered = [w.group(0).lower() for w in words]
+        ends = [end for _, end in offsets]
+        found = []
+        for i, w in enumerate(words):
+            for n in range(1, min(self._max_answer_words, len(words) - i) + 1):
+                answer = self._answer_ids.get(tuple(lowered[i : i + n]))
+                if answer is None:
+                    continue
+                token = bisect.bisect_right(ends, w.start())  # first token ending past it
+                if token < len(ends):
+                    found.append((answer, token))
+        return tuple(found)
 
     def _question_ids(self, questions: Any) -> list[tuple[int, ...]]:
         if isinstance(questions, (str, bytes)) or not hasattr(questions, "__iter__"):
@@ -253,7 +322,10 @@ class ReaderProcessor:
 
         Returns:
             ``input_ids``, ``attention_mask``, ``token_type_ids`` and ``caption_index``
-            (B, L) (-1 off captions; padded to the longest example), ``caption_scores``
+            (B, L) (-1 off captions; padded to the longest example); with an answer
+            vocabulary, ``context_answers`` (B, C) (answer ids found in the captions, -1
+            padding) and ``context_positions`` (B, C) (their first token in ``input_ids``);
+            ``caption_scores``
             (B, k_max) when ``scores`` are given (0 where an example has fewer
             captions), ``pixel_values`` (B, 3, H, W) when images are given.
 
@@ -267,16 +339,22 @@ class ReaderProcessor:
             raise UsageError("questions is empty; expected at least one question")
         c_ids, score_lists = self._caption_ids(captions, scores, batch)
 
-        rows = []
-        for q, caps in zip(q_ids, c_ids):
+        copy = self.answers is not None
+        rows, found = [], []
+        for i, (q, caps) in enumerate(zip(q_ids, c_ids)):
             ids = [self.cls_id, *q, self.sep_id]
             types = [0] * len(ids)
             index = [-1] * len(ids)
+            here: list[tuple[int, int]] = []
+            matches = self.answers_in(captions[i]) if copy and captions is not None else ()
             for j, c in enumerate(caps):
+                if matches:  # answers inside the kept tokens, at their position in the row
+                    here += [(a, len(ids) + t) for a, t in matches[j] if t < len(c)]
                 ids += [*c, self.sep_id]
                 types += [1] * (len(c) + 1)
                 index += [j] * (len(c) + 1)
             rows.append((ids, types, index))
+            found.append(here)
         length = max(len(r[0]) for r in rows)
         # Pad as Python lists, then one tensor each: far cheaper than per-row tensors.
         pads = [length - len(r[0]) for r in rows]
@@ -290,6 +368,14 @@ class ReaderProcessor:
             "token_type_ids": token_type_ids,
             "caption_index": caption_index,
         }
+        if copy:
+            width = max(len(f) for f in found)
+            data["context_answers"] = torch.tensor(
+                [[a for a, _ in f] + [-1] * (width - len(f)) for f in found], dtype=torch.long
+            ).view(batch, width)
+            data["context_positions"] = torch.tensor(
+                [[p for _, p in f] + [0] * (width - len(f)) for f in found], dtype=torch.long
+            ).view(batch, width)
         if score_lists is not None:
             k_max = max(len(s) for s in score_lists)
             caption_scores = torch.zeros((batch, k_max), dtype=torch.float32)

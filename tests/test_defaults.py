@@ -51,6 +51,10 @@ ALLOWED_DIFFERENCES = {
     (ReaderSettings, GenerativeReaderConfig, "vision_backbone"): (
         "as ReaderConfig's: a GenerativeReaderConfig built by hand has no retriever tower"
     ),
+    (ReaderSettings, ReaderConfig, "copy_from_context"): (
+        "a new run gets the extractive pointer (True); a config saved before the option "
+        "existed has no key and must load as the classifier it was trained as (False)"
+    ),
     (ReaderSettings, GenerativeReaderConfig, "copy_from_context"): (
         "a new run gets the copy head (True); a config saved before the option existed "
         "has no key and must load as the plain T5 it was trained as (False)"

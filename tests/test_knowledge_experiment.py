@@ -87,10 +87,13 @@ def test_reader_overrides_apply_and_unknown_reader_is_named(task, tmp_path):
 def test_whole_experiment_with_tiny_models(tmp_path):
     """Both readers (tiny towers) through the whole experiment; the card recall agrees with a
     brute-force ranking of the retriever's embeddings."""
+    from pathlib import Path
+
     import numpy as np
+    import torch
 
     from rvqa.data import load_vqa
-    from rvqa.knowledge_experiment import card_recall, run_knowledge_experiment
+    from rvqa.knowledge_experiment import card_recall, format_examples, run_knowledge_experiment
     from rvqa.retriever.modeling import RetrieverModel
     from tests.tiny import tiny_run_config
 
@@ -122,11 +125,21 @@ def test_whole_experiment_with_tiny_models(tmp_path):
         test_images=6,
         epochs=1,
         retriever_dir=tmp_path / "ret",
+        card_steps=2,  # fine-tuned on the task's cards first: the runs use that retriever
         overrides={"classifier": tiny_reader, "generative": generative},
         say=lines.append,
         examples=1,
     )
+    tuned = Path(res["retriever_dir"])
+    assert tuned.is_relative_to(tmp_path / "exp" / "retriever") and res["retriever_s"] > 0
+    tuned_model = RetrieverModel.from_pretrained(tuned)
+    assert not torch.equal(  # a copy was trained; the given retriever is unchanged
+        next(tuned_model.vision_model.parameters()), next(retriever.vision_model.parameters())
+    )
+    assert any("fine-tuned on the task's fact cards: 2 steps" in line for line in lines)
     assert set(res["tables"]) == {"classifier", "generative"}
+    assert [e["reader"] for e in res["examples"]] == ["classifier", "generative"]
+    assert "classifier, index B" in format_examples(res["examples"])
     for rows in res["tables"].values():
         assert [r["condition"] for r in rows] == [c for c, _ in CONDITIONS]
         assert all(0 <= r["vs_A"] <= 100 and 0 <= r["vs_B"] <= 100 for r in rows)
@@ -138,6 +151,7 @@ def test_whole_experiment_with_tiny_models(tmp_path):
     from rvqa.pipeline import RVQA
 
     run = RVQA.from_pretrained(tmp_path / "exp" / "knowledge-generative")
+    assert run.retriever.fingerprint() == tuned_model.fingerprint()
     got = run.answer(ex["image"], ex["question"])
     assert got.evidence and {e.index for e in got.evidence} == {"knowledge-A"}
 
@@ -146,12 +160,12 @@ def test_whole_experiment_with_tiny_models(tmp_path):
     records = list(load_vqa(knowledge_reader_config(task, tmp_path, "classifier", 1).data, "test"))
     cards = [json.loads(line)["caption"] for line in (task / "facts" / "A.jsonl").open()]
     asked = [r for r in records if r.question.startswith("whose emblem")]
-    q = retriever.embed_images([r.image for r in asked])
-    x = retriever.embed_texts(cards)
+    q = tuned_model.embed_images([r.image for r in asked])
+    x = tuned_model.embed_texts(cards)
     order = np.argsort(-(q @ x.T), axis=1, kind="stable")
     words = [set(re.findall(r"[a-z]+", c)) for c in cards]
     want = 100 * np.mean(
         [any(r.answers[0] in words[j] for j in o[:3]) for r, o in zip(asked, order)]
     )
-    got = card_recall(retriever, tmp_path / "exp" / "indices" / "knowledge-A", records, ks=(3,))
+    got = card_recall(tuned_model, tmp_path / "exp" / "indices" / "knowledge-A", records, ks=(3,))
     assert got["recall@3"] == pytest.approx(want) == res["card_recall"]["recall@3"]

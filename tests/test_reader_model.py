@@ -39,10 +39,8 @@ def tiny_config(tokenizer, **kw) -> ReaderConfig:
         "max_position_embeddings": 128,
     }
     vision = {"model_type": "rvqa-small-cnn", "hidden_sizes": [8, 16], "grid_size": 2}
-    kw = {"image_size": 32, "visual_grid": 2, "max_visual_tokens": 8, **kw}
-    return ReaderConfig(
-        text_config=text, vision_config=vision, answers=ANSWERS, classifier_hidden=24, **kw
-    )
+    kw = {"image_size": 32, "visual_grid": 2, "max_visual_tokens": 8, "answers": ANSWERS, **kw}
+    return ReaderConfig(text_config=text, vision_config=vision, classifier_hidden=24, **kw)
 
 
 def tiny_model(tokenizer, seed: int = 0, **kw) -> ReaderModel:
