@@ -301,6 +301,7 @@ def build_vocab(
     if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 1:
         raise UsageError(f"min_count must be a positive integer, got {min_count!r}")
     counts: Counter[str] = Counter()
+    normalized: dict[str, str] = {}  # answers repeat a lot: each distinct one normalised once
     for i, answers in enumerate(answer_lists):
         if isinstance(answers, str) or not isinstance(answers, Sequence):
             raise TypeError(
@@ -309,7 +310,9 @@ def build_vocab(
         for a in answers:
             if not isinstance(a, str):
                 raise TypeError(f"answer list {i} holds a {type(a).__name__}: {a!r}")
-            norm = normalize_answer(a)
+            norm = normalized.get(a)
+            if norm is None:
+                norm = normalized[a] = normalize_answer(a)
             if norm:
                 counts[norm] += 1
     ranked = sorted(

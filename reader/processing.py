@@ -14,9 +14,9 @@ from __future__ import annotations
 import bisect
 import json
 import logging
-import re
 import math
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any

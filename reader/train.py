@@ -23,6 +23,7 @@ import dataclasses
 import gc
 import hashlib
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,7 @@ def train_reader(
     processor: Any = None,
     end_training: bool = True,
     feature_cache_max_bytes: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Train the reader of ``cfg.reader`` with retrieval from ``cfg.index``.
 
@@ -170,6 +172,10 @@ def train_reader(
         feature_cache_max_bytes: Disk budget of the frozen image tower's feature
             cache (see :func:`rvqa.reader.data.visual_features_for`); None = the free
             space of its disk; 0 runs the tower on every step.
+        cache_dir: Where the retrieval and image-feature caches go (default: the reader
+            folder). Both are keyed by what they depend on (retriever, index, ``top_k``,
+            image tower, images), so runs that share a retriever and images may share
+            this folder and compute each only once.
 
     Returns:
         ``{"result": TrainResult, "model_dir": Path, "val": metrics | None,
@@ -178,6 +184,7 @@ def train_reader(
     s = cfg.reader
     run_dir = Path(cfg.output_dir)
     out = run_dir / READER_DIR
+    caches = Path(cache_dir) if cache_dir is not None else out
     accelerator = make_accelerator(s, out)
     if accelerator.is_main_process:
         save_config(cfg, out / CONFIG_FILE)
@@ -251,7 +258,7 @@ def train_reader(
             RecordImages(train_records, val_records),  # positions only; images fetched in workers
             s.top_k,
             exclude_ids=exclude,
-            cache_dir=out / RETRIEVAL_CACHE_DIR,
+            cache_dir=caches / RETRIEVAL_CACHE_DIR,
             batch_size=s.batch_size,
             num_workers=s.num_workers,
             accelerator=accelerator,
@@ -291,7 +298,7 @@ def train_reader(
         model,
         processor.image_processor,
         [train_records, val_records],
-        out / FEATURE_CACHE_DIR,
+        caches / FEATURE_CACHE_DIR,
         accelerator=accelerator,
         num_workers=s.num_workers,
         max_bytes=feature_cache_max_bytes,

@@ -79,7 +79,7 @@ def knowledge_reader_config(
     r = raw["reader"]
     r.update({"top_k": top_k, "num_epochs": epochs, "seed": seed, "eval_every": 0})
     r["max_eval_questions"] = 300
-    if reader == "generative":
+    if reader == "generative":  # the classifier: the task's config as it is
         r.update(
             {
                 "type": "generative",
@@ -93,11 +93,6 @@ def knowledge_reader_config(
                 "max_answer_length": 8,
             }
         )
-    else:
-        r["term_worlds"] = str(task_dir / "worlds-with-swap.json")
-        # every world's terms are answers (~19,000 with 400 worlds): keep them all, B's too
-        # (the vocabulary's frequency cut would drop terms at random among equal counts)
-        r["answer_vocab_size"] = 1_000_000
     return apply_overrides(config_from_dict(raw), list(overrides))
 
 
@@ -263,7 +258,9 @@ def run_knowledge_experiment(
         t1 = time.time()
         retriever, retriever_dir = fit_retriever_to_cards(retriever, task_dir, work_dir, card_steps)
         retriever_s = time.time() - t1
-        say(f"   retriever fine-tuned on the task's fact cards: {card_steps} steps, {retriever_s:.0f} s")
+        say(
+            f"   retriever fine-tuned on the task's fact cards: {card_steps} steps, {retriever_s:.0f} s"
+        )
     folders = _build_fact_indices(task_dir, retriever, indices_dir)
     say(f"   fact indices: {', '.join(str(p) for p in folders.values())}")
     data = knowledge_reader_config(task_dir, work_dir, "classifier", 1).data  # both readers'
@@ -289,7 +286,9 @@ def run_knowledge_experiment(
             top_k=top_k,
         )
         index = KnowledgeIndex.load(folders["A"], retriever=retriever)
-        rd = train_reader(cfg, retriever=retriever, index=index, end_training=False)
+        rd = train_reader(  # both readers: one retrieval and one image-feature cache
+            cfg, retriever=retriever, index=index, end_training=False, cache_dir=work_dir / "cache"
+        )
         train_s = time.time() - t1
         run_dirs[kind] = work_dir / f"knowledge-{kind}"
         if retriever_dir is not None:

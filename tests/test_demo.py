@@ -49,3 +49,20 @@ def test_demo_fast_end_to_end(tmp_path, capsys):
     again = RVQA.from_pretrained(moved / "runs" / "demo")
     assert list(again.indices) == ["easyvqa-captions"]
     assert again.registry.get("easyvqa-captions").path.resolve().is_relative_to(moved.resolve())
+
+
+def test_configs_demo_yaml_states_the_demo_settings():
+    """configs/demo.yaml resolves to the config rvqa demo runs (DEMO_OVERRIDES)."""
+    import dataclasses
+    from pathlib import Path
+
+    from rvqa.config import load_config
+    from rvqa.demo import demo_config
+
+    repo = Path(__file__).resolve().parents[1]
+    shipped = dataclasses.asdict(load_config(repo / "configs" / "demo.yaml"))
+    demo = dataclasses.asdict(demo_config("runs/demo"))
+    # the demo names its index folder; the config leaves it to build-index's default
+    assert demo["index"].pop("path") == "indices/easyvqa-captions"
+    assert shipped["index"].pop("path") is None
+    assert shipped == demo

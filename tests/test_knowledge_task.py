@@ -298,7 +298,8 @@ def test_generated_run_config_reads_the_task(task):
     cfg = load_config(root / "knowledge.yaml")
     assert Path(cfg.data.splits["train"].questions).is_absolute()
     assert len(load_vqa(cfg.data, "test_B")) == 3 * N_TEST
-    assert cfg.index.name == "knowledge-A" and cfg.reader.top_k == 3
+    assert cfg.index.name == "knowledge-A" and cfg.reader.top_k == 1
+    assert cfg.reader.term_worlds.endswith("worlds-with-swap.json")
     assert cfg.reader.max_caption_length == READER_CAPTION_LENGTH
     facts = load_captions(cfg.index.captions)
     assert [r.caption for r in facts] == knowledge_assignment(0).facts()

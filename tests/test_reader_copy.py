@@ -114,7 +114,9 @@ def test_pointer_scores_match_a_loop_reference(tokenizer):
         expected = model.classifier(h[:, 0]).clone()
         for b in range(2):
             best: dict[int, float] = {}
-            for a, pos in zip(batch["context_answers"][b].tolist(), batch["context_positions"][b].tolist()):
+            for a, pos in zip(
+                batch["context_answers"][b].tolist(), batch["context_positions"][b].tolist()
+            ):
                 if a < 0:
                     continue
                 q = model.copy_query(h[b, 0])
@@ -124,7 +126,9 @@ def test_pointer_scores_match_a_loop_reference(tokenizer):
             for a, s in best.items():
                 expected[b, a] += s
     assert sorted(ANSWERS[a] for a in set(batch["context_answers"][0].tolist())) == [
-        "kavel", "mipim", "salt"
+        "kavel",
+        "mipim",
+        "salt",
     ]
     assert torch.allclose(logits, expected, atol=1e-5)
     # row 1 has no answer in its captions: the plain classifier logits
@@ -160,13 +164,21 @@ def _train_reader(tokenizer, copy: bool, train, test, steps: int = 60) -> float:
     torch.manual_seed(0)
     model = ReaderModel(tiny_config(tokenizer, answers=ANSWERS, copy_from_context=copy))
     p = ReaderProcessor(
-        tokenizer, None, max_question_length=8, max_caption_length=12,
+        tokenizer,
+        None,
+        max_question_length=8,
+        max_caption_length=12,
         answers=ANSWERS if copy else None,
     )
     opt = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=3e-3)
 
     def batch(rows):
-        b = p(None, [q for q, _, _ in rows], captions=[[c] for _, c, _ in rows], scores=[[1.0]] * len(rows))
+        b = p(
+            None,
+            [q for q, _, _ in rows],
+            captions=[[c] for _, c, _ in rows],
+            scores=[[1.0]] * len(rows),
+        )
         return b, torch.zeros(len(rows), 4, 16)
 
     for step in range(steps):
@@ -193,3 +205,17 @@ def test_the_pointer_reads_the_answer_the_plain_classifier_cannot():
     without = _train_reader(tokenizer, False, train, test)
     assert with_copy >= 0.9, (with_copy, without)
     assert without <= 0.3, (with_copy, without)
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_every_parameter_gets_a_gradient_with_or_without_captions(tokenizer, k):
+    """DDP needs a gradient for every trainable parameter in every batch, also one with no
+    captions (k = 0) and so no answer to point at."""
+    model = ReaderModel(tiny_config(tokenizer, answers=ANSWERS, copy_from_context=True))
+    p = copy_processor(tokenizer)
+    caps = [["the emblem of kavel", "salt"][:k]] * 2 if k else None
+    batch = p(None, ["whose?", "what?"], captions=caps, scores=[[1.0] * k] * 2 if k else None)
+    labels = torch.zeros(2, len(ANSWERS))
+    model(**batch, visual_features=torch.randn(2, 4, 16), labels=labels).loss.backward()
+    missing = [n for n, w in model.named_parameters() if w.requires_grad and w.grad is None]
+    assert not missing, missing

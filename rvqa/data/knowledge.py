@@ -616,7 +616,8 @@ def knowledge_run_config(root: str, output_dir: str = "runs/knowledge") -> dict:
     Data source ``vqa`` with the splits ``train`` (assignment A), ``test`` (held-out
     images, A) and ``test_B`` (the same questions, answers of B); the index of A's
     facts (``knowledge-A``); the retriever trained on ``retriever_captions.jsonl``;
-    the reader with ``top_k`` 3 and a caption budget that fits every fact card.
+    the classifier reader with ``top_k`` 1, a caption budget that fits every fact card and
+    the term worlds with B (``worlds-with-swap.json``), every world's terms in its vocabulary.
 
     Args:
         root: The task folder as the config names it (absolute, or relative to the
@@ -657,14 +658,19 @@ def knowledge_run_config(root: str, output_dir: str = "runs/knowledge") -> dict:
             "captions": {"source": "jsonl", "path": at(_FILES["facts_A"])},
         },
         "reader": {
-            "top_k": 3,
+            # one card: a retriever trained on the task's cards ranks the image's own first
+            # (use 3 with a retriever that has not seen the cards)
+            "top_k": 1,
             "max_caption_length": READER_CAPTION_LENGTH,
             # facts belong to no image: nothing to exclude
             "exclude_own_captions": False,
-            # each training question rewritten into another assignment (B never among
-            # them; a classifier reader, which can only answer what it was trained on,
-            # needs worlds-with-swap.json to answer with B's terms)
-            "term_worlds": at(_FILES["worlds"]),
+            # each training question rewritten into another assignment; the classifier
+            # reader can only answer what is in its vocabulary, so its worlds include B
+            # (worlds-with-swap.json; the generative reader's worlds.json never does)
+            "term_worlds": at(_FILES["worlds_with_swap"]),
+            # every world's terms are answers (~19,000 with 400 worlds): keep them all (a
+            # frequency cut would drop terms at random among equal counts, B's too)
+            "answer_vocab_size": 1_000_000,
         },
     }
 
