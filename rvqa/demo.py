@@ -40,10 +40,11 @@ from rvqa.retriever.train import train_retriever
 logger = logging.getLogger(__name__)
 
 DEMO_OVERRIDES = [
-    # easy-vqa saturates early (validation accuracy 100 after one epoch): shorter budgets
-    # leave time for the knowledge task (configs/demo.yaml states the same values)
+    # shorter easy-vqa budgets leave time for the knowledge task (configs/demo.yaml states
+    # the same values): the retriever's recall@1 is 82 after 2 epochs (89 after 5), and
+    # the reader reads the first 2,000 test questions. The reader keeps its full epoch:
+    # half of it gave validation accuracy 92.9 (87.2 at lr 1e-3, 87.6 without copying).
     "retriever.num_epochs=2",
-    "data.train_fraction=0.3",
     "data.max_eval_questions=2000",
 ]
 
@@ -62,21 +63,18 @@ FAST_OVERRIDES = [
 # steps are capped by reader.max_steps.
 KNOWLEDGE: dict[str, Any] = {
     "test_images": 300,
-    "card_steps": 30,
-    "epochs": 4,
-    "overrides": {
-        "classifier": ["reader.max_steps=80", "reader.learning_rate=1e-3"],
-        "generative": ["reader.max_steps=550", "reader.learning_rate=2e-3"],
-    },
+    "card_steps": 20,
+    "epochs": 4,  # the generative reader: 636 steps at its lr 1e-3
+    "overrides": {"classifier": ["reader.max_steps=80", "reader.learning_rate=1e-3"]},
 }
 KNOWLEDGE_FAST: dict[str, Any] = {
-    "train_images": 800,
-    "test_images": 100,
-    "card_steps": 15,
+    "train_images": 600,
+    "test_images": 60,
+    "card_steps": 12,
     "epochs": 4,
     "augment_assignments": 200,
     "overrides": {
-        "classifier": ["reader.max_steps=40", "reader.learning_rate=1e-3"],
+        "classifier": ["reader.max_steps=30", "reader.learning_rate=1e-3"],
         "generative": ["reader.max_steps=150", "reader.learning_rate=2e-3"],
     },
 }
@@ -153,11 +151,13 @@ def run_demo(
     texts = [c.caption for c in captions]
     ids = [c.caption_id for c in captions]
     para_dir = indices_dir / "easyvqa-paraphrased"
-    para = paraphrased(texts)
+    # each distinct paraphrase once, with its first caption's id (as dedupe would keep)
+    first = dict(zip(reversed(paraphrased(texts)), reversed(ids)))
+    para = list(dict.fromkeys(paraphrased(texts)))
     build_index_from_embeddings(
         retriever.embed_texts(para),
         para,
-        ids,
+        [first[t] for t in para],
         para_dir,
         retriever.fingerprint(),
         dedupe=True,
