@@ -203,6 +203,7 @@ def run_knowledge_experiment(
     augment_assignments: int = 400,
     retriever_dir: str | Path | None = None,
     card_steps: int = 0,
+    card_learning_rate: float = 2e-4,
     indices_dir: str | Path | None = None,
     overrides: dict[str, Sequence[str]] | None = None,
     say: Callable[[str], None] = print,
@@ -226,6 +227,8 @@ def run_knowledge_experiment(
         card_steps: First fine-tune the retriever on the task's fact cards for this many
             steps (:func:`fit_retriever_to_cards`; into ``work_dir/retriever``, which then
             is the runs' retriever); 0: use ``retriever`` as it is.
+        card_learning_rate: The fine-tuning's learning rate (2e-4 suits a trained
+            retriever; a barely trained one, as ``rvqa demo --fast``'s, takes 1e-3).
         indices_dir: Where the fact indices go (default ``work_dir/indices``).
         overrides: Reader type → extra ``--set``-style overrides of its run config.
         say: Where progress lines go.
@@ -263,7 +266,9 @@ def run_knowledge_experiment(
     retriever_s = 0.0
     if card_steps:
         t1 = time.time()
-        retriever, retriever_dir = fit_retriever_to_cards(retriever, task_dir, work_dir, card_steps)
+        retriever, retriever_dir = fit_retriever_to_cards(
+            retriever, task_dir, work_dir, card_steps, learning_rate=card_learning_rate
+        )
         retriever_s = time.time() - t1
         say(
             f"   retriever fine-tuned on the task's fact cards: {card_steps} steps, {retriever_s:.0f} s"

@@ -42,25 +42,29 @@ def test_demo_fast_end_to_end(tmp_path, capsys):
     assert all(e.index == "easyvqa-captions" for e in ans.evidence)
 
     # Stage 6, the knowledge task: the readers read (claims of the --fast run, with margins:
-    # measured 2026-12-03 on 2 cores, classifier 48.67 with A / 40.33 with B against B's
-    # answers, generative 21.00 / 23.67, every control at most 2.33).
+    # measured 2026-12-03 on 2 cores, classifier 31.33 with A / 34.67 with B against B's
+    # answers, generative 12.00 / 12.67, every control at most 2.67; its barely trained
+    # retriever ranks the image's own card first for 38 %, which caps them).
     k = out["knowledge"]
     chance = k["chance"]
     assert chance == pytest.approx(100 / 24)
     assert "| index B swapped in (no retraining) |" in printed and "index B: " in printed
-    for reader, floor in (("classifier", 25.0), ("generative", 10.0)):
+    for reader, floor in (("classifier", 15.0), ("generative", 5.0)):
         rows = {r["condition"]: r for r in k["tables"][reader]}
         a, b = rows["index A (the training facts)"], rows["index B swapped in (no retraining)"]
         assert a["vs_A"] >= floor and b["vs_B"] >= floor, (reader, a, b)
         assert b["vs_A"] <= chance + 10 and a["vs_B"] <= chance + 10, (reader, a, b)  # swapped
-        for control in (
-            "A's facts shuffled across emblems",
-            "random facts of index A",
-            "no retrieval",
-        ):
-            assert rows[control]["vs_A"] <= chance + 10, (reader, rows[control])
+        controls = [
+            rows[c]["vs_A"]
+            for c in (
+                "A's facts shuffled across emblems",
+                "random facts of index A",
+                "no retrieval",
+            )
+        ]
+        assert max(controls) <= chance + 10 and a["vs_A"] >= max(controls) + 5, (reader, rows)
     saved = json.loads((tmp_path / "runs/demo/knowledge/knowledge_results.json").read_text())
-    assert saved["tables"] == k["tables"] and saved["test_questions"] == 180
+    assert saved["tables"] == k["tables"] and saved["test_questions"] == 150
     for name in ("knowledge-A", "knowledge-B", "knowledge-A-shuffled"):
         assert (tmp_path / "indices" / name / "manifest.json").is_file()
     reader = RVQA.from_pretrained(k["run_dirs"]["classifier"])  # the card-tuned retriever
