@@ -172,5 +172,6 @@ class TermWorlds:
                 yield answers  # type: ignore[misc]
                 continue
             if key not in done:
-                done[key] = [self.rewrite_all(answers, w) for w in range(len(self.tables))]
-            yield from done[key]
+                done[key] = [self.rewrite_all(key, w) for w in range(len(self.tables))]
+            # fresh lists: a consumer may keep or change what it is given
+            yield from (list(a) for a in done[key])

@@ -59,9 +59,38 @@ def reader_type_of(path: str | os.PathLike) -> str:
 
 
 def load_reader(path: str | os.PathLike) -> tuple[Any, Any]:
-    """(model, processor) of a saved reader folder of either type."""
+    """(model, processor) of a saved reader folder of either type.
+
+    Raises:
+        DataFormatError: A classifier whose copy pointer and processor disagree on the
+            answer vocabulary (the processor's answer ids would name other answers).
+    """
     _, model_cls, processor_cls = READER_TYPES[reader_type_of(path)]
-    return model_cls.from_pretrained(path), processor_cls.from_pretrained(path)
+    model, processor = model_cls.from_pretrained(path), processor_cls.from_pretrained(path)
+    check_processor_answers(model, processor, str(path))
+    return model, processor
+
+
+def check_processor_answers(model: Any, processor: Any, where: str) -> None:
+    """A classifier that copies answers from its captions needs its processor to mark them
+    with the model's own answer vocabulary (same answers, same order).
+
+    Raises:
+        DataFormatError: Naming ``where`` and what differs.
+    """
+    if not getattr(model.config, "copy_from_context", False) or not isinstance(model, ReaderModel):
+        return
+    answers = getattr(processor, "answers", None)
+    if answers is None:
+        raise DataFormatError(
+            f"{where}: the reader copies answers from its captions (copy_from_context) but "
+            "its processor has no answer vocabulary (reader_processor.json has no 'answers')"
+        )
+    if list(answers) != list(model.config.answers):
+        raise DataFormatError(
+            f"{where}: the processor's answer vocabulary ({len(answers)} answers) differs from "
+            f"the model's ({len(model.config.answers)}); answer ids would name other answers"
+        )
 
 
 def make_collator(processor: Any, with_labels: bool = True) -> Any:

@@ -342,7 +342,7 @@ class ReaderModel(VisionTowerMixin, PreTrainedModel):
         logits = self.classifier(hidden[:, 0])  # (B, A): from the [CLS] state
         if self.config.copy_from_context:
             logits = logits + self.copy_scores(
-                hidden, logits.shape[1], caption_index, context_answers, context_positions
+                hidden, length, logits.shape[1], caption_index, context_answers, context_positions
             )
 
         loss = None
@@ -361,6 +361,7 @@ class ReaderModel(VisionTowerMixin, PreTrainedModel):
     def copy_scores(
         self,
         hidden: torch.Tensor,
+        text_length: int,
         num_answers: int,
         caption_index: torch.Tensor | None,
         answers: torch.Tensor | None,
@@ -368,7 +369,8 @@ class ReaderModel(VisionTowerMixin, PreTrainedModel):
     ) -> torch.Tensor:
         """(B, A) pointer scores added to the logits: for each answer found in the captions,
         the best scaled dot product between the ``[CLS]`` query and the key of one of its
-        occurrences; 0 for answers not in the captions."""
+        occurrences; 0 for answers not in the captions. ``hidden`` is the encoder's output
+        (text then visual tokens); positions index its first ``text_length`` (the text)."""
         if answers is None or positions is None:
             if caption_index is not None and bool((caption_index >= 0).any()):
                 raise ValueError(
@@ -378,11 +380,12 @@ class ReaderModel(VisionTowerMixin, PreTrainedModel):
                 )
             answers = hidden.new_full((hidden.shape[0], 0), -1, dtype=torch.long)
             positions = torch.zeros_like(answers)
-        batch, length, width = hidden.shape
+        batch, _, width = hidden.shape
+        length = text_length
         for name, value in (("context_answers", answers), ("context_positions", positions)):
-            if value.ndim != 2 or value.shape[0] != batch or value.dtype.is_floating_point:
+            if value.ndim != 2 or value.shape[0] != batch or value.dtype != torch.long:
                 raise ValueError(
-                    f"{name} must be integer ids of shape (batch={batch}, C), got "
+                    f"{name} must be int64 ids of shape (batch={batch}, C), got "
                     f"{value.dtype} {tuple(value.shape)}"
                 )
         if answers.shape != positions.shape:

@@ -27,6 +27,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, BatchEncoding
 from rvqa.config import ReaderSettings
 from rvqa.errors import ConfigError, UsageError
 from rvqa.io import write_json_atomic
+from rvqa.metrics import normalize_answer
 from rvqa.towers import load_image_processor, load_tokenizer, small_cnn_processor
 
 logger = logging.getLogger(__name__)
@@ -109,14 +110,17 @@ class ReaderProcessor:
         if not getattr(tokenizer, "is_fast", False):
             raise ConfigError(
                 "copy_from_context needs a fast tokenizer (character offsets) to find the "
-                f"answers in the captions; {type(tokenizer).__name__} is not one"
+                f"answers in the captions; {type(tokenizer).__name__} is not one (or set "
+                "reader.copy_from_context=false)"
             )
         for i, a in enumerate(self.answers or []):
             if not isinstance(a, str):
                 raise TypeError(f"answers[{i}] must be a string, got {type(a).__name__}")
-            words = tuple(w.lower() for w in _WORD.findall(a))
+            # the official normalisation (digits for number words, no articles, ...): a
+            # caption's words go through it too, so "two" in a caption is the answer "2"
+            words = tuple(normalize_answer(a).split())
             if words:
-                self._answer_ids.setdefault(words, i)
+                self._answer_ids.setdefault(words, []).append(i)
         self._max_answer_words = max((len(w) for w in self._answer_ids), default=0)
 
     # ------------------------------------------------------------------ building
@@ -203,40 +207,51 @@ class ReaderProcessor:
             self._ids.update(zip(new, map(tuple, encoded)))
         return [self._ids[t] for t in texts]
 
-    def answers_in(self, captions: Sequence[str]) -> list[tuple[tuple[int, int], ...]]:
-        """Where the vocabulary's answers occur in each caption: ``(answer id, token index)``
-        pairs, the index of the answer's first token in the caption's token ids (through a
-        cache, like :meth:`token_ids`). An answer matches whole words, case-insensitively
-        (``"salt"`` in ``"trades in Salt."``, not in ``"salty"``); multi-word answers match
-        word sequences."""
+    def answers_in(self, captions: Sequence[str]) -> list[tuple[tuple[int, int, int], ...]]:
+        """Where the vocabulary's answers occur in each caption: ``(answer id, first token,
+        last token)`` triples, token indices into the caption's token ids (through a cache,
+        like :meth:`token_ids`, whose ids come from the same tokenizer call). An answer
+        matches whole words after the official answer normalisation of both sides
+        (``"salt"`` in ``"trades in Salt."``, not in ``"salty"``; ``"2"`` in ``"two dogs"``);
+        multi-word answers match word sequences."""
         if self.answers is None:
             raise UsageError("this processor has no answer vocabulary (answers=None)")
         new = list(dict.fromkeys(t for t in captions if t not in self._in_caption))
+        if new and len(self._in_caption) + len(new) > self.cache_size:
+            self._in_caption.clear()  # the same bound as token_ids'
+            new = list(dict.fromkeys(captions))
         if new:
-            offsets = self.tokenizer(
+            encoded = self.tokenizer(
                 new,
                 add_special_tokens=False,
                 return_attention_mask=False,
                 return_token_type_ids=False,
                 return_offsets_mapping=True,
-            )["offset_mapping"]
-            for text, offs in zip(new, offsets):
+            )
+            for text, ids, offs in zip(new, encoded["input_ids"], encoded["offset_mapping"]):
                 self._in_caption[text] = self._match_answers(text, offs)
+                if len(self._ids) < self.cache_size:
+                    self._ids.setdefault(text, tuple(ids))
         return [self._in_caption[t] for t in captions]
 
-    def _match_answers(self, text: str, offsets: Sequence[Any]) -> tuple[tuple[int, int], ...]:
+    def _match_answers(self, text: str, offsets: Sequence[Any]) -> tuple[tuple[int, int, int], ...]:
         words = list(_WORD.finditer(text))
-        lowered = [w.group(0).lower() for w in words]
+        normal = [normalize_answer(w.group(0)) for w in words]
         ends = [end for _, end in offsets]
+
+        def token_at(char: int) -> int | None:  # the token holding this character
+            t = bisect.bisect_right(ends, char)
+            return t if t < len(offsets) and offsets[t][0] <= char else None
+
         found = []
         for i, w in enumerate(words):
             for n in range(1, min(self._max_answer_words, len(words) - i) + 1):
-                answer = self._answer_ids.get(tuple(lowered[i : i + n]))
-                if answer is None:
+                ids = self._answer_ids.get(tuple(normal[i : i + n]))
+                if ids is None:
                     continue
-                token = bisect.bisect_right(ends, w.start())  # first token ending past it
-                if token < len(ends):
-                    found.append((answer, token))
+                first, last = token_at(w.start()), token_at(words[i + n - 1].end() - 1)
+                if first is not None and last is not None:
+                    found += [(a, first, last) for a in ids]
         return tuple(found)
 
     def _question_ids(self, questions: Any) -> list[tuple[int, ...]]:
@@ -340,16 +355,17 @@ class ReaderProcessor:
         c_ids, score_lists = self._caption_ids(captions, scores, batch)
 
         copy = self.answers is not None
+        flat = [c for caps in captions for c in caps] if copy and captions is not None else []
+        matched = iter(self.answers_in(flat)) if flat else None
         rows, found = [], []
-        for i, (q, caps) in enumerate(zip(q_ids, c_ids)):
+        for q, caps in zip(q_ids, c_ids):
             ids = [self.cls_id, *q, self.sep_id]
             types = [0] * len(ids)
             index = [-1] * len(ids)
             here: list[tuple[int, int]] = []
-            matches = self.answers_in(captions[i]) if copy and captions is not None else ()
             for j, c in enumerate(caps):
-                if matches:  # answers inside the kept tokens, at their position in the row
-                    here += [(a, len(ids) + t) for a, t in matches[j] if t < len(c)]
+                if matched is not None:  # answers wholly inside the kept tokens, in the row
+                    here += [(a, len(ids) + t) for a, t, last in next(matched) if last < len(c)]
                 ids += [*c, self.sep_id]
                 types += [1] * (len(c) + 1)
                 index += [j] * (len(c) + 1)

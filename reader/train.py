@@ -38,7 +38,7 @@ from rvqa.errors import ConfigError, UsageError
 from rvqa.io import atomic_directory
 from rvqa.reader.answers import AnswerVocab, build_vocab
 from rvqa.reader.augmentation import TermWorlds
-from rvqa.reader.auto import is_generative, make_collator
+from rvqa.reader.auto import check_processor_answers, is_generative, make_collator
 from rvqa.reader.data import (
     ReaderDataset,
     load_reader_data,
@@ -291,6 +291,7 @@ def train_reader(
             f"the reader's answer vocabulary ({len(model.config.answers)} answers) differs from "
             f"the one built from the training data ({len(vocab)}); build the model from this vocabulary"
         )
+    check_processor_answers(model, processor, "the reader to train")
     rule = getattr(model.config, "soft_target_rule", "min3")
     # A frozen image tower: its features once per image, on disk (memory-mapped), read
     # by training and evaluation; otherwise images stream through the loader's workers.

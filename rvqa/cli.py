@@ -45,7 +45,9 @@ ONE_LINE_ERRORS: tuple[type[BaseException], ...] = (
 # --------------------------------------------------------------------------- shared arguments
 
 
-def _add_config_args(p: argparse.ArgumentParser, default: str = "the offline demo's") -> None:
+def _add_config_args(
+    p: argparse.ArgumentParser, default: str = "the defaults: easy-vqa on CPU"
+) -> None:
     p.add_argument("--config", metavar="FILE.yaml", help=f"run config (default: {default})")
     p.add_argument(
         "--set",
@@ -426,7 +428,7 @@ def _cmd_index_info(args: argparse.Namespace) -> int:
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", default="runs/demo", help="run folder (default runs/demo)")
     p.add_argument("--indices-dir", default="indices", help="where the demo's indices go")
-    p.add_argument("--fast", action="store_true", help="small data and few steps (about a minute)")
+    p.add_argument("--fast", action="store_true", help="small data and few steps (about 3 minutes)")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -706,7 +708,7 @@ COMMANDS: dict[str, Command] = {
     "train-retriever": Command(
         "train the image-caption alignment model (retriever)",
         """
-        rvqa train-retriever                                   # the offline easy-vqa demo settings
+        rvqa train-retriever                                   # the defaults (easy-vqa, CPU)
         rvqa train-retriever --config configs/tiny.yaml --set retriever.max_steps=20
         rvqa train-retriever --config configs/demo.yaml --resume
         ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 -m rvqa train-retriever --config configs/demo.yaml
@@ -747,7 +749,7 @@ COMMANDS: dict[str, Command] = {
     "train-reader": Command(
         "train the retrieval-augmented reader (needs a trained retriever and a built index)",
         """
-        rvqa train-reader                                       # the offline easy-vqa demo settings
+        rvqa train-reader                                       # the defaults (easy-vqa, CPU)
         rvqa train-reader --set reader.top_k=0                  # no retrieval (ablation)
         rvqa train-reader --set data.train_fraction=0.1         # low-data run
         rvqa train-reader --config configs/demo.yaml --resume
@@ -758,10 +760,11 @@ COMMANDS: dict[str, Command] = {
         _cmd_train_reader,
     ),
     "demo": Command(
-        "the offline easy-vqa demo: train retriever, build indices, train reader, evaluate, answer",
+        "the offline demo: easy-vqa (train retriever, build indices, train reader, evaluate, "
+        "answer), then the knowledge task (both readers, index A vs B swapped in)",
         """
-        rvqa demo                       # ~10 minutes on 2 CPU cores, writes runs/demo and indices/
-        rvqa demo --fast                # about a minute: a smoke test of the whole chain
+        rvqa demo                       # ~13 minutes on 2 CPU cores, writes runs/demo and indices/
+        rvqa demo --fast                # about 3 minutes: a smoke test of the whole chain
         """,
         _demo_args,
         _cmd_demo,

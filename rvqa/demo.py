@@ -115,8 +115,9 @@ def run_demo(
         output_dir: The easy-vqa run folder (the knowledge task's runs go into its
             ``knowledge/`` subfolder).
         fast: Small data and few steps (the tests' setting).
-        indices_dir: Where the knowledge indices go.
-        examples: Questions answered with their evidence (each stage).
+        indices_dir: Where every index goes (easy-vqa's and the knowledge task's).
+        examples: easy-vqa questions answered with their evidence (the knowledge stage:
+            one fewer, each reader before and after the swap).
         knowledge: Run stage 6, the knowledge task.
     """
     t0 = time.time()
@@ -153,8 +154,9 @@ def run_demo(
     ids = [c.caption_id for c in captions]
     para_dir = indices_dir / "easyvqa-paraphrased"
     # each distinct paraphrase once, with its first caption's id (as dedupe would keep)
-    first = dict(zip(reversed(paraphrased(texts)), reversed(ids)))
-    para = list(dict.fromkeys(paraphrased(texts)))
+    all_para = paraphrased(texts)
+    first = dict(zip(reversed(all_para), reversed(ids)))
+    para = list(dict.fromkeys(all_para))
     build_index_from_embeddings(
         retriever.embed_texts(para),
         para,

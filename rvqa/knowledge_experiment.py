@@ -49,8 +49,8 @@ READERS = ("classifier", "generative")
 TOP_K = 1
 """Fact cards per question: a retriever trained on the task's cards
 (``retriever_captions.jsonl``, ``rvqa train-retriever --config <task>/knowledge.yaml``) ranks
-the image's own card first for 99.7 % of held-out images (the demo's easy-vqa retriever: 91 %,
-within its top 3 for all: fine-tune it on the cards first, ``card_steps``, or read 3)."""
+the image's own card first for 99.7 % of held-out images (the demo's easy-vqa retriever, 2
+epochs: 81 %, within its top 3 for 99 %: fine-tune it on the cards first, ``card_steps``)."""
 
 CONDITIONS = (
     ("index A (the training facts)", "A"),
@@ -373,22 +373,26 @@ def _examples(model: RVQA, records_a, records_b, n: int) -> list[dict]:
 
 
 def format_examples(examples: Sequence[dict]) -> str:
-    """Each example's question, then each reader's answer with index A and with B swapped
-    in, with the card it read."""
+    """Each example (reader by reader, as :func:`run_knowledge_experiment` lists them): the
+    question, then the reader's answer with index A and with B swapped in, with the card it
+    read."""
     lines: list[str] = []
-    question = None
     for ex in examples:
-        if (ex["question"], ex["image"]) != question:
-            question = (ex["question"], ex["image"])
-            lines += ["", f"  Q: {ex['question']}   (image {Path(ex['image']).name})"]
-        for when, key, truth in (("index A", "before", "truth_A"), ("index B", "after", "truth_B")):
-            a = ex[key]
-            read = a.evidence[0].text if a.evidence else ""
-            lines.append(
-                f"  {ex['reader']:>10}, {when}: {a.answer!r} ({a.score:.2f}; truth {ex[truth]!r})"
-                f"  read: {read!r}"
-            )
+        lines += ["", f"  Q: {ex['question']}   (image {Path(ex['image']).name})"]
+        lines += _answer_lines(ex)
     return "\n".join(lines)
+
+
+def _answer_lines(ex: dict) -> list[str]:
+    lines = []
+    for when, key, truth in (("index A", "before", "truth_A"), ("index B", "after", "truth_B")):
+        a = ex[key]
+        read = a.evidence[0].text if a.evidence else ""
+        lines.append(
+            f"  {ex['reader']:>10}, {when}: {a.answer!r} ({a.score:.2f}; truth {ex[truth]!r})"
+            f"  read: {read!r}"
+        )
+    return lines
 
 
 def knowledge_table(tables: dict[str, list[dict]]) -> str:

@@ -219,3 +219,43 @@ def test_every_parameter_gets_a_gradient_with_or_without_captions(tokenizer, k):
     model(**batch, visual_features=torch.randn(2, 4, 16), labels=labels).loss.backward()
     missing = [n for n, w in model.named_parameters() if w.requires_grad and w.grad is None]
     assert not missing, missing
+
+
+def test_caption_words_go_through_the_answer_normalisation(tokenizer):
+    """VQA answers are normalised ("2", no articles): caption words are too."""
+    p = ReaderProcessor(tokenizer, None, max_caption_length=12, answers=["2", "beatles", "yes"])
+    batch = p(None, ["how many?"], captions=[["two dogs and The Beatles"]])
+    assert [(p.answers[a], t) for a, t in zip(*_row(p, batch))] == [
+        ("2", "two"),
+        ("beatles", "beatles"),
+    ]
+
+
+def test_multi_word_answer_cut_by_the_budget_is_not_marked(tokenizer):
+    p = copy_processor(tokenizer, max_caption_length=4)
+    # tokens: based in the new | york (cut): "new" is kept, the answer is not whole
+    batch = p(None, ["where?"], captions=[["based in the new york"]])
+    assert found(p, batch, 0) == []
+    batch = p(None, ["where?"], captions=[["in new york"]])
+    assert found(p, batch, 0) == [("new york", "new")]
+
+
+def test_reader_whose_processor_has_other_answers_is_refused(tokenizer, tmp_path):
+    from rvqa.errors import DataFormatError
+    from rvqa.reader.auto import load_reader
+
+    model = ReaderModel(tiny_config(tokenizer, answers=ANSWERS, copy_from_context=True))
+    model.save_pretrained(tmp_path)
+    ReaderProcessor(tokenizer, None, answers=ANSWERS[::-1]).save_pretrained(tmp_path)
+    with pytest.raises(DataFormatError, match="differs from the model's"):
+        load_reader(tmp_path)
+    copy_processor(tokenizer).save_pretrained(tmp_path)
+    loaded, processor = load_reader(tmp_path)
+    assert processor.answers == list(loaded.config.answers) == ANSWERS
+
+
+def _row(processor, batch, row: int = 0):
+    ids, pos = batch["context_answers"][row].tolist(), batch["context_positions"][row].tolist()
+    tokens = processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][row].tolist())
+    kept = [(a, tokens[p]) for a, p in zip(ids, pos) if a >= 0]
+    return [a for a, _ in kept], [t for _, t in kept]
