@@ -173,9 +173,12 @@ def train_reader(
             cache (see :func:`rvqa.reader.data.visual_features_for`); None = the free
             space of its disk; 0 runs the tower on every step.
         cache_dir: Where the retrieval and image-feature caches go (default: the reader
-            folder). Both are keyed by what they depend on (retriever, index, ``top_k``,
-            image tower, images), so runs that share a retriever and images may share
-            this folder and compute each only once.
+            folder). Both are keyed by what they depend on (retriever, index, ``top_k``;
+            image tower, image processor, images, precision). The retrieval cache keeps
+            an entry per key; the feature cache keeps one file (a run with another key
+            replaces it). So runs one after another with the same retriever, tower and
+            images (the knowledge experiment's two readers) compute each only once; do
+            not share the folder between runs at the same time.
 
     Returns:
         ``{"result": TrainResult, "model_dir": Path, "val": metrics | None,
