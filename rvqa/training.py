@@ -207,6 +207,11 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): d}
 
 
+# Model-config keys added after checkpoints were written, with the value a checkpoint
+# without the key was trained with: such a run resumes when the config says that value.
+ABSENT_MEANS: dict[str, Any] = {"model.copy_from_context": False}
+
+
 def _check_signature(saved: dict, current: dict, ckpt: Path) -> None:
     """Refuse to resume when the model/run config differs from the checkpoint's.
 
@@ -214,11 +219,13 @@ def _check_signature(saved: dict, current: dict, ckpt: Path) -> None:
         ResumeError: Naming up to 8 changed keys, old -> new.
     """
     a, b = _flatten(saved), _flatten(current)
-    changed = [k for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
+
+    def old(k: str) -> Any:
+        return a.get(k, ABSENT_MEANS.get(k, "<absent>"))
+
+    changed = [k for k in sorted(set(a) | set(b)) if old(k) != b.get(k, "<absent>")]
     if changed:
-        details = "; ".join(
-            f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in changed[:8]
-        )
+        details = "; ".join(f"{k}: {old(k)!r} -> {b.get(k, '<absent>')!r}" for k in changed[:8])
         raise ResumeError(
             f"cannot resume from {ckpt}: the model/run config changed since the checkpoint "
             f"({details}{'; ...' if len(changed) > 8 else ''}). Resume with the original config "

@@ -187,3 +187,18 @@ def test_the_loop_tells_the_dataset_its_epoch_before_reading_it(tmp_path):
     s = settings(max_steps=None, num_epochs=3, eval_every=0, checkpoint_every=0)
     train(Linear(), ds, collate, s, tmp_path, save_fn=save_state_dict)
     assert ds.seen == [0] * 8 + [1] * 8 + [2] * 8
+
+
+def test_checkpoint_from_before_copy_from_context_resumes_with_it_off(tmp_path):
+    """A checkpoint's signature without the key was trained without the pointer/copy head:
+    it resumes when the config says so, and is refused (naming the key) otherwise."""
+    from rvqa.training import _check_signature
+
+    saved = {"model": {"answers": ["a"]}, "seed": 1}
+    _check_signature(
+        saved, {"model": {"answers": ["a"], "copy_from_context": False}, "seed": 1}, tmp_path
+    )
+    with pytest.raises(ResumeError, match=r"model.copy_from_context: False -> True"):
+        _check_signature(
+            saved, {"model": {"answers": ["a"], "copy_from_context": True}, "seed": 1}, tmp_path
+        )
