@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from rvqa.knowledge_experiment import (
         READERS,
         TOP_K,
+        copied_by_reader,
         format_examples,
         knowledge_table,
         run_knowledge_experiment,
@@ -92,10 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nthe image's own card retrieved from index A: {recall}")
     print(f"chance {res['chance']:.2f} %; official VQA accuracy on held-out images\n")
     print(table)
-    for kind, rows in res["tables"].items():
-        copied = next(r["copied_B_names"] for r in rows if "copied_B_names" in r)
+    for kind, copied in copied_by_reader(res["tables"]).items():
         print(
-            f"{kind}: trained in {rows[0]['train_s']:.0f} s; with index B {copied:.1f} % of "
+            f"{kind}: trained in {res['tables'][kind][0]['train_s']:.0f} s; with index B "
+            f"{copied:.1f} % of "
             "owner names are B's, copied from the evidence"
         )
     print(format_examples(res["examples"]))

@@ -191,48 +191,44 @@ class ReaderProcessor:
 
     def token_ids(self, texts: Sequence[str]) -> list[tuple[int, ...]]:
         """Token ids (no special tokens, not truncated) of each text, through the cache."""
-        new = list(dict.fromkeys(t for t in texts if t not in self._ids))
-        if new and len(self._ids) + len(new) > self.cache_size:
-            self._ids.clear()  # simple bound on memory; a cleared string is re-tokenised
-            self._warned.clear()
-            self._in_caption.clear()
-            new = list(dict.fromkeys(texts))
-        if new:
-            encoded = self.tokenizer(
-                new,
-                add_special_tokens=False,
-                return_attention_mask=False,
-                return_token_type_ids=False,
-            )["input_ids"]
-            self._ids.update(zip(new, map(tuple, encoded)))
+        self._encode([t for t in texts if t not in self._ids], texts)
         return [self._ids[t] for t in texts]
 
     def answers_in(self, captions: Sequence[str]) -> list[tuple[tuple[int, int, int], ...]]:
         """Where the vocabulary's answers occur in each caption: ``(answer id, first token,
-        last token)`` triples, token indices into the caption's token ids (through a cache,
-        like :meth:`token_ids`, whose ids come from the same tokenizer call). An answer
-        matches whole words after the official answer normalisation of both sides
-        (``"salt"`` in ``"trades in Salt."``, not in ``"salty"``; ``"2"`` in ``"two dogs"``);
-        multi-word answers match word sequences."""
+        last token)`` triples, token indices into the caption's token ids (through the cache
+        of :meth:`token_ids`, filled by the same tokenizer call). An answer matches whole
+        words after the official answer normalisation of both sides (``"salt"`` in
+        ``"trades in Salt."``, not in ``"salty"``; ``"2"`` in ``"two dogs"``); multi-word
+        answers match word sequences."""
         if self.answers is None:
             raise UsageError("this processor has no answer vocabulary (answers=None)")
-        new = list(dict.fromkeys(t for t in captions if t not in self._in_caption))
-        if new and len(self._in_caption) + len(new) > self.cache_size:
-            self._in_caption.clear()  # the same bound as token_ids'
-            new = list(dict.fromkeys(captions))
-        if new:
-            encoded = self.tokenizer(
-                new,
-                add_special_tokens=False,
-                return_attention_mask=False,
-                return_token_type_ids=False,
-                return_offsets_mapping=True,
-            )
-            for text, ids, offs in zip(new, encoded["input_ids"], encoded["offset_mapping"]):
-                self._in_caption[text] = self._match_answers(text, offs)
-                if len(self._ids) < self.cache_size:
-                    self._ids.setdefault(text, tuple(ids))
+        self._encode([t for t in captions if t not in self._in_caption], captions)
         return [self._in_caption[t] for t in captions]
+
+    def _encode(self, new: Sequence[str], texts: Sequence[str]) -> None:
+        """Tokenise the ``new`` strings of ``texts`` once into the caches: token ids, and
+        with an answer vocabulary where its answers occur (from the same call's offsets)."""
+        new = list(dict.fromkeys(new))
+        if not new:
+            return
+        if len(self._ids) + len(new) > self.cache_size:
+            self._ids.clear()  # simple bound on memory; a cleared string is re-tokenised
+            self._in_caption.clear()
+            self._warned.clear()
+            new = list(dict.fromkeys(texts))
+        copy = self.answers is not None
+        encoded = self.tokenizer(
+            new,
+            add_special_tokens=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            return_offsets_mapping=copy,
+        )
+        self._ids.update(zip(new, map(tuple, encoded["input_ids"])))
+        if copy:
+            for text, offsets in zip(new, encoded["offset_mapping"]):
+                self._in_caption[text] = self._match_answers(text, offsets)
 
     def _match_answers(self, text: str, offsets: Sequence[Any]) -> tuple[tuple[int, int, int], ...]:
         words = list(_WORD.finditer(text))

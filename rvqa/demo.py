@@ -30,7 +30,12 @@ from rvqa.data import easy_vqa_captions, load_vqa
 from rvqa.evaluation import compare
 from rvqa.indexing import build_index_from_config
 from rvqa.io import write_json_atomic, write_text_atomic
-from rvqa.knowledge_experiment import format_examples, knowledge_table, run_knowledge_experiment
+from rvqa.knowledge_experiment import (
+    copied_by_reader,
+    format_examples,
+    knowledge_table,
+    run_knowledge_experiment,
+)
 from rvqa.pipeline import RVQA
 from rvqa.reader.train import train_reader
 from rvqa.retriever.index import build_index_from_embeddings
@@ -285,8 +290,7 @@ def _knowledge_stage(
         "readers trained with index A only)\n"
     )
     _say(table)
-    for kind, rows in res["tables"].items():
-        copied = next(r["copied_B_names"] for r in rows if "copied_B_names" in r)
+    for kind, copied in copied_by_reader(res["tables"]).items():
         _say(
             f"   {kind}: with index B, {copied:.1f} % of the owner names answered are B's, "
             "copied from the card it read"

@@ -372,6 +372,14 @@ def _examples(model: RVQA, records_a, records_b, n: int) -> list[dict]:
     return out
 
 
+def copied_by_reader(tables: dict[str, list[dict]]) -> dict[str, float]:
+    """Each reader's share of B's owner names copied with index B (:func:`copied_names`)."""
+    return {
+        kind: next(r["copied_B_names"] for r in rows if "copied_B_names" in r)
+        for kind, rows in tables.items()
+    }
+
+
 def format_examples(examples: Sequence[dict]) -> str:
     """Each example (reader by reader, as :func:`run_knowledge_experiment` lists them): the
     question, then the reader's answer with index A and with B swapped in, with the card it

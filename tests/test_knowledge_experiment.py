@@ -93,7 +93,12 @@ def test_whole_experiment_with_tiny_models(tmp_path):
     import torch
 
     from rvqa.data import load_vqa
-    from rvqa.knowledge_experiment import card_recall, format_examples, run_knowledge_experiment
+    from rvqa.knowledge_experiment import (
+        card_recall,
+        copied_by_reader,
+        format_examples,
+        run_knowledge_experiment,
+    )
     from rvqa.retriever.modeling import RetrieverModel
     from tests.tiny import tiny_run_config
 
@@ -144,6 +149,9 @@ def test_whole_experiment_with_tiny_models(tmp_path):
         assert [r["condition"] for r in rows] == [c for c, _ in CONDITIONS]
         assert all(0 <= r["vs_A"] <= 100 and 0 <= r["vs_B"] <= 100 for r in rows)
         assert 0 <= rows[1]["copied_B_names"] <= 100
+    assert copied_by_reader(res["tables"]) == {
+        k: rows[1]["copied_B_names"] for k, rows in res["tables"].items()
+    }
     ex = res["examples"][0]
     assert ex["before"].evidence[0].index == "A" and ex["after"].evidence[0].index == "B"
     assert any("own card" in line for line in lines)
