@@ -58,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         help="first fine-tune --retriever on the task's fact cards for this many steps",
     )
     p.add_argument(
+        "--mixed-precision",
+        choices=("no", "bf16"),
+        default="no",
+        help="card fine-tuning and readers: bf16 autocast (the demo's setting) or float32",
+    )
+    p.add_argument(
         "--set",
         nargs=2,
         action="append",
@@ -87,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         retriever_dir=args.retriever,
         card_steps=args.card_steps,
         overrides=overrides,
+        mixed_precision=args.mixed_precision,
     )
     table = knowledge_table(res["tables"])
     recall = ", ".join(f"{k} {v:.1f} %" for k, v in res["card_recall"].items())

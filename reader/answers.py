@@ -275,6 +275,12 @@ class AnswerVocab:
         return cls(data["answers"], data.get("counts"))
 
 
+def _check_strings(i: int, answers: Sequence[Any]) -> None:
+    for a in answers:
+        if not isinstance(a, str):
+            raise TypeError(f"answer list {i} holds a {type(a).__name__}: {a!r}")
+
+
 def build_vocab(
     answer_lists: Iterable[Sequence[str]], size: int | None = None, min_count: int = 1
 ) -> AnswerVocab:
@@ -300,21 +306,29 @@ def build_vocab(
         raise UsageError(f"size must be a positive integer or None, got {size!r}")
     if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 1:
         raise UsageError(f"min_count must be a positive integer, got {min_count!r}")
-    counts: Counter[str] = Counter()
-    normalized: dict[str, str] = {}  # answers repeat a lot: each distinct one normalised once
+    # Answers repeat a lot (10 annotators; term worlds: millions of lists): count the raw
+    # strings in C (Counter.update), then normalise each distinct one once.
+    if not isinstance(answer_lists, Sequence):
+        answer_lists = list(answer_lists)  # a second pass names a bad entry's list
+    raw: Counter[Any] = Counter()
     for i, answers in enumerate(answer_lists):
         if isinstance(answers, str) or not isinstance(answers, Sequence):
             raise TypeError(
                 f"answer list {i} must be a list of strings, got {type(answers).__name__}"
             )
-        for a in answers:
-            if not isinstance(a, str):
-                raise TypeError(f"answer list {i} holds a {type(a).__name__}: {a!r}")
-            norm = normalized.get(a)
-            if norm is None:
-                norm = normalized[a] = normalize_answer(a)
-            if norm:
-                counts[norm] += 1
+        try:
+            raw.update(answers)
+        except TypeError:  # an unhashable entry: named below
+            _check_strings(i, answers)
+            raise
+    if not all(isinstance(a, str) for a in raw):
+        for i, answers in enumerate(answer_lists):  # again, to name the list
+            _check_strings(i, answers)
+    counts: Counter[str] = Counter()
+    for a, c in raw.items():
+        norm = normalize_answer(a)
+        if norm:
+            counts[norm] += c
     ranked = sorted(
         ((a, c) for a, c in counts.items() if c >= min_count), key=lambda ac: (-ac[1], ac[0])
     )[:size]

@@ -47,12 +47,19 @@ from rvqa.reader.vision import (
     start_vision_tower,
     vision_config_for,
 )
-from rvqa.towers import hidden_size_of
+from rvqa.towers import KeepsFrozenOnLoad, hidden_size_of
 
 logger = logging.getLogger(__name__)
 
 # Options from_backbones takes besides the GenerativeReaderConfig fields it fills itself.
-_BUILD_KEYS = ("t5_d_model", "t5_num_layers", "t5_num_heads", "t5_d_ff", "cnn_hidden_sizes")
+_BUILD_KEYS = (
+    "t5_d_model",
+    "t5_num_layers",
+    "t5_num_heads",
+    "t5_d_ff",
+    "t5_dropout",
+    "cnn_hidden_sizes",
+)
 _FILLED_KEYS = ("t5_config", "vision_config")
 SCRATCH = "scratch"
 NO_COPY = -1
@@ -205,7 +212,12 @@ class GeneratedAnswers:
 
 
 def scratch_t5_config(
-    vocab_size: int, d_model: int, num_layers: int, num_heads: int, d_ff: int
+    vocab_size: int,
+    d_model: int,
+    num_layers: int,
+    num_heads: int,
+    d_ff: int,
+    dropout: float = 0.1,
 ) -> dict:
     """The config dict of a small T5 trained from scratch: gated GELU (T5 v1.1) with the
     output layer tied to the token embeddings (T5 v1.0; ``<pad>`` 0 = decoder start,
@@ -214,6 +226,8 @@ def scratch_t5_config(
     copying a name from the evidence needs."""
     if d_model % num_heads:
         raise ConfigError(f"t5_d_model={d_model} is not a multiple of t5_num_heads={num_heads}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ConfigError(f"t5_dropout must be a number in [0, 1), got {dropout!r}")
     return T5Config(
         vocab_size=vocab_size,
         d_model=d_model,
@@ -222,6 +236,7 @@ def scratch_t5_config(
         num_layers=num_layers,
         num_decoder_layers=num_layers,
         num_heads=num_heads,
+        dropout_rate=float(dropout),
         feed_forward_proj="gated-gelu",
         tie_word_embeddings=True,
         pad_token_id=0,
@@ -230,7 +245,7 @@ def scratch_t5_config(
     ).to_dict()
 
 
-class GenerativeReaderModel(VisionTowerMixin, PreTrainedModel):
+class GenerativeReaderModel(KeepsFrozenOnLoad, VisionTowerMixin, PreTrainedModel):
     """Image + question + retrieved captions → generated answer (see the module docstring)."""
 
     config_class = GenerativeReaderConfig
@@ -257,6 +272,10 @@ class GenerativeReaderModel(VisionTowerMixin, PreTrainedModel):
         self.vision_model = build_image_tower(config.vision_config)
         self.visual_projection = nn.Linear(hidden_size_of(config.vision_config), t5_config.d_model)
         self.post_init()
+        self.apply_freezing()
+
+    def apply_freezing(self) -> None:
+        """A frozen image tower is a fixed feature extractor (see :meth:`freeze_vision_tower`)."""
         self.freeze_vision_tower()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -288,7 +307,7 @@ class GenerativeReaderModel(VisionTowerMixin, PreTrainedModel):
             vision_tower: An existing image tower (``vision_backbone="retriever"``).
             load_weights: Load pretrained T5 / image tower weights (False: random, tests).
             **overrides: ``t5_backbone``, ``t5_d_model``, ``t5_num_layers``,
-                ``t5_num_heads``, ``t5_d_ff``, ``cnn_hidden_sizes`` and any
+                ``t5_num_heads``, ``t5_d_ff``, ``t5_dropout``, ``cnn_hidden_sizes`` and any
                 :class:`GenerativeReaderConfig` field except the two config dicts.
 
         Raises:
@@ -321,6 +340,7 @@ class GenerativeReaderModel(VisionTowerMixin, PreTrainedModel):
                 sizes["t5_num_layers"],
                 sizes["t5_num_heads"],
                 sizes["t5_d_ff"],
+                sizes["t5_dropout"],
             )
         else:
             t5_config = _checkpoint_t5_config(t5_backbone)

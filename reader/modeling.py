@@ -44,6 +44,7 @@ from rvqa.reader.vision import (
     visual_token_bound,
 )
 from rvqa.towers import (
+    KeepsFrozenOnLoad,
     build_tower,
     drop_unused_heads,
     hidden_size_of,
@@ -72,7 +73,7 @@ class ReaderOutput(ModelOutput):
     logits: torch.FloatTensor | None = None
 
 
-class ReaderModel(VisionTowerMixin, PreTrainedModel):
+class ReaderModel(KeepsFrozenOnLoad, VisionTowerMixin, PreTrainedModel):
     """Question + retrieved captions + image → answer logits (see the module docstring)."""
 
     config_class = ReaderConfig

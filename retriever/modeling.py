@@ -30,6 +30,7 @@ from rvqa.errors import ConfigError, UsageError
 from rvqa.retriever.configuration import RetrieverConfig
 from rvqa.retriever.losses import retrieval_loss
 from rvqa.towers import (
+    KeepsFrozenOnLoad,
     build_tower,
     drop_unused_heads,
     hidden_size_of,
@@ -72,7 +73,7 @@ def _head(d_in: int, d_out: int, kind: str) -> nn.Module:
     return nn.Linear(d_in, d_out)
 
 
-class RetrieverModel(PreTrainedModel):
+class RetrieverModel(KeepsFrozenOnLoad, PreTrainedModel):
     """Image tower + text tower → shared L2-normalised space.
 
     ``tokenizer`` and ``image_processor`` ride along: ``save_pretrained`` writes
@@ -230,13 +231,14 @@ class RetrieverModel(PreTrainedModel):
                     f"retriever checkpoint {path} is missing {', '.join(missing)} "
                     f"(expected {', '.join(REQUIRED_FILES)}, tokenizer and preprocessor files)"
                 )
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        out = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = out[0] if isinstance(out, tuple) else out  # output_loading_info=True
         if path.is_dir():
             if (path / "tokenizer_config.json").is_file():
                 model.tokenizer = AutoTokenizer.from_pretrained(path)
             if (path / "preprocessor_config.json").is_file():
                 model.image_processor = AutoImageProcessor.from_pretrained(path)
-        return model
+        return out
 
     # ------------------------------------------------------------------ encoding
 

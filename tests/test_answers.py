@@ -107,6 +107,11 @@ def test_bad_inputs_raise(vocab):
         build_vocab([["red"], "blue"])
     with pytest.raises(TypeError, match="int"):
         build_vocab([["red", 3]])
+    # the list is named, also for a generator and for an unhashable entry
+    with pytest.raises(TypeError, match=r"answer list 2 holds a int: 3"):
+        build_vocab(iter([["red"], ["blue"], ["red", 3]]))
+    with pytest.raises(TypeError, match=r"answer list 1 holds a list: \['red'\]"):
+        build_vocab([["red"], ["blue", ["red"]]])
     with pytest.raises(ValueError, match="size"):
         build_vocab([["red"]], size=0)
     with pytest.raises(ValueError, match="empty"):

@@ -66,6 +66,17 @@ def test_wrong_type_is_refused(tmp_path):
         config_from_dict({"index": {"dedupe": "yes please"}})
 
 
+def test_bare_no_is_the_choice_no(tmp_path):
+    # YAML 1.1 reads `no` as false: `mixed_precision: no` and `--set ...=no` mean "no"
+    path = tmp_path / "mp.yaml"
+    path.write_text("reader:\n  mixed_precision: no\n")
+    assert load_config(path).reader.mixed_precision == "no"
+    cfg = load_config(None, ["retriever.mixed_precision=bf16", "retriever.mixed_precision=no"])
+    assert cfg.retriever.mixed_precision == "no"
+    with pytest.raises(ConfigError, match=r"retriever\.mixed_precision: got True"):
+        config_from_dict({"retriever": {"mixed_precision": True}})
+
+
 def test_malformed_yaml_and_missing_file(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("reader: [unclosed\n")

@@ -241,6 +241,20 @@ def test_beam_scores_are_sequence_probabilities_of_a_forward_pass(tokenizer):
         model.generate_answers(**b, num_return_sequences=4)
 
 
+def test_t5_dropout_sets_the_scratch_t5s_dropout_rate(tokenizer):
+    answers = [["green"], ["square"], ["no"]]
+    default = tiny_model(tokenizer).train()
+    assert default.t5.config.dropout_rate == 0.1  # T5's default
+    b = batch(processor_for(default, tokenizer), answers)
+    assert default(**b).loss != default(**b).loss  # dropout draws differ
+    model = tiny_model(tokenizer, t5_dropout=0.0).train()
+    assert model.t5.config.dropout_rate == 0.0
+    b = batch(processor_for(model, tokenizer), answers)
+    assert model(**b).loss == model(**b).loss  # no dropout: training passes agree
+    with pytest.raises(ConfigError, match=r"t5_dropout must be a number in \[0, 1\), got 1\.5"):
+        tiny_model(tokenizer, t5_dropout=1.5)
+
+
 def test_save_and_load_give_identical_generations(tokenizer, tmp_path):
     model = tiny_model(tokenizer)
     p = processor_for(model, tokenizer)
@@ -258,6 +272,11 @@ def test_save_and_load_give_identical_generations(tokenizer, tmp_path):
     assert torch.equal(got.sequences, want.sequences)
     torch.testing.assert_close(got.log_probs, want.log_probs)
     assert lp.decode(got.sequences[:, 0]) == p.decode(want.sequences[:, 0])
+    # A frozen image tower stays frozen through from_pretrained (transformers 5 loads
+    # parameters with requires_grad=True).
+    frozen = {n: q.requires_grad for n, q in model.named_parameters()}
+    assert not any(v for n, v in frozen.items() if n.startswith("vision_model."))
+    assert {n: q.requires_grad for n, q in loaded.named_parameters()} == frozen
     # The classifier's loader refuses the folder, naming the way to load it.
     from rvqa.reader.processing import ReaderProcessor
 

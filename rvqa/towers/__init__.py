@@ -42,6 +42,23 @@ _COMPOSITE_VISION = {"clip", "siglip", "siglip2", "blip", "align", "owlvit", "ch
 _COMPOSITE_TEXT = {"clip", "siglip", "siglip2", "t5", "mt5", "umt5"}
 
 
+class KeepsFrozenOnLoad:
+    """Mixin of a ``PreTrainedModel`` with an ``apply_freezing()`` method: ``from_pretrained``
+    applies it again after loading. ``transformers`` (5.x) materialises the loaded
+    parameters with ``requires_grad=True``, so without this a frozen tower of a loaded
+    model trains (and its optimizer state costs memory) when the model is trained further."""
+
+    def apply_freezing(self) -> None:  # pragma: no cover - every model defines its own
+        raise NotImplementedError
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        out = super().from_pretrained(*args, **kwargs)  # type: ignore[misc]
+        # (model, loading_info) with output_loading_info=True
+        (out[0] if isinstance(out, tuple) else out).apply_freezing()
+        return out
+
+
 def small_cnn_processor(image_size: int):
     """Resize to ``image_size``² and scale to [-1, 1]; saved/loaded like any HF processor."""
     return _CNNImageProcessor(
