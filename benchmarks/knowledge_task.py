@@ -10,7 +10,9 @@ random facts, no retrieval), scoring every prediction against A's and B's answer
     python benchmarks/knowledge_task.py --retriever runs/knowledge/retriever/best --out runs/knowledge-exp \\
         --readers generative --epochs 4          # one card per question (--top-k, default 1)
     python benchmarks/knowledge_task.py --retriever runs/demo/retriever/best --out runs/k \\
-        --card-steps 40       # the demo's retriever, fine-tuned on the cards first (as rvqa demo)
+        --card-steps 20 --test-images 200 --epochs 3 --mixed-precision bf16 \\
+        --set classifier reader.max_steps=80 --set classifier reader.learning_rate=1e-3 \\
+        --set generative reader.t5_dropout=0   # rvqa demo's stage 6 (its retriever, its budgets)
     python benchmarks/knowledge_task.py --retriever runs/knowledge/retriever/best --out runs/k2 \\
         --readers generative --set generative reader.copy_from_context=false   # an ablation
 

@@ -308,21 +308,21 @@ def build_vocab(
         raise UsageError(f"min_count must be a positive integer, got {min_count!r}")
     # Answers repeat a lot (10 annotators; term worlds: millions of lists): count the raw
     # strings in C (Counter.update), then normalise each distinct one once.
-    if not isinstance(answer_lists, Sequence):
-        answer_lists = list(answer_lists)  # a second pass names a bad entry's list
+    # A streaming pass (term worlds yield millions of lists): a list is type-checked
+    # only when it brings a new distinct answer, which a non-string always is first.
     raw: Counter[Any] = Counter()
     for i, answers in enumerate(answer_lists):
         if isinstance(answers, str) or not isinstance(answers, Sequence):
             raise TypeError(
                 f"answer list {i} must be a list of strings, got {type(answers).__name__}"
             )
+        seen = len(raw)
         try:
             raw.update(answers)
-        except TypeError:  # an unhashable entry: named below
+        except TypeError:  # an unhashable entry
             _check_strings(i, answers)
             raise
-    if not all(isinstance(a, str) for a in raw):
-        for i, answers in enumerate(answer_lists):  # again, to name the list
+        if len(raw) != seen:
             _check_strings(i, answers)
     counts: Counter[str] = Counter()
     for a, c in raw.items():

@@ -763,7 +763,7 @@ COMMANDS: dict[str, Command] = {
         "the offline demo: easy-vqa (train retriever, build indices, train reader, evaluate, "
         "answer), then the knowledge task (both readers, index A vs B swapped in)",
         """
-        rvqa demo                       # ~13 minutes on 2 CPU cores, writes runs/demo and indices/
+        rvqa demo                       # ~8 minutes on 2 CPU cores, writes runs/demo and indices/
         rvqa demo --fast                # about 3 minutes: a smoke test of the whole chain
         """,
         _demo_args,

@@ -94,8 +94,20 @@ def test_configs_demo_yaml_states_the_demo_settings():
 
     repo = Path(__file__).resolve().parents[1]
     shipped = dataclasses.asdict(load_config(repo / "configs" / "demo.yaml"))
-    demo = dataclasses.asdict(demo_config("runs/demo"))
+    demo = dataclasses.asdict(demo_config("runs/demo", precision="bf16"))
     # the demo names its index folder; the config leaves it to build-index's default
     assert demo["index"].pop("path") == "indices/easyvqa-captions"
     assert shipped["index"].pop("path") is None
     assert shipped == demo
+
+
+def test_demo_trains_in_float32_where_bf16_is_not_supported(monkeypatch):
+    import rvqa.demo as demo
+
+    assert demo.demo_precision() in ("bf16", "no")
+    monkeypatch.setattr(demo.torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    monkeypatch.setattr(demo.torch.cuda, "is_available", lambda: False)
+    assert demo.demo_precision() == "no"
+    cfg = demo.demo_config("runs/demo")
+    assert cfg.retriever.mixed_precision == cfg.reader.mixed_precision == "no"
+    assert demo.demo_config("runs/demo", precision="bf16").reader.mixed_precision == "bf16"

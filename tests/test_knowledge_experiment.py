@@ -83,6 +83,31 @@ def test_reader_overrides_apply_and_unknown_reader_is_named(task, tmp_path):
         knowledge_reader_config(task, tmp_path / "p", "pointer", 1)
 
 
+@pytest.mark.parametrize("train_text", [True, False])
+def test_card_fine_tuning_trains_the_text_tower_only_when_asked(task, tmp_path, train_text):
+    import torch
+
+    from rvqa.config import load_config
+    from rvqa.knowledge_experiment import fit_retriever_to_cards
+    from rvqa.retriever.modeling import RetrieverModel
+    from tests.tiny import tiny_run_config
+
+    cfg = tiny_run_config(tmp_path)
+    cfg.retriever.freeze_text = train_text  # the opposite of what is asked
+    retriever = RetrieverModel.from_backbones(cfg.retriever)
+    text = {n: p.detach().clone() for n, p in retriever.text_model.named_parameters()}
+    tuned, folder = fit_retriever_to_cards(
+        retriever, task, tmp_path / "run", steps=2, learning_rate=1e-2, train_text_tower=train_text
+    )
+    changed = [n for n, p in tuned.text_model.named_parameters() if not torch.equal(p, text[n])]
+    assert bool(changed) == train_text
+    assert tuned.config.freeze_text is (not train_text)
+    saved = load_config(folder.parent / "config.yaml").retriever
+    assert saved.freeze_text is (not train_text)
+    assert retriever.config.freeze_text is train_text  # the given retriever is left as it was
+    assert all(torch.equal(p, text[n]) for n, p in retriever.text_model.named_parameters())
+
+
 @pytest.mark.slow
 def test_whole_experiment_with_tiny_models(tmp_path):
     """Both readers (tiny towers) through the whole experiment; the card recall agrees with a
