@@ -513,6 +513,80 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="RUN", help="run folder with rvqa_run.json")
+    p.add_argument(
+        "--index",
+        action="append",
+        default=[],
+        metavar="PATH_OR_NAME",
+        help="index folder to load (under its folder name) or a run index's name; repeatable "
+        "(default: every index the run loads)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument(
+        "--indices-root",
+        default=None,
+        metavar="DIR",
+        help="the folder index loads and swaps (PUT /v1/indices/NAME) may read from",
+    )
+    p.add_argument(
+        "--admin-token-file",
+        default=None,
+        metavar="FILE",
+        help="file holding the admin token for index management (or set RVQA_ADMIN_TOKEN); "
+        "without one, PUT/DELETE /v1/indices are disabled",
+    )
+    p.add_argument("--max-batch", type=int, default=32, help="requests per reader batch (1: off)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest upload (413 above)")
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available)"
+    )
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from rvqa.pipeline import RVQA
+    from rvqa.server import create_app, require_serve_extra
+
+    require_serve_extra()
+    import uvicorn
+
+    token = os.environ.get("RVQA_ADMIN_TOKEN") or None
+    if args.admin_token_file:
+        path = Path(args.admin_token_file)
+        if not path.is_file():
+            raise UsageError(f"--admin-token-file {path} does not exist")
+        token = path.read_text().strip()
+        if not token:
+            raise UsageError(f"--admin-token-file {path} is empty")
+    if args.indices_root is not None and not Path(args.indices_root).is_dir():
+        raise UsageError(f"--indices-root {args.indices_root} is not a folder")
+    with _QuietLoading(args.debug):
+        model = RVQA.from_pretrained(args.model, device=args.device)
+        if args.index:
+            keep = model.use_indices(args.index)
+            for name in list(model.registry.names):
+                if name not in keep:
+                    model.unload_index(name)
+    app = create_app(
+        model,
+        indices_root=args.indices_root,
+        admin_token=token,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        max_upload_mb=args.max_upload_mb,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
 def _format_answer(out, retrieval: bool) -> str:
     """The human-readable ``rvqa ask`` result: answer, alternatives, evidence table."""
     shown = "(empty answer: the reader generated nothing)" if out.empty else out.answer
@@ -790,6 +864,15 @@ COMMANDS: dict[str, Command] = {
         """,
         _evaluate_args,
         _cmd_evaluate,
+    ),
+    "serve": Command(
+        "serve a run over HTTP (FastAPI): answers with micro-batching, admin-only index swaps",
+        """
+        rvqa serve --model runs/demo                                   # http://127.0.0.1:8000/docs
+        rvqa serve --model runs/demo --indices-root indices --admin-token-file token.txt
+        """,
+        _serve_args,
+        _cmd_serve,
     ),
 }
 

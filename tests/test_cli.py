@@ -173,6 +173,7 @@ def test_commands_table():
         "demo",
         "ask",
         "evaluate",
+        "serve",
     ]
     for name, cmd in cli.COMMANDS.items():
         assert cmd.help and "rvqa " + name in cmd.examples, name

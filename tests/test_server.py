@@ -1,0 +1,221 @@
+"""rvqa serve: the HTTP API over a tiny run (FastAPI's TestClient, no network)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import shutil
+import threading
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from rvqa.pipeline import RVQA  # noqa: E402
+from rvqa.server import MicroBatcher, Overloaded, create_app  # noqa: E402
+from tests.tiny import draw_shape  # noqa: E402
+
+TOKEN = "s3cret-token"
+
+
+def png(color="red", shape="circle", size=32) -> bytes:
+    buf = io.BytesIO()
+    draw_shape(color, shape, size=size).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_run):
+    return RVQA.from_pretrained(tiny_run, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def root(model, tmp_path_factory):
+    """An indices root holding a copy of the run's index (for PUT)."""
+    root = tmp_path_factory.mktemp("indices")
+    name = model.registry.names[0]
+    shutil.copytree(model.registry.get(name).path, root / "copy")
+    return root
+
+
+@pytest.fixture()
+def client(model, root):
+    app = create_app(model, indices_root=root, admin_token=TOKEN, max_upload_mb=0.5)
+    with TestClient(app) as c:
+        yield c
+
+
+def test_answer_agrees_with_the_python_api(client, model):
+    from PIL import Image
+
+    data = png("blue", "square")
+    r = client.post(
+        "/v1/answer", files={"image": ("s.png", data)}, data={"question": "what color is it?"}
+    )
+    assert r.status_code == 200, r.text
+    want = model.answer(Image.open(io.BytesIO(data)).convert("RGB"), "what color is it?")
+    got = r.json()
+    assert got["answer"] == want.answer
+    assert got["score"] == pytest.approx(want.score, abs=1e-6)
+    assert [e["text"] for e in got["evidence"]] == [e.text for e in want.evidence]
+    # top_k and index as form fields; index=none answers without retrieval
+    r = client.post(
+        "/v1/answer",
+        files={"image": ("s.png", data)},
+        data={"question": "what color is it?", "top_k": "1", "index": "none"},
+    )
+    assert r.status_code == 200 and r.json()["evidence"] == []
+
+
+def test_batch_retrieve_indices_health_and_metrics(client, model):
+    files = [("images", (f"{i}.png", png(c))) for i, c in enumerate(["red", "green", "blue"])]
+    qs = {"questions": ["what color?", "what shape?", "is it red?"]}
+    r = client.post("/v1/answer_batch", files=files, data=qs)
+    assert r.status_code == 200, r.text
+    assert [a["question"] for a in r.json()["answers"]] == [
+        "what color?",
+        "what shape?",
+        "is it red?",
+    ]
+
+    r = client.post("/v1/retrieve", files={"image": ("r.png", png())}, data={"top_k": "2"})
+    assert r.status_code == 200 and len(r.json()["evidence"]) == 2
+
+    listed = client.get("/v1/indices").json()
+    assert [e["name"] for e in listed] == model.registry.names
+    assert set(listed[0]) == {"name", "path", "count", "factory", "fingerprint", "loaded_at"}
+    assert listed[0]["fingerprint"] == model.retriever.fingerprint()
+    assert listed[0]["loaded_at"].endswith("+00:00")  # ISO 8601, UTC
+
+    assert client.get("/healthz").json()["status"] == "ok"
+    text = client.get("/metrics").text
+    assert 'rvqa_requests_total{endpoint="/v1/answer_batch",status="200"} 1.0' in text
+    assert "rvqa_batch_size_count" in text and "rvqa_queue_length" in text
+    assert "rvqa_index_searches_total" in text
+    # metrics are labelled by route template, not by each path a client sends
+    client.delete("/v1/indices/made-up-name")
+    assert "made-up-name" not in client.get("/metrics").text
+    assert 'endpoint="/v1/indices/{name}"' in client.get("/metrics").text
+    assert client.get("/openapi.json").json()["info"]["title"] == "rvqa"
+
+
+def test_bad_input_is_refused_and_the_server_keeps_serving(client, model):
+    ok = {"image": ("s.png", png())}
+    q = {"question": "what color is it?"}
+    cases = [
+        (({"image": ("x.png", b"not an image at all")}, q), 415, "not an image"),
+        (({"image": ("t.png", png()[:60])}, q), 422, "cannot be decoded"),
+        (({"image": ("e.png", b"")}, q), 422, "empty"),
+        ((ok, {}), 422, "question is missing"),
+        ((ok, {"question": "   "}), 422, "question is missing or empty"),
+        ((ok, {**q, "index": "nope"}), 404, "unknown index 'nope'"),
+        ((ok, {**q, "top_k": "two"}), 422, "top_k must be an integer"),
+        ((ok, {**q, "top_k": "0"}), 422, "top_k must be at least 1"),
+        (({"image": ("h.bin", b"\x89PNG" + b"0" * 600_000)}, q), 413, "max-upload-mb"),
+    ]
+    for (files, data), status, message in cases:
+        r = client.post("/v1/answer", files=files, data=data)
+        assert r.status_code == status, (message, r.status_code, r.text)
+        assert message in r.json()["error"], r.json()
+    r = client.post("/v1/answer", files=ok, data=q)
+    assert r.status_code == 200 and r.json()["answer"]
+
+
+def test_pixel_limit_applies_before_decoding(model):
+    app = create_app(model, max_pixels=16 * 16)
+    with TestClient(app) as c:
+        r = c.post("/v1/answer", files={"image": ("s.png", png())}, data={"question": "what?"})
+    assert r.status_code == 413 and "32x32 = 1024 pixels" in r.json()["error"]
+
+
+def test_index_management_needs_the_token_and_stays_under_the_root(client, model, root, tmp_path):
+    name = model.registry.names[0]
+    body = {"path": "copy"}
+    assert client.put("/v1/indices/extra", json=body).status_code == 401
+    bad = {"Authorization": "Bearer wrong"}
+    assert client.put("/v1/indices/extra", json=body, headers=bad).status_code == 403
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (root / "link").symlink_to(outside)
+    for path, status in (("../x", 403), (str(outside), 403), ("link", 403), ("missing", 404)):
+        r = client.put("/v1/indices/extra", json={"path": path}, headers=auth)
+        assert r.status_code == status, (path, r.text)
+    r = client.put("/v1/indices/extra", json=body, headers=auth)
+    assert r.status_code == 200, r.text
+    assert [e["name"] for e in client.get("/v1/indices").json()] == [name, "extra"]
+    r = client.post(
+        "/v1/answer",
+        files={"image": ("s.png", png())},
+        data={"question": "what color is it?", "index": "extra"},
+    )
+    assert r.status_code == 200 and {e["index"] for e in r.json()["evidence"]} == {"extra"}
+    assert client.delete("/v1/indices/extra", headers=auth).status_code == 200
+    assert client.delete("/v1/indices/extra", headers=auth).status_code == 404
+    assert [e["name"] for e in client.get("/v1/indices").json()] == [name]
+
+
+def test_index_management_is_disabled_without_a_token(model):
+    with TestClient(create_app(model)) as c:
+        r = c.put("/v1/indices/x", json={"path": "copy"}, headers={"Authorization": "Bearer a"})
+    assert r.status_code == 403 and "RVQA_ADMIN_TOKEN" in r.json()["error"]
+
+
+class _CountingModel:
+    """answer_batch records its batch sizes; can be held until released."""
+
+    def __init__(self, model, hold: threading.Event | None = None):
+        self.model, self.hold, self.calls = model, hold, []
+
+    def answer_batch(self, images, questions, **kw):
+        if self.hold is not None:
+            self.hold.wait(10)
+        self.calls.append(len(images))
+        return self.model.answer_batch(images, questions, **kw)
+
+
+def test_concurrent_requests_share_one_reader_batch(model):
+    from PIL import Image
+
+    counting = _CountingModel(model)
+    images = [draw_shape(c, "circle") for c in ("red", "green", "blue", "yellow")] * 2
+    questions = [f"question {i}?" for i in range(len(images))]
+
+    async def main():
+        b = MicroBatcher(counting, max_batch=8, max_wait_ms=200)
+        b.start()
+        out = await asyncio.gather(*(b.submit(i, q, None, None) for i, q in zip(images, questions)))
+        await b.stop()
+        return out
+
+    answers = asyncio.run(main())
+    assert counting.calls == [8]  # one forward for 8 concurrent requests
+    one_by_one = [model.answer(i, q, index=None) for i, q in zip(images, questions)]
+    assert [a.answer for a in answers] == [a.answer for a in one_by_one]
+    assert isinstance(images[0], Image.Image)
+
+
+def test_a_full_queue_answers_503_and_nothing_hangs(model):
+    hold = threading.Event()
+    slow = _CountingModel(model, hold)
+    image = draw_shape("red", "circle")
+
+    async def main():
+        b = MicroBatcher(slow, max_batch=1, max_wait_ms=0, max_queue=1)
+        b.start()
+        first = asyncio.ensure_future(b.submit(image, "a?", None, None))
+        await asyncio.sleep(0.1)  # taken by the batch loop, held in answer_batch
+        second = asyncio.ensure_future(b.submit(image, "b?", None, None))
+        await asyncio.sleep(0.05)  # waiting in the queue
+        with pytest.raises(Overloaded, match="busy") as err:
+            await b.submit(image, "c?", None, None)
+        assert err.value.status == 503 and err.value.headers == {"Retry-After": "1"}
+        hold.set()
+        done = await asyncio.wait_for(asyncio.gather(first, second), 10)
+        await b.stop()
+        return done
+
+    assert len(asyncio.run(main())) == 2
