@@ -557,7 +557,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     require_serve_extra()
     import uvicorn
 
-    token = os.environ.get("RVQA_ADMIN_TOKEN") or None
+    token = os.environ.get("RVQA_ADMIN_TOKEN", "").strip() or None
     if args.admin_token_file:
         path = Path(args.admin_token_file)
         if not path.is_file():

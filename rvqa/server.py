@@ -20,6 +20,7 @@ import asyncio
 import hmac
 import io
 import logging
+import re
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +39,8 @@ logger = logging.getLogger(__name__)
 
 try:  # the optional extra: `pip install "rvqa[serve]"`
     from fastapi import FastAPI, File, Form, Request, UploadFile
-    from fastapi.responses import JSONResponse, Response
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
     from prometheus_client import (
         CONTENT_TYPE_LATEST,
         CollectorRegistry,
@@ -47,6 +49,7 @@ try:  # the optional extra: `pip install "rvqa[serve]"`
         Histogram,
         generate_latest,
     )
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as err:  # pragma: no cover - exercised where the extra is missing
     _MISSING: ImportError | None = err
 else:
@@ -54,6 +57,10 @@ else:
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
 """Largest image (width × height, read from its header) a request may send."""
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")
+"""Image formats an upload may have."""
+INDEX_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+"""Names ``PUT /v1/indices/{name}`` accepts (the ``index`` form field splits on commas)."""
 
 
 class ServeError(RVQAError):
@@ -83,10 +90,14 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     """
     if not data:
         raise ServeError(422, "the image is empty (0 bytes)")
-    try:
-        img = Image.open(io.BytesIO(data))  # reads the header only
+    try:  # reads the header only; formats: no EPS (Ghostscript) and friends
+        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError as err:  # PIL's own limit (~179 MP), also a bomb
+        raise ServeError(413, f"image refused before decoding: {err}") from None
     except Exception as err:  # PIL raises UnidentifiedImageError and others
-        raise ServeError(415, f"not an image PIL can read: {err}") from None
+        raise ServeError(
+            415, f"not an image of a supported format ({', '.join(IMAGE_FORMATS)}): {err}"
+        ) from None
     width, height = img.size
     if width * height > max_pixels:
         raise ServeError(
@@ -124,6 +135,8 @@ def parse_index(value: str | None, model: RVQA) -> list[str] | None | object:
     if value.strip().lower() == "none":
         return None
     names = [n.strip() for n in value.split(",") if n.strip()]
+    if not names:
+        raise ServeError(422, f"index {value!r} names no index (use 'none' for no retrieval)")
     for n in names:
         if n not in model.registry:
             known = ", ".join(model.registry.names) or "none loaded"
@@ -158,12 +171,14 @@ class MicroBatcher:
 
     A batch closes when it holds ``max_batch`` requests or ``max_wait_ms`` after its first
     one arrived; requests with different ``top_k`` / ``index`` go into separate calls.
-    ``max_batch=1`` answers one request per forward pass (batching off).
+    ``max_batch=1`` answers one request per forward pass (batching off). At most
+    ``max_queue`` requests wait; more raise :class:`Overloaded` (503). The model runs on
+    one worker thread, which :meth:`run` shares for other blocking model calls.
     """
 
     def __init__(
         self,
-        model: RVQA,
+        model: Any,
         max_batch: int = 32,
         max_wait_ms: float = 5.0,
         max_queue: int = 256,
@@ -181,38 +196,76 @@ class MicroBatcher:
         self.on_batch = on_batch
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rvqa-batch")
+        self._executor: ThreadPoolExecutor | None = None
         self._in_flight = 0
+        self._side = 0  # other model calls (retrieve) running or waiting
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize() if self._queue is not None else 0
+        return (self._queue.qsize() if self._queue is not None else 0) + self._side
+
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
 
     def start(self) -> None:
         self._queue = asyncio.Queue()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rvqa-model")
         self._task = asyncio.get_running_loop().create_task(self._run())
+        self._task.add_done_callback(self._died)
 
-    async def stop(self) -> None:
-        """Answer what is queued and in flight, then stop (graceful shutdown)."""
-        if self._queue is not None:
-            while not self._queue.empty() or self._in_flight:
-                await asyncio.sleep(0.01)
+    def _died(self, task: asyncio.Task) -> None:
+        """The batch loop ended (stopped, or a bug): no waiting request hangs."""
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("the batch loop stopped: %r", task.exception())
+        while self._queue is not None and not self._queue.empty():
+            job = self._queue.get_nowait()
+            if not job.future.done():
+                job.future.set_exception(ServeError(503, "the server is shutting down"))
+
+    async def stop(self, timeout: float = 60.0) -> None:
+        """Answer what is queued and in flight (up to ``timeout`` seconds), then stop."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.alive and (self.queued or self._in_flight) and loop.time() < deadline:
+            await asyncio.sleep(0.01)
         if self._task is not None:
             self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        self._executor.shutdown(wait=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
 
-    async def submit(self, image: Image.Image, question: str, top_k: int | None, index: Any):
-        if self._queue is None:
-            raise RuntimeError("MicroBatcher.start() was not called")
-        if self._queue.qsize() >= self.max_queue:
-            raise Overloaded(self._queue.qsize())
+    def reserve(self, n: int = 1) -> None:
+        """Raise :class:`Overloaded` unless ``n`` more requests fit the queue."""
+        if not self.alive:
+            raise ServeError(503, "the server is not answering (its batch loop stopped)")
+        if self.queued + n > self.max_queue:
+            raise Overloaded(self.queued)
+
+    def enqueue(self, image: Any, question: str, top_k: int | None, index: Any) -> asyncio.Future:
+        """Queue one request (no await between :meth:`reserve` and this keeps the bound)."""
+        self.reserve(1)
+        assert self._queue is not None
         fut = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Job(image, question, top_k, index, fut))
-        return await fut
+        return fut
+
+    async def submit(self, image: Any, question: str, top_k: int | None, index: Any):
+        if self._queue is None:
+            raise RuntimeError("MicroBatcher.start() was not called")
+        return await self.enqueue(image, question, top_k, index)
+
+    async def run(self, fn: Any) -> Any:
+        """Run another blocking model call on the model's thread, counted in the queue."""
+        self.reserve(1)
+        self._side += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        finally:
+            self._side -= 1
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -238,18 +291,23 @@ class MicroBatcher:
             for jobs in groups.values():
                 try:
                     answers = await loop.run_in_executor(self._executor, self._answer, jobs)
-                except Exception as err:  # the whole call failed: every job of it hears why
-                    for job in jobs:
-                        if not job.future.done():
-                            job.future.set_exception(err)
-                else:
                     for job, ans in zip(jobs, answers):
                         if not job.future.done():
                             job.future.set_result(ans)
+                except asyncio.CancelledError:
+                    raise
+                except BaseException as err:  # noqa: BLE001 - every job of the call hears why
+                    shown = err if isinstance(err, Exception) else RuntimeError(repr(err))
+                    for job in jobs:
+                        if not job.future.done():
+                            job.future.set_exception(shown)
                 finally:
                     self._in_flight -= len(jobs)
-            if self.on_batch is not None:
-                self.on_batch(len(batch))
+                if self.on_batch is not None:
+                    try:
+                        self.on_batch(len(jobs))
+                    except Exception:  # a metrics hook never stops answering
+                        logger.exception("on_batch failed")
 
     def _answer(self, jobs: list[_Job]) -> list:
         head = jobs[0]
@@ -260,6 +318,54 @@ class MicroBatcher:
             index=head.index,
             batch_size=max(len(jobs), 1),
         )
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` gets 413, whether it declares its
+    length (refused before reading) or arrives chunked (reading stops at the limit)."""
+
+    def __init__(self, app: Any, max_bytes: int, max_upload_mb: float):
+        self.app = app
+        self.max_bytes = max_bytes
+        # multipart framing around the image: a little room over the image's own limit
+        self.limit = max_bytes + 64 * 1024
+        self.message = f"the upload is over --max-upload-mb ({max_upload_mb:g} MB)"
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            await JSONResponse({"error": self.message}, status_code=413)(scope, receive, send)
+            return
+        seen = 0
+        refused = False
+
+        async def limited() -> dict:
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:  # answer 413 now; the app sees the client leave
+                    refused = True
+                    await JSONResponse({"error": self.message}, status_code=413)(
+                        scope, receive, send
+                    )
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: dict) -> None:
+            if not refused:  # after the 413, nothing the app says goes out
+                await send(message)
+
+        try:
+            await self.app(scope, limited, guarded_send)
+        except Exception:
+            if not refused:
+                raise
 
 
 def _check_token(request: Any, token: str | None) -> None:
@@ -282,6 +388,8 @@ def resolve_under_root(root: Path | None, given: Any) -> Path:
         raise ServeError(403, "no --indices-root configured: index folders cannot be loaded")
     if not isinstance(given, str) or not given.strip():
         raise ServeError(422, 'the body must be JSON {"path": "<index folder under the root>"}')
+    if "\x00" in given:
+        raise ServeError(422, "path contains a NUL character")
     if Path(given).is_absolute():
         raise ServeError(403, f"path {given!r} is absolute; give a folder relative to the root")
     target = (root / given).resolve()
@@ -322,6 +430,8 @@ def create_app(
     searches = Counter(
         "rvqa_index_searches_total", "answers that searched an index", ["index"], registry=registry
     )
+    if not isinstance(max_upload_mb, (int, float)) or max_upload_mb <= 0:
+        raise UsageError(f"max_upload_mb must be a positive number, got {max_upload_mb!r}")
     batcher = MicroBatcher(
         model, max_batch, max_wait_ms, max_queue, on_batch=lambda n: batch_sizes.observe(n)
     )
@@ -349,17 +459,26 @@ def create_app(
     async def _usage(request: Request, err: UsageError):
         return JSONResponse({"error": str(err)}, status_code=422)
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError):
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body')}: {e.get('msg')}"
+            for e in err.errors()
+        )
+        return JSONResponse({"error": problems or "invalid request"}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, err: StarletteHTTPException):
+        return JSONResponse({"error": str(err.detail)}, status_code=err.status_code)
+
     @app.middleware("http")
     async def _measure(request: Request, call_next):
         t0 = time.perf_counter()
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_bytes + 64 * 1024:
-            response = JSONResponse(
-                {"error": f"the upload is over --max-upload-mb ({max_upload_mb:g} MB)"},
-                status_code=413,
-            )
-        else:
+        try:
             response = await call_next(request)
+        except Exception:  # a bug: logged with its traceback, answered as JSON, counted
+            logger.exception("error answering %s %s", request.method, request.url.path)
+            response = JSONResponse({"error": "internal server error"}, status_code=500)
         route = request.scope.get("route")  # the template: /v1/indices/{name}, not each name
         endpoint = getattr(route, "path", "(unmatched)")
         requests.labels(endpoint, str(response.status_code)).inc()
@@ -367,11 +486,14 @@ def create_app(
         queue_length.set(batcher.queued)
         return response
 
+    app.add_middleware(BodyLimit, max_bytes=max_bytes, max_upload_mb=max_upload_mb)
+
     async def _image(upload: Any) -> Image.Image:
         data = await upload.read(max_bytes + 1)
         if len(data) > max_bytes:
             raise ServeError(413, f"the image is over --max-upload-mb ({max_upload_mb:g} MB)")
-        return decode_image(data, max_pixels)
+        # decoding off the event loop: a large image does not stall other requests
+        return await asyncio.to_thread(decode_image, data, max_pixels)
 
     def _count_searches(answers: list) -> None:
         for a in answers:
@@ -388,6 +510,7 @@ def create_app(
         q = check_question(question)
         k = parse_top_k(top_k)
         idx = parse_index(index, model)
+        batcher.reserve(1)  # a full queue answers 503 before any pixel is decoded
         img = await _image(image)
         ans = await batcher.submit(img, q, k, idx)
         _count_searches([ans])
@@ -405,8 +528,16 @@ def create_app(
         qs = [check_question(q) for q in questions]
         k = parse_top_k(top_k)
         idx = parse_index(index, model)
+        if len(images) > batcher.max_queue:
+            raise ServeError(
+                422,
+                f"{len(images)} images in one request; at most {batcher.max_queue} (--max-queue)",
+            )
+        batcher.reserve(len(images))
         imgs = [await _image(u) for u in images]
-        answers = await asyncio.gather(*(batcher.submit(i, q, k, idx) for i, q in zip(imgs, qs)))
+        batcher.reserve(len(images))  # again: others may have queued meanwhile
+        futures = [batcher.enqueue(i, q, k, idx) for i, q in zip(imgs, qs)]  # no await between
+        answers = await asyncio.gather(*futures)
         _count_searches(answers)
         return {"answers": [a.to_dict() for a in answers]}
 
@@ -418,9 +549,9 @@ def create_app(
     ):
         k = parse_top_k(top_k)
         idx = parse_index(index, model)
+        batcher.reserve(1)
         img = await _image(image)
-        loop = asyncio.get_running_loop()
-        found = await loop.run_in_executor(None, lambda: model.retrieve([img], k, idx))
+        found = await batcher.run(lambda: model.retrieve([img], k, idx))
         return {"evidence": [e._asdict() for e in found[0]]}
 
     @app.get("/v1/indices")
@@ -443,6 +574,12 @@ def create_app(
     @app.put("/v1/indices/{name}")
     async def put_index(name: str, request: Request):
         _check_token(request, admin_token)
+        if not INDEX_NAME.fullmatch(name) or name.lower() == "none":
+            raise ServeError(
+                422,
+                f"index name {name!r}: letters, digits, '.', '_', '-' (not 'none'), "
+                "starting with a letter or digit",
+            )
         try:
             body = await request.json()
         except Exception:
@@ -451,7 +588,7 @@ def create_app(
         loop = asyncio.get_running_loop()
         try:  # swap: loaded and checked first; on failure the old index keeps serving
             await loop.run_in_executor(None, lambda: model.swap_index(path, name=name))
-        except (FileNotFoundError, RVQAError) as err:
+        except (OSError, ValueError, RVQAError) as err:  # the old index keeps serving
             raise ServeError(422, f"index {name!r} not loaded from {path.name!r}: {err}") from None
         loaded_at[name] = time.time()
         return {"name": name, "path": str(path), "loaded": list(model.registry.names)}
@@ -464,6 +601,13 @@ def create_app(
         model.unload_index(name)
         loaded_at.pop(name, None)
         return {"name": name, "loaded": list(model.registry.names)}
+
+    page = (Path(__file__).parent / "static" / "index.html").read_text(encoding="utf-8")
+
+    @app.get("/", include_in_schema=False)
+    async def index_page():
+        # one static file, no build step: upload, ask, evidence, and the admin swap
+        return HTMLResponse(page)
 
     @app.get("/healthz")
     async def healthz():

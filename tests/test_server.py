@@ -124,6 +124,62 @@ def test_bad_input_is_refused_and_the_server_keeps_serving(client, model):
     assert r.status_code == 200 and r.json()["answer"]
 
 
+def _png_header(width: int, height: int) -> bytes:
+    """A small real PNG whose header claims width x height pixels (a decompression bomb's
+    header): its IHDR rewritten, CRC recomputed."""
+    import struct
+    import zlib
+
+    data = bytearray(png())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR: after signature, length, type
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def test_more_bad_input(client):
+    q = {"question": "what color is it?"}
+    ok = {"image": ("s.png", png())}
+    # a bomb's header: refused from the header, 413 (ours at 16.7 MP, PIL's own above ~179 MP)
+    for w in (5000, 20000):
+        r = client.post("/v1/answer", files={"image": ("b.png", _png_header(w, w))}, data=q)
+        assert r.status_code == 413, r.text
+
+    # a chunked upload (no Content-Length) over the limit is cut off with 413
+    def chunks():
+        for _ in range(40):
+            yield b"x" * 65536
+
+    r = client.post(
+        "/v1/answer", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"}
+    )
+    assert r.status_code == 413 and "max-upload-mb" in r.json()["error"]
+    # FastAPI's own validation (no image field) answers in the same JSON shape
+    r = client.post("/v1/answer", data=q)
+    assert r.status_code == 422 and "image" in r.json()["error"]
+    r = client.post("/v1/answer", files=ok, data={**q, "index": ","})
+    assert r.status_code == 422 and "names no index" in r.json()["error"]
+    many = [("images", (f"{i}.png", png())) for i in range(3)]
+    r = client.post("/v1/answer_batch", files=many, data={"questions": ["a?", "b?"]})
+    assert r.status_code == 422 and "3 images but 2 questions" in r.json()["error"]
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    for name in ("none", "a,b", ".hidden"):
+        r = client.put(f"/v1/indices/{name}", json={"path": "copy"}, headers=auth)
+        assert r.status_code == 422 and "index name" in r.json()["error"], name
+    r = client.put("/v1/indices/x", json={"path": "co\x00py"}, headers=auth)
+    assert r.status_code == 422 and "NUL" in r.json()["error"]
+    assert client.post("/v1/answer", files=ok, data=q).status_code == 200
+
+
+def test_batch_over_the_queue_is_refused(model):
+    with TestClient(create_app(model, max_queue=2)) as c:
+        many = [("images", (f"{i}.png", png())) for i in range(3)]
+        r = c.post("/v1/answer_batch", files=many, data={"questions": ["a?", "b?", "c?"]})
+        assert r.status_code == 422 and "at most 2" in r.json()["error"]
+        two = many[:2]
+        r = c.post("/v1/answer_batch", files=two, data={"questions": ["a?", "b?"]})
+        assert r.status_code == 200 and len(r.json()["answers"]) == 2
+
+
 def test_pixel_limit_applies_before_decoding(model):
     app = create_app(model, max_pixels=16 * 16)
     with TestClient(app) as c:
@@ -140,7 +196,8 @@ def test_index_management_needs_the_token_and_stays_under_the_root(client, model
     auth = {"Authorization": f"Bearer {TOKEN}"}
     outside = tmp_path / "elsewhere"
     outside.mkdir()
-    (root / "link").symlink_to(outside)
+    if not (root / "link").is_symlink():
+        (root / "link").symlink_to(outside)
     for path, status in (("../x", 403), (str(outside), 403), ("link", 403), ("missing", 404)):
         r = client.put("/v1/indices/extra", json={"path": path}, headers=auth)
         assert r.status_code == status, (path, r.text)
@@ -219,3 +276,93 @@ def test_a_full_queue_answers_503_and_nothing_hangs(model):
         return done
 
     assert len(asyncio.run(main())) == 2
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def live_server(model, root):
+    """The app on a real port (uvicorn in a thread), for the browser."""
+    import time
+
+    import uvicorn
+
+    app = create_app(model, indices_root=root, admin_token=TOKEN)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        if time.time() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(30)
+
+
+def _chromium():
+    """Debian's chromium (installed by .ci/run); RVQA_REQUIRE_BROWSER=1 (CI) fails without it."""
+    import os
+
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        path = None
+    if path is None:
+        if os.environ.get("RVQA_REQUIRE_BROWSER") == "1":
+            pytest.fail("the browser test needs chromium and playwright (.ci/run installs both)")
+        pytest.skip("no chromium / playwright here")
+    return path
+
+
+def test_web_page_upload_answer_evidence_swap_in_a_real_browser(live_server, model, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    chromium = _chromium()
+    name = model.registry.names[0]
+    image = tmp_path / "shape.png"
+    image.write_bytes(png("green", "square"))
+    shot = tmp_path / "page.png"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(live_server + "/")
+        page.wait_for_selector(f"#ix-{name}")
+        page.set_input_files("#image", str(image))
+        page.fill("#question", "what color is the shape?")
+        page.click("#ask-button")
+        page.wait_for_selector("#evidence tbody tr")
+        first = page.inner_text("#answer")
+        rows = page.locator("#evidence tbody tr")
+        assert rows.count() >= 1 and name in rows.first.inner_text()
+        assert "score" in first
+        # the admin swap: a wrong token is refused on the page, the right one loads "extra"
+        page.fill("#token", "wrong")
+        page.fill("#swap-name", "extra")
+        page.fill("#swap-path", "copy")
+        page.click("#swap-button")
+        page.wait_for_selector("#swap-result.error")
+        assert "403" in page.inner_text("#swap-result")
+        page.fill("#token", TOKEN)
+        page.click("#swap-button")
+        page.wait_for_selector("#ix-extra")
+        page.uncheck(f"#ix-{name}")  # ask again with the new index only
+        page.click("#ask-button")
+        page.wait_for_function(
+            "document.querySelector('#evidence tbody tr td:last-child')?.textContent === 'extra'"
+        )
+        cells = page.locator("#evidence tbody tr td:last-child").all_inner_texts()
+        assert cells and set(cells) == {"extra"}
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    model.unload_index("extra")
