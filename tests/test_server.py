@@ -215,6 +215,20 @@ def test_index_management_needs_the_token_and_stays_under_the_root(client, model
     assert [e["name"] for e in client.get("/v1/indices").json()] == [name]
 
 
+def test_a_failed_swap_leaves_the_old_index_serving(client, model, root):
+    name = model.registry.names[0]
+    (root / "not-an-index").mkdir(exist_ok=True)
+    (root / "not-an-index" / "manifest.json").write_text("{ broken")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    r = client.put(f"/v1/indices/{name}", json={"path": "not-an-index"}, headers=auth)
+    assert r.status_code == 422 and "not loaded" in r.json()["error"], r.text
+    r = client.post(
+        "/v1/answer", files={"image": ("s.png", png())}, data={"question": "what color?"}
+    )
+    assert r.status_code == 200 and {e["index"] for e in r.json()["evidence"]} == {name}
+    assert [e["name"] for e in client.get("/v1/indices").json()] == [name]
+
+
 def test_index_management_is_disabled_without_a_token(model):
     with TestClient(create_app(model)) as c:
         r = c.put("/v1/indices/x", json={"path": "copy"}, headers={"Authorization": "Bearer a"})
