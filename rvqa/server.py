@@ -235,8 +235,8 @@ class MicroBatcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
+        if self._executor is not None:  # a model call still running is not waited for
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
     def reserve(self, n: int = 1) -> None:
         """Raise :class:`Overloaded` unless ``n`` more requests fit the queue."""
@@ -268,12 +268,22 @@ class MicroBatcher:
             self._side -= 1
 
     async def _run(self) -> None:
+        batch: list[_Job] = []
+        try:
+            await self._loop(batch)
+        finally:  # stopped or crashed mid-batch: no taken request waits forever
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(ServeError(503, "the server is shutting down"))
+
+    async def _loop(self, batch: list[_Job]) -> None:
         loop = asyncio.get_running_loop()
         assert self._queue is not None
         while True:
+            batch.clear()
             first = await self._queue.get()
             self._in_flight += 1
-            batch = [first]
+            batch.append(first)
             deadline = loop.time() + self.max_wait
             while len(batch) < self.max_batch:
                 timeout = deadline - loop.time()
@@ -366,6 +376,7 @@ class BodyLimit:
         except Exception:
             if not refused:
                 raise
+            logger.debug("after a 413, the app's own error", exc_info=True)
 
 
 def _check_token(request: Any, token: str | None) -> None:
@@ -471,6 +482,9 @@ def create_app(
     async def _http(request: Request, err: StarletteHTTPException):
         return JSONResponse({"error": str(err.detail)}, status_code=err.status_code)
 
+    # added first, so it runs inside _measure: its 413s are counted too
+    app.add_middleware(BodyLimit, max_bytes=max_bytes, max_upload_mb=max_upload_mb)
+
     @app.middleware("http")
     async def _measure(request: Request, call_next):
         t0 = time.perf_counter()
@@ -485,8 +499,6 @@ def create_app(
         latency.labels(endpoint).observe(time.perf_counter() - t0)
         queue_length.set(batcher.queued)
         return response
-
-    app.add_middleware(BodyLimit, max_bytes=max_bytes, max_upload_mb=max_upload_mb)
 
     async def _image(upload: Any) -> Image.Image:
         data = await upload.read(max_bytes + 1)
@@ -611,6 +623,10 @@ def create_app(
 
     @app.get("/healthz")
     async def healthz():
+        if not batcher.alive:
+            return JSONResponse(
+                {"status": "down", "error": "the batch loop stopped"}, status_code=503
+            )
         return {"status": "ok", "indices": list(model.registry.names), "queued": batcher.queued}
 
     @app.get("/metrics")
