@@ -33,7 +33,7 @@ from typing import Annotated, Any
 from PIL import Image
 
 from rvqa.errors import RVQAError, UnknownIndexError, UsageError
-from rvqa.pipeline import RVQA
+from rvqa.pipeline import ALL_INDICES, RVQA
 
 logger = logging.getLogger(__name__)
 
@@ -128,8 +128,6 @@ def parse_top_k(value: str | None) -> int | None:
 def parse_index(value: str | None, model: RVQA) -> list[str] | None | object:
     """A form field → the ``index`` argument: absent = every loaded index, ``none`` = no
     retrieval, else comma-separated names (404 for an unknown one)."""
-    from rvqa.pipeline import ALL_INDICES
-
     if value is None or value == "":
         return ALL_INDICES
     if value.strip().lower() == "none":
@@ -570,7 +568,10 @@ def create_app(
     async def indices():
         out = []
         for name, manifest in model.indices.items():
-            entry = model.registry.get(name)
+            try:
+                entry = model.registry.get(name)
+            except KeyError:  # unloaded by an admin meanwhile
+                continue
             out.append(
                 {
                     "name": name,
