@@ -359,14 +359,16 @@ class RetrieverModel(KeepsFrozenOnLoad, PreTrainedModel):
         texts = list(texts)
         _check_texts(texts)
         was_training = self.training
-        self.eval()
+        if was_training:  # train()/eval() walk every submodule: not on each inference call
+            self.eval()
         out = np.empty((len(texts), self.embed_dim), dtype=np.float32)
         starts = range(0, len(texts), batch_size)
         for s in tqdm(starts, desc="encoding captions", unit="batch", disable=not show_progress):
             enc = self.tokenize(texts[s : s + batch_size]).to(self.device)
             emb = self.encode_texts(enc["input_ids"], enc["attention_mask"])
             out[s : s + len(emb)] = emb.float().cpu().numpy()
-        self.train(was_training)
+        if was_training:
+            self.train()
         return out
 
     @torch.inference_mode()
@@ -378,14 +380,16 @@ class RetrieverModel(KeepsFrozenOnLoad, PreTrainedModel):
 
         images = list(images)
         was_training = self.training
-        self.eval()
+        if was_training:
+            self.eval()
         out = np.empty((len(images), self.embed_dim), dtype=np.float32)
         starts = range(0, len(images), batch_size)
         for s in tqdm(starts, desc="encoding images", unit="batch", disable=not show_progress):
             pixels = self.preprocess_images(images[s : s + batch_size]).to(self.device)
             emb = self.encode_images(pixels.to(self.dtype))
             out[s : s + len(emb)] = emb.float().cpu().numpy()
-        self.train(was_training)
+        if was_training:
+            self.train()
         return out
 
     def fingerprint(self) -> str:

@@ -25,10 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from rvqa.config import RunConfig, load_config
 from rvqa.data import easy_vqa_captions, load_vqa
+from rvqa.distributed import bf16_supported
 from rvqa.evaluation import compare
 from rvqa.indexing import build_index_from_config
 from rvqa.io import write_json_atomic, write_text_atomic
@@ -116,12 +115,7 @@ def paraphrased(texts: list[str]) -> list[str]:
 def demo_precision() -> str:
     """``"bf16"`` where this machine runs bfloat16 (a GPU that supports it, or a CPU whose
     oneDNN has bf16 kernels: AVX512 or AMX), else ``"no"`` (float32)."""
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    try:
-        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
-    except (AttributeError, RuntimeError):  # a torch without the check: play safe
-        return "no"
+    return "bf16" if bf16_supported() else "no"
 
 
 def demo_config(

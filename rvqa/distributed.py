@@ -101,6 +101,22 @@ def run_device(accelerator: Any = None, device: Any = None) -> Any:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def bf16_supported(device: Any = None) -> bool:
+    """Whether ``device`` (default: CUDA when available, else CPU) runs bfloat16 fast: a
+    GPU that supports it, or a CPU whose oneDNN has bf16 kernels (AVX512-BF16 or AMX)."""
+    import torch
+
+    dev = torch.device(device) if device is not None else None
+    if dev is None:
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch without the check: play safe
+        return False
+
+
 def device_name(component: Any) -> str:
     """What a placement line says about ``component``.
 

@@ -517,6 +517,7 @@ def evaluate_split(
     batch_size: int = 128,
     device: str | None = None,
     use_gpu: bool | None = None,
+    precision: str = "float32",
 ) -> EvaluationOutcome:
     """``rvqa evaluate``: load a run, answer a VQA split, write the files and ``config.yaml``.
 
@@ -543,6 +544,7 @@ def evaluate_split(
         device: Torch device (default: CUDA when available).
         use_gpu: Search the indices on GPU (default: ``cfg.index.use_gpu``; ``rvqa
             evaluate --gpu-index``).
+        precision: ``"float32"`` or ``"bf16"`` (:class:`~rvqa.pipeline.RVQA`'s autocast).
 
     Raises:
         UsageError: Contradicting or out-of-range arguments.
@@ -569,6 +571,7 @@ def evaluate_split(
         nprobe=nprobe if nprobe is not None else cfg.index.nprobe,
         ef_search=ef_search if ef_search is not None else cfg.index.ef_search,
         use_gpu=cfg.index.use_gpu if use_gpu is None else use_gpu,
+        precision=precision,
     )
     names = model.use_indices(indices)
     if cfg.data.require_facts:

@@ -81,12 +81,12 @@ def require_serve_extra() -> None:
         )
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Upload bytes → an RGB image, refusing a decompression bomb before decoding pixels.
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Upload bytes → an image whose header is read and checked, no pixel decoded yet.
 
     Raises:
-        ServeError: 415 not an image, 413 more than ``max_pixels`` pixels, 422 truncated
-            or otherwise undecodable.
+        ServeError: 422 empty, 415 not an image of a supported format, 413 more than
+            ``max_pixels`` pixels (a decompression bomb is refused here).
     """
     if not data:
         raise ServeError(422, "the image is empty (0 bytes)")
@@ -105,11 +105,26 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
             f"image of {width}x{height} = {width * height} pixels is over the limit of "
             f"{max_pixels} pixels (refused before decoding)",
         )
+    return img
+
+
+def finish_image(img: Image.Image) -> Image.Image:
+    """Decode an :func:`open_image` image's pixels → RGB. 422 when truncated or corrupt."""
     try:
         img.load()
         return img.convert("RGB")
     except Exception as err:  # truncated or corrupt pixel data
         raise ServeError(422, f"the image cannot be decoded ({img.format}): {err}") from None
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Upload bytes → an RGB image, refusing a decompression bomb before decoding pixels.
+
+    Raises:
+        ServeError: 415 not an image, 413 more than ``max_pixels`` pixels, 422 truncated
+            or otherwise undecodable.
+    """
+    return finish_image(open_image(data, max_pixels))
 
 
 def parse_top_k(value: str | None) -> int | None:
@@ -157,21 +172,28 @@ class Overloaded(ServeError):
 
 @dataclass
 class _Job:
-    image: Image.Image
+    image: Image.Image  # header read, pixels decoded on the model's side (prepare)
     question: str
     top_k: int | None
     index: Any
     future: asyncio.Future = field(repr=False)
+    pixels: int = 0
 
 
 class MicroBatcher:
     """Gathers concurrent requests into :meth:`RVQA.answer_batch` calls.
 
-    A batch closes when it holds ``max_batch`` requests or ``max_wait_ms`` after its first
-    one arrived; requests with different ``top_k`` / ``index`` go into separate calls.
-    ``max_batch=1`` answers one request per forward pass (batching off). At most
-    ``max_queue`` requests wait; more raise :class:`Overloaded` (503). The model runs on
-    one worker thread, which :meth:`run` shares for other blocking model calls.
+    A batch closes when it holds ``max_batch`` requests, ``max_batch_pixels`` image pixels
+    or ``max_wait_ms`` after its first one arrived; requests with different ``top_k`` /
+    ``index`` go into separate calls. ``max_batch=1`` answers one request per forward
+    pass (batching off). At most ``max_queue`` requests wait; more raise
+    :class:`Overloaded` (503). The model runs on one worker thread, which :meth:`run`
+    shares for other blocking model calls.
+
+    Queued images stay compressed (``prepare``, e.g. :func:`finish_image`, decodes a
+    batch's images just before its forward pass, two at a time), so waiting requests
+    hold their upload's bytes, not its pixels; an image that fails to decode fails its
+    own request only.
     """
 
     def __init__(
@@ -181,8 +203,14 @@ class MicroBatcher:
         max_wait_ms: float = 5.0,
         max_queue: int = 256,
         on_batch: Any = None,
+        prepare: Any = None,
+        max_batch_pixels: int = 64 * 1024 * 1024,
     ):
-        for name, v in (("max_batch", max_batch), ("max_queue", max_queue)):
+        for name, v in (
+            ("max_batch", max_batch),
+            ("max_queue", max_queue),
+            ("max_batch_pixels", max_batch_pixels),
+        ):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise UsageError(f"{name} must be a positive integer, got {v!r}")
         if not isinstance(max_wait_ms, (int, float)) or max_wait_ms < 0:
@@ -192,9 +220,12 @@ class MicroBatcher:
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.on_batch = on_batch
+        self.prepare = prepare
+        self.max_batch_pixels = max_batch_pixels
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._decoders: ThreadPoolExecutor | None = None
         self._in_flight = 0
         self._side = 0  # other model calls (retrieve) running or waiting
 
@@ -203,12 +234,18 @@ class MicroBatcher:
         return (self._queue.qsize() if self._queue is not None else 0) + self._side
 
     @property
+    def in_flight(self) -> int:
+        """Requests taken into a batch and not answered yet."""
+        return self._in_flight
+
+    @property
     def alive(self) -> bool:
         return self._task is not None and not self._task.done()
 
     def start(self) -> None:
         self._queue = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rvqa-model")
+        self._decoders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rvqa-decode")
         self._task = asyncio.get_running_loop().create_task(self._run())
         self._task.add_done_callback(self._died)
 
@@ -233,8 +270,9 @@ class MicroBatcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        if self._executor is not None:  # a model call still running is not waited for
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._executor, self._decoders):  # a call still running is not waited for
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
     def reserve(self, n: int = 1) -> None:
         """Raise :class:`Overloaded` unless ``n`` more requests fit the queue."""
@@ -248,7 +286,8 @@ class MicroBatcher:
         self.reserve(1)
         assert self._queue is not None
         fut = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Job(image, question, top_k, index, fut))
+        width, height = getattr(image, "size", (0, 0))
+        self._queue.put_nowait(_Job(image, question, top_k, index, fut, width * height))
         return fut
 
     async def submit(self, image: Any, question: str, top_k: int | None, index: Any):
@@ -282,16 +321,19 @@ class MicroBatcher:
             first = await self._queue.get()
             self._in_flight += 1
             batch.append(first)
+            pixels = first.pixels
             deadline = loop.time() + self.max_wait
-            while len(batch) < self.max_batch:
+            while len(batch) < self.max_batch and pixels < self.max_batch_pixels:
                 timeout = deadline - loop.time()
                 if timeout <= 0:
                     break
                 try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), timeout))
-                    self._in_flight += 1
+                    job = await asyncio.wait_for(self._queue.get(), timeout)
                 except asyncio.TimeoutError:
                     break
+                batch.append(job)
+                self._in_flight += 1
+                pixels += job.pixels
             groups: dict[tuple, list[_Job]] = defaultdict(list)
             for job in batch:
                 key = (job.top_k, tuple(job.index) if isinstance(job.index, list) else job.index)
@@ -300,7 +342,11 @@ class MicroBatcher:
                 try:
                     answers = await loop.run_in_executor(self._executor, self._answer, jobs)
                     for job, ans in zip(jobs, answers):
-                        if not job.future.done():
+                        if job.future.done():
+                            continue
+                        if isinstance(ans, Exception):  # this image did not decode
+                            job.future.set_exception(ans)
+                        else:
                             job.future.set_result(ans)
                 except asyncio.CancelledError:
                     raise
@@ -317,15 +363,39 @@ class MicroBatcher:
                     except Exception:  # a metrics hook never stops answering
                         logger.exception("on_batch failed")
 
+    def decode(self, images: list) -> list:
+        """``prepare`` each image (two threads; PIL's decoders release the GIL); an image
+        that fails gives its exception in its place."""
+
+        def one(image: Any) -> Any:
+            try:
+                return self.prepare(image)
+            except Exception as err:  # noqa: BLE001 - the request of this image hears why
+                return err
+
+        if self.prepare is None:
+            return list(images)
+        if len(images) == 1 or self._decoders is None:
+            return [one(i) for i in images]
+        return list(self._decoders.map(one, images))
+
     def _answer(self, jobs: list[_Job]) -> list:
+        """One ``answer_batch`` call for ``jobs`` (same ``top_k`` / ``index``): per job its
+        :class:`~rvqa.pipeline.Answer`, or the exception its image raised."""
         head = jobs[0]
-        return self.model.answer_batch(
-            [j.image for j in jobs],
-            [j.question for j in jobs],
-            top_k=head.top_k,
-            index=head.index,
-            batch_size=max(len(jobs), 1),
-        )
+        images = self.decode([j.image for j in jobs])
+        ok = [i for i, im in enumerate(images) if not isinstance(im, Exception)]
+        if ok:
+            answers = self.model.answer_batch(
+                [images[i] for i in ok],
+                [jobs[i].question for i in ok],
+                top_k=head.top_k,
+                index=head.index,
+                batch_size=len(ok),
+            )
+            for i, ans in zip(ok, answers):
+                images[i] = ans
+        return images
 
 
 class BodyLimit:
@@ -375,6 +445,48 @@ class BodyLimit:
             if not refused:
                 raise
             logger.debug("after a 413, the app's own error", exc_info=True)
+
+
+class Metrics:
+    """ASGI middleware: counts every request by route template (``/v1/indices/{name}``,
+    not each name) and status, and observes its latency; an exception the app did not
+    answer is logged with its traceback and answered as a JSON 500 (counted).
+
+    Plain ASGI rather than ``@app.middleware("http")``: Starlette's ``BaseHTTPMiddleware``
+    costs a task group and memory streams per request.
+    """
+
+    def __init__(self, app: Any, requests: Any, latency: Any, after: Any = None):
+        self.app, self.requests, self.latency, self.after = app, requests, latency, after
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status: int | None = None  # set when the response starts
+
+        async def measured_send(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, measured_send)
+        except Exception:
+            logger.exception("error answering %s %s", scope.get("method"), scope.get("path"))
+            if status is not None:  # the response is half sent: nothing better than closing it
+                raise
+            await JSONResponse({"error": "internal server error"}, status_code=500)(
+                scope, receive, measured_send
+            )
+        finally:
+            endpoint = getattr(scope.get("route"), "path", "(unmatched)")
+            self.requests.labels(endpoint, str(status or 500)).inc()
+            self.latency.labels(endpoint).observe(time.perf_counter() - t0)
+            if self.after is not None:
+                self.after()
 
 
 def _check_token(request: Any, token: str | None) -> None:
@@ -442,7 +554,12 @@ def create_app(
     if not isinstance(max_upload_mb, (int, float)) or max_upload_mb <= 0:
         raise UsageError(f"max_upload_mb must be a positive number, got {max_upload_mb!r}")
     batcher = MicroBatcher(
-        model, max_batch, max_wait_ms, max_queue, on_batch=lambda n: batch_sizes.observe(n)
+        model,
+        max_batch,
+        max_wait_ms,
+        max_queue,
+        on_batch=lambda n: batch_sizes.observe(n),
+        prepare=finish_image,
     )
     loaded_at = {n: time.time() for n in model.registry.names}
 
@@ -480,30 +597,18 @@ def create_app(
     async def _http(request: Request, err: StarletteHTTPException):
         return JSONResponse({"error": str(err.detail)}, status_code=err.status_code)
 
-    # added first, so it runs inside _measure: its 413s are counted too
+    # added first, so it runs inside Metrics: its 413s are counted too
     app.add_middleware(BodyLimit, max_bytes=max_bytes, max_upload_mb=max_upload_mb)
-
-    @app.middleware("http")
-    async def _measure(request: Request, call_next):
-        t0 = time.perf_counter()
-        try:
-            response = await call_next(request)
-        except Exception:  # a bug: logged with its traceback, answered as JSON, counted
-            logger.exception("error answering %s %s", request.method, request.url.path)
-            response = JSONResponse({"error": "internal server error"}, status_code=500)
-        route = request.scope.get("route")  # the template: /v1/indices/{name}, not each name
-        endpoint = getattr(route, "path", "(unmatched)")
-        requests.labels(endpoint, str(response.status_code)).inc()
-        latency.labels(endpoint).observe(time.perf_counter() - t0)
-        queue_length.set(batcher.queued)
-        return response
+    app.add_middleware(
+        Metrics, requests=requests, latency=latency, after=lambda: queue_length.set(batcher.queued)
+    )
 
     async def _image(upload: Any) -> Image.Image:
+        """The upload's header checked (413 / 415 now); pixels are decoded in its batch."""
         data = await upload.read(max_bytes + 1)
         if len(data) > max_bytes:
             raise ServeError(413, f"the image is over --max-upload-mb ({max_upload_mb:g} MB)")
-        # decoding off the event loop: a large image does not stall other requests
-        return await asyncio.to_thread(decode_image, data, max_pixels)
+        return open_image(data, max_pixels)  # the header only: cheap, on the event loop
 
     def _count_searches(answers: list) -> None:
         for a in answers:
@@ -524,7 +629,7 @@ def create_app(
         img = await _image(image)
         ans = await batcher.submit(img, q, k, idx)
         _count_searches([ans])
-        return ans.to_dict()
+        return JSONResponse(ans.to_dict())  # already JSON types: no jsonable_encoder pass
 
     @app.post("/v1/answer_batch")
     async def answer_batch(
@@ -547,9 +652,14 @@ def create_app(
         imgs = [await _image(u) for u in images]
         batcher.reserve(len(images))  # again: others may have queued meanwhile
         futures = [batcher.enqueue(i, q, k, idx) for i, q in zip(imgs, qs)]  # no await between
-        answers = await asyncio.gather(*futures)
+        answers = await asyncio.gather(*futures, return_exceptions=True)
+        for i, a in enumerate(answers):
+            if isinstance(a, ServeError):  # e.g. a truncated image: its position named
+                raise ServeError(a.status, f"image {i}: {a}", a.headers)
+            if isinstance(a, BaseException):
+                raise a
         _count_searches(answers)
-        return {"answers": [a.to_dict() for a in answers]}
+        return JSONResponse({"answers": [a.to_dict() for a in answers]})
 
     @app.post("/v1/retrieve")
     async def retrieve(
@@ -561,8 +671,8 @@ def create_app(
         idx = parse_index(index, model)
         batcher.reserve(1)
         img = await _image(image)
-        found = await batcher.run(lambda: model.retrieve([img], k, idx))
-        return {"evidence": [e._asdict() for e in found[0]]}
+        found = await batcher.run(lambda: model.retrieve([finish_image(img)], k, idx))
+        return JSONResponse({"evidence": [e._asdict() for e in found[0]]})
 
     @app.get("/v1/indices")
     async def indices():
@@ -628,7 +738,12 @@ def create_app(
             return JSONResponse(
                 {"status": "down", "error": "the batch loop stopped"}, status_code=503
             )
-        return {"status": "ok", "indices": list(model.registry.names), "queued": batcher.queued}
+        return {
+            "status": "ok",
+            "indices": list(model.registry.names),
+            "queued": batcher.queued,
+            "in_flight": batcher.in_flight,
+        }
 
     @app.get("/metrics")
     async def metrics():

@@ -102,11 +102,13 @@ def test_configs_demo_yaml_states_the_demo_settings():
 
 
 def test_demo_trains_in_float32_where_bf16_is_not_supported(monkeypatch):
+    import torch
+
     import rvqa.demo as demo
 
     assert demo.demo_precision() in ("bf16", "no")
-    monkeypatch.setattr(demo.torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
-    monkeypatch.setattr(demo.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert demo.demo_precision() == "no"
     cfg = demo.demo_config("runs/demo")
     assert cfg.retriever.mixed_precision == cfg.reader.mixed_precision == "no"

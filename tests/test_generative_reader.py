@@ -694,3 +694,19 @@ def test_tokenizer_training_text_is_the_text_read_at_its_frequencies():
     texts = tokenizer_training_text(many, retrieved, lambda r: r.image, max_sentences=40, top_k=1)
     asked = [t for t in texts if t.startswith("question ")]
     assert asked == [f"question {i}?" for i in range(0, 40, 4)]
+
+
+def test_the_generative_reader_answers_under_bf16(generative_run):
+    """Beam search runs under bfloat16 autocast; the answer is a string with a probability."""
+    import easy_vqa
+
+    from rvqa import RVQA
+    from rvqa.distributed import bf16_supported
+
+    if not bf16_supported("cpu"):
+        pytest.skip("this CPU's oneDNN has no bf16 kernels")
+    model = RVQA.from_pretrained(generative_run, device="cpu", precision="bf16")
+    image = easy_vqa.get_test_image_paths()[0]
+    out = model.answer(image, "what color is the shape?")
+    assert isinstance(out.answer, str) and 0.0 <= out.score <= 1.0
+    assert out.evidence and len(out.alternatives) <= model.reader.config.num_beams - 1

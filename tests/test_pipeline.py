@@ -710,3 +710,49 @@ def test_use_indices_resolves_folders_and_names(fresh, run_index, other_index):
         f"(loaded: {RUN_INDEX}, {other_index.name})"
     )
     assert isinstance(err.value, KeyError)
+
+
+# ---------------------------------------------------------------- inference precision
+
+
+def test_bf16_inference_runs_under_autocast_and_agrees_with_float32(tiny_run):
+    """``precision="bf16"``: the towers compute in bfloat16 (a hook sees it), the answers
+    agree with float32's and the scores are close."""
+    import torch
+
+    from rvqa.distributed import bf16_supported
+    from tests.tiny import draw_shape
+
+    if not bf16_supported("cpu"):
+        pytest.skip("this CPU's oneDNN has no bf16 kernels")
+    fp = RVQA.from_pretrained(tiny_run, device="cpu")
+    bf = RVQA.from_pretrained(tiny_run, device="cpu", precision="bf16")
+    assert fp.precision == "float32" and bf.precision == "bf16"
+    seen: list[torch.dtype] = []
+    linear = next(m for m in bf.reader.modules() if isinstance(m, torch.nn.Linear))
+    linear.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    images = [draw_shape(c, s) for c in ("red", "green", "blue") for s in ("circle", "square")]
+    questions = ["what color is the shape?", "what shape is it?"] * 3
+    a32 = fp.answer_batch(images, questions)
+    a16 = bf.answer_batch(images, questions)
+    assert seen and set(seen) == {torch.bfloat16}
+    assert [a.answer for a in a16] == [a.answer for a in a32]
+    for x, y in zip(a16, a32):
+        assert x.score == pytest.approx(y.score, abs=0.05)
+    ev16 = bf.retrieve(images, 2)
+    assert all(isinstance(e.score, float) for row in ev16 for e in row)
+    seen.clear()
+    fp_linear = next(m for m in fp.reader.modules() if isinstance(m, torch.nn.Linear))
+    fp_linear.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    fp.answer(images[0], questions[0])
+    assert set(seen) == {torch.float32}
+
+
+def test_precision_is_checked_before_loading(tiny_run, monkeypatch):
+    import torch
+
+    with pytest.raises(UsageError, match="precision must be one of float32, bf16, got 'fp8'"):
+        RVQA.from_pretrained(tiny_run, device="cpu", precision="fp8")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    with pytest.raises(UsageError, match="'bf16' is not supported on this CPU"):
+        RVQA.from_pretrained(tiny_run, device="cpu", precision="bf16")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import shutil
 import threading
+from contextlib import contextmanager
 
 import pytest
 
@@ -15,7 +17,14 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from rvqa.pipeline import RVQA  # noqa: E402
-from rvqa.server import MicroBatcher, Overloaded, create_app  # noqa: E402
+from rvqa.server import (  # noqa: E402
+    MicroBatcher,
+    Overloaded,
+    ServeError,
+    create_app,
+    finish_image,
+    open_image,
+)
 from tests.tiny import draw_shape  # noqa: E402
 
 TOKEN = "s3cret-token"
@@ -266,6 +275,46 @@ def test_concurrent_requests_share_one_reader_batch(model):
     assert [a.answer for a in answers] == [a.answer for a in one_by_one]
 
 
+def test_a_bad_image_in_a_batch_fails_only_its_own_request(model):
+    """Queued images are decoded in their batch; one that does not decode answers 422 alone."""
+    good = [open_image(png(c)) for c in ("red", "green")]
+    bad = open_image(png("blue")[:80])  # the header reads, the pixels are cut off
+    assert bad.size == (32, 32)
+    counting = _CountingModel(model)
+
+    async def main():
+        b = MicroBatcher(counting, max_batch=8, max_wait_ms=300, prepare=finish_image)
+        b.start()
+        out = await asyncio.gather(
+            *(b.submit(i, "what color is the shape?", None, None) for i in (good[0], bad, good[1])),
+            return_exceptions=True,
+        )
+        await b.stop()
+        return out
+
+    red, err, green = asyncio.run(main())
+    assert isinstance(err, ServeError) and err.status == 422 and "cannot be decoded" in str(err)
+    assert counting.calls == [2]  # the two good ones still share one forward pass
+    for got, color in ((red, "red"), (green, "green")):
+        want = model.answer(draw_shape(color, "circle"), "what color is the shape?")
+        assert got.answer == want.answer and got.score == pytest.approx(want.score, abs=1e-3)
+
+
+def test_a_batch_closes_at_its_pixel_budget(model):
+    counting = _CountingModel(model)
+    images = [draw_shape(c, "circle") for c in ("red", "green", "blue", "yellow", "red")]
+    w, h = images[0].size
+
+    async def main():
+        b = MicroBatcher(counting, max_batch=8, max_wait_ms=300, max_batch_pixels=2 * w * h)
+        b.start()
+        await asyncio.gather(*(b.submit(i, "what color?", None, None) for i in images))
+        await b.stop()
+
+    asyncio.run(main())
+    assert counting.calls == [2, 2, 1]
+
+
 def test_a_full_queue_answers_503_and_nothing_hangs(model):
     hold = threading.Event()
     slow = _CountingModel(model, hold)
@@ -297,14 +346,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture()
-def live_server(model, root):
-    """The app on a real port (uvicorn in a thread), for the browser."""
+@contextmanager
+def _serving(app):
+    """``app`` on a real port (uvicorn in a thread); yields its URL."""
     import time
 
     import uvicorn
 
-    app = create_app(model, indices_root=root, admin_token=TOKEN)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -314,9 +362,209 @@ def live_server(model, root):
         if time.time() > deadline or not thread.is_alive():
             raise RuntimeError("the test server did not start")
         time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(30)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture()
+def live_server(model, root):
+    """The app on a real port, for the browser and the load tests."""
+    with _serving(create_app(model, indices_root=root, admin_token=TOKEN)) as url:
+        yield url
+
+
+def _wait_until(condition, timeout: float = 20.0, what: str = "a condition") -> None:
+    import time
+
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def test_overload_over_http_answers_503_with_retry_after(model):
+    """Beyond --max-queue: 503 + Retry-After over a real socket; the held ones finish."""
+    import httpx
+
+    hold = threading.Event()
+    app = create_app(model, max_batch=1, max_wait_ms=0, max_queue=1)
+    batcher = app.state.batcher
+    batcher.model = _CountingModel(model, hold)
+    got: dict[str, httpx.Response] = {}
+
+    def send(tag: str) -> None:
+        got[tag] = httpx.post(
+            url + "/v1/answer",
+            files={"image": ("s.png", png("red"))},
+            data={"question": "what color is the shape?"},
+            timeout=60,
+        )
+
+    with _serving(app) as url:
+        first = threading.Thread(target=send, args=("first",))
+        first.start()
+        _wait_until(lambda: batcher.in_flight == 1, what="the first request in the model")
+        second = threading.Thread(target=send, args=("second",))
+        second.start()
+        _wait_until(lambda: batcher.queued == 1, what="the second request in the queue")
+        r = httpx.post(
+            url + "/v1/answer",
+            files={"image": ("s.png", png("red"))},
+            data={"question": "what color is the shape?"},
+            timeout=60,
+        )
+        assert r.status_code == 503
+        assert r.headers["retry-after"] == "1" and "busy" in r.json()["error"]
+        health = httpx.get(url + "/healthz", timeout=10).json()
+        assert health["queued"] == 1 and health["in_flight"] == 1
+        hold.set()
+        first.join(60)
+        second.join(60)
+        assert got["first"].status_code == 200 and got["second"].status_code == 200
+        assert (
+            got["first"].json()["answer"]
+            == model.answer(draw_shape("red", "circle"), "what color is the shape?").answer
+        )
+        metrics = httpx.get(url + "/metrics", timeout=10).text
+    assert 'rvqa_requests_total{endpoint="/v1/answer",status="503"} 1.0' in metrics
+
+
+def test_sigterm_finishes_the_requests_in_flight(tiny_run, tmp_path):
+    """`rvqa serve` over a real socket: SIGTERM lets the answers being computed finish."""
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "rvqa", "serve", "--model", str(tiny_run), "--port", str(port)]
+    cmd += ["--device", "cpu", "--max-batch", "8", "--max-wait-ms", "1500"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    try:
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"rvqa serve exited: {log.read_text()}")
+            try:
+                return httpx.get(url + "/healthz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        _wait_until(up, timeout=120, what="rvqa serve to start")
+        got: list[httpx.Response] = []
+
+        def send(color: str) -> None:
+            got.append(
+                httpx.post(
+                    url + "/v1/answer",
+                    files={"image": ("s.png", png(color))},
+                    data={"question": "what color is the shape?"},
+                    timeout=60,
+                )
+            )
+
+        threads = [threading.Thread(target=send, args=(c,)) for c in ("red", "green", "blue")]
+        for t in threads:
+            t.start()
+
+        def waiting() -> int:
+            h = httpx.get(url + "/healthz", timeout=5).json()
+            return h["queued"] + h["in_flight"]
+
+        _wait_until(lambda: waiting() == 3, what="3 requests in the batch window")
+        proc.send_signal(signal.SIGTERM)  # while the batch still waits to fill
+        for t in threads:
+            t.join(60)
+        assert [r.status_code for r in got] == [200, 200, 200], [r.text for r in got]
+        assert all(r.json()["answer"] for r in got)
+        assert proc.wait(60) in (0, -signal.SIGTERM)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url + "/healthz", timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert "Shutting down" in text and "Traceback" not in text
+
+
+def test_answers_under_load_while_the_index_swaps(model, root):
+    """The short version of `bench_serve.py --swap-run`: clients answer while an admin swaps
+    the index between two caption sets; no error, and no answer reads both."""
+    import time
+
+    import httpx
+    import numpy as np
+
+    from rvqa.retriever.index import build_index_from_embeddings
+
+    name = model.registry.names[0]
+    original = model.registry.get(name).path
+    texts_a = set(model.registry.get(name).lookup(np.arange(len(model.registry.get(name))))[1])
+    texts_b = [f"{t} seen from afar" for t in sorted(texts_a)]
+    assert not texts_a & set(texts_b)
+    b_dir = root / "swap-b"
+    if not b_dir.exists():
+        emb = model.retriever.embed_texts(texts_b)
+        build_index_from_embeddings(emb, texts_b, None, b_dir, model.retriever.fingerprint())
+    texts_b_set = set(texts_b)
+    seen = {"A": 0, "B": 0}
+    problems: list[str] = []
+    swaps: list[int] = []
+    stop = threading.Event()
+
+    def client(color: str) -> None:
+        with httpx.Client(base_url=url, timeout=60) as http:
+            while not stop.is_set():
+                r = http.post(
+                    "/v1/answer",
+                    files={"image": ("s.png", png(color))},
+                    data={"question": "what color is the shape?", "top_k": "3"},
+                )
+                if r.status_code != 200:
+                    problems.append(f"HTTP {r.status_code}: {r.text}")
+                    continue
+                ev = [e["text"] for e in r.json()["evidence"]]
+                in_a, in_b = all(t in texts_a for t in ev), all(t in texts_b_set for t in ev)
+                if not ev or in_a == in_b:
+                    problems.append(f"evidence from both or neither index state: {ev}")
+                else:
+                    seen["A" if in_a else "B"] += 1
+
+    def swapper() -> None:
+        with httpx.Client(base_url=url, timeout=60) as http:
+            for i in itertools.count():
+                if stop.wait(0.1):
+                    return
+                r = http.put(
+                    f"/v1/indices/{name}",
+                    json={"path": ["swap-b", "copy"][i % 2]},
+                    headers={"Authorization": f"Bearer {TOKEN}"},
+                )
+                (swaps if r.status_code == 200 else problems).append(r.status_code)
+
+    try:
+        with _serving(create_app(model, indices_root=root, admin_token=TOKEN)) as url:
+            workers = [threading.Thread(target=client, args=(c,)) for c in ("red", "green") * 3]
+            workers.append(threading.Thread(target=swapper))
+            for w in workers:
+                w.start()
+            time.sleep(4)
+            stop.set()
+            for w in workers:
+                w.join(60)
+    finally:  # the module's model is shared: leave it as it was
+        model.swap_index(original, name=name)
+    assert problems == []
+    assert len(swaps) >= 10 and seen["A"] > 0 and seen["B"] > 0, (swaps, seen)
 
 
 def _chromium():
