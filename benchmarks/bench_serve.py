@@ -377,8 +377,9 @@ def main() -> None:
         ok = res["errors"] == 0 and res["mixed"] == 0 and not res["swap_errors"]
         print(
             f"\n{args.clients_swap} clients, {args.swap_run:g} s, {res['swaps']} swaps "
-            f"(p50 {res['swap_p50_s']:.2f} s): {res['answered']} answers "
-            f"({res['answers_from_A']} from A, {res['answers_from_B']} from B), "
+            f"(p50 {res['swap_p50_s']:.2f} s): {res['answered']} answers in the window; "
+            f"all {res['answers_from_A'] + res['answers_from_B'] + res['mixed']} checked: "
+            f"{res['answers_from_A']} read A, {res['answers_from_B']} read B, "
             f"{res['errors']} errors, {res['mixed']} mixed -> {'PASS' if ok else 'FAIL'}"
         )
         if args.json:

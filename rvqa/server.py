@@ -183,9 +183,11 @@ class _Job:
 class MicroBatcher:
     """Gathers concurrent requests into :meth:`RVQA.answer_batch` calls.
 
-    A batch closes when it holds ``max_batch`` requests, ``max_batch_pixels`` image pixels
-    or ``max_wait_ms`` after its first one arrived; requests with different ``top_k`` /
-    ``index`` go into separate calls. ``max_batch=1`` answers one request per forward
+    A batch takes every request queued when it starts (while the model was busy), then
+    waits for more until it holds ``max_batch`` requests or ``max_batch_pixels`` image
+    pixels, or ``max_wait_ms`` after its first one arrived; after a batch of one (no
+    concurrency) it does not wait, so a lone client pays no batching delay. Requests
+    with different ``top_k`` / ``index`` go into separate calls. ``max_batch=1`` answers one request per forward
     pass (batching off). At most ``max_queue`` requests wait; more raise
     :class:`Overloaded` (503). The model runs on one worker thread, which :meth:`run`
     shares for other blocking model calls.
@@ -227,6 +229,7 @@ class MicroBatcher:
         self._executor: ThreadPoolExecutor | None = None
         self._decoders: ThreadPoolExecutor | None = None
         self._in_flight = 0
+        self._last_batch = 1
         self._side = 0  # other model calls (retrieve) running or waiting
 
     @property
@@ -322,18 +325,24 @@ class MicroBatcher:
             self._in_flight += 1
             batch.append(first)
             pixels = first.pixels
-            deadline = loop.time() + self.max_wait
+            # Waiting for company pays only under concurrency: after a batch of one (a lone
+            # client), a request goes at once with whatever queued meanwhile.
+            deadline = loop.time() + (self.max_wait if self._last_batch > 1 else 0.0)
             while len(batch) < self.max_batch and pixels < self.max_batch_pixels:
-                timeout = deadline - loop.time()
-                if timeout <= 0:
-                    break
-                try:
-                    job = await asyncio.wait_for(self._queue.get(), timeout)
-                except asyncio.TimeoutError:
-                    break
+                try:  # what queued while the last batch ran joins at once, wait or not
+                    job = self._queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    timeout = deadline - loop.time()
+                    if timeout <= 0:
+                        break
+                    try:
+                        job = await asyncio.wait_for(self._queue.get(), timeout)
+                    except asyncio.TimeoutError:
+                        break
                 batch.append(job)
                 self._in_flight += 1
                 pixels += job.pixels
+            self._last_batch = len(batch)
             groups: dict[tuple, list[_Job]] = defaultdict(list)
             for job in batch:
                 key = (job.top_k, tuple(job.index) if isinstance(job.index, list) else job.index)

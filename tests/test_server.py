@@ -275,6 +275,32 @@ def test_concurrent_requests_share_one_reader_batch(model):
     assert [a.answer for a in answers] == [a.answer for a in one_by_one]
 
 
+def test_a_lone_request_does_not_wait_but_concurrent_ones_do(model):
+    """After a batch of one, a request goes at once (no --max-wait-ms delay for a lone
+    client); after a batch of several, the next batch waits for company."""
+    import time
+
+    counting = _CountingModel(model)
+    image = draw_shape("red", "circle")
+
+    async def main():
+        b = MicroBatcher(counting, max_batch=8, max_wait_ms=3000)
+        b.start()
+        t0 = time.perf_counter()
+        await b.submit(image, "lone?", None, None)
+        lone = time.perf_counter() - t0
+        await asyncio.gather(*(b.submit(image, f"q{i}?", None, None) for i in range(3)))
+        first = asyncio.ensure_future(b.submit(image, "a?", None, None))
+        await asyncio.sleep(0.3)  # the batch waits for company (the last one held 3)
+        await asyncio.gather(first, b.submit(image, "b?", None, None))
+        await b.stop()
+        return lone
+
+    lone = asyncio.run(main())
+    assert lone < 1.5  # far below the 3 s wait
+    assert counting.calls == [1, 3, 2]
+
+
 def test_a_bad_image_in_a_batch_fails_only_its_own_request(model):
     """Queued images are decoded in their batch; one that does not decode answers 422 alone."""
     good = [open_image(png(c)) for c in ("red", "green")]
@@ -459,6 +485,14 @@ def test_sigterm_finishes_the_requests_in_flight(tiny_run, tmp_path):
                 return False
 
         _wait_until(up, timeout=120, what="rvqa serve to start")
+        # a batch of two first: the next batch then waits --max-wait-ms for company
+        warm = httpx.post(
+            url + "/v1/answer_batch",
+            files=[("images", ("a.png", png("red"))), ("images", ("b.png", png("blue")))],
+            data={"questions": ["what color?", "what shape?"]},
+            timeout=60,
+        )
+        assert warm.status_code == 200, warm.text
         got: list[httpx.Response] = []
 
         def send(color: str) -> None:
