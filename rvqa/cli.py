@@ -551,9 +551,21 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         "without one, PUT/DELETE /v1/indices are disabled",
     )
     p.add_argument("--max-batch", type=int, default=32, help="requests per reader batch (1: off)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=5.0,
+        help="how long a batch waits for more requests after taking those already queued "
+        "(not after a batch of one)",
+    )
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest upload (413 above)")
+    p.add_argument(
+        "--max-queued-mpix",
+        type=float,
+        default=256.0,
+        help="decoded megapixels the requests not answered yet may hold (503 above)",
+    )
     p.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available)"
     )
@@ -595,9 +607,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,
         max_upload_mb=args.max_upload_mb,
+        max_queued_pixels=_queued_pixels(args.max_queued_mpix),
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
+
+
+def _queued_pixels(mpix: float) -> int:
+    if not mpix > 0:
+        raise UsageError(f"--max-queued-mpix must be a positive number, got {mpix}")
+    return int(mpix * 1024 * 1024)
 
 
 def _format_answer(out, retrieval: bool) -> str:

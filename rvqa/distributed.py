@@ -18,11 +18,13 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 __all__ = [
+    "bf16_supported",
     "device_name",
     "is_distributed_launch",
     "is_main_process",
@@ -102,19 +104,29 @@ def run_device(accelerator: Any = None, device: Any = None) -> Any:
 
 
 def bf16_supported(device: Any = None) -> bool:
-    """Whether ``device`` (default: CUDA when available, else CPU) runs bfloat16 fast: a
-    GPU that supports it, or a CPU whose oneDNN has bf16 kernels (AVX512-BF16 or AMX)."""
+    """Whether ``device`` (default: CUDA when available, else CPU) runs bfloat16 natively:
+    a GPU with bf16 units (not emulated), or a CPU with AVX512-BF16 or AMX (where Linux
+    lists the CPU's flags; elsewhere oneDNN's own check, which accepts any AVX512 CPU)."""
     import torch
 
     dev = torch.device(device) if device is not None else None
     if dev is None:
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if not torch.cuda.is_available():
+            return False
+        with torch.cuda.device(dev.index if dev.index is not None else torch.cuda.current_device()):
+            return torch.cuda.is_bf16_supported(including_emulation=False)
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return False
     except (AttributeError, RuntimeError):  # a torch without the check: play safe
         return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8").split()
+    except OSError:
+        return True
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def device_name(component: Any) -> str:

@@ -810,7 +810,7 @@ def _check_precision(precision: Any, device: torch.device) -> str:
     if precision not in PRECISIONS:
         raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "bf16" and not bf16_supported(device):
-        what = "this GPU" if device.type == "cuda" else "this CPU (no AVX512-BF16 / AMX in oneDNN)"
+        what = "this GPU" if device.type == "cuda" else "this CPU (no AVX512-BF16 or AMX)"
         raise UsageError(f"precision 'bf16' is not supported on {what}; use 'float32'")
     return precision
 

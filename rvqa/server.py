@@ -1,9 +1,11 @@
 """``rvqa serve``: the :class:`~rvqa.pipeline.RVQA` pipeline behind an HTTP API.
 
 FastAPI + uvicorn (the optional extra ``rvqa[serve]``). Concurrent answer requests are
-gathered by a :class:`MicroBatcher` into :meth:`RVQA.answer_batch` calls (a batch closes
-at ``max_batch`` requests or ``max_wait_ms``); beyond ``max_queue`` waiting requests the
-server answers 503 with ``Retry-After``. Index loads and swaps (``PUT`` / ``DELETE
+gathered by a :class:`MicroBatcher` into :meth:`RVQA.answer_batch` calls on one model
+thread (a batch takes what queued while the last one ran, then waits up to
+``max_wait_ms`` for more, closing at ``max_batch``; no wait after a batch of one); beyond
+``max_queue`` waiting requests, or ``max_queued_pixels`` decoded pixels, the server
+answers 503 with ``Retry-After``. Index loads and swaps (``PUT`` / ``DELETE
 /v1/indices/{name}``) need the admin token (``Authorization: Bearer ...``, compared in
 constant time) and a folder under ``indices_root``; without a configured token they are
 disabled. Uploads are checked before any pixel is decoded (size, then the image header's
@@ -57,6 +59,8 @@ else:
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
 """Largest image (width × height, read from its header) a request may send."""
+DEFAULT_MAX_QUEUED_PIXELS = 256 * 1024 * 1024
+"""Decoded pixels the requests not answered yet may hold (768 MB as RGB)."""
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")
 """Image formats an upload may have."""
 INDEX_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -94,6 +98,12 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
         img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError as err:  # PIL's own limit (~179 MP), also a bomb
         raise ServeError(413, f"image refused before decoding: {err}") from None
+    except ValueError as err:  # PNG text chunks over PNG_TEXT_LIMITS: a text bomb
+        if "too large" in str(err).lower() or "too much memory" in str(err).lower():
+            raise ServeError(413, f"image refused: {err}") from None
+        raise ServeError(
+            415, f"not an image of a supported format ({', '.join(IMAGE_FORMATS)}): {err}"
+        ) from None
     except Exception as err:  # PIL raises UnidentifiedImageError and others
         raise ServeError(
             415, f"not an image of a supported format ({', '.join(IMAGE_FORMATS)}): {err}"
@@ -109,12 +119,21 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
 
 
 def finish_image(img: Image.Image) -> Image.Image:
-    """Decode an :func:`open_image` image's pixels → RGB. 422 when truncated or corrupt."""
+    """Decode an :func:`open_image` image's pixels → RGB (its metadata dropped). 422 when
+    truncated or corrupt."""
     try:
         img.load()
-        return img.convert("RGB")
+        rgb = img if img.mode == "RGB" else img.convert("RGB")
     except Exception as err:  # truncated or corrupt pixel data
         raise ServeError(422, f"the image cannot be decoded ({img.format}): {err}") from None
+    rgb.info = {}  # e.g. PNG text chunks: not needed to answer
+    return rgb
+
+
+PNG_TEXT_LIMITS = (64 * 1024, 256 * 1024)
+"""Pillow's ``PngImagePlugin.MAX_TEXT_CHUNK`` / ``MAX_TEXT_MEMORY`` (default 1 MB / 64 MB)
+as :func:`create_app` sets them for the process: PNG text chunks are decompressed when
+the header is read, so a small upload could otherwise hold 64 MB of text."""
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -164,38 +183,34 @@ def check_question(question: str | None) -> str:
 
 
 class Overloaded(ServeError):
-    def __init__(self, queued: int):
-        super().__init__(
-            503, f"the server is busy ({queued} requests waiting); retry", {"Retry-After": "1"}
-        )
+    def __init__(self, why: str):
+        super().__init__(503, f"the server is busy ({why}); retry", {"Retry-After": "1"})
 
 
 @dataclass
 class _Job:
-    image: Image.Image  # header read, pixels decoded on the model's side (prepare)
+    image: Any  # decoded (RGB); dropped once its batch ran
     question: str
     top_k: int | None
     index: Any
     future: asyncio.Future = field(repr=False)
-    pixels: int = 0
+    pixels: int = 0  # held in the pixel budget until the job is settled
 
 
 class MicroBatcher:
     """Gathers concurrent requests into :meth:`RVQA.answer_batch` calls.
 
-    A batch takes every request queued when it starts (while the model was busy), then
-    waits for more until it holds ``max_batch`` requests or ``max_batch_pixels`` image
-    pixels, or ``max_wait_ms`` after its first one arrived; after a batch of one (no
-    concurrency) it does not wait, so a lone client pays no batching delay. Requests
-    with different ``top_k`` / ``index`` go into separate calls. ``max_batch=1`` answers one request per forward
-    pass (batching off). At most ``max_queue`` requests wait; more raise
-    :class:`Overloaded` (503). The model runs on one worker thread, which :meth:`run`
-    shares for other blocking model calls.
+    A batch takes every request queued when it starts (they arrived while the model was
+    busy), then waits for more until it holds ``max_batch`` requests or ``max_wait_ms``
+    after its first one arrived; after a batch of one (a lone client) it does not wait,
+    so a lone client pays no batching delay. Requests with different ``top_k`` /
+    ``index`` go into separate calls. ``max_batch=1`` answers one request per forward
+    pass (batching off). The model runs on one worker thread, which :meth:`run` shares
+    for other blocking model calls.
 
-    Queued images stay compressed (``prepare``, e.g. :func:`finish_image`, decodes a
-    batch's images just before its forward pass, two at a time), so waiting requests
-    hold their upload's bytes, not its pixels; an image that fails to decode fails its
-    own request only.
+    Bounds (beyond them :class:`Overloaded`, a 503): at most ``max_queue`` requests wait,
+    and the images of waiting and running requests hold at most ``max_pixels`` decoded
+    pixels (:meth:`hold_pixels` before decoding, released when the request is answered).
     """
 
     def __init__(
@@ -205,13 +220,12 @@ class MicroBatcher:
         max_wait_ms: float = 5.0,
         max_queue: int = 256,
         on_batch: Any = None,
-        prepare: Any = None,
-        max_batch_pixels: int = 64 * 1024 * 1024,
+        max_pixels: int = DEFAULT_MAX_QUEUED_PIXELS,
     ):
         for name, v in (
             ("max_batch", max_batch),
             ("max_queue", max_queue),
-            ("max_batch_pixels", max_batch_pixels),
+            ("max_pixels", max_pixels),
         ):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise UsageError(f"{name} must be a positive integer, got {v!r}")
@@ -221,16 +235,15 @@ class MicroBatcher:
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
+        self.max_pixels = max_pixels
         self.on_batch = on_batch
-        self.prepare = prepare
-        self.max_batch_pixels = max_batch_pixels
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._decoders: ThreadPoolExecutor | None = None
         self._in_flight = 0
         self._last_batch = 1
         self._side = 0  # other model calls (retrieve) running or waiting
+        self._pixels = 0  # decoded pixels held by requests not answered yet
 
     @property
     def queued(self) -> int:
@@ -242,24 +255,38 @@ class MicroBatcher:
         return self._in_flight
 
     @property
+    def pixels(self) -> int:
+        """Decoded pixels held by requests not answered yet."""
+        return self._pixels
+
+    @property
     def alive(self) -> bool:
         return self._task is not None and not self._task.done()
 
     def start(self) -> None:
         self._queue = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rvqa-model")
-        self._decoders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rvqa-decode")
         self._task = asyncio.get_running_loop().create_task(self._run())
         self._task.add_done_callback(self._died)
+
+    def _settle(self, job: _Job, result: Any = None, error: BaseException | None = None) -> None:
+        """Answer (or fail) a job once, and release its pixels and image."""
+        if not job.future.done():
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(result)
+        self.release_pixels(job.pixels)
+        job.pixels, job.image = 0, None
 
     def _died(self, task: asyncio.Task) -> None:
         """The batch loop ended (stopped, or a bug): no waiting request hangs."""
         if not task.cancelled() and task.exception() is not None:
             logger.error("the batch loop stopped: %r", task.exception())
         while self._queue is not None and not self._queue.empty():
-            job = self._queue.get_nowait()
-            if not job.future.done():
-                job.future.set_exception(ServeError(503, "the server is shutting down"))
+            self._settle(
+                self._queue.get_nowait(), error=ServeError(503, "the server is shutting down")
+            )
 
     async def stop(self, timeout: float = 60.0) -> None:
         """Answer what is queued and in flight (up to ``timeout`` seconds), then stop."""
@@ -273,30 +300,48 @@ class MicroBatcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        for pool in (self._executor, self._decoders):  # a call still running is not waited for
-            if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
+        if self._executor is not None:  # a model call still running is not waited for
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
     def reserve(self, n: int = 1) -> None:
         """Raise :class:`Overloaded` unless ``n`` more requests fit the queue."""
         if not self.alive:
             raise ServeError(503, "the server is not answering (its batch loop stopped)")
         if self.queued + n > self.max_queue:
-            raise Overloaded(self.queued)
+            raise Overloaded(f"{self.queued} requests waiting")
 
-    def enqueue(self, image: Any, question: str, top_k: int | None, index: Any) -> asyncio.Future:
-        """Queue one request (no await between :meth:`reserve` and this keeps the bound)."""
-        self.reserve(1)
+    def hold_pixels(self, n: int) -> None:
+        """Count ``n`` decoded pixels against ``max_pixels`` (:class:`Overloaded` when they
+        do not fit; one image always fits an empty budget)."""
+        if self._pixels and self._pixels + n > self.max_pixels:
+            raise Overloaded(f"{self._pixels} decoded pixels waiting")
+        self._pixels += n
+
+    def release_pixels(self, n: int) -> None:
+        self._pixels = max(self._pixels - n, 0)
+
+    def enqueue(
+        self, image: Any, question: str, top_k: int | None, index: Any, pixels: int = 0
+    ) -> asyncio.Future:
+        """Queue one request whose ``pixels`` are held already (released when it is
+        answered, or now if it does not fit the queue). No await between :meth:`reserve`
+        and this keeps the bound."""
+        try:
+            self.reserve(1)
+        except ServeError:
+            self.release_pixels(pixels)
+            raise
         assert self._queue is not None
         fut = asyncio.get_running_loop().create_future()
-        width, height = getattr(image, "size", (0, 0))
-        self._queue.put_nowait(_Job(image, question, top_k, index, fut, width * height))
+        self._queue.put_nowait(_Job(image, question, top_k, index, fut, pixels))
         return fut
 
-    async def submit(self, image: Any, question: str, top_k: int | None, index: Any):
+    async def submit(
+        self, image: Any, question: str, top_k: int | None, index: Any, pixels: int = 0
+    ):
         if self._queue is None:
             raise RuntimeError("MicroBatcher.start() was not called")
-        return await self.enqueue(image, question, top_k, index)
+        return await self.enqueue(image, question, top_k, index, pixels)
 
     async def run(self, fn: Any) -> Any:
         """Run another blocking model call on the model's thread, counted in the queue."""
@@ -313,36 +358,36 @@ class MicroBatcher:
             await self._loop(batch)
         finally:  # stopped or crashed mid-batch: no taken request waits forever
             for job in batch:
-                if not job.future.done():
-                    job.future.set_exception(ServeError(503, "the server is shutting down"))
+                self._settle(job, error=ServeError(503, "the server is shutting down"))
+
+    async def _take(self, batch: list[_Job]) -> None:
+        """Fill ``batch``: the first request (waited for), what queued meanwhile, then more
+        until ``max_batch`` or the deadline (none after a batch of one)."""
+        loop = asyncio.get_running_loop()
+        assert self._queue is not None
+        batch.append(await self._queue.get())
+        self._in_flight += 1
+        deadline = loop.time() + (self.max_wait if self._last_batch > 1 else 0.0)
+        while len(batch) < self.max_batch:
+            try:  # what queued while the last batch ran joins at once, wait or not
+                job = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    break
+                try:
+                    job = await asyncio.wait_for(self._queue.get(), timeout)
+                except asyncio.TimeoutError:
+                    break
+            batch.append(job)
+            self._in_flight += 1
+        self._last_batch = len(batch)
 
     async def _loop(self, batch: list[_Job]) -> None:
         loop = asyncio.get_running_loop()
-        assert self._queue is not None
         while True:
             batch.clear()
-            first = await self._queue.get()
-            self._in_flight += 1
-            batch.append(first)
-            pixels = first.pixels
-            # Waiting for company pays only under concurrency: after a batch of one (a lone
-            # client), a request goes at once with whatever queued meanwhile.
-            deadline = loop.time() + (self.max_wait if self._last_batch > 1 else 0.0)
-            while len(batch) < self.max_batch and pixels < self.max_batch_pixels:
-                try:  # what queued while the last batch ran joins at once, wait or not
-                    job = self._queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    timeout = deadline - loop.time()
-                    if timeout <= 0:
-                        break
-                    try:
-                        job = await asyncio.wait_for(self._queue.get(), timeout)
-                    except asyncio.TimeoutError:
-                        break
-                batch.append(job)
-                self._in_flight += 1
-                pixels += job.pixels
-            self._last_batch = len(batch)
+            await self._take(batch)
             groups: dict[tuple, list[_Job]] = defaultdict(list)
             for job in batch:
                 key = (job.top_k, tuple(job.index) if isinstance(job.index, list) else job.index)
@@ -351,19 +396,13 @@ class MicroBatcher:
                 try:
                     answers = await loop.run_in_executor(self._executor, self._answer, jobs)
                     for job, ans in zip(jobs, answers):
-                        if job.future.done():
-                            continue
-                        if isinstance(ans, Exception):  # this image did not decode
-                            job.future.set_exception(ans)
-                        else:
-                            job.future.set_result(ans)
+                        self._settle(job, result=ans)
                 except asyncio.CancelledError:
                     raise
                 except BaseException as err:  # noqa: BLE001 - every job of the call hears why
                     shown = err if isinstance(err, Exception) else RuntimeError(repr(err))
                     for job in jobs:
-                        if not job.future.done():
-                            job.future.set_exception(shown)
+                        self._settle(job, error=shown)
                 finally:
                     self._in_flight -= len(jobs)
                 if self.on_batch is not None:
@@ -371,40 +410,17 @@ class MicroBatcher:
                         self.on_batch(len(jobs))
                     except Exception:  # a metrics hook never stops answering
                         logger.exception("on_batch failed")
-
-    def decode(self, images: list) -> list:
-        """``prepare`` each image (two threads; PIL's decoders release the GIL); an image
-        that fails gives its exception in its place."""
-
-        def one(image: Any) -> Any:
-            try:
-                return self.prepare(image)
-            except Exception as err:  # noqa: BLE001 - the request of this image hears why
-                return err
-
-        if self.prepare is None:
-            return list(images)
-        if len(images) == 1 or self._decoders is None:
-            return [one(i) for i in images]
-        return list(self._decoders.map(one, images))
+            del groups, jobs  # no reference to the last batch while waiting for the next
 
     def _answer(self, jobs: list[_Job]) -> list:
-        """One ``answer_batch`` call for ``jobs`` (same ``top_k`` / ``index``): per job its
-        :class:`~rvqa.pipeline.Answer`, or the exception its image raised."""
         head = jobs[0]
-        images = self.decode([j.image for j in jobs])
-        ok = [i for i, im in enumerate(images) if not isinstance(im, Exception)]
-        if ok:
-            answers = self.model.answer_batch(
-                [images[i] for i in ok],
-                [jobs[i].question for i in ok],
-                top_k=head.top_k,
-                index=head.index,
-                batch_size=len(ok),
-            )
-            for i, ans in zip(ok, answers):
-                images[i] = ans
-        return images
+        return self.model.answer_batch(
+            [j.image for j in jobs],
+            [j.question for j in jobs],
+            top_k=head.top_k,
+            index=head.index,
+            batch_size=len(jobs),
+        )
 
 
 class BodyLimit:
@@ -540,8 +556,14 @@ def create_app(
     max_queue: int = 256,
     max_upload_mb: float = 10.0,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_queued_pixels: int = DEFAULT_MAX_QUEUED_PIXELS,
 ) -> Any:
-    """The FastAPI app serving ``model`` (see the module docstring for the endpoints)."""
+    """The FastAPI app serving ``model`` (see the module docstring for the endpoints).
+
+    ``max_pixels`` bounds one image (413 above), ``max_queued_pixels`` the decoded images
+    of all requests not answered yet (503 above). Sets Pillow's PNG text limits for the
+    process (:data:`PNG_TEXT_LIMITS`).
+    """
     require_serve_extra()
     root = Path(indices_root).resolve() if indices_root is not None else None
     max_bytes = int(max_upload_mb * 1024 * 1024)
@@ -568,8 +590,11 @@ def create_app(
         max_wait_ms,
         max_queue,
         on_batch=lambda n: batch_sizes.observe(n),
-        prepare=finish_image,
+        max_pixels=max_queued_pixels,
     )
+    from PIL import PngImagePlugin
+
+    PngImagePlugin.MAX_TEXT_CHUNK, PngImagePlugin.MAX_TEXT_MEMORY = PNG_TEXT_LIMITS
     loaded_at = {n: time.time() for n in model.registry.names}
 
     @asynccontextmanager
@@ -612,12 +637,22 @@ def create_app(
         Metrics, requests=requests, latency=latency, after=lambda: queue_length.set(batcher.queued)
     )
 
-    async def _image(upload: Any) -> Image.Image:
-        """The upload's header checked (413 / 415 now); pixels are decoded in its batch."""
+    async def _image(upload: Any) -> tuple[Image.Image, int]:
+        """The upload checked (size, then its header: 413 / 415), its pixels held in the
+        batcher's budget (503 when full), then decoded (422): ``(RGB image, pixels)``.
+        Off the event loop: a large image does not stall other requests."""
         data = await upload.read(max_bytes + 1)
         if len(data) > max_bytes:
             raise ServeError(413, f"the image is over --max-upload-mb ({max_upload_mb:g} MB)")
-        return open_image(data, max_pixels)  # the header only: cheap, on the event loop
+        header = await asyncio.to_thread(open_image, data, max_pixels)
+        del data
+        pixels = header.width * header.height
+        batcher.hold_pixels(pixels)
+        try:
+            return await asyncio.to_thread(finish_image, header), pixels
+        except BaseException:
+            batcher.release_pixels(pixels)
+            raise
 
     def _count_searches(answers: list) -> None:
         for a in answers:
@@ -635,8 +670,8 @@ def create_app(
         k = parse_top_k(top_k)
         idx = parse_index(index, model)
         batcher.reserve(1)  # a full queue answers 503 before any pixel is decoded
-        img = await _image(image)
-        ans = await batcher.submit(img, q, k, idx)
+        img, pixels = await _image(image)
+        ans = await batcher.submit(img, q, k, idx, pixels)  # the job releases the pixels
         _count_searches([ans])
         return JSONResponse(ans.to_dict())  # already JSON types: no jsonable_encoder pass
 
@@ -658,13 +693,24 @@ def create_app(
                 f"{len(images)} images in one request; at most {batcher.max_queue} (--max-queue)",
             )
         batcher.reserve(len(images))
-        imgs = [await _image(u) for u in images]
-        batcher.reserve(len(images))  # again: others may have queued meanwhile
-        futures = [batcher.enqueue(i, q, k, idx) for i, q in zip(imgs, qs)]  # no await between
-        answers = await asyncio.gather(*futures, return_exceptions=True)
-        for i, a in enumerate(answers):
-            if isinstance(a, ServeError):  # e.g. a truncated image: its position named
-                raise ServeError(a.status, f"image {i}: {a}", a.headers)
+        decoded: list[tuple[Image.Image, int]] = []
+        try:
+            for i, upload in enumerate(images):
+                try:
+                    decoded.append(await _image(upload))
+                except ServeError as err:  # its position named
+                    raise ServeError(err.status, f"image {i}: {err}", err.headers) from None
+            batcher.reserve(len(images))  # again: others may have queued meanwhile
+        except BaseException:
+            for _, pixels in decoded:  # not queued: nothing else releases them
+                batcher.release_pixels(pixels)
+            raise
+        futures = [  # no await between the reserve and these
+            batcher.enqueue(img, q, k, idx, pixels) for (img, pixels), q in zip(decoded, qs)
+        ]
+        del decoded
+        answers = await asyncio.gather(*futures, return_exceptions=True)  # every one retrieved
+        for a in answers:
             if isinstance(a, BaseException):
                 raise a
         _count_searches(answers)
@@ -679,8 +725,11 @@ def create_app(
         k = parse_top_k(top_k)
         idx = parse_index(index, model)
         batcher.reserve(1)
-        img = await _image(image)
-        found = await batcher.run(lambda: model.retrieve([finish_image(img)], k, idx))
+        img, pixels = await _image(image)
+        try:
+            found = await batcher.run(lambda: model.retrieve([img], k, idx))
+        finally:
+            batcher.release_pixels(pixels)
         return JSONResponse({"evidence": [e._asdict() for e in found[0]]})
 
     @app.get("/v1/indices")
