@@ -10,6 +10,7 @@ request per forward pass); per level the first ``--warmup`` seconds are not coun
 
     python benchmarks/bench_serve.py --model runs/demo                 # the throughput table
     python benchmarks/bench_serve.py --model runs/demo --swap-run 60   # 32 clients, a swap a second
+    python benchmarks/bench_serve.py --model runs/demo --in-process    # the model alone, no HTTP
 
 The swap run answers with ``--clients`` (32) clients for ``--swap-run`` seconds while
 another client swaps the served index every second between A (100k captions) and B
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
 import re
@@ -363,6 +365,45 @@ def swap_run(args: argparse.Namespace, a_dir: Path, b_dir: Path, pool: list) -> 
     return res
 
 
+def in_process(args: argparse.Namespace, index: Path, pool: list) -> list[str]:
+    """The model alone, no HTTP: one question per ``answer`` call vs ``answer_batch`` on
+    ``--max-batch`` distinct images (median of 5), float32 and bf16."""
+    import statistics
+
+    from PIL import Image
+
+    from rvqa import RVQA
+
+    lines = []
+    images = [Image.open(io.BytesIO(b)).convert("RGB") for b, _ in pool[: args.max_batch]]
+    questions = [q for _, q in pool[: args.max_batch]]
+    for precision in args.precisions.split(","):
+        model = RVQA.from_pretrained(
+            args.model, device="cpu", load_indices=False, precision=precision
+        )
+        model.load_index(index, name="bench")
+
+        def timed(fn) -> float:
+            fn()
+            runs = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                fn()
+                runs.append(time.perf_counter() - t0)
+            return statistics.median(runs)
+
+        one = statistics.median(
+            timed(lambda i=i, m=model: m.answer(images[i], questions[i])) for i in range(8)
+        )
+        batch = timed(lambda m=model: m.answer_batch(images, questions)) / len(images)
+        lines.append(
+            f"{precision}: answer() {one * 1000:.1f} ms a question; answer_batch of "
+            f"{len(images)} {batch * 1000:.1f} ms a question ({one / batch:.2f}x)"
+        )
+        print(lines[-1], flush=True)
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="runs/demo")
@@ -382,11 +423,19 @@ def main() -> None:
     ap.add_argument("--swap-run", type=float, default=None, metavar="SECONDS")
     ap.add_argument("--clients-swap", type=int, default=32)
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument(
+        "--in-process",
+        action="store_true",
+        help="only time the model itself (answer vs answer_batch), no server",
+    )
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     a_dir, b_dir = build_indices(args.model, work, args.n_captions)
     pool = request_pool(args.pool)
+    if args.in_process:
+        in_process(args, a_dir, pool)
+        return
     if args.swap_run:
         res = swap_run(args, a_dir, b_dir, pool)
         print(json.dumps(res, indent=1))
