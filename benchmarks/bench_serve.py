@@ -12,7 +12,7 @@ request per forward pass); per level the first ``--warmup`` seconds are not coun
     python benchmarks/bench_serve.py --model runs/demo --swap-run 60   # 32 clients, a swap a second
     python benchmarks/bench_serve.py --model runs/demo --in-process    # the model alone, no HTTP
 
-The swap run answers with ``--clients`` (32) clients for ``--swap-run`` seconds while
+The swap run answers with ``--clients-swap`` (32) clients for ``--swap-run`` seconds while
 another client swaps the served index every second between A (100k captions) and B
 (the other 68k captions the templates make: no caption is in both). Every answer's
 evidence is checked to come from exactly one of them (a mix would be an answer that

@@ -614,7 +614,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _queued_pixels(mpix: float) -> int:
-    if not mpix > 0:
+    import math
+
+    if not (mpix > 0 and math.isfinite(mpix)):
         raise UsageError(f"--max-queued-mpix must be a positive number, got {mpix}")
     return int(mpix * 1024 * 1024)
 

@@ -105,8 +105,9 @@ def run_device(accelerator: Any = None, device: Any = None) -> Any:
 
 def bf16_supported(device: Any = None) -> bool:
     """Whether ``device`` (default: CUDA when available, else CPU) runs bfloat16 natively:
-    a GPU with bf16 units (not emulated), or a CPU with AVX512-BF16 or AMX (where Linux
-    lists the CPU's flags; elsewhere oneDNN's own check, which accepts any AVX512 CPU)."""
+    a GPU with bf16 units (not emulated), or a CPU with AVX512-BF16 or AMX (x86 where Linux
+    lists the CPU's flags; elsewhere oneDNN's own check, which on x86 accepts any AVX512
+    CPU)."""
     import torch
 
     dev = torch.device(device) if device is not None else None
@@ -122,6 +123,10 @@ def bf16_supported(device: Any = None) -> bool:
             return False
     except (AttributeError, RuntimeError):  # a torch without the check: play safe
         return False
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True  # e.g. Arm with bf16: oneDNN's word
     try:
         flags = Path("/proc/cpuinfo").read_text(encoding="utf-8").split()
     except OSError:

@@ -192,7 +192,7 @@ def test_a_png_text_bomb_is_refused(client, model):
     r = client.post(
         "/v1/answer", files={"image": ("t.png", buf.getvalue())}, data={"question": "color?"}
     )
-    assert r.status_code == 413 and "too large" in r.json()["error"].lower(), r.text
+    assert r.status_code == 413 and "too much memory" in r.json()["error"].lower(), r.text
     r = client.post("/v1/answer", files={"image": ("s.png", png())}, data={"question": "color?"})
     assert r.status_code == 200
 
@@ -318,6 +318,42 @@ def test_a_lone_request_does_not_wait_but_concurrent_ones_do(model):
     lone = asyncio.run(main())
     assert lone < 2.5  # well below the 5 s wait
     assert counting.calls == [1, 2, 2]
+
+
+def test_a_failed_batch_lets_its_images_go():
+    """The error a failed batch shares carries no traceback (whose frames would hold the
+    batch's images), and the images are released with the pixels."""
+    import gc
+    import weakref
+
+    from rvqa.errors import UsageError
+
+    class Failing:
+        def answer_batch(self, images, questions, **kw):
+            raise UsageError("no such index")
+
+    images = [draw_shape(c, "circle") for c in ("red", "green")]
+    refs = [weakref.ref(i) for i in images]
+
+    async def main():
+        b = MicroBatcher(Failing(), max_batch=8, max_wait_ms=100)
+        b.start()
+        for img in images:
+            b.hold_pixels(img.width * img.height)
+        futures = [b.enqueue(img, "q?", None, None, img.width * img.height) for img in images]
+        images.clear()
+        del img  # the hold loop's last one
+        out = await asyncio.gather(*futures, return_exceptions=True)
+        assert [type(e) for e in out] == [UsageError, UsageError]
+        assert out[0].__traceback__ is None
+        del out, futures
+        gc.collect()
+        alive = [r() is not None for r in refs]
+        pixels = b.pixels
+        await b.stop()
+        return alive, pixels
+
+    assert asyncio.run(main()) == ([False, False], 0)
 
 
 def test_a_full_queue_answers_503_and_nothing_hangs(model):
@@ -480,6 +516,12 @@ def test_decoded_pixels_are_bounded_and_always_released(model):
         )
         assert r.status_code == 422 and r.json()["error"].startswith("image 1: ")
         assert post("/v1/retrieve", data={}).status_code == 200
+        r = post(  # more pixels than the whole budget: 413, not "busy, retry"
+            "/v1/answer_batch",
+            files=[("images", (f"{i}.png", png("red"))) for i in range(3)],
+            data={"questions": ["what color?"] * 3},
+        )
+        assert r.status_code == 413 and "--max-queued-mpix" in r.json()["error"], r.text
         assert batcher.pixels == 0
 
 
