@@ -63,6 +63,23 @@ def captions(n: int) -> list[str]:
     return out[:n]
 
 
+def build_templated_index(model, texts: list[str], folder: Path) -> None:
+    """Encode ``texts`` with ``model``'s retriever and write a knowledge index folder."""
+    from rvqa.retriever.index import build_index_from_embeddings
+
+    t = time.time()
+    emb = model.retriever.embed_texts(texts, batch_size=512, show_progress=True)
+    print(f"encoded {len(texts)} captions in {time.time() - t:.0f} s -> {folder}", flush=True)
+    build_index_from_embeddings(
+        emb,
+        texts,
+        list(range(len(texts))),
+        folder,
+        model.retriever.fingerprint(),
+        caption_source="templated",
+    )
+
+
 def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.array(xs) * 1000, q))
 
@@ -91,23 +108,11 @@ def main() -> None:
     import easy_vqa
 
     from rvqa import RVQA
-    from rvqa.retriever.index import build_index_from_embeddings
 
     model = RVQA.from_pretrained(args.model, device="cpu")
     index_dir = Path(args.work) / f"api-index-{args.n_captions}"
     if not index_dir.exists():
-        texts = captions(args.n_captions)
-        t = time.time()
-        emb = model.retriever.embed_texts(texts, batch_size=512, show_progress=True)
-        print(f"encoded {len(texts)} captions in {time.time() - t:.0f} s")
-        build_index_from_embeddings(
-            emb,
-            texts,
-            list(range(len(texts))),
-            index_dir,
-            model.retriever.fingerprint(),
-            caption_source="templated",
-        )
+        build_templated_index(model, captions(args.n_captions), index_dir)
     if args.factory:
         from rvqa.retriever.index import rebuild_index
 

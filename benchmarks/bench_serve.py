@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_api import captions  # noqa: E402  (the same templated caption corpus)
+from bench_api import build_templated_index, captions  # noqa: E402  (the same corpus)
 
 N_TEMPLATED = 168_000  # every distinct caption the templates make
 TOKEN = "bench-token"
@@ -51,24 +51,12 @@ def build_indices(model_dir: str, work: Path, n_a: int) -> tuple[Path, Path]:
     if a_dir.exists() and b_dir.exists():
         return a_dir, b_dir
     from rvqa import RVQA
-    from rvqa.retriever.index import build_index_from_embeddings
 
     model = RVQA.from_pretrained(model_dir, device="cpu")
     texts = captions(N_TEMPLATED)
     for folder, part in ((a_dir, texts[:n_a]), (b_dir, texts[n_a:])):
-        if folder.exists():
-            continue
-        t = time.time()
-        emb = model.retriever.embed_texts(part, batch_size=512, show_progress=True)
-        print(f"encoded {len(part)} captions in {time.time() - t:.0f} s -> {folder}", flush=True)
-        build_index_from_embeddings(
-            emb,
-            part,
-            list(range(len(part))),
-            folder,
-            model.retriever.fingerprint(),
-            caption_source="templated",
-        )
+        if not folder.exists():
+            build_templated_index(model, part, folder)
     return a_dir, b_dir
 
 

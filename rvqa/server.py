@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any
 
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from rvqa.errors import RVQAError, UnknownIndexError, UsageError
 from rvqa.pipeline import ALL_INDICES, RVQA
@@ -148,16 +148,6 @@ PNG_TEXT_LIMITS = (1024 * 1024, 256 * 1024)
 as :func:`create_app` sets them for the process: PNG text chunks are decompressed when
 the header is read, so an upload of about 64 KB could otherwise hold 64 MB of text. The
 chunk limit stays Pillow's (it also bounds ICC profiles); the text held is 256 KB."""
-
-
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Upload bytes → an RGB image, refusing a decompression bomb before decoding pixels.
-
-    Raises:
-        ServeError: 415 not an image, 413 more than ``max_pixels`` pixels, 422 truncated
-            or otherwise undecodable.
-    """
-    return finish_image(open_image(data, max_pixels))
 
 
 def parse_top_k(value: str | None) -> int | None:
@@ -612,8 +602,6 @@ def create_app(
         on_batch=lambda n: batch_sizes.observe(n),
         max_pixels=max_queued_pixels,
     )
-    from PIL import PngImagePlugin
-
     PngImagePlugin.MAX_TEXT_CHUNK, PngImagePlugin.MAX_TEXT_MEMORY = PNG_TEXT_LIMITS
     loaded_at = {n: time.time() for n in model.registry.names}
 
