@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from rvqa.errors import UsageError
 from rvqa.pixels import image_pixels
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,12 @@ class PairDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         r = self.records[i]
         pixels = image_pixels(r.image, self.processor)
-        return {"pixel_values": pixels, "caption": r.caption, "image_id": r.image_id}
+        return {
+            "pixel_values": pixels,
+            "caption": r.caption,
+            "image_id": r.image_id,
+            "label": getattr(r, "label", None),
+        }
 
 
 class PairCollator:
@@ -42,9 +48,15 @@ class PairCollator:
     checkpoint would then miss on resume.
     """
 
-    def __init__(self, tokenizer: Any, max_length: int):
+    def __init__(self, tokenizer: Any, max_length: int, class_names: Sequence[str] | None = None):
+        """``class_names``: the model's semantic categories (``config.class_names``);
+        given, each batch has ``labels``: a caption's label's index, -1 when it has
+        none or one the model does not know."""
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.class_index = (
+            None if class_names is None else {c: i for i, c in enumerate(class_names)}
+        )
 
     def __call__(self, items: list[dict]) -> dict:
         pixels = torch.stack([it["pixel_values"] for it in items]).float()  # (B, 3, H, W)
@@ -60,9 +72,44 @@ class PairCollator:
             [[img[i] == img[j] or norm[i] == norm[j] for j in range(b)] for i in range(b)],
             dtype=torch.bool,
         )
-        return {
+        batch = {
             "pixel_values": pixels,
             "input_ids": enc["input_ids"],
             "attention_mask": enc["attention_mask"],
             "positive_mask": pos,
         }
+        if self.class_index is not None:
+            batch["labels"] = torch.tensor(
+                [self.class_index.get(it.get("label"), -1) for it in items], dtype=torch.long
+            )
+        return batch
+
+
+def class_names_of(records: Sequence) -> list[str]:
+    """The sorted distinct labels of caption records (``CaptionCorpus.labels`` when there)."""
+    labels = getattr(records, "labels", None)
+    if labels is None:
+        labels = [getattr(r, "label", None) for r in records]
+    return sorted({str(x) for x in labels if x is not None})
+
+
+def check_labels(records: Sequence, loss: str, where: str) -> None:
+    """Every caption has a label (what the ``center`` term needs).
+
+    Raises:
+        UsageError: Naming how many captions lack one, the first of them and where
+            labels come from.
+    """
+    labels = getattr(records, "labels", None)
+    if labels is None:
+        labels = [getattr(r, "label", None) for r in records]
+    missing = [i for i, x in enumerate(labels) if x is None]
+    if missing:
+        first = records[missing[0]]
+        raise UsageError(
+            f"loss {loss!r} needs a semantic category (label) for every training caption; "
+            f"{len(missing)} of {len(labels)} captions of {where} have none (the first: "
+            f"caption id {getattr(first, 'caption_id', missing[0])!r}). Labels come from a "
+            "Karpathy file's per-image 'label', a JSONL or datasets 'label' column "
+            "(captions.columns.label) or easy-vqa's colour and shape"
+        )

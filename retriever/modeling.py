@@ -27,8 +27,8 @@ from transformers.utils import ModelOutput
 from rvqa.config import RetrieverSettings, model_options
 from rvqa.data.images import load_image
 from rvqa.errors import ConfigError, UsageError
+from rvqa.retriever import losses as L
 from rvqa.retriever.configuration import RetrieverConfig
-from rvqa.retriever.losses import retrieval_loss
 from rvqa.towers import (
     KeepsFrozenOnLoad,
     build_tower,
@@ -45,6 +45,7 @@ from rvqa.training import VOLATILE_CONFIG_KEYS
 logger = logging.getLogger(__name__)
 
 REQUIRED_FILES = ("config.json", "model.safetensors")
+PCME_INIT_LOGSIGMA = -3.0  # initial bias of the log σ heads (σ ≈ 0.05)
 
 # Options from_backbones takes (from a RetrieverSettings or as keyword arguments) besides
 # the RetrieverConfig fields it does not fill itself.
@@ -60,17 +61,54 @@ class RetrieverOutput(ModelOutput):
         loss: The configured contrastive loss (when ``return_loss``).
         image_embeds: (B, D) L2-normalised image embeddings.
         text_embeds: (B, D) L2-normalised caption embeddings.
+        loss_terms: Each term of the objective (unweighted, detached floats).
+        image_logsigma / text_logsigma: ``pcme``: (B, D) log standard deviations.
+        image_codes / text_codes: ``hash``: (B, bits) tanh-relaxed codes.
     """
 
     loss: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
     text_embeds: torch.FloatTensor | None = None
+    loss_terms: dict | None = None
+    image_logsigma: torch.FloatTensor | None = None
+    text_logsigma: torch.FloatTensor | None = None
+    image_codes: torch.FloatTensor | None = None
+    text_codes: torch.FloatTensor | None = None
 
 
 def _head(d_in: int, d_out: int, kind: str) -> nn.Module:
     if kind == "mlp":
         return nn.Sequential(nn.Linear(d_in, d_in), nn.GELU(), nn.Linear(d_in, d_out))
     return nn.Linear(d_in, d_out)
+
+
+class DiversifiedAttention(nn.Module):
+    """K attention poolings of a tower's tokens (GPLDAN's diversified attention projector).
+
+    Head k weighs the tokens by ``softmax_n(w_k · tanh(W x_n))`` (padding masked),
+    pools them, projects the pooled feature to the embedding space and adds it to
+    the global embedding (before normalisation), as PVSE does: K representations
+    that share the global view and differ in what they attend to. The graph
+    pattern loss keeps them diverse.
+    """
+
+    def __init__(self, hidden: int, heads: int, embed_dim: int):
+        super().__init__()
+        attn = max(1, hidden // 2)
+        self.key = nn.Linear(hidden, attn)
+        self.query = nn.Linear(attn, heads, bias=False)
+        self.proj = nn.Linear(hidden, embed_dim)
+
+    def forward(
+        self, tokens: torch.Tensor, mask: torch.Tensor | None, global_emb: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, N, H) tokens, (B, N) mask or None, (B, D) global → (B, K, D) normalised."""
+        scores = self.query(torch.tanh(self.key(tokens)))  # (B, N, K)
+        if mask is not None:
+            scores = scores.masked_fill(~mask.bool().unsqueeze(-1), float("-inf"))
+        weights = scores.softmax(dim=1)  # over tokens
+        pooled = torch.einsum("bnk,bnh->bkh", weights, tokens)
+        return F.normalize(global_emb.unsqueeze(1) + self.proj(pooled), dim=-1)
 
 
 class RetrieverModel(KeepsFrozenOnLoad, PreTrainedModel):
@@ -109,23 +147,69 @@ class RetrieverModel(KeepsFrozenOnLoad, PreTrainedModel):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
         # Training forward passes so far (drives max_violation_warmup; saved with the model).
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self._build_objective_heads(config)
         self.tokenizer: Any = None
         self.image_processor: Any = None
         self.post_init()
         self.apply_freezing()
 
+    def _build_objective_heads(self, config: RetrieverConfig) -> None:
+        """The heads and parameters the objective's terms need (none for the VSE/InfoNCE
+        losses, so those models are what they always were)."""
+        terms = config.loss_terms
+        d = config.embed_dim
+        hv, ht = hidden_size_of(config.vision_config), hidden_size_of(config.text_config)
+        if "pcme" in terms:
+            # log σ heads beside the mean heads (PCME: a separate branch of the same features)
+            self.vision_logsigma = _head(hv, d, config.projection)
+            self.text_logsigma = _head(ht, d, config.projection)
+            self.pcme_scale = nn.Parameter(torch.tensor(float(config.pcme_init_scale)))
+            self.pcme_shift = nn.Parameter(torch.tensor(float(config.pcme_init_shift)))
+        if "center" in terms:
+            if not config.class_names:
+                raise ConfigError(
+                    "loss term 'center' needs class_names (the semantic categories of the "
+                    "training captions): rvqa train-retriever sets them from the captions' "
+                    "labels; in Python pass class_names=[...] to from_backbones"
+                )
+            c = len(config.class_names)
+            self.class_centers = nn.Parameter(F.normalize(torch.randn(c, d), dim=-1))
+            # Jing et al.'s shared head: Linear-ReLU-Linear (their 512 → 256 → C)
+            self.class_head = nn.Sequential(nn.Linear(d, 256), nn.ReLU(), nn.Linear(256, c))
+        if "gpl" in terms:
+            self.vision_attention = DiversifiedAttention(hv, config.gpl_heads, d)
+            self.text_attention = DiversifiedAttention(ht, config.gpl_heads, d)
+        if "modality" in terms:
+            half = max(1, d // 2)
+            self.modality_head = nn.Sequential(nn.Linear(d, half), nn.ReLU(), nn.Linear(half, 1))
+        if "hash" in terms:
+            self.vision_hash = nn.Linear(d, config.hash_bits)
+            self.text_hash = nn.Linear(d, config.hash_bits)
+
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear) and any(module is m for m in self._projection_modules()):
             nn.init.normal_(module.weight, std=0.02)
             nn.init.zeros_(module.bias)
+            if any(module is m for m in self._logsigma_outputs()):
+                # σ ≈ 0.05 per dimension at the start: samples near their unit-norm mean
+                # (σ = 1 in 256 dimensions would put every sample ~22 from every other)
+                nn.init.constant_(module.bias, PCME_INIT_LOGSIGMA)
 
     def _projection_modules(self) -> list[nn.Module]:
         mods: list[nn.Module] = []
-        for name in ("vision_projection", "text_projection"):
+        for name in ("vision_projection", "text_projection", "vision_logsigma", "text_logsigma"):
             head = getattr(self, name, None)
             if head is not None:
                 mods.extend(m for m in head.modules() if isinstance(m, nn.Linear))
         return mods
+
+    def _logsigma_outputs(self) -> list[nn.Module]:
+        outs = []
+        for name in ("vision_logsigma", "text_logsigma"):
+            head = getattr(self, name, None)
+            if head is not None:
+                outs.append(head[-1] if isinstance(head, nn.Sequential) else head)
+        return outs
 
     def apply_freezing(self) -> None:
         """(Un)freeze towers as the config says; projections always train."""
@@ -134,7 +218,7 @@ class RetrieverModel(KeepsFrozenOnLoad, PreTrainedModel):
         for p in self.text_model.parameters():
             p.requires_grad_(not self.config.freeze_text)
         # Only InfoNCE uses the temperature; DDP refuses parameters that get no gradient.
-        self.logit_scale.requires_grad_(self.config.loss == "infonce")
+        self.logit_scale.requires_grad_("infonce" in self.config.loss_terms)
 
     def train(self, mode: bool = True) -> RetrieverModel:
         """Like ``nn.Module.train``, but frozen towers stay in eval mode (no dropout,
@@ -242,23 +326,24 @@ class RetrieverModel(KeepsFrozenOnLoad, PreTrainedModel):
 
     # ------------------------------------------------------------------ encoding
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) → (B, D) L2-normalised image embeddings."""
+    def _image_parts(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Everything the objective reads of a batch of images (see :meth:`_parts`)."""
         out = self.vision_model(pixel_values=pixel_values)
+        hidden = out.last_hidden_state
+        tokens = hidden if hidden.ndim == 3 else hidden.flatten(2).transpose(1, 2)  # (B, N, H)
         pooling = self.config.vision_pooling
         if pooling == "pooled" and getattr(out, "pooler_output", None) is not None:
             feats = out.pooler_output.flatten(1)  # ResNet pools to (B, C, 1, 1)
         elif pooling == "cls":
-            feats = out.last_hidden_state[:, 0]
+            feats = tokens[:, 0]
         else:  # "mean", or a backbone without a pooler
-            hidden = out.last_hidden_state
-            feats = hidden.mean(dim=1) if hidden.ndim == 3 else hidden.flatten(2).mean(-1)
-        return F.normalize(self._project(self.vision_projection, feats, "image"), dim=-1)
+            feats = tokens.mean(dim=1)
+        return self._parts("image", feats, tokens, None)
 
-    def encode_texts(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """(B, L) token ids → (B, D) L2-normalised caption embeddings."""
+    def _text_parts(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """Everything the objective reads of a batch of captions (see :meth:`_parts`)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         hidden = self.text_model(
@@ -269,7 +354,49 @@ class RetrieverModel(KeepsFrozenOnLoad, PreTrainedModel):
         else:  # masked mean over real tokens (sentence-transformers' pooling)
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
             feats = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        return F.normalize(self._project(self.text_projection, feats, "text"), dim=-1)
+        return self._parts("text", feats, hidden, attention_mask)
+
+    def _parts(
+        self, what: str, feats: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """Pooled tower features → ``emb`` (B, D) L2-normalised; with ``gpl`` also
+        ``multi`` (B, K, D) and ``emb`` their normalised mean; with ``pcme``
+        ``logsigma`` (B, D); with ``hash`` ``codes`` (B, bits), tanh-relaxed."""
+        side = "vision" if what == "image" else "text"
+        raw = self._project(getattr(self, f"{side}_projection"), feats, what)
+        parts: dict[str, torch.Tensor] = {}
+        if hasattr(self, f"{side}_attention"):
+            parts["multi"] = getattr(self, f"{side}_attention")(tokens, mask, raw)
+            parts["emb"] = F.normalize(parts["multi"].mean(1), dim=-1)
+        else:
+            parts["emb"] = F.normalize(raw, dim=-1)
+        if hasattr(self, f"{side}_logsigma"):
+            parts["logsigma"] = self._project(getattr(self, f"{side}_logsigma"), feats, what)
+        if hasattr(self, f"{side}_hash"):
+            # The unit-norm embedding scaled to unit variance per entry: the hash layer's
+            # default initialisation then gives pre-activations of order 1, not 1/sqrt(D)
+            # (tanh would start in its linear range, far from the ±1 codes).
+            scaled = parts["emb"] * math.sqrt(parts["emb"].shape[-1])
+            parts["codes"] = torch.tanh(getattr(self, f"{side}_hash")(scaled))
+        return parts
+
+    def _retrieval_vector(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What an index holds: the embedding, or a hashing retriever's ±1 code."""
+        if "codes" in parts:
+            return torch.where(parts["codes"] >= 0, 1.0, -1.0).to(parts["codes"].dtype)
+        return parts["emb"]
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) → (B, D) L2-normalised image embeddings (a hashing retriever:
+        (B, bits) codes of ±1)."""
+        return self._retrieval_vector(self._image_parts(pixel_values))
+
+    def encode_texts(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, L) token ids → (B, D) L2-normalised caption embeddings (a hashing
+        retriever: (B, bits) codes of ±1)."""
+        return self._retrieval_vector(self._text_parts(input_ids, attention_mask))
 
     @staticmethod
     def _project(head: nn.Module, feats: torch.Tensor, what: str) -> torch.Tensor:
@@ -287,6 +414,7 @@ class RetrieverModel(KeepsFrozenOnLoad, PreTrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         positive_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
         return_loss: bool = True,
         **kwargs: Any,
     ) -> RetrieverOutput:
@@ -295,37 +423,189 @@ class RetrieverModel(KeepsFrozenOnLoad, PreTrainedModel):
         Args:
             positive_mask: (B, B) bool, True where image i and caption j also match
                 (same image id or identical caption): excluded from the negatives.
+            labels: (B,) class indices into ``config.class_names`` (-1: unknown), for
+                the terms that read semantic categories (``center`` needs them;
+                ``crcgs`` and ``support_set`` use them where known).
         """
         if self.training and self.config.augment:
             pixel_values = augment_pixels(pixel_values)
-        im = self.encode_images(pixel_values)  # (B, D)
-        txt = self.encode_texts(input_ids, attention_mask)  # (B, D)
-        loss = None
+        im = self._image_parts(pixel_values)
+        txt = self._text_parts(input_ids, attention_mask)
+        loss = terms = None
         if return_loss:
-            name = self.config.loss
-            if self.training:
-                if name == "vse_max" and self.num_updates < self.config.max_violation_warmup:
-                    name = "vse_sum"
-                self.num_updates += 1
             # In float32 even under bf16/fp16 autocast: a half-precision similarity matrix
             # and hinge sum would round the loss (and its gradient) to 2-3 digits.
-            with torch.autocast(im.device.type, enabled=False):
-                loss = retrieval_loss(
+            with torch.autocast(im["emb"].device.type, enabled=False):
+                loss, terms = self._objective(
+                    {k: v.float() for k, v in im.items()},
+                    {k: v.float() for k, v in txt.items()},
+                    positive_mask,
+                    labels,
+                )
+        return RetrieverOutput(
+            loss=loss,
+            image_embeds=im["emb"],
+            text_embeds=txt["emb"],
+            loss_terms=terms,
+            image_logsigma=im.get("logsigma"),
+            text_logsigma=txt.get("logsigma"),
+            image_codes=im.get("codes"),
+            text_codes=txt.get("codes"),
+        )
+
+    def _objective(
+        self,
+        im: dict[str, torch.Tensor],
+        txt: dict[str, torch.Tensor],
+        positive_mask: torch.Tensor | None,
+        labels: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The configured terms, each times its weight, summed."""
+        cfg = self.config
+        weights = cfg.loss_weights or {}
+        b = im["emb"].shape[0]
+        if positive_mask is not None:
+            positive_mask = positive_mask.to(im["emb"].device)
+        values: dict[str, torch.Tensor] = {}
+        for term in cfg.loss_terms:
+            if term in ("vse_max", "vse_sum", "infonce"):
+                name = term
+                if (
+                    name == "vse_max"
+                    and self.training
+                    and self.num_updates < cfg.max_violation_warmup
+                ):
+                    name = "vse_sum"
+                values[term] = L.retrieval_loss(
                     name,
-                    im.float(),
-                    txt.float(),
-                    margin=self.config.margin,
+                    im["emb"],
+                    txt["emb"],
+                    margin=cfg.margin,
                     logit_scale=self.logit_scale,
                     positive_mask=positive_mask,
                 )
-        return RetrieverOutput(loss=loss, image_embeds=im, text_embeds=txt)
+            elif term == "pcme":
+                values[term] = L.pcme_loss(
+                    im["emb"],
+                    im["logsigma"],
+                    txt["emb"],
+                    txt["logsigma"],
+                    self.pcme_scale,
+                    self.pcme_shift,
+                    num_samples=cfg.pcme_num_samples,
+                    vib_beta=cfg.pcme_vib_beta,
+                    positive_mask=positive_mask,
+                )
+            elif term == "center":
+                y = self._class_labels(labels, b)
+                values[term] = L.cross_modal_center_loss(
+                    im["emb"],
+                    txt["emb"],
+                    y,
+                    self.class_centers,
+                    self.class_head(im["emb"]),
+                    self.class_head(txt["emb"]),
+                    center_weight=cfg.center_weight,
+                    mse_weight=cfg.center_mse_weight,
+                )
+            elif term == "gpl":
+                values[term] = L.graph_pattern_loss(
+                    im["multi"],
+                    txt["multi"],
+                    margin=cfg.gpl_margin,
+                    diversity_weight=cfg.gpl_diversity_weight,
+                    max_violation=not (
+                        self.training and self.num_updates < cfg.max_violation_warmup
+                    ),
+                    positive_mask=positive_mask,
+                )
+            elif term == "modality":
+                fi, ft = im.get("multi", im["emb"]), txt.get("multi", txt["emb"])
+                if cfg.modality_adversarial:
+                    fi, ft = L.grad_reverse(fi), L.grad_reverse(ft)
+                values[term] = L.modality_loss(
+                    self.modality_head(fi).squeeze(-1), self.modality_head(ft).squeeze(-1)
+                )
+            elif term == "crcgs":
+                values[term] = L.crcgs_contrastive_loss(
+                    im["emb"],
+                    txt["emb"],
+                    self._same_category(labels, positive_mask, b),
+                    temperature=cfg.crcgs_temperature,
+                    positive_mask=positive_mask,
+                )
+            elif term == "support_set":
+                values[term] = L.support_set_loss(
+                    im["emb"],
+                    txt["emb"],
+                    self._same_category(labels, positive_mask, b),
+                    temperature=cfg.support_temperature,
+                )
+            elif term == "hash":
+                values[term] = L.hash_loss(
+                    im["codes"],
+                    txt["codes"],
+                    gamma=cfg.hash_gamma,
+                    eta=cfg.hash_eta,
+                    positive_mask=positive_mask,
+                )
+        if self.training:
+            self.num_updates += 1
+        total = sum(weights.get(t, 1.0) * v for t, v in values.items())
+        return total, {t: float(v.detach()) for t, v in values.items()}
+
+    def _class_labels(self, labels: torch.Tensor | None, b: int) -> torch.Tensor:
+        """The batch's class indices, checked (the ``center`` term needs every one)."""
+        if labels is None:
+            raise UsageError(
+                "loss term 'center' needs a semantic category per caption: the training "
+                "captions need labels (a Karpathy file's per-image 'label', a JSONL/datasets "
+                "'label' column, easy-vqa's colour and shape)"
+            )
+        labels = labels.to(self.class_centers.device)
+        if labels.shape != (b,):
+            raise ValueError(f"labels must have shape ({b},), got {tuple(labels.shape)}")
+        bad = (labels < 0) | (labels >= len(self.config.class_names))
+        if bad.any():
+            raise UsageError(
+                f"loss term 'center': {int(bad.sum())} of {b} captions in the batch have no "
+                f"label among the model's {len(self.config.class_names)} classes"
+            )
+        return labels
+
+    @staticmethod
+    def _same_category(
+        labels: torch.Tensor | None, positive_mask: torch.Tensor | None, b: int
+    ) -> torch.Tensor:
+        """(B, B) bool: the same image / identical caption, or the same known label."""
+        device = positive_mask.device if positive_mask is not None else None
+        same = L._positives(b, positive_mask, device)
+        if labels is not None:
+            labels = labels.to(same.device)
+            known = labels >= 0
+            same = same | ((labels[:, None] == labels[None, :]) & known[:, None] & known[None, :])
+        return same
 
     # ------------------------------------------------------------------ convenience
 
     @property
     def embed_dim(self) -> int:
-        """Width of the shared embedding space."""
-        return self.config.embed_dim
+        """Width of what the index holds: the embedding space, or a hashing retriever's
+        code length in bits."""
+        return self.config.hash_bits if self.config.is_binary else self.config.embed_dim
+
+    @property
+    def index_metric(self) -> str:
+        """How an index compares this retriever's vectors: ``"inner_product"``
+        (L2-normalised embeddings: cosine) or ``"hamming"`` (binary codes)."""
+        return "hamming" if self.config.is_binary else "inner_product"
+
+    def _check_logsigma(self) -> None:
+        if not self.config.is_probabilistic:
+            raise UsageError(
+                f"return_logsigma needs a probabilistic (PCME) retriever; this one is trained "
+                f"with loss {self.config.loss!r}"
+            )
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Tokenise captions with the model's tokenizer (padding, truncation)."""
@@ -351,46 +631,84 @@ class RetrieverModel(KeepsFrozenOnLoad, PreTrainedModel):
 
     @torch.inference_mode()
     def embed_texts(
-        self, texts: Sequence[str], batch_size: int = 256, show_progress: bool = False
-    ) -> np.ndarray:
-        """Captions → (N, D) float32 L2-normalised numpy embeddings, batched."""
+        self,
+        texts: Sequence[str],
+        batch_size: int = 256,
+        show_progress: bool = False,
+        return_logsigma: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Captions → (N, D) float32 L2-normalised numpy embeddings, batched (a hashing
+        retriever: (N, bits) codes of ±1).
+
+        ``return_logsigma=True`` (a PCME retriever): also the (N, D) log σ of each
+        caption's Gaussian, as ``(embeddings, logsigma)``.
+        """
         from tqdm.auto import tqdm
 
         texts = list(texts)
         _check_texts(texts)
+        if return_logsigma:
+            self._check_logsigma()
         was_training = self.training
         if was_training:  # train()/eval() walk every submodule: not on each inference call
             self.eval()
         out = np.empty((len(texts), self.embed_dim), dtype=np.float32)
+        sig = (
+            np.empty((len(texts), self.config.embed_dim), dtype=np.float32)
+            if return_logsigma
+            else None
+        )
         starts = range(0, len(texts), batch_size)
         for s in tqdm(starts, desc="encoding captions", unit="batch", disable=not show_progress):
             enc = self.tokenize(texts[s : s + batch_size]).to(self.device)
-            emb = self.encode_texts(enc["input_ids"], enc["attention_mask"])
+            parts = self._text_parts(enc["input_ids"], enc["attention_mask"])
+            emb = self._retrieval_vector(parts)
             out[s : s + len(emb)] = emb.float().cpu().numpy()
+            if sig is not None:
+                sig[s : s + len(emb)] = parts["logsigma"].float().cpu().numpy()
         if was_training:
             self.train()
-        return out
+        return (out, sig) if sig is not None else out
 
     @torch.inference_mode()
     def embed_images(
-        self, images: Sequence[Any], batch_size: int = 64, show_progress: bool = False
-    ) -> np.ndarray:
-        """Images (paths, PIL, uint8 arrays) → (N, D) float32 L2-normalised embeddings."""
+        self,
+        images: Sequence[Any],
+        batch_size: int = 64,
+        show_progress: bool = False,
+        return_logsigma: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Images (paths, PIL, uint8 arrays) → (N, D) float32 L2-normalised embeddings
+        (a hashing retriever: (N, bits) codes of ±1).
+
+        ``return_logsigma=True`` (a PCME retriever): also the (N, D) log σ of each
+        image's Gaussian, as ``(embeddings, logsigma)``.
+        """
         from tqdm.auto import tqdm
 
         images = list(images)
+        if return_logsigma:
+            self._check_logsigma()
         was_training = self.training
         if was_training:
             self.eval()
         out = np.empty((len(images), self.embed_dim), dtype=np.float32)
+        sig = (
+            np.empty((len(images), self.config.embed_dim), dtype=np.float32)
+            if return_logsigma
+            else None
+        )
         starts = range(0, len(images), batch_size)
         for s in tqdm(starts, desc="encoding images", unit="batch", disable=not show_progress):
             pixels = self.preprocess_images(images[s : s + batch_size]).to(self.device)
-            emb = self.encode_images(pixels.to(self.dtype))
+            parts = self._image_parts(pixels.to(self.dtype))
+            emb = self._retrieval_vector(parts)
             out[s : s + len(emb)] = emb.float().cpu().numpy()
+            if sig is not None:
+                sig[s : s + len(emb)] = parts["logsigma"].float().cpu().numpy()
         if was_training:
             self.train()
-        return out
+        return (out, sig) if sig is not None else out
 
     def fingerprint(self) -> str:
         """A hash of the config and weights; knowledge indices record it and check it on load."""

@@ -29,8 +29,9 @@ from rvqa.data import has_split, holdout_by_image, load_caption_split
 from rvqa.distributed import log_placement
 from rvqa.errors import DataFormatError
 from rvqa.io import write_json_atomic
-from rvqa.retriever.data import PairCollator, PairDataset
+from rvqa.retriever.data import PairCollator, PairDataset, check_labels, class_names_of
 from rvqa.retriever.evaluation import evaluate_retriever
+from rvqa.retriever.losses import LABEL_TERMS, TERMS_NEEDING_LABELS, parse_loss
 from rvqa.retriever.modeling import RetrieverModel
 from rvqa.run_layout import CONFIG_FILE, METRICS_FILE, RETRIEVER_DIR
 from rvqa.training import TrainResult, make_accelerator, run_signature, train
@@ -82,10 +83,24 @@ def train_retriever(
     )
 
     set_seed(s.seed)  # the same config gives the same initial weights
-    model = model if model is not None else RetrieverModel.from_backbones(s)
+    if model is None:
+        extra = {}
+        terms = parse_loss(s.loss)
+        if any(t in LABEL_TERMS for t in terms):
+            if any(t in TERMS_NEEDING_LABELS for t in terms):
+                check_labels(train_records, s.loss, f"caption source {s.captions.source!r}")
+            names = class_names_of(train_records)
+            if names:
+                extra["class_names"] = names
+                logger.info("semantic categories of the training captions: %d", len(names))
+        model = RetrieverModel.from_backbones(s, **extra)
+    elif model.config.needs_labels:
+        check_labels(train_records, s.loss, f"caption source {s.captions.source!r}")
     # Images stream through the loader's workers (retriever.num_workers): none held in memory.
     dataset = PairDataset(train_records, model.image_processor)
-    collate = PairCollator(model.tokenizer, s.max_caption_length)
+    collate = PairCollator(
+        model.tokenizer, s.max_caption_length, class_names=model.config.class_names
+    )
 
     def evaluate(m: Any, acc: Any) -> dict[str, float]:
         return evaluate_retriever(acc.unwrap_model(m), val_records, accelerator=acc)

@@ -133,6 +133,9 @@ class ColumnMapping:
     image_id: str | None = "image_id"
     caption: str = "caption"
     caption_id: str | None = "id"
+    label: str | None = "label"
+    """Captions: the semantic category column (optional; used by the ``center`` and
+    ``support_set`` retrieval objectives)."""
 
 
 @dataclass
@@ -212,7 +215,13 @@ class RetrieverSettings(TrainSettings):
     freeze_text: bool = True
     """The demo keeps the packaged MiniLM frozen (not trained; the tower still runs on
     every training step, only the text projection trains)."""
-    loss: Literal["vse_max", "vse_sum", "infonce"] = "vse_max"
+    loss: str = "vse_max"
+    """The objective: a term of ``rvqa.retriever.losses.LOSS_TERMS`` or several joined by
+    ``+`` (``vse_max``, ``vse_sum``, ``infonce``, ``pcme``, ``center``, ``gpl``,
+    ``modality``, ``crcgs``, ``support_set``, ``hash``; e.g. ``infonce+center``). Each
+    term's options below; README "Retrieval objectives"."""
+    loss_weights: dict[str, float] = field(default_factory=dict)
+    """Weight of each term of ``loss`` (missing: 1.0)."""
     margin: float = 0.2
     max_violation_warmup: int = 100
     """vse_max: the first N training forward passes (micro-batches: with
@@ -222,6 +231,36 @@ class RetrieverSettings(TrainSettings):
     """Initial InfoNCE temperature (then learned). The same name as the model config's
     field; older run folders' config.yaml call it ``temperature``, which is still read
     (see ``RENAMED_KEYS``)."""
+    pcme_num_samples: int = 7
+    """pcme: Monte-Carlo samples per embedding, J (PCME's 7)."""
+    pcme_init_scale: float = 15.0
+    """pcme: initial a of the match probability sigmoid(-a·d + b), learned (PCME COCO: 15; CUB: 5)."""
+    pcme_init_shift: float = 15.0
+    """pcme: initial b, learned (PCME COCO: 15; CUB: 5)."""
+    pcme_vib_beta: float = 1e-5
+    """pcme: weight of the KL (VIB) term (PCME COCO: 1e-5; CUB: 1e-3)."""
+    center_weight: float = 10.0
+    """center: λ of the centre term (Jing et al.'s code: 10)."""
+    center_mse_weight: float = 0.1
+    """center: weight of the image-text MSE term (Jing et al.'s code: 0.1)."""
+    gpl_heads: int = 4
+    """gpl: representations per instance from the diversified attention (not published; 4)."""
+    gpl_margin: float = 0.2
+    """gpl: hinge margin of the graph pattern loss (not published; VSE++'s 0.2)."""
+    gpl_diversity_weight: float = 0.1
+    """gpl: weight of the diversity of the K representations (not published; 0.1)."""
+    modality_adversarial: bool = True
+    """modality: gradient reversal in front of the modality classifier (False: plain classifier)."""
+    crcgs_temperature: float = 0.07
+    """crcgs: contrastive temperature (CRCGS code default 0.07; its COCO script 0.1)."""
+    support_temperature: float = 0.07
+    """support_set: temperature of the support weights (CRCGS code 0.07; COCO 0.06)."""
+    hash_bits: int = 64
+    """hash: code length in bits, a multiple of 8 (DCMH: 16, 32, 64)."""
+    hash_gamma: float = 1.0
+    """hash: quantisation weight (DCMH's γ = 1)."""
+    hash_eta: float = 1.0
+    """hash: bit-balance weight (DCMH's η = 1)."""
     augment: bool = True
     """Random flips and small shifts of training images."""
     eval_split: str = "val"

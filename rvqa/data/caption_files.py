@@ -104,6 +104,8 @@ def read_karpathy_captions(
     * ``caption_id``: ``sentid``; ``caption``: ``raw``, stripped.
     * image path: ``images/filepath/filename`` (COCO) or ``images/filename``
       (Flickr), when ``images`` is given (else ``None``).
+    * ``label``: an image's optional ``label`` key (not in Karpathy's own files;
+      ``benchmarks/compositional_pairs.py`` writes one), for every caption of it.
 
     Args:
         path: The split file.
@@ -147,7 +149,7 @@ def read_karpathy_captions(
                     f"{at} must be an object with 'raw' and 'sentid', got {sent!r}"
                 )
             at += f" (sentid={sent['sentid']!r})"
-            out.add(sent["raw"], sent["sentid"], at, image_id, image_path)
+            out.add(sent["raw"], sent["sentid"], at, image_id, image_path, im.get("label"))
     if not out:
         raise DataFormatError(
             f"{path}: no captions in split(s) {', '.join(chosen)}; the file has split(s): "
@@ -171,8 +173,9 @@ def read_jsonl_captions(
     """Read captions from JSON Lines: one object per line, e.g. ``{"caption": ..., "id": ...}``.
 
     Keys follow ``columns`` (defaults: ``caption``, ``id``, ``image_id``,
-    ``image``). The id is optional (default: the 1-based line number); ``image_id``
-    and ``image`` (a path, joined to ``images`` when relative) are optional too.
+    ``image``, ``label``). The id is optional (default: the 1-based line number);
+    ``image_id``, ``image`` (a path, joined to ``images`` when relative) and
+    ``label`` (a semantic category: string or integer) are optional too.
     Blank lines are skipped.
 
     Raises:
@@ -208,6 +211,7 @@ def read_jsonl_captions(
             where,
             obj.get(columns.image_id) if columns.image_id else None,
             join_root(image, root) if isinstance(image, str) else None,
+            obj.get(columns.label) if columns.label else None,
         )
         if image is not None and not isinstance(image, str):
             raise DataFormatError(f"{where}: {columns.image!r} must be a file path, got {image!r}")

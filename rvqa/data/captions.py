@@ -20,7 +20,7 @@ from rvqa.data.lazy import LazyRecords
 from rvqa.data.records import CaptionRecord
 from rvqa.errors import DataFormatError
 
-__all__ = ["CaptionColumns", "CaptionCorpus", "UniqueIds", "caption_text"]
+__all__ = ["CaptionColumns", "CaptionCorpus", "UniqueIds", "caption_label", "caption_text"]
 
 
 class CaptionCorpus(LazyRecords[CaptionRecord]):
@@ -31,6 +31,7 @@ class CaptionCorpus(LazyRecords[CaptionRecord]):
         ids: Their caption ids (unique).
         image_ids: The described image's id per caption (``None`` entries for
             text-only corpora).
+        labels: The semantic category per caption (``None`` entries where unknown).
         source: The adapter (``"coco"``, ``"karpathy"``, ``"jsonl"``, ``"text"``,
             ``"datasets"``, ``"easy_vqa"``, ``"records"``).
         location: Where the captions came from, for messages.
@@ -47,14 +48,19 @@ class CaptionCorpus(LazyRecords[CaptionRecord]):
         *,
         source: str,
         location: str = "",
+        labels: list[str | None] | None = None,
     ):
         n = len(texts)
         image_ids = [None] * n if image_ids is None else image_ids
-        if not len(ids) == len(image_ids) == n or (images is not None and len(images) != n):
-            raise ValueError("texts, ids, image_ids and images must have the same length")
+        labels = [None] * n if labels is None else labels
+        if not len(ids) == len(image_ids) == len(labels) == n or (
+            images is not None and len(images) != n
+        ):
+            raise ValueError("texts, ids, image_ids, labels and images must have the same length")
         self.texts = texts
         self.ids = ids
         self.image_ids = image_ids
+        self.labels = labels
         self._images = images
         self.source = source
         self.location = location
@@ -72,6 +78,7 @@ class CaptionCorpus(LazyRecords[CaptionRecord]):
             [r.image for r in records],
             source=source,
             location=location or "<records>",
+            labels=[r.label for r in records],
         )
 
     def image(self, i: int) -> Any:
@@ -87,6 +94,7 @@ class CaptionCorpus(LazyRecords[CaptionRecord]):
             caption_id=self.ids[i],
             image_id=self.image_ids[i],
             image=self.image(i),
+            label=self.labels[i],
         )
 
     def _image_key(self, i: int) -> Any:
@@ -112,6 +120,7 @@ class CaptionCorpus(LazyRecords[CaptionRecord]):
             None if self._images is None else [self._images[i] for i in positions],
             source=self.source,
             location=self.location,
+            labels=[self.labels[i] for i in positions],
         )
 
     def __repr__(self) -> str:
@@ -129,6 +138,24 @@ def caption_text(value: Any, where: str) -> str:
     text = value.strip()
     if not text:
         raise DataFormatError(f"{where}: the caption is empty or whitespace only")
+    return text
+
+
+def caption_label(value: Any, where: str) -> str | None:
+    """A checked category label: ``None``, or a non-blank string (integers become strings).
+
+    Raises:
+        DataFormatError: Any other type, or a blank string (naming ``where``).
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise DataFormatError(
+            f"{where}: the label must be a string or an integer, got {type(value).__name__} {value!r}"
+        )
+    text = str(value).strip()
+    if not text:
+        raise DataFormatError(f"{where}: the label is blank")
     return text
 
 
@@ -166,6 +193,7 @@ class CaptionColumns:
         ids: Their ids.
         image_ids: The described image's id per caption (or ``None``).
         images: The image reference per caption (a path, or ``None``).
+        labels: The semantic category per caption (or ``None``).
     """
 
     def __init__(self) -> None:
@@ -173,6 +201,7 @@ class CaptionColumns:
         self.ids: list[int | str] = []
         self.image_ids: list[int | str | None] = []
         self.images: list[str | None] = []
+        self.labels: list[str | None] = []
         self._unique = UniqueIds()
 
     def __len__(self) -> int:
@@ -185,21 +214,29 @@ class CaptionColumns:
         where: str,
         image_id: int | str | None = None,
         image: str | None = None,
+        label: Any = None,
     ) -> None:
         """Check and append one caption found at ``where``.
 
         Raises:
-            DataFormatError: A bad or duplicate id, or a caption that is not a
-                string or is blank (naming ``where``).
+            DataFormatError: A bad or duplicate id, a caption that is not a string or
+                is blank, or a label that is not a string or an integer (naming ``where``).
         """
         self._unique.add(caption_id, where)
         self.texts.append(caption_text(caption, where))
         self.ids.append(caption_id)
         self.image_ids.append(image_id)
         self.images.append(image)
+        self.labels.append(caption_label(label, where))
 
     def corpus(self, *, source: str, location: str) -> CaptionCorpus:
         """The collected captions as a :class:`CaptionCorpus` (``source``: the adapter's name)."""
         return CaptionCorpus(
-            self.texts, self.ids, self.image_ids, self.images, source=source, location=location
+            self.texts,
+            self.ids,
+            self.image_ids,
+            self.images,
+            source=source,
+            location=location,
+            labels=self.labels,
         )

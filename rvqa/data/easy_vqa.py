@@ -291,7 +291,8 @@ def easy_vqa_captions(split: str = "train") -> list[CaptionRecord]:
 
     Returns:
         Records sorted by image id, with ``caption_id = f"easyvqa-{split}-{image_id}"``,
-        the easy-vqa ``image_id`` and the image's PNG path.
+        the easy-vqa ``image_id``, the image's PNG path and its ``label``, colour and
+        shape (``"blue circle"``; ``unknown`` for an attribute that cannot be read).
 
     Raises:
         UsageError: (a ``ValueError``) Unknown split.
@@ -315,6 +316,7 @@ def easy_vqa_captions(split: str = "train") -> list[CaptionRecord]:
                 caption_id=f"easyvqa-{split}-{im.image_id}",
                 image_id=im.image_id,
                 image=im.image,
+                label=f"{color or 'unknown'} {shape or 'unknown'}",
             )
         )
     logger.info(

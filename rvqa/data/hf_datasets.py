@@ -393,8 +393,10 @@ def read_captions_datasets(
     col_id = _resolve_column(ds, columns, "caption_id", where, required=False)
     col_image_id = _resolve_column(ds, columns, "image_id", where, required=False)
     col_image = _resolve_column(ds, columns, "image", where, required=False)
+    col_label = _resolve_column(ds, columns, "label", where, required=False)
     image_kind = None if col_image is None else _image_column_kind(ds, col_image, where)
 
+    raw_labels = list(ds[col_label]) if col_label else None
     raw_captions = list(ds[col_caption])
     raw_ids = list(ds[col_id]) if col_id else None
     raw_image_ids = list(ds[col_image_id]) if col_image_id else None
@@ -417,7 +419,10 @@ def read_captions_datasets(
         many = isinstance(value, (list, tuple))
         for j, caption in enumerate(value if many else [value]):
             caption_id = f"{row_id}-{j}" if many else row_id
-            out.add(caption, caption_id, f"{at} caption {j}" if many else at, image_id, path_)
+            label = raw_labels[row] if raw_labels is not None else None
+            out.add(
+                caption, caption_id, f"{at} caption {j}" if many else at, image_id, path_, label
+            )
             rows.append(row)
     images: Sequence[Any] | None
     if image_kind == "decoded":
@@ -428,5 +433,11 @@ def read_captions_datasets(
         images = None
     logger.info("%s: %d captions", where, len(out))
     return CaptionCorpus(
-        out.texts, out.ids, out.image_ids, images, source="datasets", location=path
+        out.texts,
+        out.ids,
+        out.image_ids,
+        images,
+        source="datasets",
+        location=path,
+        labels=out.labels,
     )

@@ -66,9 +66,14 @@ class CaptionRecord:
         image: Path of the described image (``None`` when no image folder is
             known). ``datasets`` sources with an ``Image`` column give the
             decoded PIL image instead.
+        label: The semantic category of the described image, when the source
+            has one (a Karpathy file's per-image ``label``, a JSONL / ``datasets``
+            ``label`` column, easy-vqa's colour and shape); read by the retrieval
+            objectives that pull a category together (``center``, ``support_set``).
     """
 
     caption: str
     caption_id: int | str
     image_id: int | str | None = None
     image: str | PILImage | None = None
+    label: str | None = None
