@@ -59,6 +59,7 @@ __all__ = [
     "normalize_answer",
     "process_digit_article",
     "process_punctuation",
+    "r_precision",
     "recall_at_k",
     "recall_at_k_folds",
     "recall_at_k_multi",
@@ -1185,3 +1186,57 @@ def recall_at_k_folds(
             _recall_from_ranks(img[lo:hi], txt[caps], t2i[caps] - lo, ks, int(chunk_size))
         )
     return {key: float(np.mean([r[key] for r in results])) for key in results[0]}
+
+
+def r_precision(
+    image_embeddings: np.ndarray,
+    text_embeddings: np.ndarray,
+    matches: np.ndarray,
+    chunk_size: int = 1024,
+) -> dict[str, float]:
+    """R-Precision both ways over every valid match, in percent (PMRP's measure).
+
+    With the exhaustive ground truth ``matches`` ((n_captions, n_images) bool: caption
+    c is a valid description of image i), a query with R valid matches scores the
+    share of valid items among its top R. This is the Plausible Match R-Precision of
+    PCME (Chun et al. 2021) where plausibility is known exactly rather than
+    approximated from class labels. Ranking as in :func:`recall_at_k` (dot products;
+    ties: the lower index first).
+
+    Returns:
+        ``{"i2t_rp", "t2i_rp"}``: image queries over captions, caption queries over
+        images, each averaged over the queries.
+
+    Raises:
+        ValueError: Bad shapes, a ``matches`` matrix of another shape, or a query with
+            no valid match (it would have no R).
+    """
+    img, txt = _check_embeddings(image_embeddings, text_embeddings)
+    m = np.asarray(matches)
+    if m.dtype != bool or m.shape != (txt.shape[0], img.shape[0]):
+        raise ValueError(
+            f"matches must be a bool array of shape (n_captions, n_images) = "
+            f"{(txt.shape[0], img.shape[0])}, got {m.dtype} {m.shape}"
+        )
+    for name, counts in (("caption", m.sum(1)), ("image", m.sum(0))):
+        if (counts == 0).any():
+            raise ValueError(
+                f"{name} {int(np.flatnonzero(counts == 0)[0])} has no valid match: R-Precision "
+                "needs at least one per query"
+            )
+    _check_ks_and_chunk((1,), chunk_size)
+    chunk = int(chunk_size)
+    out = {}
+    for key, queries, gallery, rel in (("i2t_rp", img, txt, m.T), ("t2i_rp", txt, img, m)):
+        total = 0.0
+        rows = _block_rows(chunk, gallery.shape[0], queries.dtype.itemsize)
+        for s in range(0, queries.shape[0], rows):
+            scores = queries[s : s + rows] @ gallery.T
+            order = np.argsort(-scores, axis=1, kind="stable")
+            relevant = rel[s : s + rows]
+            r = relevant.sum(1)
+            hits = np.take_along_axis(relevant, order, axis=1)
+            upto = np.arange(gallery.shape[0])[None, :] < r[:, None]
+            total += float(((hits & upto).sum(1) / r).sum())
+        out[key] = 100.0 * total / queries.shape[0]
+    return out

@@ -331,3 +331,48 @@ def test_multi_positive_input_validation():
         recall_at_k_multi(images, np.eye(4), [{0}, {1}, {2}])
     with pytest.raises(ValueError, match="ks must not repeat"):
         recall_at_k_multi(images, texts, [{0}, {1}, {2}], ks=(5, 5))
+
+
+def _brute_r_precision(img, txt, matches):
+    """Per query: sort the gallery (score descending, index ascending), R = valid
+    matches, share of valid ones in the top R; by plain loops."""
+    out = {}
+    for key, q, g, rel in (("i2t_rp", img, txt, matches.T), ("t2i_rp", txt, img, matches)):
+        vals = []
+        for i in range(len(q)):
+            scores = [float(np.dot(q[i], g[j])) for j in range(len(g))]
+            order = sorted(range(len(g)), key=lambda j: (-scores[j], j))
+            r = int(rel[i].sum())
+            vals.append(sum(bool(rel[i][j]) for j in order[:r]) / r)
+        out[key] = 100 * sum(vals) / len(vals)
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1024])
+def test_r_precision_matches_brute_force(chunk):
+    from rvqa.metrics import r_precision
+
+    rng = np.random.default_rng(4)
+    img = rng.normal(size=(7, 5)).astype(np.float32)
+    txt = rng.normal(size=(13, 5)).astype(np.float32)
+    img[3] = img[2]  # a tie between two images
+    matches = rng.random((13, 7)) < 0.3
+    matches[np.arange(13), np.arange(13) % 7] = True  # every caption and image has one
+    got = r_precision(img, txt, matches, chunk_size=chunk)
+    ref = _brute_r_precision(img, txt, matches)
+    assert got == pytest.approx(ref, rel=1e-12)
+    # perfect embeddings of a one-to-one truth give 100
+    eye = np.eye(4, dtype=np.float32)
+    assert r_precision(eye, eye, np.eye(4, dtype=bool)) == {"i2t_rp": 100.0, "t2i_rp": 100.0}
+
+
+def test_r_precision_errors():
+    from rvqa.metrics import r_precision
+
+    e = np.eye(3, dtype=np.float32)
+    with pytest.raises(ValueError, match=r"matches must be a bool array of shape .*\(3, 3\)"):
+        r_precision(e, e, np.eye(3))
+    m = np.eye(3, dtype=bool)
+    m[1, 1] = False
+    with pytest.raises(ValueError, match="caption 1 has no valid match"):
+        r_precision(e, e, m)

@@ -6,7 +6,9 @@ save/load."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -470,3 +472,95 @@ def test_collator_labels_and_label_checks():
     assert class_names_of(corpus) == ["a", "b"]
     with pytest.raises(UsageError, match="1 of 3 captions of here have none .*caption id 2"):
         check_labels(corpus, "center", "here")
+
+
+# ----------------------------------------------------------------------------- whole runs
+
+
+def _compositional(tmp_path):
+    import sys
+
+    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    import compositional_pairs
+
+    root = tmp_path / "comp"
+    compositional_pairs.generate(root, {"train": 24, "val": 6, "test": 6}, seed=3)
+    return compositional_pairs, root
+
+
+def test_compositional_set_has_exhaustive_matches(tmp_path):
+    cp, root = _compositional(tmp_path)
+    test = cp.load_split(root, "test")
+    m = test["matches"]
+    assert m.shape == (30, 6)
+    # every caption fits the image it was written for, and the matrix is exactly what
+    # each caption's constraints say of each scene (recomputed one pair at a time)
+    assert m[np.arange(30), test["source_image"]].all()
+    data = json.loads((root / cp.SPLIT_FILE).read_text())
+    sents = [s for im in data["images"] if im["split"] == "test" for s in im["sentences"]]
+    for c, sent in enumerate(sents):
+        for i, scene in enumerate(test["scenes"]):
+            objs = scene["objects"]
+            ok = sent["constraints"]["total"] in (None, len(objs))
+            for cl in sent["constraints"]["clauses"]:
+                n = sum(all(o[k] == v for k, v in cl["desc"].items()) for o in objs)
+                ok &= n == cl["n"] if cl["exact"] else n >= cl["n"]
+            assert m[c, i] == ok
+    # a partial caption fits several images somewhere in a larger split
+    assert cp.load_split(root, "train")["matches"].sum(1).max() > 1
+
+
+@pytest.mark.parametrize("loss", ["infonce+center", "crcgs+support_set", "hash"])
+def test_train_retriever_with_labelled_objectives(tmp_path, loss):
+    from rvqa.config import config_from_dict
+    from rvqa.retriever.train import train_retriever
+    from tests.tiny import tiny_text_backbone
+
+    cp, root = _compositional(tmp_path)
+    settings = {
+        "vision_backbone": "cnn",
+        "cnn_hidden_sizes": [8, 16],
+        "text_backbone": str(tiny_text_backbone(tmp_path)),
+        "embed_dim": 16,
+        "image_size": 32,
+        "max_caption_length": 16,
+        "batch_size": 16,
+        "max_steps": 3,
+        "eval_every": 3,
+        "learning_rate": 3e-3,
+        "loss": loss,
+        "hash_bits": 16,
+        "captions": {
+            "source": "karpathy",
+            "path": str(root / cp.SPLIT_FILE),
+            "images": str(root / "images"),
+            "splits": ["train"],
+        },
+    }
+    cfg = config_from_dict({"output_dir": str(tmp_path / "run"), "retriever": settings})
+    out = train_retriever(cfg)
+    model = RetrieverModel.from_pretrained(out["model_dir"])
+    labels = sorted(
+        {
+            im["label"]
+            for im in json.loads((root / cp.SPLIT_FILE).read_text())["images"]
+            if im["split"] == "train"
+        }
+    )
+    # the terms that read categories get the training labels; hashing reads none
+    assert model.config.class_names == (None if loss == "hash" else labels)
+    assert out["test"] is not None and set(out["test"]) >= {"i2t_r1", "rsum"}
+    if loss == "hash":
+        assert model.embed_texts(["a red circle"]).shape == (1, 16)
+
+
+def test_center_refuses_captions_without_labels(tmp_path):
+    from rvqa.config import config_from_dict
+    from rvqa.retriever.train import train_retriever
+    from tests.test_retriever_train import tiny_run_dict
+
+    cfg = config_from_dict(tiny_run_dict(tmp_path, loss="center"))
+    with pytest.raises(UsageError, match="needs a semantic category .* of caption source 'coco'"):
+        train_retriever(cfg)
