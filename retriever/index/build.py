@@ -30,21 +30,27 @@ from rvqa.retriever.index.corpus import (
     encode_captions,
     prepare_corpus,
 )
-from rvqa.retriever.index.factory import choose_factory, parse_memory
+from rvqa.retriever.index.factory import choose_binary_factory, choose_factory, parse_memory
 from rvqa.retriever.index.faiss_ops import (
+    BINARY_SEARCH_DEFAULTS,
     HNSW_EF_CONSTRUCTION,
     add_vectors,
     build_params,
     check_ef_construction,
     make_index,
     min_training_size,
+    pack_codes,
     search_param_name,
     set_search_params,
     train_index,
+    unpack_codes,
 )
 from rvqa.retriever.index.format import (
     CAPTIONS_DIR,
     EMBEDDINGS_FILE,
+    HAMMING,
+    METRIC,
+    PACKED_BITS,
     IndexFormatError,
     check_files,
     check_out_dir,
@@ -153,12 +159,14 @@ def build_index_from_embeddings(
     overwrite: bool = False,
     normalize: bool = False,
     dedupe_info: dict | None = None,
+    metric: str = METRIC,
     **option_fields: Any,
 ) -> Path:
     """Build a knowledge index folder from precomputed caption embeddings.
 
     Args:
-        embeddings: (N, d) float L2-normalised caption embeddings, row i = caption i.
+        embeddings: (N, d) float L2-normalised caption embeddings, row i = caption i
+            (``metric="hamming"``: a hashing retriever's (N, bits) codes of ±1).
         captions: N caption strings.
         ids: N ids (ints or strings) or None for 0..N-1.
         out_dir: The index folder to write (atomically).
@@ -170,6 +178,10 @@ def build_index_from_embeddings(
         overwrite: Replace an existing index folder.
         normalize: L2-normalise the rows first instead of requiring normalised input.
         dedupe_info: Dedupe record of an earlier stage (build_index), kept in the manifest.
+        metric: ``"inner_product"`` (float embeddings, faiss ``index_factory``) or
+            ``"hamming"`` (binary codes in a faiss binary index: ``BFlat``, ``BHNSW32``,
+            ``BIVF{nlist}``; automatic: ``BFlat`` up to 2M codes; search parameters fixed,
+            not tuned; stored embeddings are the packed codes).
         **option_fields: :class:`IndexBuildOptions` fields, overriding ``options``
             (``factory=``, ``max_memory=``, ``ef_construction=``, ``tuning_queries=``,
             ``store_embeddings=``, ``embeddings_dtype=``, ``seed=``, ``show_progress=``).
@@ -185,15 +197,20 @@ def build_index_from_embeddings(
     opts = _options(options, option_fields)
     out_dir = Path(out_dir)
     check_out_dir(out_dir, overwrite)
+    binary = metric == HAMMING
+    if metric not in (METRIC, HAMMING):
+        raise UsageError(f"metric must be {METRIC!r} or {HAMMING!r}, got {metric!r}")
     texts, ids = prepare_corpus(captions, ids)
     x = np.asarray(embeddings)
-    if x.dtype.kind == "f" and normalize:
+    if x.dtype.kind == "f" and normalize and not binary:
         x = np.array(x, dtype=np.float32)
         faiss.normalize_L2(x)
-    x = check_embeddings(x, len(texts))
+    x = check_embeddings(x, len(texts), binary=binary)
     n, d = x.shape
     queries = None
     if opts.tuning_queries is not None:
+        if binary:
+            raise UsageError("tuning_queries apply to float indices; binary indices are not tuned")
         queries = check_tuning_queries(opts.tuning_queries, d)
     if dedupe:
         texts, ids, keep = dedupe_captions(texts, ids)
@@ -206,12 +223,24 @@ def build_index_from_embeddings(
 
     factory, auto = opts.factory, None
     if factory is None:
-        choice = choose_factory(len(texts), d, opts.max_memory, for_gpu=opts.for_gpu)
+        if binary:
+            choice = choose_binary_factory(len(texts), d, opts.max_memory)
+        else:
+            choice = choose_factory(len(texts), d, opts.max_memory, for_gpu=opts.for_gpu)
         factory, auto = choice.factory, asdict(choice)
         logger.info("automatic index choice: %s (%s)", factory, choice.reason)
-    index = make_index(factory, d, ef_construction=opts.ef_construction)
-    params, tuning = _fill_and_tune(index, x, queries, opts)
-    dtype = opts.embeddings_dtype or "float16"
+    index = make_index(factory, d, ef_construction=opts.ef_construction, metric=metric)
+    if binary:
+        train_index(index, x, seed=opts.seed)
+        add_vectors(index, x, show_progress=opts.show_progress)
+        name = search_param_name(index)
+        params, tuning = ({name: BINARY_SEARCH_DEFAULTS[name]} if name else {}), None
+        if params:
+            set_search_params(index, params)
+        dtype, stored = PACKED_BITS, pack_codes(x)
+    else:
+        params, tuning = _fill_and_tune(index, x, queries, opts)
+        dtype, stored = opts.embeddings_dtype or "float16", x
     manifest = make_manifest(
         fingerprint=fingerprint,
         embed_dim=d,
@@ -225,9 +254,10 @@ def build_index_from_embeddings(
         dedupe=dedupe_info,
         id_type="str" if isinstance(ids[0], str) else "int",
         embeddings_dtype=dtype if opts.store_embeddings else None,
+        metric=metric,
     )
     return write_index_folder(
-        out_dir, index, texts, ids, manifest, x if opts.store_embeddings else None, overwrite
+        out_dir, index, texts, ids, manifest, stored if opts.store_embeddings else None, overwrite
     )
 
 
@@ -330,6 +360,7 @@ def build_index(
             caption_source=caption_source,
             overwrite=overwrite,
             dedupe_info=dedupe_info,
+            metric=HAMMING if getattr(encoder, "index_metric", METRIC) == HAMMING else METRIC,
         )
     if accelerator is not None and accelerator.num_processes > 1:
         accelerator.wait_for_everyone()
@@ -349,10 +380,13 @@ def load_stored_embeddings(folder: Path, manifest: dict) -> np.ndarray:
             "re-encode the captions with build_index instead"
         )
     x = np.load(folder / EMBEDDINGS_FILE, mmap_mode="r", allow_pickle=False)
-    if x.shape != (manifest["count"], manifest["embed_dim"]):
+    width = manifest["embed_dim"]
+    if manifest["embeddings"].get("dtype") == PACKED_BITS:
+        width //= 8  # packed codes: 8 bits a byte
+    if x.shape != (manifest["count"], width):
         raise IndexFormatError(
             f"{folder / EMBEDDINGS_FILE} has shape {x.shape}, manifest says "
-            f"({manifest['count']}, {manifest['embed_dim']})"
+            f"({manifest['count']}, {width})"
         )
     return x
 
@@ -388,14 +422,18 @@ def rebuild_index(
     manifest = read_manifest(from_dir)
     check_files(from_dir, manifest["files"])
     stored = load_stored_embeddings(from_dir, manifest)
-    x = np.array(stored, dtype=np.float32)
-    if stored.dtype != np.float32:
-        faiss.normalize_L2(x)
+    binary = manifest["metric"] == HAMMING
+    if binary:
+        x = unpack_codes(stored, manifest["embed_dim"])
+    else:
+        x = np.array(stored, dtype=np.float32)
+        if stored.dtype != np.float32:
+            faiss.normalize_L2(x)
     ds = read_captions(from_dir / CAPTIONS_DIR)
     captions = ds.data.column("caption").to_pylist()
     ids = ds.data.column("id").to_pylist()
     del stored
-    if opts.embeddings_dtype is None:
+    if opts.embeddings_dtype is None and not binary:
         opts = opts.with_overrides(embeddings_dtype=manifest["embeddings"]["dtype"])
     return build_index_from_embeddings(
         x,
@@ -407,4 +445,5 @@ def rebuild_index(
         caption_source=manifest.get("caption_source", ""),
         overwrite=overwrite,
         dedupe_info=manifest.get("dedupe"),
+        metric=manifest["metric"],
     )

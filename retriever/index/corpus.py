@@ -103,12 +103,17 @@ def dedupe_captions(texts: list[str], ids: list, seen: set[str] | None = None) -
     return [texts[i] for i in keep], [ids[i] for i in keep], np.asarray(keep, dtype=np.int64)
 
 
-def check_embeddings(x: Any, n: int | None = None, d: int | None = None) -> np.ndarray:
+def check_embeddings(
+    x: Any, n: int | None = None, d: int | None = None, *, binary: bool = False
+) -> np.ndarray:
     """Validate an (n, d) float embedding matrix; returns it as float32.
+
+    ``binary``: a hashing retriever's codes, (n, bits) of ±1, instead of L2-normalised rows.
 
     Raises:
         TypeError: Not a float array.
-        ValueError: Wrong shape, NaN/inf, or rows not L2-normalised (tolerance 1e-2).
+        ValueError: Wrong shape, NaN/inf, rows not L2-normalised (tolerance 1e-2), or
+            (``binary``) values other than ±1.
     """
     x = np.asarray(x)
     if x.dtype.kind != "f":
@@ -119,6 +124,15 @@ def check_embeddings(x: Any, n: int | None = None, d: int | None = None) -> np.n
     x = np.ascontiguousarray(x, dtype=np.float32)
     if not np.isfinite(x).all():
         raise DataFormatError("embeddings contain NaN or inf")
+    if binary:
+        bad = ~np.isin(x, (-1.0, 1.0))
+        if bad.any():
+            row = int(np.argmax(bad.any(axis=1)))
+            raise DataFormatError(
+                f"binary codes must be ±1 (a hashing retriever's sign codes); row {row} has "
+                f"{x[row][bad[row]][:3].tolist()}"
+            )
+        return x
     norms = np.linalg.norm(x, axis=1)
     if len(x) and np.abs(norms - 1).max() > 1e-2:
         raise DataFormatError(
@@ -148,9 +162,10 @@ def encode_captions(
     Returns:
         (N, d) float32 on the main process; None on the other processes.
     """
+    binary = getattr(encoder, "index_metric", "inner_product") == "hamming"
     if accelerator is None or accelerator.num_processes <= 1:
         x = encoder.embed_texts(texts, batch_size=batch_size, show_progress=show_progress)
-        return check_embeddings(x, len(texts), encoder.embed_dim)
+        return check_embeddings(x, len(texts), encoder.embed_dim, binary=binary)
     from accelerate.utils import broadcast_object_list
 
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -166,7 +181,7 @@ def encode_captions(
             x = encoder.embed_texts(
                 texts[lo:hi], batch_size=batch_size, show_progress=show_progress and main
             )
-            x = check_embeddings(x, hi - lo, d)
+            x = check_embeddings(x, hi - lo, d, binary=binary)
         else:
             x = np.zeros((0, d), dtype=np.float32)
         np.save(shards / f"shard-{rank:05d}.npy", x, allow_pickle=False)

@@ -39,6 +39,7 @@ __all__ = [
     "MIN_POINTS_PER_CENTROID",
     "AutoChoice",
     "auto_nlist",
+    "choose_binary_factory",
     "choose_factory",
     "estimate_bytes",
     "parse_memory",
@@ -172,3 +173,40 @@ def choose_factory(
 def _pq_sizes(d: int) -> list[int]:
     """PQ sub-quantizer counts m dividing d, with d/m = 2, 4, 8, ... (largest first)."""
     return [d // s for s in (2, 4, 8, 16, 32, 64) if d % s == 0 and d // s >= 1] or [1]
+
+
+BINARY_FLAT_MAX_CODES = 2_000_000
+"""Automatic choice for binary codes: exhaustive Hamming search up to this many codes
+(a popcount scan of 8-byte codes; 2M × 64 bits is 16 MB)."""
+
+
+def choose_binary_factory(n: int, bits: int, max_memory: int | str = "4GB") -> AutoChoice:
+    """A faiss binary factory for ``n`` codes of ``bits`` bits: ``BFlat`` (exhaustive) up
+    to :data:`BINARY_FLAT_MAX_CODES`, else ``BHNSW32`` where its graph fits, else
+    ``BIVF{nlist}``.
+
+    Raises:
+        ValueError: Not even the codes fit the budget.
+    """
+    budget = parse_memory(max_memory)
+    gb = f"{budget / 1e9:.3g} GB"
+    code = bits // 8
+    flat = int(MEMORY_OVERHEAD * n * code)
+    if n <= BINARY_FLAT_MAX_CODES and flat <= budget:
+        why = (
+            f"exhaustive Hamming search: {n} codes <= {BINARY_FLAT_MAX_CODES}, ~{flat / 1e6:.0f} MB"
+        )
+        return AutoChoice("BFlat", why, flat, budget)
+    hnsw = int(MEMORY_OVERHEAD * n * (code + 2 * HNSW_M * 4 + 16))
+    if hnsw <= budget:
+        why = f"BHNSW{HNSW_M}: {n} codes, ~{hnsw / 1e6:.0f} MB (codes + graph) fits {gb}"
+        return AutoChoice(f"BHNSW{HNSW_M}", why, hnsw, budget)
+    nlist = auto_nlist(n)
+    ivf = int(MEMORY_OVERHEAD * (n * (code + 8) + nlist * code))
+    if ivf <= budget:
+        why = f"BIVF{nlist}: the HNSW graph (~{hnsw / 1e9:.2f} GB) exceeds {gb}"
+        return AutoChoice(f"BIVF{nlist}", why, ivf, budget)
+    raise UsageError(
+        f"{n} codes of {bits} bits need ~{ivf / 1e9:.2f} GB even in BIVF{nlist}; "
+        f"the memory budget is {gb}"
+    )

@@ -3,6 +3,13 @@
 A corpus too small for a requested IVF factory is an error (no silent change of
 the user's factory string): ``IVF{nlist}`` needs at least 39·nlist vectors, a
 product quantizer at least 2**nbits.
+
+Binary indices (a hashing retriever's codes, Hamming distance): factory strings of
+``faiss.index_binary_factory`` (``BFlat``, ``BHNSW32``, ``BIVF1024``). Codes travel
+as ±1 float rows (what the retriever returns) and are packed 8 bits a byte
+(:func:`pack_codes`) where they enter faiss; a hit's score is the cosine of the ±1
+codes, ``1 − 2·hamming / bits`` (:func:`hamming_scores`), so higher is better as for
+float indices — but the two are not comparable, and are never merged.
 """
 
 from __future__ import annotations
@@ -20,7 +27,13 @@ from rvqa.retriever.index.factory import MIN_POINTS_PER_CENTROID
 
 __all__ = [
     "HNSW_EF_CONSTRUCTION",
+    "BINARY_SEARCH_DEFAULTS",
     "add_vectors",
+    "hamming_scores",
+    "is_binary",
+    "is_binary_factory",
+    "pack_codes",
+    "unpack_codes",
     "build_params",
     "check_ef_construction",
     "core_index",
@@ -42,16 +55,60 @@ MAX_TRAIN_POINTS = 100_000
 ADD_CHUNK = 1 << 16
 
 
+BINARY_SEARCH_DEFAULTS = {"efSearch": 128, "nprobe": 16}
+"""Search parameters of binary HNSW / IVF indices (set at build, not tuned: the float
+tuner's exact kNN does not apply to Hamming distance)."""
+
+
+def is_binary_factory(factory: str) -> bool:
+    """``BFlat``, ``BHNSW32``, ``BIVF1024``...: a faiss binary index factory string."""
+    return isinstance(factory, str) and factory.strip()[:1] == "B"
+
+
+def is_binary(index: Any) -> bool:
+    """Whether ``index`` is a faiss binary index."""
+    return isinstance(index, faiss.IndexBinary)
+
+
+def pack_codes(x: np.ndarray) -> np.ndarray:
+    """(n, bits) codes (±1 floats; > 0 is a 1 bit) → (n, bits / 8) uint8, as faiss stores them."""
+    return np.packbits(np.asarray(x) > 0, axis=1)
+
+
+def unpack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """(n, bits / 8) uint8 → (n, bits) float32 codes of ±1."""
+    b = np.unpackbits(np.asarray(codes, dtype=np.uint8), axis=1, count=bits)
+    return b.astype(np.float32) * 2 - 1
+
+
+def hamming_scores(distances: np.ndarray, bits: int) -> np.ndarray:
+    """Hamming distances → scores ``1 − 2·d / bits`` (the cosine of the ±1 codes)."""
+    return (1.0 - 2.0 * np.asarray(distances, dtype=np.float32) / bits).astype(np.float32)
+
+
 def make_index(
-    factory: str, d: int, ef_construction: int | None = HNSW_EF_CONSTRUCTION
+    factory: str,
+    d: int,
+    ef_construction: int | None = HNSW_EF_CONSTRUCTION,
+    metric: str = "inner_product",
 ) -> faiss.Index:
-    """``faiss.index_factory`` with inner product; a clear error for a bad string.
+    """``faiss.index_factory`` with inner product (``metric="hamming"``:
+    ``faiss.index_binary_factory`` over ``d`` bits); a clear error for a bad string or a
+    factory of the other kind.
 
     ``ef_construction`` is set on every HNSW graph of the index (an HNSW index or an
     IVF's HNSW coarse quantizer); None keeps faiss' default (40).
     """
     if not isinstance(factory, str) or not factory.strip():
         raise UsageError(f"factory must be a faiss factory string like 'Flat', got {factory!r}")
+    if metric == "hamming":
+        return _make_binary_index(factory.strip(), d, ef_construction)
+    if is_binary_factory(factory):
+        raise UsageError(
+            f"factory {factory!r} is a binary (Hamming) index, but this retriever's embeddings "
+            "are float vectors (inner product): use a float factory such as 'Flat', 'HNSW32' "
+            "or 'IVF1024,SQ8', or train a hashing retriever (retriever.loss with 'hash')"
+        )
     try:
         index = faiss.index_factory(d, factory.strip(), faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as err:
@@ -66,6 +123,27 @@ def make_index(
     return index
 
 
+def _make_binary_index(factory: str, bits: int, ef_construction: int | None) -> faiss.IndexBinary:
+    if not is_binary_factory(factory):
+        raise UsageError(
+            f"factory {factory!r} is a float index, but a hashing retriever's codes are binary "
+            "(Hamming distance): use a binary factory: 'BFlat', 'BHNSW32' or 'BIVF1024'"
+        )
+    if bits % 8:
+        raise UsageError(f"binary codes need a multiple of 8 bits, got {bits}")
+    try:
+        index = faiss.index_binary_factory(bits, factory)
+    except RuntimeError as err:
+        raise UsageError(
+            f"invalid faiss binary factory string {factory!r} for {bits} bits: "
+            f"{str(err).splitlines()[0][:300]}. Examples: 'BFlat', 'BHNSW32', 'BIVF1024'"
+        ) from None
+    # (index_binary_factory already returns the subclass; a downcast proxy would not own it)
+    if ef_construction is not None and isinstance(index, faiss.IndexBinaryHNSW):
+        index.hnsw.efConstruction = int(ef_construction)
+    return index
+
+
 def check_ef_construction(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise UsageError(f"ef_construction must be an integer ≥ 1, got {value!r}")
@@ -74,6 +152,8 @@ def check_ef_construction(value: Any) -> int:
 
 def _hnsw_graphs(index: faiss.Index) -> list:
     """The HNSW graphs of an index: its own, or its IVF coarse quantizer's."""
+    if is_binary(index):
+        return [index.hnsw] if isinstance(index, faiss.IndexBinaryHNSW) else []
     core = core_index(index)
     if isinstance(core, faiss.IndexHNSW):
         return [core.hnsw]
@@ -114,6 +194,11 @@ def min_training_size(index: faiss.Index) -> tuple[int, str]:
     if index.is_trained:
         return 0, ""
     need, why = 1, "training"
+    if is_binary(index):
+        nlist = getattr(index, "nlist", 1)
+        return MIN_POINTS_PER_CENTROID * nlist, (
+            f"BIVF{nlist} needs {MIN_POINTS_PER_CENTROID} training codes per list"
+        )
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         need = MIN_POINTS_PER_CENTROID * ivf.nlist
@@ -135,6 +220,15 @@ def train_index(index: faiss.Index, x: np.ndarray, seed: int = 0) -> None:
         return
     need, why = min_training_size(index)
     n = len(x)
+    if is_binary(index):
+        if n < need:
+            raise UsageError(
+                f"the corpus has {n} codes, too few to train this index: {why}, so it needs at "
+                f"least {need}. Use 'BFlat', a smaller BIVF, or factory=None (automatic)"
+            )
+        logger.info("training %s on %d codes", type(index).__name__, n)
+        index.train(pack_codes(x))
+        return
     if n < need:
         ivf = faiss.try_extract_index_ivf(index)
         hint = ""
@@ -159,12 +253,20 @@ def train_index(index: faiss.Index, x: np.ndarray, seed: int = 0) -> None:
 def add_vectors(index: faiss.Index, x: np.ndarray, show_progress: bool = False) -> None:
     """Add rows of ``x`` (any float dtype, may be a memmap) in chunks, with a progress bar."""
     starts = range(0, len(x), ADD_CHUNK)
+    binary = is_binary(index)
     for s in tqdm(starts, desc="adding to index", unit="chunk", disable=not show_progress):
-        index.add(np.ascontiguousarray(x[s : s + ADD_CHUNK], dtype=np.float32))
+        if binary:
+            index.add(pack_codes(x[s : s + ADD_CHUNK]))
+        else:
+            index.add(np.ascontiguousarray(x[s : s + ADD_CHUNK], dtype=np.float32))
 
 
 def search_param_name(index: faiss.Index) -> str | None:
     """The speed/recall knob of an index: ``nprobe`` (IVF), ``efSearch`` (HNSW) or None."""
+    if is_binary(index):
+        if isinstance(index, faiss.IndexBinaryIVF):
+            return "nprobe"
+        return "efSearch" if isinstance(index, faiss.IndexBinaryHNSW) else None
     if faiss.try_extract_index_ivf(index) is not None:
         return "nprobe"
     if isinstance(core_index(index), faiss.IndexHNSW):
@@ -182,6 +284,17 @@ def set_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
     for name, value in params.items():
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise UsageError(f"search parameter {name} must be a positive integer, got {value!r}")
+        if is_binary(index):
+            if search_param_name(index) != name:
+                raise UsageError(
+                    f"binary index type {type(index).__name__} has "
+                    f"no search parameter {name!r} (it has: {search_param_name(index) or 'none'})"
+                )
+            if name == "nprobe":
+                index.nprobe = int(value)
+            else:
+                index.hnsw.efSearch = int(value)
+            continue
         try:
             ps.set_index_parameter(index, name, int(value))
         except RuntimeError:

@@ -6,8 +6,10 @@
         manifest.json     format version, retriever fingerprint, dim, metric, factory,
                           count, search params, dedupe info, files (bytes + sha256)
         index.faiss       faiss.write_index of the (CPU) index; row i = caption i
+                          (a hashing retriever's: faiss.write_index_binary, metric hamming)
         captions/         datasets Arrow store (save_to_disk): columns "caption", "id"
-        embeddings.npy    optional raw L2-normalised embeddings (float16 by default)
+        embeddings.npy    optional raw L2-normalised embeddings (float16 by default;
+                          binary indices: the packed codes, uint8, bits / 8 per row)
 
 The manifest is written last and the whole folder is renamed into place
 (:func:`rvqa.io.atomic_directory`), so a folder with a manifest is complete.
@@ -50,6 +52,9 @@ __all__ = [
     "CAPTIONS_DIR",
     "EMBEDDINGS_FILE",
     "METRIC",
+    "METRICS",
+    "HAMMING",
+    "PACKED_BITS",
     "IndexFormatError",
     "utc_now",
     "rvqa_version",
@@ -74,6 +79,12 @@ INDEX_FILE = "index.faiss"
 CAPTIONS_DIR = "captions"
 EMBEDDINGS_FILE = "embeddings.npy"
 METRIC = "inner_product"
+HAMMING = "hamming"
+METRICS = (METRIC, HAMMING)
+"""``inner_product``: L2-normalised float embeddings (cosine); ``hamming``: a hashing
+retriever's binary codes in a faiss binary index (``IndexBinaryFlat`` / ``HNSW`` / ``IVF``)."""
+PACKED_BITS = "packed_bits"
+"""The stored-embeddings dtype of a binary index: its codes packed 8 bits a byte (uint8)."""
 
 _REQUIRED_KEYS: dict[str, type | tuple[type, ...]] = {
     "format_version": int,
@@ -187,8 +198,15 @@ def make_manifest(
     embeddings_dtype: str | None = None,
     created: str | None = None,
     build_params: dict | None = None,
+    metric: str = METRIC,
 ) -> dict[str, Any]:
-    """The manifest of a knowledge index (``files`` is filled in by :func:`write_index_folder`)."""
+    """The manifest of a knowledge index (``files`` is filled in by :func:`write_index_folder`).
+
+    ``metric``: ``inner_product`` (``embed_dim`` = the embedding width) or ``hamming``
+    (``embed_dim`` = the code length in bits).
+    """
+    if metric not in METRICS:
+        raise UsageError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     return {
         "format_version": FORMAT_VERSION,
         "rvqa_version": rvqa_version(),
@@ -196,8 +214,8 @@ def make_manifest(
         "updated": None,
         "retriever_fingerprint": fingerprint,
         "embed_dim": int(embed_dim),
-        "metric": METRIC,
-        "normalized": True,
+        "metric": metric,
+        "normalized": metric == METRIC,
         "factory": factory,
         "auto_choice": auto_choice,
         "count": int(count),
@@ -256,9 +274,15 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
         )
     if version < 1:
         raise IndexFormatError(f"malformed manifest {path}: format_version {version} < 1")
-    if manifest["metric"] != METRIC:
+    if manifest["metric"] not in METRICS:
         raise IndexFormatError(
-            f"malformed manifest {path}: metric {manifest['metric']!r}, expected {METRIC!r}"
+            f"malformed manifest {path}: metric {manifest['metric']!r}, expected one of "
+            f"{', '.join(map(repr, METRICS))}"
+        )
+    if manifest["metric"] == HAMMING and manifest["embed_dim"] % 8:
+        raise IndexFormatError(
+            f"malformed manifest {path}: a hamming index needs embed_dim (bits) a multiple of "
+            f"8, got {manifest['embed_dim']}"
         )
     if manifest["embed_dim"] <= 0 or manifest["count"] < 0:
         raise IndexFormatError(f"malformed manifest {path}: embed_dim and count must be >= 0")
@@ -291,7 +315,9 @@ def write_captions(folder: Path, captions: Any, ids: Any = None) -> None:
 
 
 def write_embeddings(path: Path, embeddings: np.ndarray, dtype: str) -> None:
-    """Save raw embeddings as ``.npy`` in ``dtype`` (chunked, so a memmap input streams)."""
+    """Save raw embeddings as ``.npy`` in ``dtype`` (chunked, so a memmap input streams);
+    ``packed_bits``: the rows are already packed codes (uint8), saved as they are."""
+    dtype = "uint8" if dtype == PACKED_BITS else dtype
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=embeddings.shape)
     step = 1 << 16
     for s in range(0, len(embeddings), step):
@@ -332,7 +358,10 @@ def write_index_folder(
     out_dir = Path(out_dir)
     check_out_dir(out_dir, overwrite)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        faiss.write_index(index, str(tmp / INDEX_FILE))
+        if isinstance(index, faiss.IndexBinary):
+            faiss.write_index_binary(index, str(tmp / INDEX_FILE))
+        else:
+            faiss.write_index(index, str(tmp / INDEX_FILE))
         write_captions(tmp / CAPTIONS_DIR, captions, ids)
         if embeddings is not None and manifest.get("embeddings"):
             write_embeddings(tmp / EMBEDDINGS_FILE, embeddings, manifest["embeddings"]["dtype"])
@@ -386,17 +415,20 @@ def mmap_flags() -> int:
     return flag | getattr(faiss, "IO_FLAG_READ_ONLY", 0) if flag else 0
 
 
-def read_faiss_index(path: Path, mmap: bool = True) -> tuple[faiss.Index, bool]:
-    """Read a faiss index, memory-mapped where the index type allows.
+def read_faiss_index(
+    path: Path, mmap: bool = True, binary: bool = False
+) -> tuple[faiss.Index, bool]:
+    """Read a faiss index (``binary``: a binary index), memory-mapped where the type allows.
 
     Returns:
         ``(index, memory_mapped)``. When the mmap read fails for this index type the
         index is read normally into memory and a note is logged.
     """
+    read = faiss.read_index_binary if binary else faiss.read_index
     flags = mmap_flags() if mmap else 0
     if flags:
         try:
-            return faiss.read_index(str(path), flags), True
+            return read(str(path), flags), True
         except RuntimeError as err:
             logger.info(
                 "memory-mapped read of %s is not supported for this index type (%s); "
@@ -405,7 +437,7 @@ def read_faiss_index(path: Path, mmap: bool = True) -> tuple[faiss.Index, bool]:
                 str(err).splitlines()[0][:200],
             )
     try:
-        return faiss.read_index(str(path)), False
+        return read(str(path)), False
     except RuntimeError as err:
         raise IndexFormatError(
             f"cannot read faiss index {path} ({str(err).splitlines()[0][:200]}): the file is "
@@ -415,6 +447,8 @@ def read_faiss_index(path: Path, mmap: bool = True) -> tuple[faiss.Index, bool]:
 
 def owned_copy(index: faiss.Index) -> faiss.Index:
     """An in-memory CPU copy that owns its data (safe to ``add`` to, unlike an mmap'd index)."""
+    if isinstance(index, faiss.IndexBinary):
+        return faiss.deserialize_index_binary(faiss.serialize_index_binary(index))
     if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__:
         index = faiss.index_gpu_to_cpu(index)
     # clone_index keeps mmap'd storage as a view; a serialise round trip copies it.

@@ -53,7 +53,12 @@ def index_info(
             if dd.get("enabled")
             else "off"
         ),
-        f"  vectors           dim {m['embed_dim']}, inner product on L2-normalised vectors",
+        (
+            f"  vectors           {m['embed_dim']}-bit binary codes, Hamming distance "
+            "(score = 1 - 2 * hamming / bits)"
+            if m["metric"] == "hamming"
+            else f"  vectors           dim {m['embed_dim']}, inner product on L2-normalised vectors"
+        ),
         f"  faiss             {m['factory']}"
         + (f" (automatic: {auto['reason']})" if auto else "")
         + "".join(f", {k}={v}" for k, v in (m.get("build_params") or {}).items()),

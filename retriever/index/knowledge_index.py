@@ -37,10 +37,18 @@ import numpy as np
 
 from rvqa.errors import IndexMismatchError, UsageError
 from rvqa.retriever.index.corpus import check_embeddings, dedupe_captions, prepare_corpus
-from rvqa.retriever.index.faiss_ops import add_vectors, set_search_params
+from rvqa.retriever.index.faiss_ops import (
+    add_vectors,
+    hamming_scores,
+    is_binary,
+    pack_codes,
+    set_search_params,
+    unpack_codes,
+)
 from rvqa.retriever.index.format import (
     CAPTIONS_DIR,
     EMBEDDINGS_FILE,
+    HAMMING,
     INDEX_FILE,
     IndexFormatError,
     check_files,
@@ -129,6 +137,12 @@ def check_fingerprint(manifest: dict, retriever: Any, path: Path) -> CaptionEnco
             f"{manifest['retriever_fingerprint']}, but the retriever in use has fingerprint {fp}; "
             "rebuild the index with this retriever (rvqa build-index) or load the matching retriever"
         )
+    metric = getattr(encoder, "index_metric", None)
+    if metric is not None and metric != manifest["metric"]:
+        raise IndexMismatchError(
+            f"knowledge index {path} is a {manifest['metric']} index, but the retriever in use "
+            f"gives {metric} {'codes' if metric == HAMMING else 'embeddings'}"
+        )
     dim = getattr(encoder, "embed_dim", None)
     if dim is not None and dim != manifest["embed_dim"]:
         raise IndexMismatchError(
@@ -174,6 +188,9 @@ def _to_gpu(index: faiss.Index, gpus: Sequence[int] | None = None) -> tuple[fais
     sees no GPU; with a warning (every time) when this index type cannot move.
     """
     global _warned_no_gpu
+    if is_binary(index):
+        logger.warning("binary (Hamming) indices are searched on CPU; use_gpu ignored")
+        return index, False
     ngpu = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if ngpu <= 0 or not hasattr(faiss, "index_cpu_to_all_gpus"):
         if not _warned_no_gpu:
@@ -242,7 +259,9 @@ def _load_state(
     gpus: Sequence[int] | None = None,
 ) -> _State:
     check_files(path, manifest["files"], verify=verify)
-    index, mapped = read_faiss_index(path / INDEX_FILE, mmap=mmap)
+    index, mapped = read_faiss_index(
+        path / INDEX_FILE, mmap=mmap, binary=manifest["metric"] == HAMMING
+    )
     if index.ntotal != manifest["count"] or index.d != manifest["embed_dim"]:
         raise IndexFormatError(
             f"{path / INDEX_FILE} holds {index.ntotal} vectors of dim {index.d}, the manifest "
@@ -379,6 +398,11 @@ class KnowledgeIndex:
         return self._state.manifest["retriever_fingerprint"]
 
     @property
+    def metric(self) -> str:
+        """``"inner_product"`` (float embeddings) or ``"hamming"`` (binary codes)."""
+        return self._state.manifest["metric"]
+
+    @property
     def factory(self) -> str:
         return self._state.manifest["factory"]
 
@@ -453,12 +477,18 @@ class KnowledgeIndex:
             possible (e.g. a PQ index without stored embeddings).
         """
         st = self._state
+        bits = st.manifest["embed_dim"]
         if st.embeddings is not None:
+            if st.manifest["metric"] == HAMMING:
+                return unpack_codes(st.embeddings[:n], bits), "stored codes"
             return np.asarray(st.embeddings[:n], dtype=np.float32), "stored embeddings"
         try:
-            return st.cpu_index.reconstruct_n(0, n), "vectors reconstructed from the index"
+            x = st.cpu_index.reconstruct_n(0, n)
         except RuntimeError:
             return None
+        if is_binary(st.cpu_index):
+            x = unpack_codes(x, bits)
+        return x, "vectors reconstructed from the index"
 
     # ---------------------------------------------------------------- search
 
@@ -467,7 +497,9 @@ class KnowledgeIndex:
 
         Args:
             query_embeddings: (n, d) or (d,) float array (float64/float16 converted);
-                L2-normalised for cosine scores.
+                L2-normalised for cosine scores. A binary index takes a hashing
+                retriever's (n, bits) codes (> 0 is a 1 bit); its scores are
+                ``1 − 2·hamming / bits``.
             k: Hits per query (fewer when the index holds fewer captions).
 
         Returns:
@@ -516,7 +548,10 @@ class KnowledgeIndex:
             st = self._state
             # A clone (cheap for mmap'd storage: it shares the mapping) so the index
             # that running searches use is never mutated.
-            cpu = faiss.clone_index(st.cpu_index)
+            if is_binary(st.cpu_index):
+                cpu = owned_copy(st.cpu_index)  # faiss has no clone of binary indices
+            else:
+                cpu = faiss.clone_index(st.cpu_index)
             self._state = _make_state(
                 cpu,
                 st.captions,
@@ -567,7 +602,7 @@ class KnowledgeIndex:
                 logger.info("add: nothing new to add")
                 return 0
             x = encoder.embed_texts(texts, batch_size=batch_size, show_progress=show_progress)
-            x = check_embeddings(x, len(texts), self.embed_dim)
+            x = check_embeddings(x, len(texts), self.embed_dim, binary=self.metric == HAMMING)
             return self._append(x, texts, ids, n_in, save)
 
     def add_embeddings(
@@ -578,10 +613,12 @@ class KnowledgeIndex:
         *,
         save: bool = True,
     ) -> int:
-        """Append precomputed (n, d) L2-normalised embeddings of ``captions`` (array level)."""
+        """Append precomputed (n, d) L2-normalised embeddings of ``captions`` (array level;
+        a binary index: (n, bits) codes of ±1)."""
         with self._write_lock:
             texts, ids, keep, n_in = self._prepare_new(captions, ids)
-            x = check_embeddings(embeddings, n_in, self.embed_dim)[keep]
+            binary = self.metric == HAMMING
+            x = check_embeddings(embeddings, n_in, self.embed_dim, binary=binary)[keep]
             if not texts:
                 logger.info("add: nothing new to add")
                 return 0
@@ -671,7 +708,8 @@ class KnowledgeIndex:
         captions = concatenate_datasets([st.captions, new])
         embeddings = None
         if st.embeddings is not None:
-            embeddings = np.concatenate([st.embeddings, x.astype(st.embeddings.dtype)])
+            new_rows = pack_codes(x) if is_binary(cpu) else x.astype(st.embeddings.dtype)
+            embeddings = np.concatenate([st.embeddings, new_rows])
         manifest = copy.deepcopy(st.manifest)
         manifest["count"] = cpu.ntotal
         manifest["updated"] = utc_now()
@@ -718,6 +756,9 @@ def _search(st: _State, xq: np.ndarray, k: Any) -> tuple[np.ndarray, np.ndarray]
     k = min(check_k(k), st.index.ntotal)
     if k == 0 or len(xq) == 0:
         return np.zeros((len(xq), k), np.float32), np.full((len(xq), k), -1, np.int64)
+    if is_binary(st.index):
+        dist, rows = st.index.search(pack_codes(xq), k)
+        return hamming_scores(dist, st.index.d), rows
     if st.gpu_lock is not None:
         with st.gpu_lock:
             return st.index.search(xq, k)

@@ -171,7 +171,8 @@ class IndexRegistry:
 
         Raises:
             UnknownIndexError: Unknown name (a ``KeyError``; the known ones listed).
-            IndexMismatchError: Indices of different retrievers merged.
+            IndexMismatchError: Indices of different retrievers, or a binary and a float
+                index, merged.
             ValueError: Nothing to search.
         """
         with self._lock:
@@ -188,6 +189,14 @@ class IndexRegistry:
             if n not in snapshot:
                 raise UnknownIndexError(_unknown(n, snapshot))
         indices = [snapshot[n] for n in chosen]
+        metrics = {ix.metric for ix in indices}
+        if len(metrics) > 1:
+            kinds = ", ".join(f"{n!r} ({ix.metric})" for n, ix in zip(chosen, indices))
+            raise IndexMismatchError(
+                f"cannot merge the results of binary (hamming) and float (inner_product) "
+                f"indices in one query: {kinds}. Their scores are not comparable (a Hamming "
+                "score and a cosine); search them in separate queries"
+            )
         fps = {ix.fingerprint for ix in indices}
         if len(fps) > 1:
             raise IndexMismatchError(
