@@ -5,14 +5,14 @@ diamond), a colour (6), a size (small, large) and a cell of a 3 × 3 grid. Each 
 gets 5 captions of varied wording **and completeness**, from full descriptions to a
 single attribute::
 
-    a large red circle on the left and a small blue diamond at the top, nothing else
-    a photo of a red circle and a blue diamond
-    something blue at the top
+    a large red circle in the middle left and a small blue diamond at the top center, nothing else
+    only a red circle and a blue diamond
+    a blue shape at the top
     two shapes, one of them red
-    a red circle
+    a red circle with a diamond at the top
 
-A partial caption fits many images (``something blue at the top`` fits every image
-with a blue object in the top row): the one-to-many problem PCME addresses. Every
+A partial caption fits many images (``a blue shape at the top`` fits every image with
+a blue object in the top row): the one-to-many problem PCME addresses. Every
 caption is generated from **constraints** (a list of clauses, each "at least n" or
 "exactly n" objects fitting a description, plus optionally the exact number of
 objects), stored beside its text, and a caption is a valid match of an image when
@@ -20,7 +20,11 @@ every clause holds there. :func:`match_matrix` evaluates every caption against e
 image of a split, so the ground truth is exhaustive (as the PCME paper does with
 CUB's class labels), not only the image the caption was written for. Two clauses of
 one caption always describe disjoint sets of objects (they differ in an attribute
-both state), so counting per clause is the same as finding distinct objects.
+both state), so counting per clause is the same as finding distinct objects. A text
+means one thing wherever it appears: a place is a cell only when both its row and
+column are named ("at the top center", "in the middle left"), a row or a column alone
+otherwise ("at the top", "on the left"); a caption that claims to be complete says so
+("only ...", "..., nothing else"), and one that does not is a lower bound.
 
 Each image also has a ``label`` (its semantic category: the colour and shape of its
 largest object, first by cell on a tie; 24 categories), for the objectives that pull
@@ -53,7 +57,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one meaning per place phrase, complete captions say so
 SPLIT_FILE = "dataset_compositional.json"
 MANIFEST = "manifest.json"
 IMAGE_SIZE = 64
@@ -151,15 +155,15 @@ def _a(phrase: str) -> str:
 
 
 def _where(desc: dict) -> str:
+    """The place words: a cell only when both are given, else a row or a column (each
+    phrase has one meaning across the whole set)."""
     h, v = desc.get("hpos"), desc.get("vpos")
     if h and v:
         if h == "center" and v == "middle":
-            return "in the middle"
-        if h == "center":
-            return f"at the {v}"
+            return "in the very middle"
         if v == "middle":
-            return f"on the {h}"
-        return f"at the {v} {h}"
+            return f"in the middle {h}"
+        return f"at the {v} {h}"  # "at the top center", "at the bottom left"
     if h:
         return "in the center column" if h == "center" else f"on the {h}"
     if v:
@@ -215,7 +219,9 @@ def make_captions(scene: dict, rng: np.random.Generator) -> list[tuple[str, dict
     full = [{k: o[k] for k in ATTRS} for o in objs]
     order = [int(i) for i in rng.permutation(n)]
     text = _join([describe(full[i]) for i in order])
-    text = pick(PREFIXES) + text + pick(("", ", nothing else", " and nothing more"))
+    text = (
+        pick(PREFIXES) + text + pick((", nothing else", " and nothing more", ", no other shapes"))
+    )
     out.append((text, {"clauses": [{"desc": d, "n": 1, "exact": True} for d in full], "total": n}))
     # 2. Every object by colour and shape (counts merged), exact.
     groups: dict[tuple[str, str], int] = {}
@@ -224,11 +230,13 @@ def make_captions(scene: dict, rng: np.random.Generator) -> list[tuple[str, dict
     clauses = [
         {"desc": {"color": c, "shape": s}, "n": k, "exact": True} for (c, s), k in groups.items()
     ]
-    text = pick(("a photo of ", "an image with ", "a picture of ", "", "only ")) + _join(
-        [describe(c["desc"], c["n"]) for c in clauses]
-    )
+    listing = _join([describe(c["desc"], c["n"]) for c in clauses])
+    if rng.random() < 0.5:
+        text = pick(("only ", "just ", "a photo of only ")) + listing
+    else:
+        text = listing + pick((" and nothing else", ", nothing more"))
     out.append((text, {"clauses": clauses, "total": n}))
-    # 3. One object, two or three of its attributes (at least one such object).
+    # 3. One object, two or more of its attributes (at least one such object).
     obj = objs[int(rng.integers(n))]
     keys = [k for k in ATTRS if rng.random() < 0.5]
     if "hpos" in keys and "vpos" not in keys and rng.random() < 0.5:
@@ -265,7 +273,7 @@ def make_captions(scene: dict, rng: np.random.Generator) -> list[tuple[str, dict
             da = _partial(objs[i], ["color", "shape", "hpos", "vpos"])
             db = _partial(objs[j], ["color", "shape", "hpos", "vpos"])
         clauses = [{"desc": da, "n": 1, "exact": False}, {"desc": db, "n": 1, "exact": False}]
-        text = f"{describe(da)} {pick(('and', 'with', 'beside'))} {describe(db)}"
+        text = f"{describe(da)} {pick(('and', 'with', 'and also'))} {describe(db)}"
     else:
         desc = _partial(objs[0], ["shape", "hpos", "vpos"])
         clauses = [{"desc": desc, "n": 1, "exact": False}]
@@ -353,13 +361,10 @@ def generate(root: str | os.PathLike, counts: dict[str, int], seed: int = 0) -> 
             rng = np.random.default_rng([seed, s_index, i])
             scene = make_scene(rng)
             name = f"{i:06d}.png"
-            target = folder / name
-            if not target.exists():
-                tmp = folder / f".{name}.tmp"
-                draw_scene(scene, rng).save(tmp, format="PNG")
-                os.replace(tmp, target)
-            else:
-                draw_scene(scene, rng)  # keep the generator's stream identical
+            # always drawn: a folder generated with another seed holds other scenes
+            tmp = folder / f".{name}.tmp"
+            draw_scene(scene, rng).save(tmp, format="PNG")
+            os.replace(tmp, folder / name)
             sentences = []
             for text, cons in make_captions(scene, rng):
                 sentences.append(

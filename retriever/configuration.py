@@ -12,6 +12,19 @@ from rvqa.retriever.losses import TERMS_NEEDING_LABELS, parse_loss
 # demo's values): a model built without settings is the model the demo trains.
 _S = RetrieverSettings
 
+# The options of each loss term: serialised only when the term is in the loss, so a
+# model trained without it has the config.json (and the fingerprint, and the resume
+# signature) it had before these terms existed.
+TERM_FIELDS = {
+    "pcme": ("pcme_num_samples", "pcme_init_scale", "pcme_init_shift", "pcme_vib_beta"),
+    "center": ("center_weight", "center_mse_weight"),
+    "gpl": ("gpl_heads", "gpl_margin", "gpl_diversity_weight"),
+    "modality": ("modality_adversarial",),
+    "crcgs": ("crcgs_temperature",),
+    "support_set": ("support_temperature",),
+    "hash": ("hash_bits", "hash_gamma", "hash_eta"),
+}
+
 POOLINGS_VISION = ("pooled", "cls", "mean")
 POOLINGS_TEXT = ("mean", "cls")
 PROJECTIONS = ("linear", "mlp")
@@ -57,7 +70,7 @@ class RetrieverConfig(PretrainedConfig):
             ``"crcgs+support_set"``, ``"infonce+hash"``.
         loss_weights: Weight of each term of ``loss`` (missing: 1.0).
         margin: Hinge margin of the VSE losses.
-        max_violation_warmup: With ``loss="vse_max"``, the first N training forward
+        max_violation_warmup: With a ``vse_max`` or ``gpl`` term, the first N training forward
             passes (micro-batches, counted by the model in its ``num_updates`` buffer;
             with gradient accumulation G that is N / G optimizer steps) use the sum
             of hinges: hardest negatives from a random initialisation tend to
@@ -208,6 +221,21 @@ class RetrieverConfig(PretrainedConfig):
         self.freeze_text = freeze_text
         self.augment = augment
         super().__init__(**kwargs)
+
+    def to_dict(self) -> dict:
+        """The config as a dict, without the options of loss terms not in ``loss``
+        (nor an empty ``loss_weights`` / unset ``class_names``)."""
+        out = super().to_dict()
+        terms = parse_loss(self.loss)
+        for term, names in TERM_FIELDS.items():
+            if term not in terms:
+                for name in names:
+                    out.pop(name, None)
+        if not out.get("loss_weights"):
+            out.pop("loss_weights", None)
+        if out.get("class_names") is None:
+            out.pop("class_names", None)
+        return out
 
     @property
     def loss_terms(self) -> tuple[str, ...]:

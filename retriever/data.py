@@ -80,9 +80,15 @@ class PairCollator:
         }
         if self.class_index is not None:
             batch["labels"] = torch.tensor(
-                [self.class_index.get(it.get("label"), -1) for it in items], dtype=torch.long
+                [self.class_index.get(_label_key(it.get("label")), -1) for it in items],
+                dtype=torch.long,
             )
         return batch
+
+
+def _label_key(label: Any) -> str | None:
+    """Labels are compared as strings (``class_names`` are strings; a label 3 is "3")."""
+    return None if label is None else str(label).strip()
 
 
 def class_names_of(records: Sequence) -> list[str]:
@@ -90,7 +96,7 @@ def class_names_of(records: Sequence) -> list[str]:
     labels = getattr(records, "labels", None)
     if labels is None:
         labels = [getattr(r, "label", None) for r in records]
-    return sorted({str(x) for x in labels if x is not None})
+    return sorted({_label_key(x) for x in labels if x is not None})
 
 
 def check_labels(records: Sequence, loss: str, where: str) -> None:

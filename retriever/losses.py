@@ -107,8 +107,12 @@ def pcme_match_logits(
     ``d`` is the Euclidean distance of two samples (``sqrt(|x-y|² + 1e-6)``, as
     PCME's ``batchwise_cdist``); ``a`` = ``scale``, ``b`` = ``shift``.
     """
-    diff = z_im[:, None, :, None, :] - z_txt[None, :, None, :, :]  # (B, B', J, J, D)
-    dist = (diff.pow(2).sum(-1) + 1e-6).sqrt()
+    b, j, d = z_im.shape
+    b2 = z_txt.shape[0]
+    x, y = z_im.reshape(b * j, d), z_txt.reshape(b2 * j, d)
+    # |x - y|² from one matrix product: (B·J, B'·J), not a (B, B', J, J, D) difference
+    sq = (x.pow(2).sum(-1)[:, None] + y.pow(2).sum(-1)[None, :] - 2 * x @ y.t()).clamp(min=0)
+    dist = (sq + 1e-6).sqrt().view(b, j, b2, j).permute(0, 2, 1, 3)  # (B, B', J, J)
     return -scale * dist + shift
 
 
@@ -246,10 +250,21 @@ def graph_pattern_loss(
     ``s_ij^kl = <v_i^k, t_j^l>``) is taken, and the K² hinges are averaged
     (``max_violation=False``: the sum over negatives, as the model does during
     ``max_violation_warmup``: hardest negatives from a random start collapse the
-    embeddings, as with VSE++). The intra-instance edges keep the K representations
-    diverse: ``diversity_weight · Σ_i ‖V_i V_iᵀ − I‖²_F / K²`` for both modalities.
+    embeddings, as with VSE++). The same hinge on the fused embeddings (the
+    normalised mean of the K: what the index holds and searches) is added, so the
+    score retrieval uses is trained too. The intra-instance edges keep the K
+    representations diverse: ``diversity_weight · Σ_i ‖V_i V_iᵀ − I‖²_F / K²`` for
+    both modalities.
     """
     b, k, _ = im_multi.shape
+    # the fused embedding (what the index holds): the normalised mean of the K
+    fused = vse_hinge_loss(
+        F.normalize(im_multi.mean(1), dim=-1),
+        F.normalize(txt_multi.mean(1), dim=-1),
+        margin,
+        max_violation,
+        positive_mask,
+    )
     scores = torch.einsum("ikd,jld->klij", im_multi, txt_multi)  # (K, K, B, B)
     diag = scores.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)  # (K, K, B, 1)
     neg = _negatives_mask(b, positive_mask, im_multi.device)
@@ -259,7 +274,7 @@ def graph_pattern_loss(
         cost_txt, cost_im = cost_txt.amax(dim=-1).sum(-1), cost_im.amax(dim=-2).sum(-1)
     else:
         cost_txt, cost_im = cost_txt.sum((-1, -2)), cost_im.sum((-1, -2))
-    hinge = (cost_txt + cost_im).mean()
+    hinge = (cost_txt + cost_im).mean() + fused
     eye = torch.eye(k, device=im_multi.device, dtype=im_multi.dtype)
     div = sum(
         (v @ v.transpose(1, 2) - eye).pow(2).sum((1, 2)).sum() / k**2 for v in (im_multi, txt_multi)
@@ -361,15 +376,17 @@ def support_set_loss(
     """CRCGS's support-set regularisation.
 
     Each image's support set is the batch's captions of its category, weighted by
-    ``W = exp(cos(v, t)/T) ⊙ same_category``; ``v_sup = Σ_k W_nk t_k / Σ_k W_nk``
+    ``W = exp(cos(v, t)/T) ⊙ same_category`` (``same_category`` must hold on the
+    diagonal); ``v_sup = Σ_k W_nk t_k / Σ_k W_nk``
     (and ``t_sup`` from the images, with Wᵀ). The loss pulls each item to its
     cross-modal support: ``-log(½ (mean_n cos(v_n, v_sup_n) + mean_n cos(t_n, t_sup_n)))``,
     the argument clamped at 1e-6 (a negative mean cosine early in training would
     give no logarithm).
     """
-    w = ((im @ txt.t()) / temperature).exp() * same_category.to(im.dtype)
-    im_sup = (w @ txt) / w.sum(1, keepdim=True).clamp(min=1e-12)
-    txt_sup = (w.t() @ im) / w.sum(0).unsqueeze(1).clamp(min=1e-12)
+    logits = ((im @ txt.t()) / temperature).masked_fill(~same_category.bool(), float("-inf"))
+    # W normalised per row (per column for the captions): softmax, no exp overflow at small T
+    im_sup = logits.softmax(dim=1) @ txt
+    txt_sup = logits.softmax(dim=0).t() @ im
     agree = 0.5 * (
         F.cosine_similarity(im, im_sup, dim=-1).mean()
         + F.cosine_similarity(txt, txt_sup, dim=-1).mean()

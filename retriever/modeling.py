@@ -45,7 +45,7 @@ from rvqa.training import VOLATILE_CONFIG_KEYS
 logger = logging.getLogger(__name__)
 
 REQUIRED_FILES = ("config.json", "model.safetensors")
-PCME_INIT_LOGSIGMA = -3.0  # initial bias of the log σ heads (σ ≈ 0.05)
+PCME_INIT_SIGMA_NORM = 0.25  # the initial ‖σ‖ of a PCME embedding (its mean has norm 1)
 
 # Options from_backbones takes (from a RetrieverSettings or as keyword arguments) besides
 # the RetrieverConfig fields it does not fill itself.
@@ -61,7 +61,7 @@ class RetrieverOutput(ModelOutput):
         loss: The configured contrastive loss (when ``return_loss``).
         image_embeds: (B, D) L2-normalised image embeddings.
         text_embeds: (B, D) L2-normalised caption embeddings.
-        loss_terms: Each term of the objective (unweighted, detached floats).
+        loss_terms: Each term of the objective (unweighted, detached 0-d tensors).
         image_logsigma / text_logsigma: ``pcme``: (B, D) log standard deviations.
         image_codes / text_codes: ``hash``: (B, bits) tanh-relaxed codes.
     """
@@ -147,7 +147,11 @@ class RetrieverModel(KeepsFrozenOnLoad, PreTrainedModel):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
         # Training forward passes so far (drives max_violation_warmup; saved with the model).
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
-        self._build_objective_heads(config)
+        # The objective's heads draw their initial weights from a forked RNG: the rest of
+        # the model (projections included) starts as it would under any other objective
+        # with the same seed.
+        with torch.random.fork_rng(devices=[]):
+            self._build_objective_heads(config)
         self.tokenizer: Any = None
         self.image_processor: Any = None
         self.post_init()
@@ -191,9 +195,11 @@ class RetrieverModel(KeepsFrozenOnLoad, PreTrainedModel):
             nn.init.normal_(module.weight, std=0.02)
             nn.init.zeros_(module.bias)
             if any(module is m for m in self._logsigma_outputs()):
-                # σ ≈ 0.05 per dimension at the start: samples near their unit-norm mean
-                # (σ = 1 in 256 dimensions would put every sample ~22 from every other)
-                nn.init.constant_(module.bias, PCME_INIT_LOGSIGMA)
+                # σ = 0.25 / sqrt(D) per dimension at the start, so ‖σ‖ = 0.25 beside the
+                # unit-norm mean: samples are noisy but the means still show through
+                # (σ = 1 would put every sample ~sqrt(2D) from every other)
+                sigma = PCME_INIT_SIGMA_NORM / math.sqrt(self.config.embed_dim)
+                nn.init.constant_(module.bias, math.log(sigma))
 
     def _projection_modules(self) -> list[nn.Module]:
         mods: list[nn.Module] = []
@@ -459,7 +465,7 @@ class RetrieverModel(KeepsFrozenOnLoad, PreTrainedModel):
         txt: dict[str, torch.Tensor],
         positive_mask: torch.Tensor | None,
         labels: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The configured terms, each times its weight, summed."""
         cfg = self.config
         weights = cfg.loss_weights or {}
@@ -530,7 +536,7 @@ class RetrieverModel(KeepsFrozenOnLoad, PreTrainedModel):
                 values[term] = L.crcgs_contrastive_loss(
                     im["emb"],
                     txt["emb"],
-                    self._same_category(labels, positive_mask, b),
+                    self._same_category(labels, positive_mask, b, im["emb"].device),
                     temperature=cfg.crcgs_temperature,
                     positive_mask=positive_mask,
                 )
@@ -538,7 +544,7 @@ class RetrieverModel(KeepsFrozenOnLoad, PreTrainedModel):
                 values[term] = L.support_set_loss(
                     im["emb"],
                     txt["emb"],
-                    self._same_category(labels, positive_mask, b),
+                    self._same_category(labels, positive_mask, b, im["emb"].device),
                     temperature=cfg.support_temperature,
                 )
             elif term == "hash":
@@ -552,7 +558,8 @@ class RetrieverModel(KeepsFrozenOnLoad, PreTrainedModel):
         if self.training:
             self.num_updates += 1
         total = sum(weights.get(t, 1.0) * v for t, v in values.items())
-        return total, {t: float(v.detach()) for t, v in values.items()}
+        # detached 0-d tensors: reading them as floats every step would sync a GPU per term
+        return total, {t: v.detach() for t, v in values.items()}
 
     def _class_labels(self, labels: torch.Tensor | None, b: int) -> torch.Tensor:
         """The batch's class indices, checked (the ``center`` term needs every one)."""
@@ -575,10 +582,9 @@ class RetrieverModel(KeepsFrozenOnLoad, PreTrainedModel):
 
     @staticmethod
     def _same_category(
-        labels: torch.Tensor | None, positive_mask: torch.Tensor | None, b: int
+        labels: torch.Tensor | None, positive_mask: torch.Tensor | None, b: int, device: Any
     ) -> torch.Tensor:
         """(B, B) bool: the same image / identical caption, or the same known label."""
-        device = positive_mask.device if positive_mask is not None else None
         same = L._positives(b, positive_mask, device)
         if labels is not None:
             labels = labels.to(same.device)

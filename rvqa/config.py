@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import math
 import os
 import types
 import typing
@@ -188,9 +189,43 @@ class CaptionDataConfig:
     ``ImageLoadError`` naming the file. Index building reads no image and ignores it."""
 
 
+LOSS_TERM_NAMES = (
+    "vse_max",
+    "vse_sum",
+    "infonce",
+    "pcme",
+    "center",
+    "gpl",
+    "modality",
+    "crcgs",
+    "support_set",
+    "hash",
+)
+"""The retriever's loss terms (``rvqa.retriever.losses.LOSS_TERMS`` describes each; a
+test keeps the two lists equal). Here so a misspelt term fails when the config loads."""
+
+
 @dataclass
 class RetrieverSettings(TrainSettings):
     """The image-caption alignment model and its training (defaults: the CPU demo)."""
+
+    def __post_init__(self) -> None:
+        terms = [t.strip() for t in str(self.loss).split("+")]
+        unknown = [t for t in terms if t not in LOSS_TERM_NAMES]
+        if unknown:
+            raise ConfigError(
+                f"retriever.loss: unknown term {unknown[0]!r} in {self.loss!r}; known terms: "
+                f"{', '.join(LOSS_TERM_NAMES)} (combine with '+', e.g. 'infonce+center')"
+            )
+        for name, weight in self.loss_weights.items():
+            if name not in terms:
+                raise ConfigError(
+                    f"retriever.loss_weights: {name!r} is not a term of loss {self.loss!r}"
+                )
+            if not math.isfinite(weight):
+                raise ConfigError(
+                    f"retriever.loss_weights.{name}: got {weight!r}, expected a finite number"
+                )
 
     num_epochs: int = 5
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -58,12 +59,18 @@ ALL_INDICES: Any = _AllIndices()
 
 
 class Evidence(NamedTuple):
-    """One retrieved caption that the reader read."""
+    """One retrieved caption that the reader read.
+
+    ``uncertainty``: with a probabilistic (PCME) retriever, the caption's uncertainty
+    stored in its index (the geometric mean of its Gaussian's σ²; larger = vaguer,
+    e.g. a caption that fits many images); ``None`` otherwise.
+    """
 
     text: str
     score: float
     index: str
     id: Any
+    uncertainty: float | None = None
 
 
 @dataclass
@@ -80,6 +87,9 @@ class Answer:
         question: The question as asked.
         empty: The generative reader generated nothing but end-of-sequence: ``answer``
             is ``""`` (with its probability in ``score``), never silently.
+        uncertainty: With a probabilistic (PCME) retriever, the query image's
+            uncertainty: the geometric mean of σ² of its Gaussian embedding (larger =
+            more ambiguous); ``None`` for other retrievers or without retrieval.
     """
 
     answer: str
@@ -88,6 +98,7 @@ class Answer:
     evidence: list[Evidence] = field(default_factory=list)
     question: str = ""
     empty: bool = False
+    uncertainty: float | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready dict (``empty``: the answer is an empty generation)."""
@@ -96,6 +107,7 @@ class Answer:
             "answer": self.answer,
             "empty": self.empty,
             "score": self.score,
+            "uncertainty": self.uncertainty,
             "alternatives": [{"answer": a, "score": s} for a, s in self.alternatives],
             "evidence": [e._asdict() for e in self.evidence],
         }
@@ -542,12 +554,16 @@ class RVQA:
             for s in range(0, len(images), batch_size):
                 pil, rows = _distinct_images(images, s, batch_size)
                 qs = list(questions[s : s + batch_size])
+                unc: list = [None] * len(pil)
                 if evidence is not None:
                     ev = given[s : s + batch_size]
                 else:
-                    found = self._retrieve(pil, k, names)
+                    found, unc = self._retrieve(pil, k, names)
                     ev = [found[r] for r in rows]
-                out.extend(self._read(pil, rows, qs, ev, n_alt))
+                answers = self._read(pil, rows, qs, ev, n_alt)
+                for a, r in zip(answers, rows):
+                    a.uncertainty = unc[r]
+                out.extend(answers)
         return out
 
     @torch.inference_mode()
@@ -572,7 +588,7 @@ class RVQA:
         with self._autocast():
             for s in range(0, len(images), batch_size):
                 pil, rows = _distinct_images(images, s, batch_size)
-                found = self._retrieve(pil, k, names)
+                found, _ = self._retrieve(pil, k, names)
                 out.extend(list(found[r]) for r in rows)
         return out
 
@@ -660,15 +676,24 @@ class RVQA:
                 raise UnknownIndexError(f"unknown index {n!r} (loaded: {known})")
         return chosen
 
-    def _retrieve(self, pil: list, k: int, names: list[str] | None) -> list[list[Evidence]]:
+    def _retrieve(
+        self, pil: list, k: int, names: list[str] | None
+    ) -> tuple[list[list[Evidence]], list[float | None]]:
+        """Evidence per image, and each image's uncertainty (PCME retrievers; else None)."""
         if names is None:
-            return [[] for _ in pil]
-        emb = self.retriever.embed_images(pil, batch_size=len(pil))
+            return [[] for _ in pil], [None] * len(pil)
+        unc: list[float | None] = [None] * len(pil)
+        if self.retriever.config.is_probabilistic:
+            emb, sig = self.retriever.embed_images(pil, batch_size=len(pil), return_logsigma=True)
+            unc = np.exp(2 * sig.mean(axis=1)).tolist()
+        else:
+            emb = self.retriever.embed_images(pil, batch_size=len(pil))
         results = self.registry.search(emb, k, names)
-        return [
-            [Evidence(h.text, float(h.score), h.index_name, h.id) for h in res.hits]
+        found = [
+            [Evidence(h.text, float(h.score), h.index_name, h.id, h.uncertainty) for h in res.hits]
             for res in results
         ]
+        return found, unc
 
     def _read(
         self,

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from rvqa.errors import IndexMismatchError, UsageError
 from rvqa.retriever.index import (
@@ -147,3 +148,61 @@ def test_registry_swaps_binary_indices(tmp_path, hasher):
     reg.swap("kb", KnowledgeIndex.load(b, hasher))
     after = reg.search(q, 3, names="kb")[0].captions
     assert set(after) <= set(CAPTIONS[12:])
+
+
+# ----------------------------------------------------------------------------- PCME
+
+
+@pytest.fixture(scope="module")
+def pcme():
+    model = tiny_retriever(loss="pcme")
+    with torch.no_grad():  # distinct variances per caption (the fresh head gives ~equal ones)
+        model.text_logsigma.weight.normal_(0, 0.5)
+        model.vision_logsigma.weight.normal_(0, 0.5)
+    model.eval()
+    return model
+
+
+def test_probabilistic_index_stores_variances(tmp_path, pcme):
+    out = build_index(pcme, CAPTIONS, tmp_path / "p", show_progress=False)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["uncertainty"]["file"] == "logsigma.npy" and "logsigma.npy" in m["files"]
+    emb, sig = pcme.embed_texts(CAPTIONS, return_logsigma=True)
+    np.testing.assert_allclose(np.load(out / "logsigma.npy"), sig, rtol=1e-3)  # float16
+    index = KnowledgeIndex.load(out, pcme)
+    res = index.search(emb[:2], 4)
+    want = np.exp(2 * np.load(out / "logsigma.npy").astype(np.float32).mean(1))
+    for r in res:
+        rows = [CAPTIONS.index(c) for c in r.captions]
+        np.testing.assert_allclose(r.uncertainties, want[rows], rtol=1e-6)
+        assert [h.uncertainty for h in r.hits] == r.uncertainties
+    assert len(set(np.round(want, 6))) > 1  # the captions differ in uncertainty
+    # add (encodes the new captions' variances) and rebuild keep them row by row
+    index.add(["a tiny purple star"], show_progress=False)
+    again = KnowledgeIndex.load(out, pcme)
+    hit = again.search(pcme.embed_texts(["a tiny purple star"]), 1)[0]
+    _, s_new = pcme.embed_texts(["a tiny purple star"], return_logsigma=True)
+    assert hit.captions == ["a tiny purple star"]
+    assert hit.uncertainties[0] == pytest.approx(float(np.exp(2 * s_new.mean())), rel=1e-2)
+    rebuilt = rebuild_index(out, tmp_path / "hnsw", "HNSW8", show_progress=False)
+    np.testing.assert_array_equal(np.load(rebuilt / "logsigma.npy"), np.load(out / "logsigma.npy"))
+    with pytest.raises(UsageError, match="pass logsigma= for the new captions"):
+        again.add_embeddings(emb[:1], ["another"])
+
+
+def test_rvqa_reports_query_and_caption_uncertainty(tmp_path, tiny_run, pcme):
+    from rvqa import RVQA
+
+    base = RVQA.from_pretrained(tiny_run, device="cpu")
+    out = build_index(pcme, CAPTIONS, tmp_path / "p", show_progress=False)
+    model = RVQA(pcme, base.reader, base.processor, device="cpu")
+    model.load_index(out, "shapes")
+    image = draw_shape("green", "circle")
+    ans = model.answer(image, "what shape is it?", top_k=2)
+    _, sig = pcme.embed_images([image], return_logsigma=True)
+    assert ans.uncertainty == pytest.approx(float(np.exp(2 * sig.mean())), rel=1e-5)
+    assert all(e.uncertainty is not None and e.uncertainty > 0 for e in ans.evidence)
+    assert ans.to_dict()["uncertainty"] == ans.uncertainty
+    # a float retriever's answers carry none
+    plain = base.answer(image, "what shape is it?")
+    assert plain.uncertainty is None and all(e.uncertainty is None for e in plain.evidence)

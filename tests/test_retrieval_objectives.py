@@ -123,6 +123,32 @@ def test_pcme_matches_reference(data, use_pos):
     assert got == pytest.approx(ref, rel=1e-10)
 
 
+def test_pcme_separates_free_embeddings():
+    """The loss alone, on free (μ, log σ) parameters: it falls, and every image ends
+    with its own caption as its most probable match."""
+    g = torch.Generator().manual_seed(0)
+    mu_i = torch.nn.Parameter(torch.randn(6, 8, generator=g))
+    mu_t = torch.nn.Parameter(torch.randn(6, 8, generator=g))
+    ls_i = torch.nn.Parameter(torch.full((6, 8), -2.0))
+    ls_t = torch.nn.Parameter(torch.full((6, 8), -2.0))
+    a, b = torch.nn.Parameter(torch.tensor(5.0)), torch.nn.Parameter(torch.tensor(5.0))
+    opt = torch.optim.Adam([mu_i, mu_t, ls_i, ls_t, a, b], lr=0.05)
+    torch.manual_seed(0)
+    losses = []
+    for _ in range(150):
+        loss = L.pcme_loss(F.normalize(mu_i, dim=-1), ls_i, F.normalize(mu_t, dim=-1), ls_t, a, b)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-10:]) < 0.3 * losses[0], losses[::15]
+    with torch.no_grad():
+        zi = L.pcme_sample(F.normalize(mu_i, dim=-1), ls_i, torch.randn(6, 16, 8))
+        zt = L.pcme_sample(F.normalize(mu_t, dim=-1), ls_t, torch.randn(6, 16, 8))
+        p = L.pcme_match_probability(L.pcme_match_logits(zi, zt, a, b))
+    assert (p.argmax(1) == torch.arange(6)).all() and (p.argmax(0) == torch.arange(6)).all()
+
+
 def test_pcme_match_probability_and_uncertainty(data):
     z = L.pcme_sample(data["im"], data["im_ls"], data["im_eps"])
     logits = L.pcme_match_logits(z, z, torch.tensor(1.0), torch.tensor(0.5))
@@ -190,6 +216,18 @@ def test_graph_pattern_loss_matches_reference(data, use_pos):
                 ims = [max(0, 0.2 + s[j][i] - s[i][i]) for j in range(B) if j != i and not pl[j][i]]
                 hinge += max(caps, default=0) + max(ims, default=0)
     hinge /= k * k
+
+    # + the hinge on the fused embeddings: the normalised mean of the K
+    def fused(v):
+        m = [[sum(v[i][a][d] for a in range(k)) / k for d in range(D)] for i in range(B)]
+        return [[x / math.sqrt(sum(y * y for y in row)) for x in row] for row in m]
+
+    fi, ft = fused(vi), fused(vt)
+    s = [[dot(fi[i], ft[j]) for j in range(B)] for i in range(B)]
+    for i in range(B):
+        caps = [max(0, 0.2 + s[i][j] - s[i][i]) for j in range(B) if j != i and not pl[i][j]]
+        ims = [max(0, 0.2 + s[j][i] - s[i][i]) for j in range(B) if j != i and not pl[j][i]]
+        hinge += max(caps, default=0) + max(ims, default=0)
     div = 0.0
     for v in (vi, vt):
         for i in range(B):
@@ -359,7 +397,7 @@ def _labelled_batch(model):
 @pytest.mark.parametrize(
     "loss,extra",
     [
-        ("pcme", {"pcme_num_samples": 4, "pcme_init_scale": 5.0, "pcme_init_shift": 5.0}),
+        ("pcme", {"pcme_num_samples": 4}),
         ("center", {"class_names": CLASSES}),
         ("infonce+center", {"class_names": CLASSES}),
         ("gpl+modality", {"gpl_heads": 2, "max_violation_warmup": 10}),
@@ -509,7 +547,13 @@ def test_compositional_set_has_exhaustive_matches(tmp_path):
                 ok &= n == cl["n"] if cl["exact"] else n >= cl["n"]
             assert m[c, i] == ok
     # a partial caption fits several images somewhere in a larger split
-    assert cp.load_split(root, "train")["matches"].sum(1).max() > 1
+    train = cp.load_split(root, "train")
+    assert train["matches"].sum(1).max() > 1
+    # one text, one meaning: captions with the same words have the same matches
+    rows: dict[str, set] = {}
+    for text, m in zip(train["captions"], train["matches"]):
+        rows.setdefault(text.lower().rstrip("."), set()).add(m.tobytes())
+    assert all(len(v) == 1 for v in rows.values())
 
 
 @pytest.mark.parametrize("loss", ["infonce+center", "crcgs+support_set", "hash"])

@@ -205,7 +205,9 @@ def test_bad_inputs(tmp_path):
         model.embed_texts(["ok", 3])
     with pytest.raises(ValueError, match="caption 0 is empty"):
         model.embed_texts(["  "])
-    with pytest.raises(ValueError, match="unknown loss term .triplet.*known terms: vse_max, vse_sum, infonce, pcme"):
+    with pytest.raises(
+        ValueError, match="unknown loss term .triplet.*known terms: vse_max, vse_sum, infonce, pcme"
+    ):
         RetrieverConfig(loss="triplet")
     with pytest.raises(ValueError, match="needs vision_config and text_config"):
         RetrieverModel(RetrieverConfig())

@@ -49,6 +49,7 @@ from rvqa.retriever.index.format import (
     CAPTIONS_DIR,
     EMBEDDINGS_FILE,
     HAMMING,
+    LOGSIGMA_FILE,
     METRIC,
     PACKED_BITS,
     IndexFormatError,
@@ -160,6 +161,7 @@ def build_index_from_embeddings(
     normalize: bool = False,
     dedupe_info: dict | None = None,
     metric: str = METRIC,
+    logsigma: np.ndarray | None = None,
     **option_fields: Any,
 ) -> Path:
     """Build a knowledge index folder from precomputed caption embeddings.
@@ -182,6 +184,8 @@ def build_index_from_embeddings(
             ``"hamming"`` (binary codes in a faiss binary index: ``BFlat``, ``BHNSW32``,
             ``BIVF{nlist}``; automatic: ``BFlat`` up to 2M codes; search parameters fixed,
             not tuned; stored embeddings are the packed codes).
+        logsigma: A probabilistic (PCME) retriever's (N, d) caption log σ: stored beside
+            the means (``logsigma.npy``), each hit's caption uncertainty at search time.
         **option_fields: :class:`IndexBuildOptions` fields, overriding ``options``
             (``factory=``, ``max_memory=``, ``ef_construction=``, ``tuning_queries=``,
             ``store_embeddings=``, ``embeddings_dtype=``, ``seed=``, ``show_progress=``).
@@ -212,11 +216,19 @@ def build_index_from_embeddings(
         if binary:
             raise UsageError("tuning_queries apply to float indices; binary indices are not tuned")
         queries = check_tuning_queries(opts.tuning_queries, d)
+    if logsigma is not None:
+        logsigma = np.asarray(logsigma)
+        if logsigma.shape != (n, d) or not np.isfinite(logsigma).all():
+            raise UsageError(
+                f"logsigma must be a finite ({n}, {d}) array like the embeddings, got "
+                f"{logsigma.dtype} {logsigma.shape}"
+            )
     if dedupe:
         texts, ids, keep = dedupe_captions(texts, ids)
         if len(keep) < n:
             logger.info("dedupe: removed %d duplicate captions of %d", n - len(keep), n)
             x = x[keep]
+            logsigma = None if logsigma is None else logsigma[keep]
         dedupe_info = {"enabled": True, "input_count": n, "removed": n - len(keep)}
     elif dedupe_info is None:
         dedupe_info = {"enabled": False, "input_count": n, "removed": 0}
@@ -255,9 +267,17 @@ def build_index_from_embeddings(
         id_type="str" if isinstance(ids[0], str) else "int",
         embeddings_dtype=dtype if opts.store_embeddings else None,
         metric=metric,
+        uncertainty=logsigma is not None,
     )
     return write_index_folder(
-        out_dir, index, texts, ids, manifest, stored if opts.store_embeddings else None, overwrite
+        out_dir,
+        index,
+        texts,
+        ids,
+        manifest,
+        stored if opts.store_embeddings else None,
+        overwrite,
+        logsigma=logsigma,
     )
 
 
@@ -341,6 +361,7 @@ def build_index(
     if main:
         logger.info("encoding %d captions", len(texts))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    probabilistic = bool(getattr(getattr(encoder, "config", None), "is_probabilistic", False))
     x = encode_captions(
         encoder,
         texts,
@@ -348,7 +369,11 @@ def build_index(
         accelerator=accelerator,
         scratch_dir=out_dir.parent,
         show_progress=opts.show_progress,
+        with_logsigma=probabilistic,
     )
+    sigma = None
+    if probabilistic and x is not None:
+        x, sigma = x
     if main:
         build_index_from_embeddings(
             x,
@@ -361,6 +386,7 @@ def build_index(
             overwrite=overwrite,
             dedupe_info=dedupe_info,
             metric=HAMMING if getattr(encoder, "index_metric", METRIC) == HAMMING else METRIC,
+            logsigma=sigma,
         )
     if accelerator is not None and accelerator.num_processes > 1:
         accelerator.wait_for_everyone()
@@ -429,6 +455,9 @@ def rebuild_index(
         x = np.array(stored, dtype=np.float32)
         if stored.dtype != np.float32:
             faiss.normalize_L2(x)
+    logsigma = None
+    if manifest.get("uncertainty"):
+        logsigma = np.load(from_dir / LOGSIGMA_FILE, mmap_mode="r", allow_pickle=False)
     ds = read_captions(from_dir / CAPTIONS_DIR)
     captions = ds.data.column("caption").to_pylist()
     ids = ds.data.column("id").to_pylist()
@@ -446,4 +475,5 @@ def rebuild_index(
         overwrite=overwrite,
         dedupe_info=manifest.get("dedupe"),
         metric=manifest["metric"],
+        logsigma=logsigma,
     )

@@ -150,8 +150,11 @@ def encode_captions(
     accelerator: Any = None,
     scratch_dir: str | os.PathLike | None = None,
     show_progress: bool = True,
-) -> np.ndarray | None:
+    with_logsigma: bool = False,
+) -> Any:
     """Encode captions, sharded over processes when an ``Accelerator`` has several.
+
+    ``with_logsigma`` (a PCME retriever): ``(embeddings, logsigma)``, both (N, d).
 
     With ``accelerator.num_processes > 1`` each process encodes a contiguous
     shard and writes it as ``shard-RANK.npy`` into a folder shared by all
@@ -163,9 +166,14 @@ def encode_captions(
         (N, d) float32 on the main process; None on the other processes.
     """
     binary = getattr(encoder, "index_metric", "inner_product") == "hamming"
+    extra = {"return_logsigma": True} if with_logsigma else {}
     if accelerator is None or accelerator.num_processes <= 1:
-        x = encoder.embed_texts(texts, batch_size=batch_size, show_progress=show_progress)
-        return check_embeddings(x, len(texts), encoder.embed_dim, binary=binary)
+        out = encoder.embed_texts(
+            texts, batch_size=batch_size, show_progress=show_progress, **extra
+        )
+        x, sig = out if with_logsigma else (out, None)
+        x = check_embeddings(x, len(texts), encoder.embed_dim, binary=binary)
+        return (x, sig) if with_logsigma else x
     from accelerate.utils import broadcast_object_list
 
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -177,14 +185,19 @@ def encode_captions(
     try:
         lo, hi = shard_bounds(len(texts), world, rank)
         d = encoder.embed_dim
+        sig = None
         if hi > lo:
-            x = encoder.embed_texts(
-                texts[lo:hi], batch_size=batch_size, show_progress=show_progress and main
+            out = encoder.embed_texts(
+                texts[lo:hi], batch_size=batch_size, show_progress=show_progress and main, **extra
             )
+            x, sig = out if with_logsigma else (out, None)
             x = check_embeddings(x, hi - lo, d, binary=binary)
         else:
             x = np.zeros((0, d), dtype=np.float32)
+            sig = np.zeros((0, d), dtype=np.float32) if with_logsigma else None
         np.save(shards / f"shard-{rank:05d}.npy", x, allow_pickle=False)
+        if with_logsigma:
+            np.save(shards / f"sigma-{rank:05d}.npy", sig, allow_pickle=False)
         accelerator.wait_for_everyone()
         if not main:
             return None
@@ -198,7 +211,13 @@ def encode_captions(
                 )
             parts.append(part)
         logger.info("gathered caption embeddings from %d processes", world)
-        return np.concatenate(parts, axis=0)
+        x = np.concatenate(parts, axis=0)
+        if with_logsigma:
+            sigs = [
+                np.load(shards / f"sigma-{r:05d}.npy", allow_pickle=False) for r in range(world)
+            ]
+            return x, np.concatenate(sigs, axis=0)
+        return x
     finally:
         if main:
             shutil.rmtree(shards, ignore_errors=True)

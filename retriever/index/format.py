@@ -10,6 +10,8 @@
         captions/         datasets Arrow store (save_to_disk): columns "caption", "id"
         embeddings.npy    optional raw L2-normalised embeddings (float16 by default;
                           binary indices: the packed codes, uint8, bits / 8 per row)
+        logsigma.npy      a probabilistic (PCME) retriever's index: each caption's
+                          log σ (float16, (count, dim)), its Gaussian beside the mean
 
 The manifest is written last and the whole folder is renamed into place
 (:func:`rvqa.io.atomic_directory`), so a folder with a manifest is complete.
@@ -51,6 +53,7 @@ __all__ = [
     "INDEX_FILE",
     "CAPTIONS_DIR",
     "EMBEDDINGS_FILE",
+    "LOGSIGMA_FILE",
     "METRIC",
     "METRICS",
     "HAMMING",
@@ -78,6 +81,7 @@ MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.faiss"
 CAPTIONS_DIR = "captions"
 EMBEDDINGS_FILE = "embeddings.npy"
+LOGSIGMA_FILE = "logsigma.npy"
 METRIC = "inner_product"
 HAMMING = "hamming"
 METRICS = (METRIC, HAMMING)
@@ -199,11 +203,13 @@ def make_manifest(
     created: str | None = None,
     build_params: dict | None = None,
     metric: str = METRIC,
+    uncertainty: bool = False,
 ) -> dict[str, Any]:
     """The manifest of a knowledge index (``files`` is filled in by :func:`write_index_folder`).
 
     ``metric``: ``inner_product`` (``embed_dim`` = the embedding width) or ``hamming``
-    (``embed_dim`` = the code length in bits).
+    (``embed_dim`` = the code length in bits). ``uncertainty``: the folder stores each
+    caption's PCME log σ (``logsigma.npy``).
     """
     if metric not in METRICS:
         raise UsageError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
@@ -227,6 +233,15 @@ def make_manifest(
         "dedupe": dedupe,
         "embeddings": (
             {"file": EMBEDDINGS_FILE, "dtype": embeddings_dtype} if embeddings_dtype else None
+        ),
+        "uncertainty": (
+            {
+                "file": LOGSIGMA_FILE,
+                "dtype": "float16",
+                "summary": "geometric mean of sigma^2 (exp(mean(2 log sigma)))",
+            }
+            if uncertainty
+            else None
         ),
         "files": {},
     }
@@ -334,6 +349,7 @@ def write_index_folder(
     manifest: dict[str, Any],
     embeddings: np.ndarray | None = None,
     overwrite: bool = False,
+    logsigma: np.ndarray | None = None,
 ) -> Path:
     """Write a complete knowledge index folder atomically.
 
@@ -350,6 +366,8 @@ def write_index_folder(
         manifest: From :func:`make_manifest`; ``files`` is filled in here (the dict is updated).
         embeddings: Raw embeddings to store (in ``manifest["embeddings"]["dtype"]``), or None.
         overwrite: Replace an existing folder (only if it is a knowledge index or empty).
+        logsigma: A PCME index's (count, dim) caption log σ (``manifest["uncertainty"]``
+            must be set), stored as float16.
 
     Raises:
         FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
@@ -367,6 +385,13 @@ def write_index_folder(
             write_embeddings(tmp / EMBEDDINGS_FILE, embeddings, manifest["embeddings"]["dtype"])
         else:
             manifest["embeddings"] = None
+        if manifest.get("uncertainty"):
+            if logsigma is None or len(logsigma) != manifest["count"]:
+                raise UsageError(
+                    "a probabilistic index needs the log sigma of every caption "
+                    f"({manifest['count']}), got {None if logsigma is None else len(logsigma)}"
+                )
+            write_embeddings(tmp / LOGSIGMA_FILE, logsigma, "float16")
         manifest["files"] = describe_files(tmp)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         _fsync_tree(tmp)

@@ -50,6 +50,7 @@ from rvqa.retriever.index.format import (
     EMBEDDINGS_FILE,
     HAMMING,
     INDEX_FILE,
+    LOGSIGMA_FILE,
     IndexFormatError,
     check_files,
     owned_copy,
@@ -172,6 +173,7 @@ class _State:
     gpu_lock: Any = None
     caption_rows: _Rows | None = None  # row access to caption_col / id_col
     id_rows: _Rows | None = None
+    logsigma: np.ndarray | None = None  # a PCME index's caption log σ (memmap)
 
 
 _GPU_LOCK = threading.Lock()
@@ -226,6 +228,7 @@ def _make_state(
     use_gpu: bool,
     memory_mapped: bool,
     gpus: Sequence[int] | None = None,
+    logsigma: np.ndarray | None = None,
 ) -> _State:
     params = {**manifest["search_params"], **overrides}
     if params:
@@ -246,6 +249,7 @@ def _make_state(
         memory_mapped=memory_mapped,
         on_gpu=on_gpu,
         gpu_lock=_GPU_LOCK if on_gpu else None,
+        logsigma=logsigma,
     )
 
 
@@ -275,7 +279,17 @@ def _load_state(
     embeddings = None
     if manifest.get("embeddings"):
         embeddings = np.load(path / EMBEDDINGS_FILE, mmap_mode="r", allow_pickle=False)
-    return _make_state(index, captions, embeddings, manifest, overrides, use_gpu, mapped, gpus)
+    logsigma = None
+    if manifest.get("uncertainty"):
+        logsigma = np.load(path / LOGSIGMA_FILE, mmap_mode="r", allow_pickle=False)
+        if logsigma.shape != (manifest["count"], manifest["embed_dim"]):
+            raise IndexFormatError(
+                f"{path / LOGSIGMA_FILE} has shape {logsigma.shape}, the manifest says "
+                f"({manifest['count']}, {manifest['embed_dim']})"
+            )
+    return _make_state(
+        index, captions, embeddings, manifest, overrides, use_gpu, mapped, gpus, logsigma
+    )
 
 
 def _overrides(nprobe: int | None, ef_search: int | None) -> dict:
@@ -561,6 +575,7 @@ class KnowledgeIndex:
                 self._use_gpu,
                 memory_mapped=st.memory_mapped,
                 gpus=self._gpus,
+                logsigma=st.logsigma,
             )
             self._overrides = overrides
 
@@ -601,9 +616,15 @@ class KnowledgeIndex:
             if not texts:
                 logger.info("add: nothing new to add")
                 return 0
-            x = encoder.embed_texts(texts, batch_size=batch_size, show_progress=show_progress)
+            sig = None
+            if self._state.logsigma is not None:
+                x, sig = encoder.embed_texts(
+                    texts, batch_size=batch_size, show_progress=show_progress, return_logsigma=True
+                )
+            else:
+                x = encoder.embed_texts(texts, batch_size=batch_size, show_progress=show_progress)
             x = check_embeddings(x, len(texts), self.embed_dim, binary=self.metric == HAMMING)
-            return self._append(x, texts, ids, n_in, save)
+            return self._append(x, texts, ids, n_in, save, sig)
 
     def add_embeddings(
         self,
@@ -612,17 +633,34 @@ class KnowledgeIndex:
         ids: Sequence[Any] | None = None,
         *,
         save: bool = True,
+        logsigma: np.ndarray | None = None,
     ) -> int:
         """Append precomputed (n, d) L2-normalised embeddings of ``captions`` (array level;
-        a binary index: (n, bits) codes of ±1)."""
+        a binary index: (n, bits) codes of ±1; a probabilistic index also needs their
+        (n, d) ``logsigma``)."""
         with self._write_lock:
             texts, ids, keep, n_in = self._prepare_new(captions, ids)
             binary = self.metric == HAMMING
             x = check_embeddings(embeddings, n_in, self.embed_dim, binary=binary)[keep]
+            if (logsigma is None) != (self._state.logsigma is None):
+                raise UsageError(
+                    "this index stores caption uncertainties (PCME): pass logsigma= for the new "
+                    "captions"
+                    if logsigma is None
+                    else "logsigma= is for probabilistic (PCME) indices; this one stores none"
+                )
+            sig = None
+            if logsigma is not None:
+                sig = np.asarray(logsigma, dtype=np.float32)
+                if sig.shape != (n_in, self.embed_dim):
+                    raise UsageError(
+                        f"logsigma must have shape ({n_in}, {self.embed_dim}), got {sig.shape}"
+                    )
+                sig = sig[keep]
             if not texts:
                 logger.info("add: nothing new to add")
                 return 0
-            return self._append(x, texts, ids, n_in, save)
+            return self._append(x, texts, ids, n_in, save, sig)
 
     def save(self, path: str | os.PathLike | None = None, *, overwrite: bool = False) -> Path:
         """Write the current state as an index folder (atomically), then reload it from there.
@@ -644,7 +682,14 @@ class KnowledgeIndex:
         st = self._state
         manifest = copy.deepcopy(st.manifest)
         write_index_folder(
-            target, st.cpu_index, st.captions, None, manifest, st.embeddings, overwrite
+            target,
+            st.cpu_index,
+            st.captions,
+            None,
+            manifest,
+            st.embeddings,
+            overwrite,
+            logsigma=st.logsigma,
         )
         self.path = target
         self._state = _load_state(
@@ -698,7 +743,15 @@ class KnowledgeIndex:
             raise UsageError(f"ids already in the index: {sorted(clash)[:5]}")
         return texts, new_ids, keep, n_in
 
-    def _append(self, x: np.ndarray, texts: list[str], ids: list, n_in: int, save: bool) -> int:
+    def _append(
+        self,
+        x: np.ndarray,
+        texts: list[str],
+        ids: list,
+        n_in: int,
+        save: bool,
+        logsigma: np.ndarray | None = None,
+    ) -> int:
         from datasets import Dataset, concatenate_datasets
 
         st = self._state
@@ -710,6 +763,9 @@ class KnowledgeIndex:
         if st.embeddings is not None:
             new_rows = pack_codes(x) if is_binary(cpu) else x.astype(st.embeddings.dtype)
             embeddings = np.concatenate([st.embeddings, new_rows])
+        sigma = None
+        if st.logsigma is not None:
+            sigma = np.concatenate([st.logsigma, logsigma.astype(st.logsigma.dtype)])
         manifest = copy.deepcopy(st.manifest)
         manifest["count"] = cpu.ntotal
         manifest["updated"] = utc_now()
@@ -717,7 +773,15 @@ class KnowledgeIndex:
             manifest["dedupe"]["input_count"] += n_in
             manifest["dedupe"]["removed"] += n_in - len(texts)
         self._state = _make_state(
-            cpu, captions, embeddings, manifest, self._overrides, self._use_gpu, False, self._gpus
+            cpu,
+            captions,
+            embeddings,
+            manifest,
+            self._overrides,
+            self._use_gpu,
+            False,
+            self._gpus,
+            sigma,
         )
         logger.info("added %d captions (now %d)", len(texts), cpu.ntotal)
         if save and self.path is not None:
@@ -773,9 +837,21 @@ def _results(st: _State, scores: np.ndarray, rows: np.ndarray, name: str) -> lis
     ids = st.id_rows.take(flat)
     values = scores[valid].tolist()
     names = [name] * rows.shape[1]
+    unc = None
+    if st.logsigma is not None:  # PCME: each caption's geometric mean of σ²
+        sig = np.asarray(st.logsigma[flat], dtype=np.float32)
+        unc = np.exp(2 * sig.mean(axis=1)).tolist()
     out, pos = [], 0
     for n in valid.sum(axis=1).tolist():
         end = pos + n
-        out.append(SearchResult(ids[pos:end], values[pos:end], caps[pos:end], names[:n]))
+        out.append(
+            SearchResult(
+                ids[pos:end],
+                values[pos:end],
+                caps[pos:end],
+                names[:n],
+                None if unc is None else unc[pos:end],
+            )
+        )
         pos = end
     return out

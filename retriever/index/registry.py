@@ -44,6 +44,11 @@ def merge_results(per_index: Sequence[Sequence[SearchResult]], k: int) -> list[S
                 scores=[h.score for h in hits],
                 captions=[h.text for h in hits],
                 index_names=[h.index_name for h in hits],
+                uncertainties=(
+                    [h.uncertainty for h in hits]
+                    if any(h.uncertainty is not None for h in hits)
+                    else None
+                ),
             )
         )
     return merged

@@ -40,6 +40,8 @@ class Hit(NamedTuple):
     score: float
     index_name: str
     id: Any
+    uncertainty: float | None = None
+    """A probabilistic (PCME) index's caption uncertainty (geometric mean of σ²); else None."""
 
 
 @dataclass(frozen=True)
@@ -51,21 +53,27 @@ class SearchResult:
         scores: Inner products (cosine similarities for normalised queries).
         captions: Caption texts.
         index_names: The index each hit came from.
+        uncertainties: Per hit, the caption's uncertainty in a probabilistic (PCME)
+            index (the geometric mean of its σ²), ``None`` for other indices.
     """
 
     ids: list = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
     captions: list[str] = field(default_factory=list)
     index_names: list[str] = field(default_factory=list)
+    uncertainties: list | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
 
     @property
     def hits(self) -> list[Hit]:
-        """The hits as ``Hit(text, score, index_name, id)`` tuples."""
-        return [Hit(*h) for h in zip(self.captions, self.scores, self.index_names, self.ids)]
+        """The hits as ``Hit(text, score, index_name, id, uncertainty)`` tuples."""
+        unc = self.uncertainties or [None] * len(self.ids)
+        return [Hit(*h) for h in zip(self.captions, self.scores, self.index_names, self.ids, unc)]
 
     def renamed(self, name: str) -> SearchResult:
         """The same hits tagged with another index name."""
-        return SearchResult(self.ids, self.scores, self.captions, [name] * len(self.ids))
+        return SearchResult(
+            self.ids, self.scores, self.captions, [name] * len(self.ids), self.uncertainties
+        )

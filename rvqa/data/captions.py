@@ -149,6 +149,8 @@ def caption_label(value: Any, where: str) -> str | None:
     """
     if value is None:
         return None
+    if isinstance(value, float) and value.is_integer():  # e.g. a pandas/Arrow int column with nulls
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise DataFormatError(
             f"{where}: the label must be a string or an integer, got {type(value).__name__} {value!r}"

@@ -397,6 +397,9 @@ def read_captions_datasets(
     image_kind = None if col_image is None else _image_column_kind(ds, col_image, where)
 
     raw_labels = list(ds[col_label]) if col_label else None
+    names = getattr(ds.features.get(col_label), "names", None) if col_label else None
+    if raw_labels is not None and names:  # a ClassLabel column: its names, not 0, 1, ...
+        raw_labels = [None if x is None or x < 0 else names[x] for x in raw_labels]
     raw_captions = list(ds[col_caption])
     raw_ids = list(ds[col_id]) if col_id else None
     raw_image_ids = list(ds[col_image_id]) if col_image_id else None
