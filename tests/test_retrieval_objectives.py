@@ -608,3 +608,24 @@ def test_center_refuses_captions_without_labels(tmp_path):
     cfg = config_from_dict(tiny_run_dict(tmp_path, loss="center"))
     with pytest.raises(UsageError, match="needs a semantic category .* of caption source 'coco'"):
         train_retriever(cfg)
+
+
+def test_unused_term_options_stay_out_of_the_config():
+    """A model trained without the new terms serialises (and fingerprints) as before them."""
+    from rvqa.retriever.configuration import TERM_FIELDS
+
+    added = {n for names in TERM_FIELDS.values() for n in names} | {"loss_weights", "class_names"}
+    plain = tiny_retriever(loss="vse_max").config.to_dict()
+    assert not added & set(plain)
+    pcme = tiny_retriever(loss="pcme", loss_weights={"pcme": 2.0}).config.to_dict()
+    assert set(TERM_FIELDS["pcme"]) | {"loss_weights"} <= set(pcme)
+    assert not set(TERM_FIELDS["hash"]) & set(pcme)
+    # and round-trips: the absent options load as their defaults
+    again = RetrieverConfig.from_dict(pcme)
+    assert again.loss_weights == {"pcme": 2.0} and again.hash_bits == 64
+
+
+def test_loss_term_names_agree_with_the_config_layer():
+    from rvqa.config import LOSS_TERM_NAMES
+
+    assert tuple(L.LOSS_TERMS) == LOSS_TERM_NAMES
