@@ -157,8 +157,15 @@ def _build_fact_indices(task_dir: Path, retriever: Any, indices_dir: Path) -> di
         rows = [json.loads(line) for line in (task_dir / "facts" / f"{file}.jsonl").open()]
         texts = [r["caption"] for r in rows]
         folder = indices_dir / f"knowledge-{file}"
+        # a hashing retriever's codes go into a binary index, a PCME retriever's variances
+        # beside its means: the metric and log sigma follow the retriever
+        extra: dict[str, Any] = {"metric": getattr(retriever, "index_metric", "inner_product")}
+        if getattr(retriever.config, "is_probabilistic", False):
+            emb, extra["logsigma"] = retriever.embed_texts(texts, return_logsigma=True)
+        else:
+            emb = retriever.embed_texts(texts)
         build_index_from_embeddings(
-            retriever.embed_texts(texts),
+            emb,
             texts,
             [r["id"] for r in rows],
             folder,
@@ -166,6 +173,7 @@ def _build_fact_indices(task_dir: Path, retriever: Any, indices_dir: Path) -> di
             caption_source=f"knowledge task facts/{file}.jsonl",
             overwrite=True,
             show_progress=False,
+            **extra,
         )
         out[key] = folder
     return out

@@ -72,6 +72,13 @@ class Evidence(NamedTuple):
     id: Any
     uncertainty: float | None = None
 
+    def to_dict(self) -> dict:
+        """JSON-ready dict; ``uncertainty`` only where there is one (a PCME retriever)."""
+        d = self._asdict()
+        if d["uncertainty"] is None:
+            del d["uncertainty"]
+        return d
+
 
 @dataclass
 class Answer:
@@ -101,16 +108,19 @@ class Answer:
     uncertainty: float | None = None
 
     def to_dict(self) -> dict:
-        """JSON-ready dict (``empty``: the answer is an empty generation)."""
-        return {
+        """JSON-ready dict (``empty``: the answer is an empty generation; ``uncertainty``
+        only with a probabilistic (PCME) retriever)."""
+        d = {
             "question": self.question,
             "answer": self.answer,
             "empty": self.empty,
             "score": self.score,
-            "uncertainty": self.uncertainty,
             "alternatives": [{"answer": a, "score": s} for a, s in self.alternatives],
-            "evidence": [e._asdict() for e in self.evidence],
+            "evidence": [e.to_dict() for e in self.evidence],
         }
+        if self.uncertainty is not None:
+            d["uncertainty"] = self.uncertainty
+        return d
 
 
 def _require(path: Path, files: Sequence[str], what: str) -> None:

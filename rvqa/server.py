@@ -766,7 +766,7 @@ def create_app(
             found = await batcher.run(lambda: model.retrieve([img], k, idx))
         finally:
             batcher.release_pixels(pixels)
-        return JSONResponse({"evidence": [e._asdict() for e in found[0]]})
+        return JSONResponse({"evidence": [e.to_dict() for e in found[0]]})
 
     @app.get("/v1/indices")
     async def indices():

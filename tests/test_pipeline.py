@@ -186,8 +186,8 @@ def test_answer_to_dict_is_json(model, images):
     d = json.loads(json.dumps(out.to_dict()))
     assert d["answer"] == out.answer and d["question"] == QUESTION
     assert [e["id"] for e in d["evidence"]] == [e.id for e in out.evidence]
-    assert set(d["evidence"][0]) == {"text", "score", "index", "id", "uncertainty"}
-    assert d["uncertainty"] is None and d["evidence"][0]["uncertainty"] is None  # not PCME
+    assert set(d["evidence"][0]) == {"text", "score", "index", "id"}  # no PCME: no uncertainty
+    assert "uncertainty" not in d
 
 
 def test_device_cpu(tiny_run, model, images):

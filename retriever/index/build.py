@@ -249,6 +249,11 @@ def build_index_from_embeddings(
         params, tuning = ({name: BINARY_SEARCH_DEFAULTS[name]} if name else {}), None
         if params:
             set_search_params(index, params)
+        if opts.embeddings_dtype not in (None, PACKED_BITS):
+            logger.warning(
+                "embeddings_dtype=%s is for float indices; a binary index stores its packed codes",
+                opts.embeddings_dtype,
+            )
         dtype, stored = PACKED_BITS, pack_codes(x)
     else:
         params, tuning = _fill_and_tune(index, x, queries, opts)
@@ -348,7 +353,12 @@ def build_index(
     opts = _options(options, option_fields)
     out_dir = Path(out_dir)
     check_out_dir(out_dir, overwrite)  # every process: fail before hours of encoding
+    binary = getattr(encoder, "index_metric", METRIC) == HAMMING
+    if opts.factory is not None:  # the factory's kind must fit the retriever's vectors
+        make_index(opts.factory, encoder.embed_dim, metric=HAMMING if binary else METRIC)
     if opts.tuning_queries is not None:
+        if binary:
+            raise UsageError("tuning_queries apply to float indices; binary indices are not tuned")
         check_tuning_queries(opts.tuning_queries, encoder.embed_dim)
     texts, ids = prepare_corpus(captions, ids)
     n_in = len(texts)
@@ -385,7 +395,7 @@ def build_index(
             caption_source=caption_source,
             overwrite=overwrite,
             dedupe_info=dedupe_info,
-            metric=HAMMING if getattr(encoder, "index_metric", METRIC) == HAMMING else METRIC,
+            metric=HAMMING if binary else METRIC,
             logsigma=sigma,
         )
     if accelerator is not None and accelerator.num_processes > 1:

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from rvqa.retriever.index.format import CAPTIONS_DIR, EMBEDDINGS_FILE, INDEX_FILE
+from rvqa.retriever.index.format import CAPTIONS_DIR, EMBEDDINGS_FILE, INDEX_FILE, LOGSIGMA_FILE
 from rvqa.retriever.index.knowledge_index import KnowledgeIndex
 from rvqa.retriever.index.types import CaptionEncoder
 
@@ -90,6 +90,11 @@ def index_info(
             f", {EMBEDDINGS_FILE} {_mb(files[EMBEDDINGS_FILE]['bytes'])} ({m['embeddings']['dtype']})"
             if m.get("embeddings")
             else ", no stored embeddings"
+        )
+        + (
+            f", {LOGSIGMA_FILE} {_mb(files[LOGSIGMA_FILE]['bytes'])} (PCME caption log sigma)"
+            if m.get("uncertainty")
+            else ""
         )
         + " (sha256 verified)",
     ]

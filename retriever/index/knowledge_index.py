@@ -181,6 +181,7 @@ _GPU_LOCK = threading.Lock()
 indices and their resources must not run concurrent calls."""
 
 _warned_no_gpu = False
+_warned_binary = False
 
 
 def _to_gpu(index: faiss.Index, gpus: Sequence[int] | None = None) -> tuple[faiss.Index, bool]:
@@ -189,9 +190,11 @@ def _to_gpu(index: faiss.Index, gpus: Sequence[int] | None = None) -> tuple[fais
     Stays on CPU, with one warning per process, when faiss has no GPU support or
     sees no GPU; with a warning (every time) when this index type cannot move.
     """
-    global _warned_no_gpu
+    global _warned_no_gpu, _warned_binary
     if is_binary(index):
-        logger.warning("binary (Hamming) indices are searched on CPU; use_gpu ignored")
+        if not _warned_binary:
+            _warned_binary = True
+            logger.warning("binary (Hamming) indices are searched on CPU; use_gpu ignored")
         return index, False
     ngpu = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if ngpu <= 0 or not hasattr(faiss, "index_cpu_to_all_gpus"):
@@ -281,6 +284,11 @@ def _load_state(
         embeddings = np.load(path / EMBEDDINGS_FILE, mmap_mode="r", allow_pickle=False)
     logsigma = None
     if manifest.get("uncertainty"):
+        if LOGSIGMA_FILE not in manifest["files"]:
+            raise IndexFormatError(
+                f"{path}: the manifest records caption uncertainties but lists no "
+                f"{LOGSIGMA_FILE} (written by an rvqa that dropped it?); rebuild the index"
+            )
         logsigma = np.load(path / LOGSIGMA_FILE, mmap_mode="r", allow_pickle=False)
         if logsigma.shape != (manifest["count"], manifest["embed_dim"]):
             raise IndexFormatError(
@@ -563,7 +571,10 @@ class KnowledgeIndex:
             # A clone (cheap for mmap'd storage: it shares the mapping) so the index
             # that running searches use is never mutated.
             if is_binary(st.cpu_index):
-                cpu = owned_copy(st.cpu_index)  # faiss has no clone of binary indices
+                try:  # shares a memory-mapped index's codes, as clone_index does
+                    cpu = faiss.clone_binary_index(st.cpu_index)
+                except RuntimeError:  # types faiss cannot clone: an owned copy
+                    cpu = owned_copy(st.cpu_index)
             else:
                 cpu = faiss.clone_index(st.cpu_index)
             self._state = _make_state(
@@ -652,9 +663,10 @@ class KnowledgeIndex:
             sig = None
             if logsigma is not None:
                 sig = np.asarray(logsigma, dtype=np.float32)
-                if sig.shape != (n_in, self.embed_dim):
+                if sig.shape != (n_in, self.embed_dim) or not np.isfinite(sig).all():
                     raise UsageError(
-                        f"logsigma must have shape ({n_in}, {self.embed_dim}), got {sig.shape}"
+                        f"logsigma must be a finite ({n_in}, {self.embed_dim}) array, got "
+                        f"shape {sig.shape}"
                     )
                 sig = sig[keep]
             if not texts:

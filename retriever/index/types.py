@@ -12,7 +12,13 @@ __all__ = ["CaptionEncoder", "Hit", "SearchResult"]
 
 @runtime_checkable
 class CaptionEncoder(Protocol):
-    """What the index needs from the retriever (``rvqa.retriever.modeling.RetrieverModel``)."""
+    """What the index needs from the retriever (``rvqa.retriever.modeling.RetrieverModel``).
+
+    Optional beside these: ``index_metric`` (``"hamming"``: the vectors are a hashing
+    retriever's ±1 codes, indexed in a binary index) and, for a probabilistic (PCME)
+    retriever, ``config.is_probabilistic`` with ``embed_texts(..., return_logsigma=True)``
+    returning ``(embeddings, logsigma)``.
+    """
 
     embed_dim: int
 
@@ -23,7 +29,7 @@ class CaptionEncoder(Protocol):
     def embed_texts(
         self, texts: list[str], batch_size: int = 256, show_progress: bool = False
     ) -> np.ndarray:
-        """Captions → (n, d) float32 L2-normalised."""
+        """Captions → (n, d) float32 L2-normalised (a hashing retriever: ±1 codes)."""
         ...
 
     def embed_images(
