@@ -43,6 +43,10 @@ PAIRS = [
 
 # Intended differences between a settings default and the other side's default.
 ALLOWED_DIFFERENCES = {
+    (RetrieverSettings, RetrieverConfig, "loss_weights"): (
+        "one value, two spellings: no weights is the settings' {} (a dataclass field "
+        "cannot default to a shared dict) and the config's None (a mutable default argument)"
+    ),
     (ReaderSettings, ReaderConfig, "vision_backbone"): (
         "provenance of the image weights: a run reuses the trained retriever's tower "
         "('retriever'); a ReaderConfig built by hand has no such tower, so its default "
@@ -174,7 +178,15 @@ def test_retriever_built_from_settings_gets_every_shared_value(tmp_path):
     text = str(tiny_text_backbone(tmp_path))
     vit = str(_tiny_vit(tmp_path))
     settings, values = _non_default_settings(
-        RetrieverSettings, RetrieverConfig, {"text_backbone": text, "vision_backbone": vit}
+        RetrieverSettings,
+        RetrieverConfig,
+        {
+            "text_backbone": text,
+            "vision_backbone": vit,
+            "loss": "infonce",
+            "loss_weights": {"infonce": 2.0},
+            "hash_bits": 32,  # a multiple of 8
+        },
     )
     settings.learning_rate = 0.5  # a training field: not read
     model = RetrieverModel.from_backbones(settings, load_weights=False)
