@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import shutil
 import subprocess
@@ -249,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
         "commit": commit,
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} CPUs",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "data": {
             **manifest["counts"],
             "valid_matches_per_test_caption": {

@@ -91,12 +91,15 @@ def _label_key(label: Any) -> str | None:
     return None if label is None else str(label).strip()
 
 
-def class_names_of(records: Sequence) -> list[str]:
-    """The sorted distinct labels of caption records (``CaptionCorpus.labels`` when there)."""
+def _labels_of(records: Sequence) -> list:
+    """Each record's label: ``CaptionCorpus.labels`` when there (no records built)."""
     labels = getattr(records, "labels", None)
-    if labels is None:
-        labels = [getattr(r, "label", None) for r in records]
-    return sorted({_label_key(x) for x in labels if x is not None})
+    return [getattr(r, "label", None) for r in records] if labels is None else labels
+
+
+def class_names_of(records: Sequence) -> list[str]:
+    """The sorted distinct labels of caption records."""
+    return sorted({_label_key(x) for x in _labels_of(records) if x is not None})
 
 
 def check_labels(records: Sequence, loss: str, where: str) -> None:
@@ -106,9 +109,7 @@ def check_labels(records: Sequence, loss: str, where: str) -> None:
         UsageError: Naming how many captions lack one, the first of them and where
             labels come from.
     """
-    labels = getattr(records, "labels", None)
-    if labels is None:
-        labels = [getattr(r, "label", None) for r in records]
+    labels = _labels_of(records)
     missing = [i for i, x in enumerate(labels) if x is None]
     if missing:
         first = records[missing[0]]

@@ -472,16 +472,15 @@ class RetrieverModel(KeepsFrozenOnLoad, PreTrainedModel):
         b = im["emb"].shape[0]
         if positive_mask is not None:
             positive_mask = positive_mask.to(im["emb"].device)
+        # hardest negatives (vse_max, gpl) only after the warm-up
+        warming = bool(self.training and self.num_updates < cfg.max_violation_warmup)
+        same = None  # the batch's same-category mask, built once for crcgs and support_set
+        if any(t in ("crcgs", "support_set") for t in cfg.loss_terms):
+            same = self._same_category(labels, positive_mask, b, im["emb"].device)
         values: dict[str, torch.Tensor] = {}
         for term in cfg.loss_terms:
             if term in ("vse_max", "vse_sum", "infonce"):
-                name = term
-                if (
-                    name == "vse_max"
-                    and self.training
-                    and self.num_updates < cfg.max_violation_warmup
-                ):
-                    name = "vse_sum"
+                name = "vse_sum" if term == "vse_max" and warming else term
                 values[term] = L.retrieval_loss(
                     name,
                     im["emb"],
@@ -520,9 +519,7 @@ class RetrieverModel(KeepsFrozenOnLoad, PreTrainedModel):
                     txt["multi"],
                     margin=cfg.gpl_margin,
                     diversity_weight=cfg.gpl_diversity_weight,
-                    max_violation=not (
-                        self.training and self.num_updates < cfg.max_violation_warmup
-                    ),
+                    max_violation=not warming,
                     positive_mask=positive_mask,
                 )
             elif term == "modality":
@@ -536,7 +533,7 @@ class RetrieverModel(KeepsFrozenOnLoad, PreTrainedModel):
                 values[term] = L.crcgs_contrastive_loss(
                     im["emb"],
                     txt["emb"],
-                    self._same_category(labels, positive_mask, b, im["emb"].device),
+                    same,
                     temperature=cfg.crcgs_temperature,
                     positive_mask=positive_mask,
                 )
@@ -544,7 +541,7 @@ class RetrieverModel(KeepsFrozenOnLoad, PreTrainedModel):
                 values[term] = L.support_set_loss(
                     im["emb"],
                     txt["emb"],
-                    self._same_category(labels, positive_mask, b, im["emb"].device),
+                    same,
                     temperature=cfg.support_temperature,
                 )
             elif term == "hash":
