@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -64,6 +65,7 @@ from rvqa.run_layout import (
     READER_DIR,
     RETRIEVAL_CACHE_DIR,
     RETRIEVER_DIR,
+    reranker_dir,
     retriever_dir,
     write_run_file,
 )
@@ -371,7 +373,9 @@ def train_reader(
         indices = {cfg.index.name: str(index_path)} if index_path is not None else {}
         ret_dir = retriever_dir(run_dir) if (run_dir / RETRIEVER_DIR).is_dir() else None
         if ret_dir is not None:
-            write_run_file(run_dir, ret_dir, model_dir, indices, s.top_k)
+            write_run_file(
+                run_dir, ret_dir, model_dir, indices, s.top_k, _run_reranker(run_dir, ret_dir)
+            )
     accelerator.wait_for_everyone()
     if end_training:
         accelerator.end_training()
@@ -386,3 +390,25 @@ def train_reader(
 def _tokenizer_digest(tokenizer: Any) -> str:
     """The identity of a tokenizer's pieces and scores (not of its files' paths)."""
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+
+
+def _run_reranker(run_dir: Path, ret_dir: Path) -> Path | None:
+    """The run's trained re-ranker, when it was trained for the run's retriever (one
+    trained for an earlier retriever is not recorded: loading would refuse it)."""
+    path = reranker_dir(run_dir)
+    if path is None:
+        return None
+    try:
+        recorded = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        fingerprint = recorded.get("retriever_fingerprint")
+    except (OSError, ValueError):
+        return None
+    if fingerprint != RetrieverModel.from_pretrained(ret_dir).fingerprint():
+        logger.warning(
+            "not recording the re-ranker %s in %s: it was trained for another retriever "
+            "(retrain it with rvqa train-reranker)",
+            path,
+            run_dir / "rvqa_run.json",
+        )
+        return None
+    return path

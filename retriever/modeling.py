@@ -344,7 +344,9 @@ class RetrieverModel(KeepsFrozenOnLoad, PreTrainedModel):
             feats = tokens[:, 0]
         else:  # "mean", or a backbone without a pooler
             feats = tokens.mean(dim=1)
-        return self._parts("image", feats, tokens, None)
+        parts = self._parts("image", feats, tokens, None)
+        parts["tokens"] = tokens  # the regions / patches a re-ranker reads
+        return parts
 
     def _text_parts(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
@@ -680,12 +682,15 @@ class RetrieverModel(KeepsFrozenOnLoad, PreTrainedModel):
         batch_size: int = 64,
         show_progress: bool = False,
         return_logsigma: bool = False,
-    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        return_tokens: bool = False,
+    ) -> np.ndarray | tuple[Any, ...]:
         """Images (paths, PIL, uint8 arrays) → (N, D) float32 L2-normalised embeddings
         (a hashing retriever: (N, bits) codes of ±1).
 
         ``return_logsigma=True`` (a PCME retriever): also the (N, D) log σ of each
-        image's Gaussian, as ``(embeddings, logsigma)``.
+        image's Gaussian, as ``(embeddings, logsigma)``. ``return_tokens=True``: also
+        the image tower's (N, R, H) tokens (regions / patches; a float32 tensor on the
+        model's device), what a re-ranker reads, last in the tuple.
         """
         from tqdm.auto import tqdm
 
@@ -701,6 +706,7 @@ class RetrieverModel(KeepsFrozenOnLoad, PreTrainedModel):
             if return_logsigma
             else None
         )
+        tokens: list[torch.Tensor] = []
         starts = range(0, len(images), batch_size)
         for s in tqdm(starts, desc="encoding images", unit="batch", disable=not show_progress):
             pixels = self.preprocess_images(images[s : s + batch_size]).to(self.device)
@@ -709,9 +715,14 @@ class RetrieverModel(KeepsFrozenOnLoad, PreTrainedModel):
             out[s : s + len(emb)] = emb.float().cpu().numpy()
             if sig is not None:
                 sig[s : s + len(emb)] = parts["logsigma"].float().cpu().numpy()
+            if return_tokens:
+                tokens.append(parts["tokens"].float())
         if was_training:
             self.train()
-        return (out, sig) if sig is not None else out
+        result: tuple[Any, ...] = (out,) if sig is None else (out, sig)
+        if return_tokens:
+            result = (*result, torch.cat(tokens) if tokens else torch.zeros(0))
+        return result if len(result) > 1 else out
 
     def fingerprint(self) -> str:
         """A hash of the config and weights; knowledge indices record it and check it on load."""

@@ -266,6 +266,44 @@ def _cmd_train_retriever(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_reranker_args(p: argparse.ArgumentParser) -> None:
+    _train_args(p)
+    _add_skip_bad_images(p, "retriever.captions")
+
+
+def _cmd_train_reranker(args: argparse.Namespace) -> int:
+    from rvqa.retriever.rerank_train import train_reranker
+
+    out = train_reranker(_load_cfg(args), resume=args.resume)
+    _print_main(f"re-ranker saved to {out['model_dir']}")
+    for name in ("val", "test"):
+        t = out[name]
+        if t:
+            _print_main(
+                f"{name} image→text recall@1/5/10 over the top {int(t['top_n'])}: dual encoder "
+                f"{t['dual_r1']:.1f} / {t['dual_r5']:.1f} / {t['dual_r10']:.1f}, re-ranked "
+                f"{t['r1']:.1f} / {t['r5']:.1f} / {t['r10']:.1f}"
+            )
+    return 0
+
+
+def _add_rerank_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--rerank",
+        type=int,
+        default=None,
+        metavar="N",
+        help="re-rank each index's top N captions with the cross-attention re-ranker and "
+        "read the best k (N ≥ k; needs a re-ranker: the run's, or --reranker)",
+    )
+    p.add_argument(
+        "--reranker",
+        default=None,
+        metavar="PATH",
+        help="re-ranker folder (rvqa train-reranker's reranker/best; default: the run's)",
+    )
+
+
 def _recall_line(t: dict) -> str:
     return (
         "recall@1/5/10  image→text {:.1f} / {:.1f} / {:.1f}   "
@@ -479,6 +517,7 @@ def _ask_args(p: argparse.ArgumentParser) -> None:
         metavar="K",
         help="captions to retrieve (default: the number the reader was trained with)",
     )
+    _add_rerank_args(p)
     _add_search_args(p, from_config=False)
     _add_gpu_index_arg(p, config=False)
     p.add_argument("--json", action="store_true", help="print the answer as JSON")
@@ -504,6 +543,10 @@ def _cmd_ask(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--top-k must be ≥ 1, got {args.top_k} (use --no-retrieval to answer without captions)"
         )
+    if args.rerank is not None and args.rerank < 1:
+        raise UsageError(f"--rerank must be a number of captions ≥ 1, got {args.rerank}")
+    if args.no_retrieval and args.rerank:
+        raise UsageError("--rerank and --no-retrieval exclude each other")
     image = load_image(args.image)
     with _QuietLoading(args.debug):
         model = RVQA.from_pretrained(
@@ -514,10 +557,11 @@ def _cmd_ask(args: argparse.Namespace) -> int:
             ef_search=args.ef_search,
             use_gpu=bool(args.gpu_index),
             precision=args.precision,
+            reranker=args.reranker,
         )
         index = None if args.no_retrieval else (model.use_indices(args.index) or ALL_INDICES)
         log_placement("ask", **model.placement())
-        out = model.answer(image, args.question, top_k=args.top_k, index=index)
+        out = model.answer(image, args.question, top_k=args.top_k, index=index, rerank=args.rerank)
     if args.json:
         print(json.dumps(out.to_dict(), indent=1, ensure_ascii=False, default=str))
     else:
@@ -633,13 +677,21 @@ def _format_answer(out, retrieval: bool) -> str:
         why = "no captions retrieved" if retrieval else "answered without retrieval"
         lines.append(f"Evidence: none ({why})")
         return "\n".join(lines)
-    lines.append(f"Evidence ({len(out.evidence)} captions, best first):")
-    rows = [("score", "index", "id", "caption")] + [
-        (f"{e.score:.3f}", e.index, str(e.id), e.text) for e in out.evidence
-    ]
-    widths = [max(len(r[c]) for r in rows) for c in range(3)]
+    reranked = out.evidence[0].rerank_score is not None
+    order = "re-ranked, best first" if reranked else "best first"
+    lines.append(f"Evidence ({len(out.evidence)} captions, {order}):")
+    head = ("score", "rerank", "rank", "index", "id") if reranked else ("score", "index", "id")
+    rows = [(*head, "caption")]
+    for e in out.evidence:
+        cells = (f"{e.score:.3f}",)
+        if reranked:
+            cells += (f"{e.rerank_score:.3f}", str(e.retrieval_rank))
+        rows.append((*cells, e.index, str(e.id), e.text))
+    n = len(head)
+    widths = [max(len(r[c]) for r in rows) for c in range(n)]
     for r in rows:
-        lines.append("  " + "  ".join(v.ljust(w) for v, w in zip(r[:3], widths)) + "  " + r[3])
+        lines.append("  " + "  ".join(v.ljust(w) for v, w in zip(r[:n], widths)) + "  " + r[n])
+    lines.extend(f"Note: {note}" for note in out.notes)
     return "\n".join(lines)
 
 
@@ -706,8 +758,10 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compare",
         action="store_true",
-        help="one table: each index alone and no retrieval, with the difference to no retrieval",
+        help="one table: each index alone (and re-ranked, with --rerank) and no retrieval, "
+        "with the difference to no retrieval",
     )
+    _add_rerank_args(p)
     p.add_argument(
         "--random-captions",
         action="store_true",
@@ -760,6 +814,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             device=args.device,
             use_gpu=True if args.gpu_index else None,
             precision=args.precision,
+            rerank=args.rerank,
+            reranker=args.reranker,
         )
     if res.table is not None:
         print(f"{res.questions} questions ({res.split})\n")
@@ -869,6 +925,17 @@ COMMANDS: dict[str, Command] = {
         _train_reader_args,
         _cmd_train_reader,
     ),
+    "train-reranker": Command(
+        "train the cross-attention re-ranker for the run's retriever (rerank=N at inference)",
+        """
+        rvqa train-reranker                                     # runs/demo's retriever and captions
+        rvqa train-reranker --set reranker.top_n=100 --set reranker.num_negatives=31
+        rvqa train-reranker --config configs/demo.yaml --resume
+        ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 -m rvqa train-reranker
+        """,
+        _train_reranker_args,
+        _cmd_train_reranker,
+    ),
     "demo": Command(
         "the offline demo: easy-vqa (train retriever, build indices, train reader, evaluate, "
         "answer), then the knowledge task (both readers, index A vs B swapped in)",
@@ -885,6 +952,7 @@ COMMANDS: dict[str, Command] = {
         rvqa ask --model runs/demo --image shape.png --question "what color is the shape?"
         rvqa ask --model runs/demo --image shape.png --question "what shape is it?" --index indices/easyvqa-paraphrased --top-k 3
         rvqa ask --model runs/demo --image shape.png --question "what color is the shape?" --no-retrieval --json
+        rvqa ask --model runs/demo --image shape.png --question "what color is the shape?" --rerank 50
         """,
         _ask_args,
         _cmd_ask,
@@ -895,6 +963,7 @@ COMMANDS: dict[str, Command] = {
         rvqa evaluate --model runs/demo --out runs/demo/eval          # the config's data.eval_split
         rvqa evaluate --model runs/demo --split test --compare --index indices/easyvqa-paraphrased --out runs/demo/compare
         rvqa evaluate --model runs/demo --split test --no-retrieval --out runs/demo/eval-k0
+        rvqa evaluate --model runs/demo --split test --compare --rerank 50 --out runs/demo/rerank
         rvqa evaluate --model runs/demo --split test --compare --random-captions --report 50 --out runs/demo/ablation
         rvqa evaluate --model runs/coco_vqav2 --split test-dev --ef-search 128 --out runs/coco_vqav2/test-dev   # predictions only
         """,

@@ -55,6 +55,7 @@ __all__ = [
     "RetrieverSettings",
     "IndexSettings",
     "ReaderSettings",
+    "RerankerSettings",
     "RunConfig",
     "load_config",
     "config_from_dict",
@@ -438,6 +439,71 @@ class ReaderSettings(TrainSettings):
 
 
 @dataclass
+class RerankerSettings(TrainSettings):
+    """The cross-attention re-ranker (IMRAM-style iterative matching) and its training.
+
+    It re-scores the top-N captions the knowledge index returns for an image
+    (``RVQA.answer(..., rerank=N)``, ``rvqa ask|evaluate --rerank N``). It reads the
+    trained retriever's image-tower features (regions or patches) and its own light
+    text encoder over the retriever's tokenizer and word vectors, so it belongs to one
+    retriever (its fingerprint is recorded and checked on load). Trained with
+    ``rvqa train-reranker`` on the retriever's training captions: for each image its
+    own caption against negatives drawn from the retriever's top-``top_n`` (the
+    captions the dual encoder confuses with it).
+    """
+
+    learning_rate: float = 5e-4
+    batch_size: int = 32
+    num_epochs: int = 3
+
+    retriever: str | None = None
+    """The retriever folder the re-ranker serves (None = the run's trained retriever,
+    ``OUTPUT_DIR/retriever/best`` or ``final``)."""
+    captions: CaptionDataConfig | None = None
+    """Training captions (None = the retriever's ``retriever.captions``)."""
+    hidden_size: int = 128
+    """Width of the matching space (regions and words are projected into it)."""
+    num_steps: int = 3
+    """IMRAM's matching steps K (the score is the sum of the K steps' similarities)."""
+    directions: Literal["both", "t2i", "i2t"] = "both"
+    """Which attention directions match: words attending over regions (t2i), regions
+    over words (i2t), or both summed (IMRAM's full model)."""
+    attention_lambda: float = 9.0
+    """Inverse temperature of the attention softmax (SCAN/IMRAM's λ; their 9)."""
+    attention_norm: Literal["none", "queries"] = "none"
+    """'queries': SCAN/IMRAM's normalisation of the similarities over the queries before
+    the softmax; 'none' (default): the softmax of λ·cosine. On an image tower's grid
+    tokens the normalisation flattens the attention and the re-ranker hardly learns
+    (see rvqa.retriever.reranker)."""
+    text_layers: int = 1
+    """Transformer layers of the re-ranker's text encoder over the word vectors (0 = the
+    projected word vectors with positions only)."""
+    num_heads: int = 4
+    dropout: float = 0.1
+    freeze_word_embeddings: bool = True
+    """Keep the word vectors (copied from the retriever's text tower) fixed."""
+    fuse_retrieval_score: bool = True
+    """Add the retrieval score (times a learned weight) to the matching score, so the
+    re-ranker corrects the dual encoder rather than replacing it."""
+    max_caption_length: int = 32
+    """Tokens per caption the re-ranker reads (longer ones are truncated)."""
+    top_n: int = 50
+    """Training: candidates retrieved per image, from which its negatives are drawn."""
+    num_negatives: int = 15
+    """Training: negatives scored beside each positive caption (from the image's top_n,
+    never one of its own captions or an identical text)."""
+    eval_top_n: int = 50
+    """Validation and test: the re-ranker's recall@K over each image's top-N."""
+    eval_split: str = "val"
+    """Caption split for validation (karpathy: 'val'); missing: hold out val_fraction."""
+    val_fraction: float = 0.05
+    test_split: str | None = "test"
+    """Caption split for the final recall@K report (None = skip)."""
+    max_eval_images: int | None = 1000
+    """Cap on the validation images evaluated at each evaluation."""
+
+
+@dataclass
 class RunConfig:
     """Everything one rvqa run needs. Sections map onto the YAML's top-level keys."""
 
@@ -446,6 +512,7 @@ class RunConfig:
     retriever: RetrieverSettings = field(default_factory=RetrieverSettings)
     index: IndexSettings = field(default_factory=IndexSettings)
     reader: ReaderSettings = field(default_factory=ReaderSettings)
+    reranker: RerankerSettings = field(default_factory=RerankerSettings)
 
 
 # --------------------------------------------------------------------------- models

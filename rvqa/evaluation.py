@@ -79,6 +79,7 @@ def evaluate_run(
     report: int = 0,
     report_errors: bool = False,
     seed: int = 0,
+    rerank: int | None = None,
 ) -> EvalRun:
     """Answer every record with ``model`` (an :class:`rvqa.RVQA`) and score it.
 
@@ -97,6 +98,8 @@ def evaluate_run(
         report: Write ``report.html`` with this many sampled questions (0: none).
         report_errors: Sample the report from questions not fully correct only.
         seed: Seed of the report's sample (the same questions for every condition).
+        rerank: Re-rank each index's top-N with the model's re-ranker (``RVQA.answer``'s
+            ``rerank``); the evidence records both scores and the retrieval rank.
     """
     from tqdm.auto import tqdm
 
@@ -119,9 +122,9 @@ def evaluate_run(
         chunk = records[s : s + batch_size]
         images, questions = [r.image for r in chunk], [r.question for r in chunk]
         if control is None:
-            outs = model.answer_batch(images, questions, top_k=top_k, index=index)
+            outs = model.answer_batch(images, questions, top_k=top_k, index=index, rerank=rerank)
         else:
-            found = model.retrieve(images, top_k=top_k, index=index)
+            found = model.retrieve(images, top_k=top_k, index=index, rerank=rerank)
             swapped = control(found, [r.question_id for r in chunk])
             outs = model.answer_batch(images, questions, evidence=swapped)
         for r, o in zip(chunk, outs):
@@ -133,10 +136,7 @@ def evaluate_run(
                     "answers": list(r.answers) if r.answers is not None else None,
                     "prediction": o.answer,
                     "score": round(o.score, 6),
-                    "evidence": [
-                        {"text": e.text, "score": round(e.score, 6), "index": e.index, "id": e.id}
-                        for e in o.evidence
-                    ],
+                    "evidence": [_evidence_row(e) for e in o.evidence],
                 }
             )
     has_answers = all(r.answers is not None for r in records)
@@ -149,6 +149,15 @@ def evaluate_run(
                 run, records, Path(out_dir) / "report.html", report, report_errors, seed, split_name
             )
     return run
+
+
+def _evidence_row(e: Any) -> dict:
+    """One evidence entry of ``evidence.jsonl`` (re-ranking's score and rank when there)."""
+    row = {"text": e.text, "score": round(e.score, 6), "index": e.index, "id": e.id}
+    if getattr(e, "rerank_score", None) is not None:
+        row["rerank_score"] = round(e.rerank_score, 6)
+        row["retrieval_rank"] = e.retrieval_rank
+    return row
 
 
 def write_run_files(run: EvalRun, out_dir: Path, split_name: str = "") -> None:
@@ -197,8 +206,9 @@ def compare(
     """Evaluate several retrieval conditions; return rows and a markdown table.
 
     Args:
-        conditions: (label, index) or (label, index, control) tuples; index as in
-            :func:`evaluate_run`, control e.g. a :class:`RandomCaptions`. The
+        conditions: (label, index), (label, index, control) or (label, index, control,
+            rerank) tuples; index as in :func:`evaluate_run`, control e.g. a
+            :class:`RandomCaptions` (or None), rerank a re-ranking depth N (or None). The
             condition with index None is the baseline of the Δ column when present.
         report, report_errors, seed: As in :func:`evaluate_run`, one page per
             condition (in its sub-folder), all showing the same questions when
@@ -206,7 +216,7 @@ def compare(
     """
     rows = []
     for cond in conditions:
-        label, index, control = (*cond, None) if len(cond) == 2 else cond
+        label, index, control, rerank = (*cond, None, None)[:4]
         sub = Path(out_dir) / _slug(label) if out_dir is not None else None
         run = evaluate_run(
             model,
@@ -221,6 +231,7 @@ def compare(
             report=report,
             report_errors=report_errors,
             seed=seed,
+            rerank=rerank,
         )
         if run.accuracy is None:
             raise UsageError("--compare needs a split with annotations")
@@ -518,6 +529,8 @@ def evaluate_split(
     device: str | None = None,
     use_gpu: bool | None = None,
     precision: str = "float32",
+    rerank: int | None = None,
+    reranker: str | Path | None = None,
 ) -> EvaluationOutcome:
     """``rvqa evaluate``: load a run, answer a VQA split, write the files and ``config.yaml``.
 
@@ -545,6 +558,9 @@ def evaluate_split(
         use_gpu: Search the indices on GPU (default: ``cfg.index.use_gpu``; ``rvqa
             evaluate --gpu-index``).
         precision: ``"float32"`` or ``"bf16"`` (:class:`~rvqa.pipeline.RVQA`'s autocast).
+        rerank: Re-rank each index's top-N (``rvqa evaluate --rerank N``); with
+            ``compare_indices`` each index gets a row without and one with re-ranking.
+        reranker: A re-ranker folder (default: the run's, recorded in ``rvqa_run.json``).
 
     Raises:
         UsageError: Contradicting or out-of-range arguments.
@@ -556,10 +572,13 @@ def evaluate_split(
         raise UsageError(f"--report must be a number of questions ≥ 0, got {report}")
     if max_questions is not None and max_questions < 0:
         raise UsageError(f"--max-questions must be ≥ 0 (0: all), got {max_questions}")
-    if no_retrieval and (indices or compare_indices or random_captions):
+    if no_retrieval and (indices or compare_indices or random_captions or rerank):
         raise UsageError(
-            "--no-retrieval cannot be combined with --index, --compare or --random-captions"
+            "--no-retrieval cannot be combined with --index, --compare, --random-captions "
+            "or --rerank"
         )
+    if rerank is not None and (isinstance(rerank, bool) or not isinstance(rerank, int) or rerank < 1):
+        raise UsageError(f"--rerank must be a number of captions ≥ 1, got {rerank!r}")
     cfg = cfg if cfg is not None else load_run_config(run_dir)
     split = split or cfg.data.eval_split
     limit = cfg.data.max_eval_questions if max_questions is None else max_questions
@@ -572,7 +591,10 @@ def evaluate_split(
         ef_search=ef_search if ef_search is not None else cfg.index.ef_search,
         use_gpu=cfg.index.use_gpu if use_gpu is None else use_gpu,
         precision=precision,
+        reranker=reranker,
     )
+    if rerank:
+        model._check_rerank(rerank, model.default_top_k if top_k is None else top_k)
     names = model.use_indices(indices)
     if cfg.data.require_facts:
         for name in model.registry.names:
@@ -588,7 +610,11 @@ def evaluate_split(
     control = RandomCaptions(model.registry, seed=seed) if random_captions else None
     opts = {"report": report, "report_errors": report_errors, "seed": seed}
     if compare_indices:
-        conditions: list[tuple] = [(n, n) for n in (names or model.registry.names)]
+        conditions: list[tuple] = []
+        for n in names or model.registry.names:
+            conditions.append((n, n))
+            if rerank:
+                conditions.append((f"{n} + rerank {rerank}", n, None, rerank))
         if control is not None:  # a control for the first index's retrieval
             first = conditions[0][1]
             label = control.label if len(conditions) == 1 else f"{control.label} ({first})"
@@ -607,10 +633,13 @@ def evaluate_split(
         return EvaluationOutcome(split, len(records), out_dir, table=table, rows=rows)
     index = None if no_retrieval else (names or ALL_INDICES)
     label = "no retrieval" if index is None else ",".join(names) or "run indices"
+    if rerank:
+        label = f"{label} + rerank {rerank}"
     run = evaluate_run(
         model,
         records,
         index=index,
+        rerank=rerank,
         condition=f"{control.label} ({label})" if control is not None else label,
         top_k=top_k,
         batch_size=batch_size,

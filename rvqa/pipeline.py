@@ -44,6 +44,7 @@ from rvqa.reader.modeling import ReaderModel
 from rvqa.reader.processing import PROCESSOR_FILE, ReaderProcessor
 from rvqa.retriever.index import IndexRegistry, KnowledgeIndex, read_manifest
 from rvqa.retriever.modeling import RetrieverModel
+from rvqa.retriever.reranker import RerankerModel
 from rvqa.run_layout import read_run_file
 
 logger = logging.getLogger(__name__)
@@ -61,9 +62,13 @@ ALL_INDICES: Any = _AllIndices()
 class Evidence(NamedTuple):
     """One retrieved caption that the reader read.
 
+    ``score`` is the retrieval score (what the reader was trained to read).
     ``uncertainty``: with a probabilistic (PCME) retriever, the caption's uncertainty
     stored in its index (the geometric mean of its Gaussian's σ²; larger = vaguer,
-    e.g. a caption that fits many images); ``None`` otherwise.
+    e.g. a caption that fits many images); ``None`` otherwise. With re-ranking
+    (``rerank=N``): ``rerank_score``, the re-ranker's logit (the order of the
+    evidence), and ``retrieval_rank``, the caption's rank (1 = best) among the N the
+    indices returned; ``None`` otherwise.
     """
 
     text: str
@@ -71,12 +76,16 @@ class Evidence(NamedTuple):
     index: str
     id: Any
     uncertainty: float | None = None
+    rerank_score: float | None = None
+    retrieval_rank: int | None = None
 
     def to_dict(self) -> dict:
-        """JSON-ready dict; ``uncertainty`` only where there is one (a PCME retriever)."""
+        """JSON-ready dict; ``uncertainty`` only where there is one (a PCME retriever),
+        ``rerank_score`` / ``retrieval_rank`` only with re-ranking."""
         d = self._asdict()
-        if d["uncertainty"] is None:
-            del d["uncertainty"]
+        for key in ("uncertainty", "rerank_score", "retrieval_rank"):
+            if d[key] is None:
+                del d[key]
         return d
 
 
@@ -97,6 +106,9 @@ class Answer:
         uncertainty: With a probabilistic (PCME) retriever, the query image's
             uncertainty: the geometric mean of σ² of its Gaussian embedding (larger =
             more ambiguous); ``None`` for other retrievers or without retrieval.
+        notes: What the caller should know about how the answer was made, e.g. that
+            ``rerank=N`` asked for more captions than the indices hold (then every
+            caption they hold was re-ranked).
     """
 
     answer: str
@@ -106,6 +118,7 @@ class Answer:
     question: str = ""
     empty: bool = False
     uncertainty: float | None = None
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """JSON-ready dict (``empty``: the answer is an empty generation; ``uncertainty``
@@ -120,6 +133,8 @@ class Answer:
         }
         if self.uncertainty is not None:
             d["uncertainty"] = self.uncertainty
+        if self.notes:
+            d["notes"] = list(self.notes)
         return d
 
 
@@ -152,6 +167,9 @@ class RVQA:
         precision: ``"float32"``, or ``"bf16"``: retriever and reader run under bfloat16
             autocast (faster on GPUs and on CPUs with AVX512-BF16 / AMX; answers may
             differ from float32 ones in their last digits, rarely in their choice).
+        reranker: The cross-attention re-ranker ``rerank=N`` uses
+            (:class:`rvqa.retriever.reranker.RerankerModel`), or ``None``
+            (:meth:`load_reranker` adds one).
     """
 
     def __init__(
@@ -167,6 +185,7 @@ class RVQA:
         ef_search: int | None = None,
         use_gpu: bool = False,
         precision: str = "float32",
+        reranker: RerankerModel | None = None,
     ):
         self.device = _resolve_device(device)
         self.precision = _check_precision(precision, self.device)
@@ -197,6 +216,9 @@ class RVQA:
         self._swap_lock = threading.Lock()
         # (retriever object, its fingerprint): hashing every weight once, not per index load.
         self._fingerprint: tuple[Any, str] | None = None
+        self.reranker: RerankerModel | None = None
+        if reranker is not None:
+            self.load_reranker(reranker)
 
     # ------------------------------------------------------------------ loading
 
@@ -211,8 +233,10 @@ class RVQA:
         ef_search: int | None = None,
         use_gpu: bool = False,
         precision: str = "float32",
+        reranker: str | Path | bool | None = None,
     ) -> RVQA:
-        """Load a run folder: retriever, reader and its default knowledge index(es).
+        """Load a run folder: retriever, reader, its default knowledge index(es) and
+        the re-ranker it recorded, if any.
 
         Args:
             run_dir: Folder with ``rvqa_run.json`` (written by ``rvqa train-reader``
@@ -228,10 +252,13 @@ class RVQA:
                 names one (``cuda:1``); CPU with one warning where faiss has no GPU.
             precision: ``"float32"`` (default) or ``"bf16"`` (bfloat16 autocast; see
                 :class:`RVQA`).
+            reranker: A re-ranker folder to load instead of the run's; ``False``: none
+                (default ``None``: the one ``rvqa_run.json`` records, if any).
 
         Raises:
             RunFolderError: The folder, ``rvqa_run.json`` or a component file is
                 missing (named in the message).
+            IndexMismatchError: The re-ranker was trained for another retriever.
             ValueError: ``rvqa_run.json`` is malformed.
             UsageError: ``device`` is unknown or not available; ``nprobe`` /
                 ``ef_search`` not a positive integer; ``precision`` unknown, or bf16
@@ -273,10 +300,29 @@ class RVQA:
             use_gpu=use_gpu,
             precision=precision,
         )
+        chosen = run.reranker if reranker is None else (None if reranker is False else reranker)
+        if chosen is not None and chosen is not True:
+            model.load_reranker(chosen)
         if load_indices:
             for name, path in run.indices.items():
                 model.load_index(path, name=name)
         return model
+
+    def load_reranker(self, reranker: str | Path | RerankerModel) -> None:
+        """Use a re-ranker for ``rerank=N`` (a folder written by ``rvqa train-reranker``,
+        or a loaded model); replaces the current one for subsequent calls.
+
+        Raises:
+            FileNotFoundError: The folder or one of its files is missing.
+            IndexMismatchError: It was trained for another retriever (both fingerprints
+                named); the current re-ranker stays.
+        """
+        if isinstance(reranker, RerankerModel):
+            model, where = reranker, ""
+        else:
+            model, where = RerankerModel.from_pretrained(reranker), str(reranker)
+        model.check_retriever(self._retriever_fingerprint(), where)
+        self.reranker = model.to(self.device).eval()
 
     # ------------------------------------------------------------------ indices
 
@@ -494,6 +540,7 @@ class RVQA:
         top_k: int | None = None,
         index: str | Sequence[str] | None = ALL_INDICES,
         num_alternatives: int = 4,
+        rerank: int | None = None,
     ) -> Answer:
         """Answer one question about one image.
 
@@ -505,16 +552,24 @@ class RVQA:
                 default (every loaded index), or ``None`` / ``[]`` to answer without
                 retrieval.
             num_alternatives: How many runner-up answers to report.
+            rerank: Retrieve the top ``rerank`` captions (N ≥ ``top_k``) from each index,
+                re-order them with the re-ranker (:attr:`reranker`) and read the best
+                ``top_k``; the evidence keeps both scores and the retrieval rank.
+                ``None`` / 0: no re-ranking. More than the indices hold re-ranks what
+                they hold (said in :attr:`Answer.notes`).
 
         Raises:
             TypeError: ``question`` is not a string, ``top_k`` not an int, ``image`` of
                 an unsupported type or an array that is not uint8.
             ValueError: An empty question, ``top_k`` < 1 (``UsageError``), an image that cannot be
-                loaded (missing, corrupt, not an image, wrong array shape, too large).
+                loaded (missing, corrupt, not an image, wrong array shape, too large);
+                ``rerank`` below ``top_k`` or without a re-ranker loaded (``UsageError``).
             UnknownIndexError: An unknown index name (the loaded ones are listed; a KeyError).
         """
         _check_question(question, "question")
-        return self.answer_batch([image], [question], top_k, index, num_alternatives)[0]
+        return self.answer_batch(
+            [image], [question], top_k, index, num_alternatives, rerank=rerank
+        )[0]
 
     @torch.inference_mode()
     def answer_batch(
@@ -526,6 +581,7 @@ class RVQA:
         num_alternatives: int = 4,
         batch_size: int = 64,
         evidence: Sequence[Sequence[Evidence | tuple[str, float]]] | None = None,
+        rerank: int | None = None,
     ) -> list[Answer]:
         """Answer a batch: one retrieval search and one reader forward per ``batch_size``.
 
@@ -536,8 +592,9 @@ class RVQA:
         Args:
             evidence: Instead of retrieving, read these captions: per question a list
                 of :class:`Evidence` or ``(text, score)`` pairs (e.g. from
-                :meth:`retrieve`, edited; or oracle captions). Excludes ``top_k`` and
-                ``index``.
+                :meth:`retrieve`, edited; or oracle captions). Excludes ``top_k``,
+                ``index`` and ``rerank``.
+            rerank: As in :meth:`answer`.
         """
         if isinstance(images, (str, Path)) or not isinstance(images, Sequence):
             raise TypeError(
@@ -552,27 +609,32 @@ class RVQA:
         n_alt = check_int(num_alternatives, "num_alternatives", minimum=0)
         batch_size = check_int(batch_size, "batch_size", minimum=1)
         if evidence is not None:
-            if top_k is not None or index is not ALL_INDICES:
-                raise UsageError("evidence= replaces retrieval: do not pass top_k or index with it")
+            if top_k is not None or index is not ALL_INDICES or rerank:
+                raise UsageError(
+                    "evidence= replaces retrieval: do not pass top_k, index or rerank with it"
+                )
             given = self._check_evidence(evidence, len(questions))
-            k, names = 0, None
+            k, names, n_rerank = 0, None, None
         else:
             k = self.default_top_k if top_k is None else self._check_top_k(top_k)
             names = self._resolve_index(index)
+            n_rerank = self._check_rerank(rerank, k)
         out: list[Answer] = []
         with self._autocast():
             for s in range(0, len(images), batch_size):
                 pil, rows = _distinct_images(images, s, batch_size)
                 qs = list(questions[s : s + batch_size])
                 unc: list = [None] * len(pil)
+                notes: list[list[str]] = [[] for _ in pil]
                 if evidence is not None:
                     ev = given[s : s + batch_size]
                 else:
-                    found, unc = self._retrieve(pil, k, names)
+                    found, unc, notes = self._retrieve(pil, k, names, n_rerank)
                     ev = [found[r] for r in rows]
                 answers = self._read(pil, rows, qs, ev, n_alt)
                 for a, r in zip(answers, rows):
                     a.uncertainty = unc[r]
+                    a.notes = list(notes[r])
                 out.extend(answers)
         return out
 
@@ -583,22 +645,27 @@ class RVQA:
         top_k: int | None = None,
         index: str | Sequence[str] | None = ALL_INDICES,
         batch_size: int = 64,
+        rerank: int | None = None,
     ) -> list[list[Evidence]]:
         """The captions :meth:`answer_batch` would read for each image, without reading.
 
         Arguments and errors are those of :meth:`answer_batch`; ``index=None`` gives
-        empty lists.
+        empty lists. A ``rerank`` beyond what the indices hold is logged (no
+        :class:`Answer` to note it in).
         """
         if isinstance(images, (str, Path)) or not isinstance(images, Sequence):
             raise TypeError(f"images must be a list of images, got {type(images).__name__}")
         k = self.default_top_k if top_k is None else self._check_top_k(top_k)
         names = self._resolve_index(index)
+        n_rerank = self._check_rerank(rerank, k)
         batch_size = check_int(batch_size, "batch_size", minimum=1)
         out: list[list[Evidence]] = []
         with self._autocast():
             for s in range(0, len(images), batch_size):
                 pil, rows = _distinct_images(images, s, batch_size)
-                found, _ = self._retrieve(pil, k, names)
+                found, _, notes = self._retrieve(pil, k, names, n_rerank)
+                for note in sorted({n for ns in notes for n in ns}):
+                    logger.warning("%s", note)
                 out.extend(list(found[r]) for r in rows)
         return out
 
@@ -686,24 +753,76 @@ class RVQA:
                 raise UnknownIndexError(f"unknown index {n!r} (loaded: {known})")
         return chosen
 
+    def _check_rerank(self, rerank: Any, k: int) -> int | None:
+        """``rerank`` checked: ``None`` (no re-ranking) or N ≥ ``k`` with a re-ranker loaded."""
+        if rerank is None or (isinstance(rerank, int) and not isinstance(rerank, bool) and rerank == 0):
+            return None
+        n = check_int(rerank, "rerank", minimum=1)
+        if n < k:
+            raise UsageError(
+                f"rerank={n} re-ranks fewer captions than top_k={k} the reader reads; "
+                f"use rerank ≥ {k} (e.g. 50)"
+            )
+        if self.reranker is None:
+            raise UsageError(
+                f"rerank={n} needs a re-ranker and none is loaded: train one for this "
+                "retriever with `rvqa train-reranker --config CONFIG` (it is recorded in the "
+                "run folder and loaded with it), or load a folder with "
+                "RVQA.load_reranker(PATH) / `--reranker PATH`"
+            )
+        return n
+
     def _retrieve(
-        self, pil: list, k: int, names: list[str] | None
-    ) -> tuple[list[list[Evidence]], list[float | None]]:
-        """Evidence per image, and each image's uncertainty (PCME retrievers; else None)."""
+        self, pil: list, k: int, names: list[str] | None, rerank: int | None = None
+    ) -> tuple[list[list[Evidence]], list[float | None], list[list[str]]]:
+        """Evidence per image, each image's uncertainty (PCME retrievers; else None) and
+        notes. With ``rerank``: the top-``rerank`` re-ordered by the re-ranker, top ``k`` kept."""
+        notes: list[list[str]] = [[] for _ in pil]
         if names is None:
-            return [[] for _ in pil], [None] * len(pil)
+            return [[] for _ in pil], [None] * len(pil), notes
         unc: list[float | None] = [None] * len(pil)
-        if self.retriever.config.is_probabilistic:
-            emb, sig = self.retriever.embed_images(pil, batch_size=len(pil), return_logsigma=True)
-            unc = np.exp(2 * sig.mean(axis=1)).tolist()
+        reranker = self.reranker  # one snapshot per call (load_reranker may swap it)
+        tokens = None
+        if rerank is not None and reranker is None:  # unloaded meanwhile
+            raise UsageError("rerank needs a re-ranker and none is loaded")
+        out = self.retriever.embed_images(
+            pil,
+            batch_size=len(pil),
+            return_logsigma=self.retriever.config.is_probabilistic,
+            return_tokens=rerank is not None,
+        )
+        if rerank is not None:
+            *out, tokens = out
         else:
-            emb = self.retriever.embed_images(pil, batch_size=len(pil))
-        results = self.registry.search(emb, k, names)
+            out = [out] if isinstance(out, np.ndarray) else list(out)
+        emb = out[0]
+        if self.retriever.config.is_probabilistic:
+            unc = np.exp(2 * out[1].mean(axis=1)).tolist()
+        results = self.registry.search(emb, rerank or k, names)
         found = [
             [Evidence(h.text, float(h.score), h.index_name, h.id, h.uncertainty) for h in res.hits]
             for res in results
         ]
-        return found, unc
+        if rerank is None:
+            return found, unc, notes
+        logits = reranker.score(
+            tokens, [[e.text for e in ev] for ev in found], [[e.score for e in ev] for ev in found]
+        )
+        reranked = []
+        for i, (ev, lg) in enumerate(zip(found, logits)):
+            if len(ev) < rerank:
+                notes[i].append(
+                    f"rerank={rerank} but the searched indices returned {len(ev)} captions: "
+                    f"all {len(ev)} were re-ranked"
+                )
+            order = np.argsort(-lg, kind="stable")[:k]
+            reranked.append(
+                [
+                    ev[j]._replace(rerank_score=float(lg[j]), retrieval_rank=int(j) + 1)
+                    for j in order
+                ]
+            )
+        return reranked, unc, notes
 
     def _read(
         self,

@@ -7,9 +7,10 @@ A run folder (``output_dir``, e.g. ``runs/demo``) holds::
     reader/                train-reader:    best/, final/, checkpoints/, config.yaml,
                            feature_cache/ (a frozen image tower's features, memory-mapped),
                            retrieval_cache/ (captions retrieved for the training images)
+    reranker/              train-reranker (optional): best/, final/, checkpoints/, config.yaml
 
-``rvqa_run.json`` names the retriever, the reader and the knowledge indices by
-paths relative to the run folder. An index inside the run folder is named
+``rvqa_run.json`` names the retriever, the reader, the knowledge indices and,
+when one was trained, the re-ranker by paths relative to the run folder. An index inside the run folder is named
 without climbing out of it; one elsewhere gets a relative path (``../../indices/x``)
 and, on loading, is also looked for under its name in ``RUN/indices/`` and in an
 ``indices/`` folder beside or above the run folder, so a run folder moved
@@ -32,6 +33,7 @@ __all__ = [
     "RUN_FILE",
     "RETRIEVER_DIR",
     "READER_DIR",
+    "RERANKER_DIR",
     "FEATURE_CACHE_DIR",
     "RETRIEVAL_CACHE_DIR",
     "BEST",
@@ -40,13 +42,16 @@ __all__ = [
     "METRICS_FILE",
     "RunFiles",
     "retriever_dir",
+    "reranker_dir",
     "write_run_file",
+    "add_reranker_to_run",
     "read_run_file",
 ]
 
 RUN_FILE = "rvqa_run.json"
 RETRIEVER_DIR = "retriever"
 READER_DIR = "reader"
+RERANKER_DIR = "reranker"
 FEATURE_CACHE_DIR = "feature_cache"
 """In ``reader/``: the frozen image tower's feature cache (``rvqa.reader.data``)."""
 RETRIEVAL_CACHE_DIR = "retrieval_cache"
@@ -70,6 +75,7 @@ class RunFiles:
         indices: Index name → index folder (the first candidate that exists; the
             recorded path when none does, so that loading names it).
         top_k: Captions the reader was trained with (``None``: not recorded).
+        reranker: The re-ranker's ``save_pretrained`` folder (``None``: none recorded).
     """
 
     run_dir: Path
@@ -77,6 +83,7 @@ class RunFiles:
     reader: Path
     indices: dict[str, Path]
     top_k: int | None
+    reranker: Path | None = None
 
 
 def retriever_dir(run_dir: str | os.PathLike) -> Path:
@@ -96,6 +103,15 @@ def retriever_dir(run_dir: str | os.PathLike) -> Path:
     )
 
 
+def reranker_dir(run_dir: str | os.PathLike) -> Path | None:
+    """The re-ranker a run trained (``reranker/best``, else ``reranker/final``), or None."""
+    for name in (BEST, FINAL):
+        p = Path(run_dir) / RERANKER_DIR / name
+        if (p / "config.json").is_file():
+            return p
+    return None
+
+
 def _relative(path: str | os.PathLike, run_dir: Path) -> str:
     return Path(os.path.relpath(Path(path).resolve(), run_dir.resolve())).as_posix()
 
@@ -106,8 +122,10 @@ def write_run_file(
     reader: str | os.PathLike,
     indices: dict[str, str | os.PathLike],
     top_k: int,
+    reranker: str | os.PathLike | None = None,
 ) -> Path:
-    """Write ``RUN/rvqa_run.json`` (atomically); paths are stored relative to the run."""
+    """Write ``RUN/rvqa_run.json`` (atomically); paths are stored relative to the run.
+    ``reranker``: a trained re-ranker's folder (left out when None)."""
     run_dir = Path(run_dir)
     data = {
         "format_version": FORMAT_VERSION,
@@ -116,7 +134,24 @@ def write_run_file(
         "indices": {name: _relative(path, run_dir) for name, path in indices.items()},
         "top_k": top_k,
     }
+    if reranker is not None:
+        data["reranker"] = _relative(reranker, run_dir)
     return write_json_atomic(run_dir / RUN_FILE, data)
+
+
+def add_reranker_to_run(run_dir: str | os.PathLike, reranker: str | os.PathLike) -> Path | None:
+    """Record ``reranker`` in an existing ``RUN/rvqa_run.json`` (atomically); a run
+    without one yet (the reader not trained) is left alone and returns None:
+    ``train-reader`` records the run's re-ranker when it writes the file."""
+    run_dir = Path(run_dir)
+    if not (run_dir / RUN_FILE).is_file():
+        return None
+    run = read_run_file(run_dir)
+    indices = {}
+    raw = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
+    for name, rel in (raw.get("indices") or {}).items():
+        indices[name] = run_dir / rel
+    return write_run_file(run_dir, run.retriever, run.reader, indices, run.top_k, reranker)
 
 
 def index_candidates(run_dir: Path, name: str, recorded: str) -> list[Path]:
@@ -152,6 +187,10 @@ def read_run_file(run_dir: str | os.PathLike) -> RunFiles:
         recorded = dict(run.get("indices") or {})
         top_k = run.get("top_k")
         top_k = None if top_k is None else int(top_k)
+        reranker = run.get("reranker")
+        if reranker is not None and not isinstance(reranker, str):
+            raise TypeError(f"reranker must be a path string, got {reranker!r}")
+        reranker = None if reranker is None else run_dir / reranker
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
         raise DataFormatError(f"{run_file} is malformed: {err}") from None
     indices: dict[str, Path] = {}
@@ -160,4 +199,4 @@ def read_run_file(run_dir: str | os.PathLike) -> RunFiles:
             raise DataFormatError(f"{run_file} is malformed: index entry {name!r}: {rel!r}")
         candidates = index_candidates(run_dir, name, rel)
         indices[name] = next((p for p in candidates if p.is_dir()), candidates[0])
-    return RunFiles(run_dir, retriever, reader, indices, top_k)
+    return RunFiles(run_dir, retriever, reader, indices, top_k, reranker)

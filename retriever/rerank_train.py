@@ -1,0 +1,528 @@
+"""Train and evaluate the cross-attention re-ranker: ``rvqa train-reranker`` / :func:`train_reranker`.
+
+The re-ranker learns what the dual encoder confuses. Before training, the trained
+retriever (frozen) embeds every training image and every distinct training caption
+once; each image's top-``top_n`` captions by exact search (the ranking an exact
+knowledge index over these captions returns) are its candidates, and the image
+tower's tokens (the regions the re-ranker reads) are kept in a memory-mapped
+float16 file beside the run (``reranker/mined/``, rebuilt by every run; never
+read by inference). A training item is one caption record: its image, its
+caption (the positive) and ``num_negatives`` captions drawn from the image's
+top-``top_n`` that are neither its own captions nor identical texts (drawn by a
+generator seeded with the run's seed and the item, so a resumed run sees the same
+negatives). The loss is the listwise softmax of
+:class:`~rvqa.retriever.reranker.RerankerModel`; the shared loop
+(:mod:`rvqa.training`) trains it, keeps the best by validation R@1 after
+re-ranking, and checkpoints for resume.
+
+Writes ``OUTPUT_DIR/reranker/``: ``best/`` and ``final/`` (``save_pretrained``
+folders with the tokenizer), ``checkpoints/``, ``config.yaml``,
+``train_result.json`` and ``metrics.json`` (validation and test image→text
+recall@K of the dual encoder alone and re-ranked). An existing
+``OUTPUT_DIR/rvqa_run.json`` gains the re-ranker, so ``RVQA.from_pretrained``
+loads it.
+
+Captions are compared as a deduplicated gallery (distinct texts, as a knowledge
+index built with ``dedupe`` holds them): an image→text hit is any of the image's
+own caption texts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader, Dataset
+
+from rvqa.config import RunConfig, save_config
+from rvqa.data import has_split, holdout_by_image, load_caption_split
+from rvqa.distributed import log_placement, sharded_map
+from rvqa.errors import DataFormatError
+from rvqa.io import write_json_atomic
+from rvqa.pixels import ImagePixels, carry_errors, loader_options, raise_carried
+from rvqa.retriever.modeling import RetrieverModel
+from rvqa.retriever.reranker import RerankerModel
+from rvqa.run_layout import CONFIG_FILE, METRICS_FILE, RERANKER_DIR, add_reranker_to_run, retriever_dir
+from rvqa.training import TrainResult, make_accelerator, run_signature, train
+
+logger = logging.getLogger(__name__)
+
+RECALL_KS = (1, 5, 10)
+
+
+# --------------------------------------------------------------------------- candidates
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+@dataclass
+class Candidates:
+    """A split's images, distinct captions and each image's top-N by the dual encoder.
+
+    Attributes:
+        images: One reference per distinct image (first appearance order).
+        image_of_record: (records,) each record's image row.
+        texts: The distinct caption texts (the gallery).
+        gallery_of_record: (records,) each record's gallery row.
+        positives: Per image, its own gallery rows.
+        top: (U, N) gallery rows of each image's top-N, best first.
+        top_scores: (U, N) their retrieval scores (an index's scores: inner product,
+            or ``1 − 2·hamming/bits`` for a hashing retriever).
+        image_emb / text_emb: The retriever's vectors.
+        tokens: (U, R, H) float16 image-tower tokens (memory-mapped when large).
+    """
+
+    images: list
+    image_of_record: np.ndarray
+    texts: list[str]
+    gallery_of_record: np.ndarray
+    positives: list[set[int]]
+    top: np.ndarray
+    top_scores: np.ndarray
+    image_emb: np.ndarray
+    text_emb: np.ndarray
+    tokens: np.ndarray
+    binary: bool = False
+
+    def scores_of(self, image: int, rows: Sequence[int]) -> np.ndarray:
+        """Retrieval scores of gallery ``rows`` for ``image``."""
+        return self.image_emb[image] @ self.text_emb[np.asarray(rows)].T / self._scale
+
+    @property
+    def _scale(self) -> float:
+        # ±1 codes: inner product = bits − 2·hamming; the index reports 1 − 2·hamming/bits
+        return float(self.image_emb.shape[1]) if self.binary else 1.0
+
+
+def group_records(records: Sequence[Any]) -> tuple[list, np.ndarray, list[str], np.ndarray]:
+    """Distinct images (by image id) and distinct caption texts of caption records."""
+    images: list = []
+    image_row: dict[Any, int] = {}
+    texts: list[str] = []
+    text_row: dict[str, int] = {}
+    img_of = np.empty(len(records), dtype=np.int64)
+    gal_of = np.empty(len(records), dtype=np.int64)
+    for i, r in enumerate(records):
+        key = str(r.image_id)
+        if key not in image_row:
+            image_row[key] = len(images)
+            images.append(r.image)
+        img_of[i] = image_row[key]
+        t = _norm(r.caption)
+        if t not in text_row:
+            text_row[t] = len(texts)
+            texts.append(r.caption)
+        gal_of[i] = text_row[t]
+    return images, img_of, texts, gal_of
+
+
+def encode_images(
+    retriever: RetrieverModel,
+    images: Sequence[Any],
+    *,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    accelerator: Any = None,
+    out_dir: Path | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(U, D) retrieval vectors and (U, R, H) float16 tokens of ``images`` (streamed
+    through loader workers as float32 pixels, exactly as inference embeds them; each
+    process a shard, gathered). Tokens are written to a memory-mapped file in
+    ``out_dir`` (kept in memory when None)."""
+    device = next(retriever.parameters()).device
+
+    def run(shard: list) -> np.ndarray:
+        ds, collate = carry_errors(ImagePixels(shard, retriever.image_processor, torch.float32), torch.stack)
+        loader = DataLoader(
+            ds, batch_size=batch_size, collate_fn=collate, **loader_options(num_workers, device)
+        )
+        rows = []
+        with torch.inference_mode():
+            for batch in loader:
+                pixels = raise_carried(batch).to(device, retriever.dtype)
+                parts = retriever._image_parts(pixels)
+                vec = retriever._retrieval_vector(parts).float()
+                tok = parts["tokens"].float().flatten(1)
+                rows.append(torch.cat([vec, tok], dim=1).cpu().numpy())
+        return np.concatenate(rows) if rows else np.zeros((0, 1), np.float32)
+
+    merged = sharded_map(run, list(images), accelerator)
+    d = retriever.embed_dim
+    emb = np.ascontiguousarray(merged[:, :d], dtype=np.float32)
+    flat = merged[:, d:]
+    h = _token_width(retriever)
+    shape = (len(merged), flat.shape[1] // h, h)
+    if out_dir is None:
+        return emb, flat.reshape(shape).astype(np.float16)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"tokens-{accelerator.process_index if accelerator else 0}.npy"
+    tokens = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
+    tokens[:] = flat.reshape(shape)
+    tokens.flush()
+    return emb, tokens
+
+
+def _token_width(retriever: RetrieverModel) -> int:
+    from rvqa.towers import hidden_size_of
+
+    return hidden_size_of(retriever.config.vision_config)
+
+
+def exact_top_n(
+    image_emb: np.ndarray, text_emb: np.ndarray, n: int, *, binary: bool = False, device: Any = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each image's ``n`` best gallery rows by inner product (exact), best first, with
+    the index's scores (a hashing retriever: ``1 − 2·hamming/bits``)."""
+    n = min(n, len(text_emb))
+    txt = torch.as_tensor(text_emb, device=device)
+    scale = float(image_emb.shape[1]) if binary else 1.0
+    idx = np.empty((len(image_emb), n), dtype=np.int64)
+    val = np.empty((len(image_emb), n), dtype=np.float32)
+    for s in range(0, len(image_emb), 1024):
+        q = torch.as_tensor(image_emb[s : s + 1024], device=device)
+        v, i = (q @ txt.T / scale).topk(n, dim=1)
+        idx[s : s + len(q)] = i.cpu().numpy()
+        val[s : s + len(q)] = v.float().cpu().numpy()
+    return idx, val
+
+
+def mine_candidates(
+    retriever: RetrieverModel,
+    records: Sequence[Any],
+    top_n: int,
+    *,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    accelerator: Any = None,
+    out_dir: Path | None = None,
+) -> Candidates:
+    """Embed a split's images and distinct captions with ``retriever`` and find each
+    image's top-``top_n`` captions (see the module doc)."""
+    images, img_of, texts, gal_of = group_records(records)
+    if not images:
+        raise DataFormatError("no caption records to mine candidates from")
+    image_emb, tokens = encode_images(
+        retriever,
+        images,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        accelerator=accelerator,
+        out_dir=out_dir,
+    )
+    text_emb = sharded_map(
+        lambda shard: retriever.embed_texts(shard, batch_size=256), texts, accelerator
+    )
+    binary = retriever.index_metric == "hamming"
+    top, scores = exact_top_n(
+        image_emb, text_emb, top_n, binary=binary, device=next(retriever.parameters()).device
+    )
+    positives: list[set[int]] = [set() for _ in images]
+    for u, g in zip(img_of.tolist(), gal_of.tolist()):
+        positives[u].add(g)
+    return Candidates(
+        images, img_of, texts, gal_of, positives, top, scores, image_emb, text_emb, tokens, binary
+    )
+
+
+# --------------------------------------------------------------------------- training data
+
+
+class RerankDataset(Dataset):
+    """One item per caption record: its image's tokens, the positive caption and
+    ``num_negatives`` hard negatives from the image's top-N (seeded per item)."""
+
+    def __init__(self, cands: Candidates, num_negatives: int, seed: int):
+        self.cands = cands
+        self.num_negatives = num_negatives
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.cands.image_of_record)
+
+    def __getitem__(self, i: int) -> dict:
+        c = self.cands
+        u = int(c.image_of_record[i])
+        pos = int(c.gallery_of_record[i])
+        pool = [g for g in c.top[u].tolist() if g not in c.positives[u]]
+        if len(pool) > self.num_negatives:
+            rng = np.random.default_rng([self.seed, i])
+            pick = np.sort(rng.choice(len(pool), self.num_negatives, replace=False))
+            pool = [pool[j] for j in pick]
+        rows = [pos, *pool]
+        return {
+            "image_tokens": torch.from_numpy(np.asarray(c.tokens[u], dtype=np.float32)),
+            "captions": [c.texts[g] for g in rows],
+            "retrieval_scores": torch.from_numpy(c.scores_of(u, rows).astype(np.float32)),
+        }
+
+
+class RerankCollator:
+    """Pads each item's candidates to the batch's most and tokenises them; the first
+    candidate of every item is its positive (``labels``)."""
+
+    def __init__(self, tokenizer: Any, max_length: int, pad_token_id: int = 0):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.pad = pad_token_id
+
+    def __call__(self, items: list[dict]) -> dict:
+        b = len(items)
+        m = max(len(it["captions"]) for it in items)
+        flat = [c for it in items for c in it["captions"]]
+        enc = self.tokenizer(
+            flat, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        length = enc["input_ids"].shape[1]
+        ids = torch.full((b, m, length), self.pad, dtype=torch.long)
+        mask = torch.zeros((b, m, length), dtype=torch.long)
+        mask[..., 0] = 1
+        cand = torch.zeros((b, m), dtype=torch.bool)
+        scores = torch.zeros((b, m))
+        o = 0
+        for i, it in enumerate(items):
+            n = len(it["captions"])
+            ids[i, :n] = enc["input_ids"][o : o + n]
+            mask[i, :n] = enc["attention_mask"][o : o + n]
+            cand[i, :n] = True
+            scores[i, :n] = it["retrieval_scores"]
+            o += n
+        labels = torch.zeros((b, m), dtype=torch.bool)
+        labels[:, 0] = True
+        return {
+            "image_tokens": torch.stack([it["image_tokens"] for it in items]),
+            "input_ids": ids,
+            "attention_mask": mask,
+            "retrieval_scores": scores,
+            "candidate_mask": cand,
+            "labels": labels,
+        }
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def rerank_candidates(
+    reranker: RerankerModel, cands: Candidates, *, batch_size: int = 32, images: Sequence[int] | None = None
+) -> np.ndarray:
+    """(U, N) each image's top-N gallery rows re-ordered by the re-ranker."""
+    rows = range(len(cands.images)) if images is None else list(images)
+    rows = list(rows)
+    out = np.empty((len(rows), cands.top.shape[1]), dtype=np.int64)
+    dev = reranker.device
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s : s + batch_size]
+        toks = torch.from_numpy(np.asarray(cands.tokens[chunk], dtype=np.float32)).to(dev)
+        caps = [[cands.texts[g] for g in cands.top[u]] for u in chunk]
+        scores = [cands.top_scores[u] for u in chunk]
+        logits = reranker.score(toks, caps, scores)
+        for j, (u, lg) in enumerate(zip(chunk, logits)):
+            out[s + j] = cands.top[u][np.argsort(-lg, kind="stable")]
+    return out
+
+
+def recall_of(ranked: np.ndarray, positives: Sequence[set[int]], ks: Sequence[int] = RECALL_KS) -> dict[str, float]:
+    """Image→text recall@K (%) of ranked gallery rows: a hit is any positive in the top K."""
+    hits = {k: 0 for k in ks}
+    for row, pos in zip(ranked, positives):
+        first = next((j for j, g in enumerate(row.tolist()) if g in pos), None)
+        for k in ks:
+            hits[k] += first is not None and first < k
+    n = max(len(ranked), 1)
+    return {f"r{k}": 100.0 * hits[k] / n for k in ks}
+
+
+def evaluate_reranker(
+    reranker: RerankerModel,
+    retriever: RetrieverModel,
+    records: Sequence[Any],
+    top_n: int,
+    *,
+    accelerator: Any = None,
+    max_images: int | None = None,
+    batch_size: int = 32,
+) -> dict[str, float]:
+    """Image→text recall@1/5/10 (%) over ``records``' distinct captions: the dual
+    encoder alone (``dual_r*``) and its top-``top_n`` re-ranked (``r*``)."""
+    if max_images is not None:
+        records = _first_images(records, max_images)
+    cands = mine_candidates(retriever, records, top_n, accelerator=accelerator)
+    rows = list(range(len(cands.images)))
+    pos = [cands.positives[u] for u in rows]
+    dual = recall_of(cands.top[rows], pos)
+    ranked = rerank_candidates(reranker, cands, batch_size=batch_size, images=rows)
+    out = {f"dual_{k}": v for k, v in dual.items()}
+    out.update(recall_of(ranked, pos))
+    out["images"] = float(len(rows))
+    out["top_n"] = float(cands.top.shape[1])
+    return out
+
+
+def _first_images(records: Sequence[Any], n: int) -> list:
+    """The records of the first ``n`` distinct images."""
+    seen: set[str] = set()
+    out = []
+    for r in records:
+        key = str(r.image_id)
+        if key not in seen:
+            if len(seen) == n:
+                continue
+            seen.add(key)
+        out.append(r)
+    return out
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def train_reranker(
+    cfg: RunConfig,
+    *,
+    resume: bool | str = False,
+    model: RerankerModel | None = None,
+    retriever: RetrieverModel | None = None,
+    end_training: bool = True,
+) -> dict[str, Any]:
+    """Train the re-ranker of ``cfg.reranker`` for the run's retriever.
+
+    Args:
+        cfg: The run config (``reranker`` section; its ``captions`` default to
+            ``retriever.captions``, its ``retriever`` to the run's trained one).
+        resume: Continue from the newest (or the given) checkpoint.
+        model: A pre-built re-ranker (tests pass tiny ones); default:
+            ``RerankerModel.from_retriever(retriever, cfg.reranker)``.
+        retriever: A loaded retriever (default: loaded from ``reranker.retriever`` or
+            the run folder).
+        end_training: Tear down the process group at the end.
+
+    Returns:
+        ``{"result": TrainResult, "model_dir": Path, "val": {...}, "test": {...} | None}``.
+
+    Raises:
+        RunFolderError: No trained retriever in the run folder (and none named).
+        IndexMismatchError: ``model`` was built for another retriever.
+        DataFormatError: The caption source gave no training captions.
+    """
+    s = cfg.reranker
+    out = Path(cfg.output_dir) / RERANKER_DIR
+    accelerator = make_accelerator(s, out)
+    if accelerator.is_main_process:
+        save_config(cfg, out / CONFIG_FILE)
+    if retriever is None:
+        path = Path(s.retriever) if s.retriever else retriever_dir(cfg.output_dir)
+        retriever = RetrieverModel.from_pretrained(path)
+    retriever = retriever.to(accelerator.device).eval()
+    captions = s.captions if s.captions is not None else cfg.retriever.captions
+    train_records = load_caption_split(captions, "train")
+    if not train_records:
+        raise DataFormatError(f"caption source {captions.source!r} gave no training captions")
+    if has_split(captions, s.eval_split):
+        val_records = load_caption_split(captions, s.eval_split)
+    else:
+        train_records, val_records = holdout_by_image(train_records, s.val_fraction, s.seed)
+    test_records = (
+        load_caption_split(captions, s.test_split) if has_split(captions, s.test_split) else []
+    )
+    logger.info(
+        "re-ranker data: %d train, %d val, %d test captions",
+        len(train_records),
+        len(val_records),
+        len(test_records),
+    )
+    mined_dir = out / "mined"
+    cands = mine_candidates(
+        retriever,
+        train_records,
+        s.top_n,
+        batch_size=s.batch_size,
+        num_workers=s.num_workers,
+        accelerator=accelerator,
+        out_dir=mined_dir,
+    )
+    logger.info(
+        "mined the top-%d of %d training images over %d distinct captions",
+        cands.top.shape[1],
+        len(cands.images),
+        len(cands.texts),
+    )
+    set_seed(s.seed)
+    if model is None:
+        model = RerankerModel.from_retriever(retriever, s)
+    model.check_retriever(retriever.fingerprint(), "the model passed to train_reranker")
+    dataset = RerankDataset(cands, s.num_negatives, s.seed)
+    collate = RerankCollator(model.tokenizer, model.config.max_caption_length, model.config.pad_token_id)
+
+    def evaluate(m: Any, acc: Any) -> dict[str, float]:
+        return evaluate_reranker(
+            acc.unwrap_model(m),
+            retriever,
+            val_records,
+            s.eval_top_n,
+            accelerator=acc,
+            max_images=s.max_eval_images,
+        )
+
+    result: TrainResult = train(
+        model,
+        dataset,
+        collate,
+        s,
+        out,
+        evaluate=evaluate if val_records else None,
+        metric="r1" if val_records else None,
+        resume=resume,
+        signature=run_signature(
+            model.config,
+            s,
+            captions=dataclasses.asdict(captions),
+            top_n=s.top_n,
+            num_negatives=s.num_negatives,
+        ),
+        accelerator=accelerator,
+        desc="training re-ranker",
+        end_training=False,
+    )
+    model_dir = result.best_model_dir or result.final_model_dir
+    unwrapped = accelerator.unwrap_model(model)
+    if model_dir != result.final_model_dir:
+        unwrapped = RerankerModel.from_pretrained(model_dir).to(accelerator.device)
+    val = None
+    if val_records:
+        val = next((h for h in result.history if h.get("r1") == result.best_metric), None)
+    test = None
+    if test_records:
+        test = evaluate_reranker(unwrapped, retriever, test_records, s.eval_top_n, accelerator=accelerator)
+        if accelerator.is_main_process:
+            logger.info("test recall (i2t): %s", {k: round(v, 2) for k, v in test.items()})
+    log_placement("train-reranker", accelerator, reranker=unwrapped, retriever=retriever)
+    if accelerator.is_main_process:
+        write_json_atomic(out / METRICS_FILE, {"model_dir": str(model_dir), "val": val, "test": test})
+        add_reranker_to_run(cfg.output_dir, model_dir)
+        for f in mined_dir.glob("tokens-*.npy"):
+            f.unlink()
+    accelerator.wait_for_everyone()
+    if end_training:
+        accelerator.end_training()
+    return {"result": result, "model_dir": model_dir, "val": val, "test": test}
+
+
+__all__ = [
+    "Candidates",
+    "RerankCollator",
+    "RerankDataset",
+    "evaluate_reranker",
+    "exact_top_n",
+    "group_records",
+    "mine_candidates",
+    "recall_of",
+    "rerank_candidates",
+    "train_reranker",
+]

@@ -1,0 +1,569 @@
+"""The cross-attention re-ranker: IMRAM-style iterative matching of regions and words.
+
+A dual encoder compares one vector per image with one per caption; the re-ranker
+compares an image's region (or patch) features with a caption's word features, for
+the few captions the knowledge index returned (the top-N), and re-orders them.
+
+Following IMRAM (Chen et al., CVPR 2020, "IMRAM: Iterative Matching with Recurrent
+Attention Memory for Cross-Modal Image-Text Retrieval"), with regions ``v_1..v_R``
+(the retriever's image-tower tokens, projected) and words ``w_1..w_L`` (the
+re-ranker's text encoder):
+
+* **Cross-modal attention**: for queries ``q_i`` and context ``u_j``,
+  ``s_ij = cos(q_i, u_j)``, ``α_ij = softmax_j(λ s_ij)`` and the attended context
+  ``c_i = Σ_j α_ij u_j``. With ``attention_norm: queries``, SCAN's form instead:
+  ``s_ij = LeakyReLU_0.1(cos(q_i, u_j))`` normalised over the queries,
+  ``s̄_ij = s_ij / sqrt(Σ_i s_ij²)``, ``α_ij = softmax_j(λ s̄_ij)``. That
+  normalisation divides by ~sqrt(number of queries): with an image tower's grid
+  (16–64 tokens, not SCAN's 36 object regions) the attention over words is nearly
+  uniform and the model hardly learns (a fixed batch of three images: the loss
+  stayed at ln 3 over 60 steps, and fell to 0.002 without it), so the default is
+  ``none``.
+* **Step score**: ``F_k = mean_i cos(q_i^k, c_i^k)``.
+* **Recurrent attention memory** (the query refined between steps):
+  ``g = σ(W_g [q; c] + b_g)``, ``o = tanh(W_o [q; c] + b_o)``,
+  ``q^{k+1} = g ⊙ q^k + (1 − g) ⊙ o``.
+* **Score**: ``S = Σ_k F_k`` per direction; ``directions: both`` sums the
+  text-to-image (words query regions) and image-to-text (regions query words)
+  scores, IMRAM's full model.
+
+The logit the re-ranker orders by is ``exp(logit_scale) · S`` plus, with
+``fuse_retrieval_score``, ``w · retrieval_score`` (``w`` learned): the re-ranker
+corrects the dual encoder instead of discarding what it knew. Training
+(:mod:`rvqa.retriever.rerank_train`) is a listwise softmax over one positive and
+hard negatives mined from the dual encoder's own top-N, ``−log Σ_pos softmax``, of
+the fused logits plus (when fused) of the scaled matching score alone, so that
+``S`` learns to rank by itself rather than leaving the work to the retrieval score.
+
+The re-ranker belongs to one retriever: it reads that retriever's image-tower
+features, tokenizer and word vectors, and records the retriever's fingerprint
+(:meth:`RerankerModel.check_retriever` refuses another one).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from rvqa.config import RerankerSettings, model_options
+from rvqa.errors import ConfigError, IndexMismatchError, UsageError
+from rvqa.towers import KeepsFrozenOnLoad, hidden_size_of
+
+REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer_config.json")
+DIRECTIONS = ("both", "t2i", "i2t")
+ATTENTION_NORMS = ("none", "queries")
+_S = RerankerSettings
+
+
+class RerankerConfig(PretrainedConfig):
+    """Configuration of :class:`RerankerModel` (defaults: :class:`rvqa.config.RerankerSettings`).
+
+    Args:
+        vision_hidden_size: Width of the retriever's image-tower tokens (the regions).
+        vocab_size: The retriever tokenizer's vocabulary (the word vectors' rows).
+        word_dim: Width of the word vectors (the retriever's text-tower input embeddings).
+        hidden_size: Width of the matching space.
+        num_steps: Matching steps K (IMRAM).
+        directions: ``"both"``, ``"t2i"`` (words attend over regions) or ``"i2t"``.
+        attention_lambda: Inverse temperature λ of the attention softmax.
+        attention_norm: ``"none"`` or ``"queries"`` (SCAN's normalisation over the queries).
+        text_layers: Transformer layers over the word vectors (0: none).
+        num_heads: Attention heads of those layers.
+        dropout: Dropout of the text encoder.
+        freeze_word_embeddings: Keep the word vectors fixed.
+        fuse_retrieval_score: Add ``w · retrieval score`` (``w`` learned) to the logit.
+        max_caption_length: Tokens per caption (positions).
+        pad_token_id: The tokenizer's padding id.
+        retriever_fingerprint: The fingerprint of the retriever it was trained for.
+        retriever_metric: That retriever's index metric (``inner_product`` / ``hamming``).
+    """
+
+    model_type = "rvqa-reranker"
+
+    def __init__(
+        self,
+        vision_hidden_size: int = 128,
+        vocab_size: int = 30522,
+        word_dim: int = 384,
+        hidden_size: int = _S.hidden_size,
+        num_steps: int = _S.num_steps,
+        directions: str = _S.directions,
+        attention_lambda: float = _S.attention_lambda,
+        attention_norm: str = _S.attention_norm,
+        text_layers: int = _S.text_layers,
+        num_heads: int = _S.num_heads,
+        dropout: float = _S.dropout,
+        freeze_word_embeddings: bool = _S.freeze_word_embeddings,
+        fuse_retrieval_score: bool = _S.fuse_retrieval_score,
+        max_caption_length: int = _S.max_caption_length,
+        pad_token_id: int = 0,
+        retriever_fingerprint: str = "",
+        retriever_metric: str = "inner_product",
+        **kwargs: Any,
+    ):
+        for name, value, low in (
+            ("vision_hidden_size", vision_hidden_size, 1),
+            ("vocab_size", vocab_size, 1),
+            ("word_dim", word_dim, 1),
+            ("hidden_size", hidden_size, 1),
+            ("num_steps", num_steps, 1),
+            ("text_layers", text_layers, 0),
+            ("num_heads", num_heads, 1),
+            ("max_caption_length", max_caption_length, 2),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"reranker.{name} must be an integer ≥ {low}, got {value!r}")
+        if directions not in DIRECTIONS:
+            raise ConfigError(
+                f"reranker.directions must be one of {', '.join(DIRECTIONS)}, got {directions!r}"
+            )
+        if text_layers and hidden_size % num_heads:
+            raise ConfigError(
+                f"reranker.hidden_size ({hidden_size}) must be a multiple of num_heads ({num_heads})"
+            )
+        if attention_norm not in ATTENTION_NORMS:
+            raise ConfigError(
+                f"reranker.attention_norm must be one of {', '.join(ATTENTION_NORMS)}, "
+                f"got {attention_norm!r}"
+            )
+        if not (isinstance(attention_lambda, (int, float)) and attention_lambda > 0):
+            raise ConfigError(f"reranker.attention_lambda must be > 0, got {attention_lambda!r}")
+        if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
+            raise ConfigError(f"reranker.dropout must be in [0, 1), got {dropout!r}")
+        self.vision_hidden_size = vision_hidden_size
+        self.vocab_size = vocab_size
+        self.word_dim = word_dim
+        self.hidden_size = hidden_size
+        self.num_steps = num_steps
+        self.directions = directions
+        self.attention_lambda = float(attention_lambda)
+        self.attention_norm = attention_norm
+        self.text_layers = text_layers
+        self.num_heads = num_heads
+        self.dropout = float(dropout)
+        self.freeze_word_embeddings = bool(freeze_word_embeddings)
+        self.fuse_retrieval_score = bool(fuse_retrieval_score)
+        self.max_caption_length = max_caption_length
+        self.retriever_fingerprint = retriever_fingerprint
+        self.retriever_metric = retriever_metric
+        super().__init__(pad_token_id=pad_token_id, **kwargs)
+
+
+AutoConfig.register("rvqa-reranker", RerankerConfig, exist_ok=True)
+
+
+@dataclass
+class RerankerOutput(ModelOutput):
+    """Output of :meth:`RerankerModel.forward`.
+
+    Attributes:
+        loss: Listwise softmax cross-entropy over each image's candidates (with ``labels``).
+        logits: (B, M) what candidates are ordered by (scaled matching score, plus the
+            weighted retrieval score when fused).
+        match_scores: (B, M) the matching score ``S`` (sum over steps and directions).
+        step_scores: (B, M, K) each step's score, directions summed.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    match_scores: torch.FloatTensor | None = None
+    step_scores: torch.FloatTensor | None = None
+
+
+class MemoryUnit(nn.Module):
+    """IMRAM's recurrent attention memory: ``q' = g ⊙ q + (1 − g) ⊙ tanh(W_o [q; c])``,
+    ``g = σ(W_g [q; c])``."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.gate = nn.Linear(2 * d, d)
+        self.update = nn.Linear(2 * d, d)
+
+    def forward(self, query: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        both = torch.cat([query, context], dim=-1)
+        g = torch.sigmoid(self.gate(both))
+        return g * query + (1 - g) * torch.tanh(self.update(both))
+
+
+def cross_attention(
+    query: torch.Tensor,
+    context: torch.Tensor,
+    query_mask: torch.Tensor | None,
+    context_mask: torch.Tensor | None,
+    lam: float,
+    norm: str = "none",
+) -> torch.Tensor:
+    """(P, Q, d) queries over (P, C, d) context → (P, Q, d) attended context.
+
+    ``softmax_j(λ cos(q_i, u_j))`` over the context (masked positions excluded); with
+    ``norm="queries"`` SCAN's form: ``s = LeakyReLU_0.1(cos)`` normalised over the
+    queries (masked ones excluded) before the softmax.
+    """
+    sim = torch.bmm(F.normalize(query, dim=-1), F.normalize(context, dim=-1).transpose(1, 2))
+    if norm == "queries":
+        sim = F.leaky_relu(sim, 0.1)
+        if query_mask is not None:
+            sim = sim * query_mask.unsqueeze(-1)
+        sim = sim / sim.norm(dim=1, keepdim=True).clamp(min=1e-8)
+    logits = lam * sim
+    if context_mask is not None:
+        logits = logits.masked_fill(~context_mask.bool().unsqueeze(1), float("-inf"))
+    return torch.bmm(logits.softmax(dim=-1), context)
+
+
+def _listwise_loss(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """``−log Σ_pos softmax(logits)`` per image (the positives' share), averaged."""
+    logits = logits.float()
+    log_all = torch.logsumexp(logits, dim=1)
+    log_pos = torch.logsumexp(logits.masked_fill(~positives, float("-inf")), dim=1)
+    return (log_all - log_pos).mean()
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(P, Q) → (P,): the mean over valid positions."""
+    if mask is None:
+        return x.mean(dim=1)
+    m = mask.to(x.dtype)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+class RerankerModel(KeepsFrozenOnLoad, PreTrainedModel):
+    """Scores (image, caption) candidates by iterative cross-attention (see the module doc).
+
+    The tokenizer (the retriever's) rides along like the retriever's:
+    ``save_pretrained`` writes it and ``from_pretrained`` restores it, so
+    :meth:`score` works on a loaded model.
+    """
+
+    config_class = RerankerConfig
+    base_model_prefix = "reranker"
+    main_input_name = "image_tokens"
+    _no_split_modules: list[str] = []
+
+    def __init__(self, config: RerankerConfig):
+        super().__init__(config)
+        d = config.hidden_size
+        self.word_embeddings = nn.Embedding(
+            config.vocab_size, config.word_dim, padding_idx=config.pad_token_id
+        )
+        self.word_projection = nn.Linear(config.word_dim, d)
+        self.positions = nn.Embedding(config.max_caption_length, d)
+        self.text_encoder = None
+        if config.text_layers:
+            layer = nn.TransformerEncoderLayer(
+                d,
+                config.num_heads,
+                2 * d,
+                config.dropout,
+                activation="gelu",
+                batch_first=True,
+                norm_first=True,
+            )
+            self.text_encoder = nn.TransformerEncoder(
+                layer, config.text_layers, enable_nested_tensor=False
+            )
+        self.text_norm = nn.LayerNorm(d)
+        self.region_projection = nn.Sequential(
+            nn.LayerNorm(config.vision_hidden_size), nn.Linear(config.vision_hidden_size, d)
+        )
+        directions = ("t2i", "i2t") if config.directions == "both" else (config.directions,)
+        self.memories = nn.ModuleDict({k: MemoryUnit(d) for k in directions})
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.fuse_weight = (
+            nn.Parameter(torch.tensor(20.0)) if config.fuse_retrieval_score else None
+        )
+        self.tokenizer: Any = None
+        self.post_init()
+        self.apply_freezing()
+
+    def apply_freezing(self) -> None:
+        """Fix the word vectors when the config says so."""
+        self.word_embeddings.weight.requires_grad_(not self.config.freeze_word_embeddings)
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def from_retriever(
+        cls, retriever: Any, settings: Any | None = None, **overrides: Any
+    ) -> RerankerModel:
+        """A re-ranker for ``retriever`` (a :class:`~rvqa.retriever.modeling.RetrieverModel`).
+
+        Its region width, tokenizer and word vectors (the retriever text tower's input
+        embeddings, copied) come from ``retriever``; its fingerprint is recorded.
+        ``settings``: a :class:`rvqa.config.RerankerSettings` (or any object with some
+        of its fields); ``overrides`` win over it.
+
+        Raises:
+            UsageError: The retriever has no tokenizer, or its text tower exposes no
+                input embeddings.
+        """
+        opts = model_options(
+            settings,
+            RerankerSettings,
+            RerankerConfig,
+            overrides,
+            filled_keys=(
+                "vision_hidden_size",
+                "vocab_size",
+                "word_dim",
+                "pad_token_id",
+                "retriever_fingerprint",
+                "retriever_metric",
+            ),
+            what="reranker",
+        )
+        if retriever.tokenizer is None:
+            raise UsageError("the retriever has no tokenizer attached; load it with from_pretrained")
+        words = retriever.text_model.get_input_embeddings()
+        if words is None:
+            raise UsageError("the retriever's text tower exposes no input embeddings")
+        tok = retriever.tokenizer
+        config = cls.config_class(
+            vision_hidden_size=hidden_size_of(retriever.config.vision_config),
+            vocab_size=words.weight.shape[0],
+            word_dim=words.weight.shape[1],
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
+            retriever_fingerprint=retriever.fingerprint(),
+            retriever_metric=retriever.index_metric,
+            **opts,
+        )
+        model = cls(config)
+        with torch.no_grad():
+            model.word_embeddings.weight.copy_(words.weight.detach().float().cpu())
+        model.tokenizer = tok
+        return model
+
+    def check_retriever(self, fingerprint: str, where: str = "") -> None:
+        """Refuse a retriever other than the one this re-ranker was trained for.
+
+        Raises:
+            IndexMismatchError: The fingerprints differ (both named).
+        """
+        mine = self.config.retriever_fingerprint
+        if mine != fingerprint:
+            at = f" ({where})" if where else ""
+            raise IndexMismatchError(
+                f"the re-ranker{at} was trained for retriever {mine or 'unknown'} but the "
+                f"retriever in use is {fingerprint}: train a re-ranker for this retriever "
+                "(rvqa train-reranker)"
+            )
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
+        """Save weights (safetensors), config and tokenizer."""
+        super().save_pretrained(save_directory, **kwargs)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(save_directory)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args: Any, **kwargs: Any):
+        """Load a saved re-ranker (with its tokenizer).
+
+        Raises:
+            FileNotFoundError: The folder lacks a file it needs (named).
+        """
+        path = Path(pretrained_model_name_or_path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"re-ranker folder {path} does not exist")
+        missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"re-ranker folder {path} is missing {', '.join(missing)} "
+                f"(expected {', '.join(REQUIRED_FILES)})"
+            )
+        out = super().from_pretrained(path, *args, **kwargs)
+        model = out[0] if isinstance(out, tuple) else out
+        model.tokenizer = AutoTokenizer.from_pretrained(path)
+        return out
+
+    # ------------------------------------------------------------------ scoring
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(P, L) tokens → (P, L, d) word features."""
+        length = input_ids.shape[1]
+        if length > self.config.max_caption_length:
+            raise UsageError(
+                f"captions of {length} tokens; the re-ranker reads at most "
+                f"{self.config.max_caption_length} (tokenise with truncation)"
+            )
+        pos = torch.arange(length, device=input_ids.device)
+        x = self.word_projection(self.word_embeddings(input_ids)) + self.positions(pos)
+        if self.text_encoder is not None:
+            x = self.text_encoder(x, src_key_padding_mask=~attention_mask.bool())
+        return self.text_norm(x)
+
+    def encode_regions(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, R, H) retriever image-tower tokens → (B, R, d) region features."""
+        if image_tokens.ndim != 3 or image_tokens.shape[-1] != self.config.vision_hidden_size:
+            raise UsageError(
+                f"image_tokens must have shape (B, R, {self.config.vision_hidden_size}), got "
+                f"{tuple(image_tokens.shape)}"
+            )
+        return self.region_projection(image_tokens.to(self.dtype))
+
+    def match(
+        self, regions: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """(P, R, d) regions, (P, L, d) words, (P, L) mask → (P, K) step scores (directions summed)."""
+        lam, norm = self.config.attention_lambda, self.config.attention_norm
+        steps = []
+        queries = {"t2i": words, "i2t": regions}
+        k_steps = self.config.num_steps
+        for k in range(k_steps):
+            total = 0.0
+            for direction, memory in self.memories.items():
+                q = queries[direction]
+                if direction == "t2i":  # words attend over regions
+                    c = cross_attention(q, regions, word_mask, None, lam, norm)
+                    score = _masked_mean(F.cosine_similarity(q, c, dim=-1), word_mask)
+                else:  # regions attend over words
+                    c = cross_attention(q, words, None, word_mask, lam, norm)
+                    score = F.cosine_similarity(q, c, dim=-1).mean(dim=1)
+                total = total + score
+                if k + 1 < k_steps:  # the last step's refined query would go unread
+                    queries[direction] = memory(q, c)
+            steps.append(total)
+        return torch.stack(steps, dim=-1)
+
+    def forward(
+        self,
+        image_tokens: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        retrieval_scores: torch.Tensor | None = None,
+        candidate_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> RerankerOutput:
+        """Score each image's candidate captions.
+
+        Args:
+            image_tokens: (B, R, H) the retriever image tower's tokens per image.
+            input_ids / attention_mask: (B, M, L) each image's M candidate captions.
+            retrieval_scores: (B, M) their retrieval scores (needed when fused).
+            candidate_mask: (B, M) bool, False for padding candidates (scored -inf).
+            labels: (B, M) bool/float, True for the positives: gives ``loss``.
+        """
+        b, m, length = input_ids.shape
+        if image_tokens.shape[0] != b:
+            raise UsageError(
+                f"{image_tokens.shape[0]} images but candidates for {b}; one row per image"
+            )
+        regions = self.encode_regions(image_tokens)  # (B, R, d)
+        flat_ids = input_ids.reshape(b * m, length)
+        flat_mask = attention_mask.reshape(b * m, length).bool()
+        words = self.encode_text(flat_ids, flat_mask)  # (BM, L, d)
+        r = regions.shape[1]
+        paired = regions.unsqueeze(1).expand(b, m, r, regions.shape[-1]).reshape(b * m, r, -1)
+        steps = self.match(paired, words, flat_mask).view(b, m, -1)  # (B, M, K)
+        match = steps.sum(-1)
+        logits = self.logit_scale.exp() * match
+        if self.fuse_weight is not None:
+            if retrieval_scores is None:
+                raise UsageError("this re-ranker fuses the retrieval scores: pass retrieval_scores")
+            logits = logits + self.fuse_weight * retrieval_scores.to(logits.dtype)
+        if candidate_mask is not None:
+            logits = logits.masked_fill(~candidate_mask.bool(), float("-inf"))
+        loss = None
+        if labels is not None:
+            pos = labels.bool()
+            if candidate_mask is not None:
+                pos = pos & candidate_mask.bool()
+            if not pos.any(dim=1).all():
+                raise UsageError("labels: every image needs at least one positive candidate")
+            loss = _listwise_loss(logits, pos)
+            if self.fuse_weight is not None:
+                # the matching score alone is trained to rank too: otherwise the fused
+                # logit could lean on the retrieval score and leave S untrained
+                alone = self.logit_scale.exp() * match
+                if candidate_mask is not None:
+                    alone = alone.masked_fill(~candidate_mask.bool(), float("-inf"))
+                loss = loss + _listwise_loss(alone, pos)
+        return RerankerOutput(loss=loss, logits=logits, match_scores=match, step_scores=steps)
+
+    # ------------------------------------------------------------------ convenience
+
+    def tokenize(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Tokenise captions with the model's tokenizer (padding, truncation)."""
+        if self.tokenizer is None:
+            raise UsageError("this re-ranker has no tokenizer attached (set model.tokenizer)")
+        return self.tokenizer(
+            list(captions),
+            padding=True,
+            truncation=True,
+            max_length=self.config.max_caption_length,
+            return_tensors="pt",
+        )
+
+    @torch.inference_mode()
+    def score(
+        self,
+        image_tokens: torch.Tensor,
+        captions: Sequence[Sequence[str]],
+        retrieval_scores: Sequence[Sequence[float]] | None = None,
+    ) -> list[np.ndarray]:
+        """Re-ranking logits of each image's candidate captions (ragged lists).
+
+        Args:
+            image_tokens: (B, R, H) the retriever image tower's tokens (any device; moved
+                to the model's).
+            captions: Per image, its candidate captions (any number, 0 included).
+            retrieval_scores: Per image, the candidates' retrieval scores (same shape).
+
+        Returns:
+            Per image, a float32 array of its candidates' logits (higher = better).
+        """
+        b = len(captions)
+        if image_tokens.shape[0] != b:
+            raise UsageError(f"{image_tokens.shape[0]} images but {b} caption lists")
+        counts = [len(c) for c in captions]
+        m = max(counts, default=0)
+        if m == 0:
+            return [np.zeros(0, dtype=np.float32) for _ in range(b)]
+        if self.fuse_weight is not None:
+            if retrieval_scores is None or [len(s) for s in retrieval_scores] != counts:
+                raise UsageError("retrieval_scores: one score per candidate caption is needed")
+        flat = [c for caps in captions for c in caps]
+        enc = self.tokenize(flat)
+        length = enc["input_ids"].shape[1]
+        ids = torch.full((b, m, length), self.config.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((b, m, length), dtype=torch.long)
+        cand = torch.zeros((b, m), dtype=torch.bool)
+        scores = torch.zeros((b, m), dtype=torch.float32)
+        o = 0
+        for i, n in enumerate(counts):
+            ids[i, :n] = enc["input_ids"][o : o + n]
+            mask[i, :n] = enc["attention_mask"][o : o + n]
+            cand[i, :n] = True
+            if retrieval_scores is not None and n:
+                scores[i, :n] = torch.as_tensor(list(retrieval_scores[i]), dtype=torch.float32)
+            o += n
+        mask[~cand] = 0
+        mask[..., 0] = 1  # padding candidates keep one token (their logits are masked out)
+        dev = self.device
+        was_training = self.training
+        if was_training:
+            self.eval()
+        out = self(
+            image_tokens.to(dev),
+            ids.to(dev),
+            mask.to(dev),
+            retrieval_scores=scores.to(dev),
+            candidate_mask=cand.to(dev),
+        )
+        if was_training:
+            self.train()
+        logits = out.logits.float().cpu().numpy()
+        return [logits[i, :n].copy() for i, n in enumerate(counts)]
+
+
+AutoModel.register(RerankerConfig, RerankerModel, exist_ok=True)

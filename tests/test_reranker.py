@@ -1,0 +1,334 @@
+"""The cross-attention re-ranker: the model (formulas, steps, loss, save/load), its
+training run and the pipeline stage (``rerank=N``) with its bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rvqa.errors import IndexMismatchError, UsageError
+from rvqa.retriever.reranker import MemoryUnit, RerankerConfig, RerankerModel, cross_attention
+
+TINY = {"hidden_size": 16, "num_steps": 3, "text_layers": 1, "num_heads": 2, "dropout": 0.0}
+
+
+@pytest.fixture(scope="module")
+def retriever(tiny_run):
+    from rvqa.retriever.modeling import RetrieverModel
+    from rvqa.run_layout import retriever_dir
+
+    return RetrieverModel.from_pretrained(retriever_dir(tiny_run)).eval()
+
+
+@pytest.fixture(scope="module")
+def images():
+    from tests.tiny import draw_shape
+
+    return [draw_shape("red", "circle"), draw_shape("blue", "square"), draw_shape("green", "circle")]
+
+
+def _reranker(retriever, **kw):
+    torch.manual_seed(0)
+    return RerankerModel.from_retriever(retriever, **{**TINY, **kw}).eval()
+
+
+def _tokens(retriever, images):
+    *_, tokens = retriever.embed_images(images, return_tokens=True)
+    return tokens.clone()  # a normal tensor (made under inference_mode), usable with autograd
+
+
+# ------------------------------------------------------------------ formulas
+
+
+def test_cross_attention_matches_the_formula_written_out():
+    torch.manual_seed(1)
+    q, c = torch.randn(1, 3, 4), torch.randn(1, 5, 4)
+    qmask = torch.tensor([[True, True, False]])
+    cmask = torch.tensor([[True, True, True, False, True]])
+    lam = 4.0
+    # the default: α_ij = softmax_j(λ cos(q_i, u_j)) over valid j
+    got = cross_attention(q, c, qmask, cmask, lam)[0]
+    for i in range(3):
+        cos = F.cosine_similarity(q[0, i][None], c[0], dim=-1)
+        w = torch.exp(lam * cos) * cmask[0].float()
+        torch.testing.assert_close(got[i], ((w / w.sum())[:, None] * c[0]).sum(0))
+    got = cross_attention(q, c, qmask, cmask, lam, norm="queries")[0]
+    # s_ij = LeakyReLU(cos(q_i, c_j)); s̄_ij = s_ij / sqrt(Σ_i valid s_ij²); α = softmax_j(λ s̄) over valid j
+    s = torch.zeros(3, 5)
+    for i in range(3):
+        for j in range(5):
+            s[i, j] = F.leaky_relu(F.cosine_similarity(q[0, i], c[0, j], dim=0), 0.1)
+    s = s * qmask[0].float()[:, None]
+    norm = torch.sqrt((s**2).sum(0, keepdim=True))
+    sbar = s / norm
+    for i in range(3):
+        w = torch.exp(lam * sbar[i]) * cmask[0].float()
+        w = w / w.sum()
+        expected = (w[:, None] * c[0]).sum(0)
+        torch.testing.assert_close(got[i], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_memory_unit_is_the_gated_update():
+    torch.manual_seed(2)
+    mem = MemoryUnit(4)
+    q, c = torch.randn(2, 4), torch.randn(2, 4)
+    both = torch.cat([q, c], -1)
+    g = torch.sigmoid(both @ mem.gate.weight.T + mem.gate.bias)
+    o = torch.tanh(both @ mem.update.weight.T + mem.update.bias)
+    torch.testing.assert_close(mem(q, c), g * q + (1 - g) * o)
+
+
+# ------------------------------------------------------------------ the model
+
+
+def test_shapes_and_step_scores_sum(retriever, images):
+    model = _reranker(retriever)
+    caps = [["a red circle", "a blue square"], ["a green circle", "a red square", "a blue circle"]]
+    tok = model.tokenize([c for cs in caps for c in cs])
+    enc = {k: torch.zeros(2, 3, tok["input_ids"].shape[1], dtype=torch.long) for k in tok}
+    enc["input_ids"][0, :2], enc["input_ids"][1, :3] = tok["input_ids"][:2], tok["input_ids"][2:]
+    enc["attention_mask"][0, :2] = tok["attention_mask"][:2]
+    enc["attention_mask"][1, :3] = tok["attention_mask"][2:]
+    enc["attention_mask"][0, 2, 0] = 1
+    cand = torch.tensor([[True, True, False], [True, True, True]])
+    out = model(
+        _tokens(retriever, images[:2]),
+        enc["input_ids"],
+        enc["attention_mask"],
+        retrieval_scores=torch.zeros(2, 3),
+        candidate_mask=cand,
+    )
+    assert out.logits.shape == (2, 3)
+    assert out.step_scores.shape == (2, 3, 3)
+    torch.testing.assert_close(out.match_scores, out.step_scores.sum(-1))
+    assert torch.isinf(out.logits[0, 2]) and torch.isfinite(out.logits[1]).all()
+
+
+def test_step_count_ablation(retriever, images):
+    """K = 1 scores exactly the first step of K = 3 (same weights); more steps add the
+    refined queries' scores, which differ from the first step's."""
+    three = _reranker(retriever, num_steps=3)
+    one = RerankerModel(RerankerConfig(**{**three.config.to_dict(), "num_steps": 1})).eval()
+    one.load_state_dict(three.state_dict())
+    one.tokenizer = three.tokenizer
+    toks = _tokens(retriever, images[:1])
+    caps = [["a red circle", "a blue square", "a green circle"]]
+    kw = {"retrieval_scores": [[0.0, 0.0, 0.0]]}
+    s3 = three.score(toks, caps, **kw)[0]
+    s1 = one.score(toks, caps, **kw)[0]
+    enc = three.tokenize(caps[0])
+    steps = three(
+        toks, enc["input_ids"][None], enc["attention_mask"][None], torch.zeros(1, 3)
+    ).step_scores[0].detach()
+    scale = three.logit_scale.exp().item()
+    np.testing.assert_allclose(s1, scale * steps[:, 0].numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(s3, scale * steps.sum(-1).numpy(), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(steps[:, 1], steps[:, 0])
+
+
+def test_directions_are_separate_memories(retriever):
+    assert set(_reranker(retriever).memories) == {"t2i", "i2t"}
+    assert set(_reranker(retriever, directions="t2i").memories) == {"t2i"}
+
+
+def test_scores_do_not_depend_on_the_other_candidates(retriever, images):
+    model = _reranker(retriever)
+    toks = _tokens(retriever, images[:2])
+    alone = model.score(toks[:1], [["a red circle"]], [[0.5]])[0]
+    padded = model.score(
+        toks, [["a red circle"], ["a blue square", "a picture of a blue square", "x"]],
+        [[0.5], [0.1, 0.2, 0.3]],
+    )
+    np.testing.assert_allclose(padded[0], alone, rtol=1e-5, atol=1e-5)
+    assert [len(s) for s in padded] == [1, 3]
+
+
+def test_loss_falls_on_a_fixed_batch(retriever, images):
+    model = _reranker(retriever).train()
+    toks = _tokens(retriever, images)
+    caps = ["a red circle", "a blue square", "a green circle"]
+    enc = model.tokenize(caps)
+    # image i's positive is caption i; all three candidates for every image
+    ids = enc["input_ids"][None].expand(3, -1, -1)
+    mask = enc["attention_mask"][None].expand(3, -1, -1)
+    labels = torch.eye(3, dtype=torch.bool)
+    scores = torch.zeros(3, 3)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss = model(toks, ids, mask, scores, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+    model.eval()
+    order = [int(np.argmax(s)) for s in model.score(toks, [caps] * 3, [[0.0] * 3] * 3)]
+    assert order == [0, 1, 2]
+
+
+def test_save_load_gives_identical_scores(retriever, images, tmp_path):
+    model = _reranker(retriever)
+    toks = _tokens(retriever, images[:2])
+    caps = [["a red circle", "a blue square"], ["a green circle"]]
+    before = model.score(toks, caps, [[0.3, 0.1], [0.2]])
+    model.save_pretrained(tmp_path / "rr")
+    loaded = RerankerModel.from_pretrained(tmp_path / "rr").eval()
+    after = loaded.score(toks, caps, [[0.3, 0.1], [0.2]])
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+    assert loaded.config.retriever_fingerprint == retriever.fingerprint()
+    assert not loaded.word_embeddings.weight.requires_grad  # frozen word vectors stay frozen
+
+
+def test_bad_config_and_inputs(retriever, images, tmp_path):
+    from rvqa.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="reranker.directions"):
+        RerankerConfig(directions="sideways")
+    with pytest.raises(ConfigError, match="reranker.num_steps"):
+        RerankerConfig(num_steps=0)
+    model = _reranker(retriever)
+    with pytest.raises(UsageError, match="image_tokens must have shape"):
+        model.score(torch.zeros(1, 4, 3), [["a red circle"]], [[0.1]])
+    with pytest.raises(UsageError, match="one score per candidate"):
+        model.score(_tokens(retriever, images[:1]), [["a", "b"]], [[0.1]])
+    with pytest.raises(IndexMismatchError, match="trained for retriever"):
+        model.check_retriever("sha256:other")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="missing config.json"):
+        RerankerModel.from_pretrained(tmp_path / "empty")
+
+
+# ------------------------------------------------------------------ training run
+
+
+@pytest.fixture(scope="module")
+def reranked_run(tiny_run, tmp_path_factory):
+    """A copy of the tiny run with a re-ranker trained by train_reranker (4 steps)."""
+    from rvqa.retriever.rerank_train import train_reranker
+    from tests.tiny import tiny_run_config
+
+    root = tmp_path_factory.mktemp("rerank") / "root"
+    shutil.copytree(Path(tiny_run).parent, root, ignore=shutil.ignore_patterns("feature_cache"))
+    cfg = tiny_run_config(root)
+    cfg.reranker.hidden_size = 16
+    cfg.reranker.num_heads = 2
+    cfg.reranker.batch_size = 8
+    cfg.reranker.max_steps = 4
+    cfg.reranker.top_n = 8
+    cfg.reranker.num_negatives = 3
+    cfg.reranker.eval_top_n = 8
+    cfg.reranker.max_eval_images = 16
+    cfg.reranker.test_split = None
+    out = train_reranker(cfg)
+    return Path(cfg.output_dir), out
+
+
+def test_train_reranker_writes_a_loadable_model_and_records_it(reranked_run):
+    run, out = reranked_run
+    assert out["result"].steps == 4
+    metrics = json.loads((run / "reranker" / "metrics.json").read_text())
+    assert set(metrics["val"]) >= {"dual_r1", "r1", "r5", "r10"}
+    assert 0 <= metrics["val"]["r1"] <= 100
+    recorded = json.loads((run / "rvqa_run.json").read_text())
+    assert recorded["reranker"].startswith("reranker/")
+    assert not list((run / "reranker" / "mined").glob("tokens-*.npy"))  # scratch removed
+
+
+def test_rerank_stage_in_the_pipeline(reranked_run, images):
+    from rvqa import RVQA
+
+    model = RVQA.from_pretrained(reranked_run[0], device="cpu")
+    assert model.reranker is not None
+    plain = model.retrieve(images, top_k=2, rerank=None)
+    deep = model.retrieve(images, top_k=6)  # what the re-ranker sees
+    for i, ev in enumerate(model.retrieve(images, top_k=2, rerank=6)):
+        assert len(ev) == 2
+        assert [e.rerank_score for e in ev] == sorted((e.rerank_score for e in ev), reverse=True)
+        for e in ev:  # retrieval score and rank kept: the caption's place in the top 8
+            assert deep[i][e.retrieval_rank - 1].text == e.text
+            assert deep[i][e.retrieval_rank - 1].score == pytest.approx(e.score)
+        assert sorted(e.retrieval_rank for e in ev) != [1, 2] or ev[0].retrieval_rank == 1
+        assert all(e.rerank_score is None for e in plain[i])
+    a = model.answer(images[0], "what color is the shape?", top_k=2, rerank=8)
+    assert a.evidence == model.retrieve(images[:1], top_k=2, rerank=8)[0]
+    d = a.to_dict()
+    assert {"rerank_score", "retrieval_rank"} <= set(d["evidence"][0])
+    assert "rerank_score" not in model.answer(images[0], "what color?", top_k=2).to_dict()["evidence"][0]
+
+
+def test_rerank_beyond_the_index_returns_what_exists_with_a_note(reranked_run, images):
+    from rvqa import RVQA
+
+    model = RVQA.from_pretrained(reranked_run[0], device="cpu")
+    total = next(iter(model.indices.values()))["count"]
+    a = model.answer(images[0], "what shape is it?", top_k=2, rerank=total + 50)
+    assert len(a.evidence) == min(2, total)
+    assert all(e.retrieval_rank <= total for e in a.evidence)
+    assert a.notes and f"returned {total} captions" in a.notes[0]
+
+
+def test_rerank_bad_input(reranked_run, tiny_run, images):
+    from rvqa import RVQA
+
+    plain = RVQA.from_pretrained(tiny_run, device="cpu", reranker=False)
+    with pytest.raises(UsageError, match="needs a re-ranker and none is loaded: train one"):
+        plain.answer(images[0], "what color?", rerank=10)
+    model = RVQA.from_pretrained(reranked_run[0], device="cpu")
+    with pytest.raises(UsageError, match="fewer captions than top_k=3"):
+        model.answer(images[0], "what color?", top_k=3, rerank=2)
+    with pytest.raises(TypeError):
+        model.answer(images[0], "what color?", rerank="10")
+    with pytest.raises(UsageError, match="do not pass top_k, index or rerank"):
+        model.answer_batch([images[0]], ["what?"], evidence=[[("a red circle", 1.0)]], rerank=5)
+
+
+def test_a_reranker_for_another_retriever_is_refused(reranked_run, tmp_path):
+    from rvqa import RVQA
+
+    run = reranked_run[0]
+    path = run / "reranker" / "final"
+    cfg = json.loads((path / "config.json").read_text())
+    other = tmp_path / "other"
+    shutil.copytree(path, other)
+    cfg["retriever_fingerprint"] = "sha256:000000000000000000000000"
+    (other / "config.json").write_text(json.dumps(cfg))
+    model = RVQA.from_pretrained(run, device="cpu")
+    before = model.reranker
+    with pytest.raises(IndexMismatchError, match="trained for retriever sha256:0000"):
+        model.load_reranker(other)
+    assert model.reranker is before  # the loaded one stays
+    with pytest.raises(IndexMismatchError):
+        RVQA.from_pretrained(run, device="cpu", reranker=other)
+
+
+def test_cli_ask_and_evaluate_with_rerank(reranked_run, tmp_path, capsys):
+    from rvqa.cli import main
+    from tests.tiny import draw_shape
+
+    run = reranked_run[0]
+    img = tmp_path / "shape.png"
+    draw_shape("red", "circle").save(img)
+    assert main(["ask", "--model", str(run), "--image", str(img), "--question", "what color?",
+                 "--top-k", "2", "--rerank", "8", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "re-ranked, best first" in out and "rerank" in out
+    assert main(["ask", "--model", str(run), "--image", str(img), "--question", "what color?",
+                 "--rerank", "8", "--no-retrieval"]) == 1
+    assert "exclude each other" in capsys.readouterr().err
+    code = main(["evaluate", "--model", str(run), "--split", "test", "--max-questions", "16",
+                 "--compare", "--rerank", "8", "--device", "cpu", "--out", str(tmp_path / "ev")])
+    assert code == 0
+    rows = json.loads((tmp_path / "ev" / "compare.json").read_text())
+    labels = [r["condition"] for r in rows]
+    assert labels == ["tiny-captions", "tiny-captions + rerank 8", "no retrieval"]
+    (folder,) = (tmp_path / "ev").glob("*rerank*")
+    line = json.loads((folder / "evidence.jsonl").read_text().splitlines()[0])
+    assert {"rerank_score", "retrieval_rank"} <= set(line["evidence"][0])
