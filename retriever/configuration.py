@@ -23,7 +23,35 @@ TERM_FIELDS = {
     "crcgs": ("crcgs_temperature",),
     "support_set": ("support_temperature",),
     "hash": ("hash_bits", "hash_gamma", "hash_eta"),
+    "pairwise": ("pairwise_lambda", "pairwise_margin"),
 }
+
+# The options of each text tower but the default transformer one: serialised, with
+# ``text_tower`` itself, only for that tower (a transformer retriever's config.json and
+# fingerprint are what they were before the GCN tower existed).
+TEXT_TOWER_FIELDS = {
+    "gcn": (
+        "gcn_hidden_size",
+        "gcn_layers",
+        "gcn_graph",
+        "gcn_k",
+        "gcn_threshold",
+        "gcn_self_loops",
+        "gcn_dropout",
+    ),
+}
+# The GCN tower config's field of each option (its text_config must agree).
+GCN_TOWER_KEYS = {
+    "gcn_hidden_size": "hidden_size",
+    "gcn_layers": "num_layers",
+    "gcn_graph": "graph",
+    "gcn_k": "k",
+    "gcn_threshold": "threshold",
+    "gcn_self_loops": "self_loops",
+    "gcn_dropout": "dropout",
+}
+TEXT_TOWERS = ("transformer", "gcn")
+GCN_MODEL_TYPE = "rvqa-gcn-text"
 
 POOLINGS_VISION = ("pooled", "cls", "mean")
 POOLINGS_TEXT = ("mean", "cls")
@@ -42,11 +70,27 @@ class RetrieverConfig(PretrainedConfig):
     Args:
         vision_config: Config dict (with ``model_type``) of the image tower: the
             small CNN (``"rvqa-small-cnn"``) or any ``transformers`` vision model.
-        text_config: Config dict of the text tower (BERT/MiniLM/ALBERT/T5 encoder...).
+        text_config: Config dict of the text tower (BERT/MiniLM/ALBERT/T5 encoder...,
+            or the GCN tower's ``"rvqa-gcn-text"``).
         vision_backbone: Name the image tower was initialised from (provenance;
             ``"cnn"`` = trained from scratch).
         text_backbone: Name the text tower was initialised from (``"minilm"`` = the
-            packaged all-MiniLM-L6-v2).
+            packaged all-MiniLM-L6-v2); with ``text_tower="gcn"`` the source of its
+            tokenizer and word vectors.
+        text_tower: ``"transformer"`` (the backbone's encoder) or ``"gcn"``
+            (:class:`rvqa.towers.gcn.GCNTextModel`: a graph convolutional network over
+            a graph of each caption's words, Yu et al. 2018). With ``"gcn"``,
+            ``freeze_text`` freezes its word vectors only: its graph convolutions are
+            new and always train.
+        gcn_hidden_size: ``gcn``: width of each graph convolution (the tower's output).
+        gcn_layers: ``gcn``: graph convolutions.
+        gcn_graph: ``gcn``: ``"knn"`` (each token joined to its ``gcn_k`` most similar
+            tokens by word-vector cosine, symmetrised) or ``"threshold"`` (joined at a
+            cosine of ``gcn_threshold`` or more).
+        gcn_k: ``gcn``, ``knn``: neighbours per token.
+        gcn_threshold: ``gcn``, ``threshold``: the joining cosine, in [-1, 1].
+        gcn_self_loops: ``gcn``: normalise ``A + I`` (Kipf & Welling), not ``A``.
+        gcn_dropout: ``gcn``: dropout on each graph convolution's input.
         vision_pooling: ``"pooled"`` (the backbone's pooler output), ``"cls"`` (first
             token) or ``"mean"`` (mean of all tokens).
         text_pooling: ``"mean"`` (masked mean over tokens) or ``"cls"``.
@@ -67,7 +111,9 @@ class RetrieverConfig(PretrainedConfig):
             intra-modality contrastive terms), ``support_set`` (CRCGS's support-set
             term) and ``hash`` (DCMH hashing: a ``hash_bits`` binary code, searched
             in a binary FAISS index). E.g. ``"infonce+center"``, ``"gpl+modality"``,
-            ``"crcgs+support_set"``, ``"infonce+hash"``.
+            ``"crcgs+support_set"``, ``"infonce+hash"``; ``pairwise`` (Yu et al.'s
+            pairwise similarity loss: the variances of matching and non-matching
+            similarities plus a hinge on their means' gap).
         loss_weights: Weight of each term of ``loss`` (missing: 1.0).
         margin: Hinge margin of the VSE losses.
         max_violation_warmup: With a ``vse_max`` or ``gpl`` term, the first N training forward
@@ -100,6 +146,8 @@ class RetrieverConfig(PretrainedConfig):
         hash_bits: ``hash``: code length in bits, a multiple of 8 (DCMH: 16/32/64).
         hash_gamma: ``hash``: quantisation weight γ (DCMH: 1).
         hash_eta: ``hash``: bit-balance weight η (DCMH: 1).
+        pairwise_lambda: ``pairwise``: weight λ of the mean-gap hinge (Yu et al.'s code: 0.35).
+        pairwise_margin: ``pairwise``: margin m of the mean gap (Yu et al.'s code: 0.8).
         freeze_vision: Do not train the image tower (projections still train).
         freeze_text: Do not train the text tower.
         augment: Random flips and small shifts of images in training forward passes.
@@ -113,6 +161,14 @@ class RetrieverConfig(PretrainedConfig):
         text_config: dict | None = None,
         vision_backbone: str = _S.vision_backbone,
         text_backbone: str = _S.text_backbone,
+        text_tower: str = _S.text_tower,
+        gcn_hidden_size: int = _S.gcn_hidden_size,
+        gcn_layers: int = _S.gcn_layers,
+        gcn_graph: str = _S.gcn_graph,
+        gcn_k: int = _S.gcn_k,
+        gcn_threshold: float = _S.gcn_threshold,
+        gcn_self_loops: bool = _S.gcn_self_loops,
+        gcn_dropout: float = _S.gcn_dropout,
         vision_pooling: str = _S.vision_pooling,
         text_pooling: str = _S.text_pooling,
         embed_dim: int = _S.embed_dim,
@@ -140,6 +196,8 @@ class RetrieverConfig(PretrainedConfig):
         hash_bits: int = _S.hash_bits,
         hash_gamma: float = _S.hash_gamma,
         hash_eta: float = _S.hash_eta,
+        pairwise_lambda: float = _S.pairwise_lambda,
+        pairwise_margin: float = _S.pairwise_margin,
         freeze_vision: bool = _S.freeze_vision,
         freeze_text: bool = _S.freeze_text,
         augment: bool = _S.augment,
@@ -148,6 +206,18 @@ class RetrieverConfig(PretrainedConfig):
         _check_choice("vision_pooling", vision_pooling, POOLINGS_VISION)
         _check_choice("text_pooling", text_pooling, POOLINGS_TEXT)
         _check_choice("projection", projection, PROJECTIONS)
+        _check_choice("text_tower", text_tower, TEXT_TOWERS)
+        gcn_options = {
+            "gcn_hidden_size": gcn_hidden_size,
+            "gcn_layers": gcn_layers,
+            "gcn_graph": gcn_graph,
+            "gcn_k": gcn_k,
+            "gcn_threshold": gcn_threshold,
+            "gcn_self_loops": gcn_self_loops,
+            "gcn_dropout": gcn_dropout,
+        }
+        check_gcn_options(gcn_options)
+        _check_text_config(text_tower, text_config, gcn_options)
         terms = parse_loss(loss)
         loss_weights = dict(loss_weights or {})
         unknown = sorted(set(loss_weights) - set(terms))
@@ -190,6 +260,9 @@ class RetrieverConfig(PretrainedConfig):
         self.text_config = dict(text_config) if text_config else None
         self.vision_backbone = vision_backbone
         self.text_backbone = text_backbone
+        self.text_tower = text_tower
+        for name, value in gcn_options.items():
+            setattr(self, name, value)
         self.vision_pooling = vision_pooling
         self.text_pooling = text_pooling
         self.embed_dim = embed_dim
@@ -217,6 +290,8 @@ class RetrieverConfig(PretrainedConfig):
         self.hash_bits = hash_bits
         self.hash_gamma = hash_gamma
         self.hash_eta = hash_eta
+        self.pairwise_lambda = pairwise_lambda
+        self.pairwise_margin = pairwise_margin
         self.freeze_vision = freeze_vision
         self.freeze_text = freeze_text
         self.augment = augment
@@ -224,13 +299,20 @@ class RetrieverConfig(PretrainedConfig):
 
     def to_dict(self) -> dict:
         """The config as a dict, without the options of loss terms not in ``loss``
-        (nor an empty ``loss_weights`` / unset ``class_names``)."""
+        nor of text towers not in use (no ``text_tower`` for the default transformer
+        one), nor an empty ``loss_weights`` / unset ``class_names``."""
         out = super().to_dict()
         terms = parse_loss(self.loss)
         for term, names in TERM_FIELDS.items():
             if term not in terms:
                 for name in names:
                     out.pop(name, None)
+        for tower, names in TEXT_TOWER_FIELDS.items():
+            if tower != self.text_tower:
+                for name in names:
+                    out.pop(name, None)
+        if self.text_tower == "transformer":
+            out.pop("text_tower", None)
         if not out.get("loss_weights"):
             out.pop("loss_weights", None)
         if out.get("class_names") is None:
@@ -261,6 +343,53 @@ class RetrieverConfig(PretrainedConfig):
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def check_gcn_options(options: dict) -> None:
+    """The GCN tower's options (``gcn_*`` name → value), checked whichever tower is in use
+    (a bad value fails when the config is built, not when the tower is switched on).
+
+    Raises:
+        ConfigError: A bad value, naming its ``gcn_*`` key.
+    """
+    for name in ("gcn_hidden_size", "gcn_layers", "gcn_k"):
+        value = options[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    _check_choice("gcn_graph", options["gcn_graph"], ("knn", "threshold"))
+    threshold = options["gcn_threshold"]
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise ConfigError(f"gcn_threshold must be a number, got {threshold!r}")
+    if not -1.0 <= threshold <= 1.0:
+        raise ConfigError(f"gcn_threshold is a cosine similarity, in [-1, 1]; got {threshold!r}")
+    if not isinstance(options["gcn_self_loops"], bool):
+        raise ConfigError(
+            f"gcn_self_loops must be true or false, got {options['gcn_self_loops']!r}"
+        )
+    dropout = options["gcn_dropout"]
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ConfigError(f"gcn_dropout must be a number in [0, 1), got {dropout!r}")
+
+
+def _check_text_config(text_tower: str, text_config: dict | None, gcn_options: dict) -> None:
+    """A text tower config that is not the tower ``text_tower`` names (or, for the GCN,
+    disagrees with a ``gcn_*`` option) is an error naming the key."""
+    if not text_config:
+        return
+    is_gcn = text_config.get("model_type") == GCN_MODEL_TYPE
+    if is_gcn != (text_tower == "gcn"):
+        raise ConfigError(
+            f"text_tower is {text_tower!r} but text_config is a "
+            f"{text_config.get('model_type')!r} tower; build the config with "
+            f"RetrieverModel.from_backbones(text_tower=...)"
+        )
+    if is_gcn:
+        for name, key in GCN_TOWER_KEYS.items():
+            if key in text_config and text_config[key] != gcn_options[name]:
+                raise ConfigError(
+                    f"{name}={gcn_options[name]!r} but the GCN text_config has "
+                    f"{key}={text_config[key]!r}"
+                )
 
 
 # Registered here, next to the class (the model class is registered in modeling.py).

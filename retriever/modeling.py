@@ -1,9 +1,10 @@
 """The image-caption alignment model (DXR / VSE++ style dual encoder).
 
 Two towers — any ``transformers`` vision model (or the small CNN) and any text
-encoder — each followed by a projection into one ``embed_dim`` space where
-embeddings are L2-normalised, so the inner product is the cosine similarity
-that the FAISS knowledge index searches with.
+encoder (or the GCN over each caption's graph of words, ``text_tower="gcn"``) — each
+followed by a projection into one ``embed_dim`` space where embeddings are
+L2-normalised, so the inner product is the cosine similarity that the FAISS knowledge
+index searches with.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ from rvqa.config import RetrieverSettings, model_options
 from rvqa.data.images import load_image
 from rvqa.errors import ConfigError, UsageError
 from rvqa.retriever import losses as L
-from rvqa.retriever.configuration import RetrieverConfig
+from rvqa.retriever.configuration import GCN_TOWER_KEYS, RetrieverConfig, check_gcn_options
 from rvqa.towers import (
     KeepsFrozenOnLoad,
     build_tower,
     drop_unused_heads,
+    gcn_text_config_from_name,
     hidden_size_of,
     load_image_processor,
     load_tokenizer,
@@ -223,16 +225,24 @@ class RetrieverModel(KeepsFrozenOnLoad, PreTrainedModel):
             p.requires_grad_(not self.config.freeze_vision)
         for p in self.text_model.parameters():
             p.requires_grad_(not self.config.freeze_text)
+        if self.config.text_tower == "gcn":
+            # its graph convolutions (and input LayerNorm) start from scratch: freeze_text
+            # keeps only the pretrained word vectors fixed
+            words = self.text_model.get_input_embeddings().weight
+            for p in self.text_model.parameters():
+                if p is not words:
+                    p.requires_grad_(True)
         # Only InfoNCE uses the temperature; DDP refuses parameters that get no gradient.
         self.logit_scale.requires_grad_("infonce" in self.config.loss_terms)
 
     def train(self, mode: bool = True) -> RetrieverModel:
         """Like ``nn.Module.train``, but frozen towers stay in eval mode (no dropout,
-        fixed BatchNorm statistics): a frozen tower is a fixed feature extractor."""
+        fixed BatchNorm statistics): a frozen tower is a fixed feature extractor (not the
+        GCN text tower, whose graph convolutions train whatever ``freeze_text`` says)."""
         super().train(mode)
         if mode and self.config.freeze_vision:
             self.vision_model.eval()
-        if mode and self.config.freeze_text:
+        if mode and self.config.freeze_text and self.config.text_tower != "gcn":
             self.text_model.eval()
         return self
 
@@ -261,12 +271,15 @@ class RetrieverModel(KeepsFrozenOnLoad, PreTrainedModel):
             **overrides: Options that win over ``settings``: ``num_text_layers`` (keep
                 the first N text layers), ``cnn_hidden_sizes`` (small CNN stages) and
                 any :class:`RetrieverConfig` field except ``vision_config`` /
-                ``text_config`` (e.g. ``vision_backbone``, ``text_backbone``, ``loss``).
+                ``text_config`` (e.g. ``vision_backbone``, ``text_backbone``, ``loss``,
+                ``text_tower="gcn"`` with its ``gcn_*`` options: a GCN text tower whose
+                word vectors are ``text_backbone``'s input embeddings).
 
         Raises:
             TypeError: An unknown override name (named), or ``settings`` given as a
                 string (backbone names are keywords: ``vision_backbone="cnn"``).
-            ValueError: A backbone that cannot be loaded, or an invalid config value.
+            ValueError: A backbone that cannot be loaded, an invalid config value, or
+                ``num_text_layers`` with the GCN text tower (its depth is ``gcn_layers``).
         """
         opts = model_options(
             settings,
@@ -286,11 +299,20 @@ class RetrieverModel(KeepsFrozenOnLoad, PreTrainedModel):
         if vision_config["model_type"] == "rvqa-small-cnn" and cnn_hidden_sizes is not None:
             vision_config["hidden_sizes"] = list(cnn_hidden_sizes)
             vision_config["hidden_size"] = cnn_hidden_sizes[-1]
-        config = RetrieverConfig(
-            vision_config=vision_config,
-            text_config=text_config_from_name(text_backbone, num_text_layers),
-            **opts,
-        )
+        if opts["text_tower"] == "gcn":
+            check_gcn_options({name: opts[name] for name in GCN_TOWER_KEYS})  # keys named
+            if num_text_layers is not None:
+                raise ConfigError(
+                    f"num_text_layers={num_text_layers} truncates a transformer text tower; "
+                    f"with text_tower 'gcn' set gcn_layers instead"
+                )
+            text_config = gcn_text_config_from_name(
+                text_backbone,
+                **{key: opts[name] for name, key in GCN_TOWER_KEYS.items()},
+            )
+        else:
+            text_config = text_config_from_name(text_backbone, num_text_layers)
+        config = RetrieverConfig(vision_config=vision_config, text_config=text_config, **opts)
         model = cls(config)
         if load_weights:
             load_tower_weights(model.vision_model, vision_backbone, text=False)
@@ -552,6 +574,14 @@ class RetrieverModel(KeepsFrozenOnLoad, PreTrainedModel):
                     txt["codes"],
                     gamma=cfg.hash_gamma,
                     eta=cfg.hash_eta,
+                    positive_mask=positive_mask,
+                )
+            elif term == "pairwise":
+                values[term] = L.pairwise_similarity_loss(
+                    im["emb"],
+                    txt["emb"],
+                    lam=cfg.pairwise_lambda,
+                    margin=cfg.pairwise_margin,
                     positive_mask=positive_mask,
                 )
         if self.training:

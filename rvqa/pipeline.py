@@ -755,7 +755,9 @@ class RVQA:
 
     def _check_rerank(self, rerank: Any, k: int) -> int | None:
         """``rerank`` checked: ``None`` (no re-ranking) or N ≥ ``k`` with a re-ranker loaded."""
-        if rerank is None or (isinstance(rerank, int) and not isinstance(rerank, bool) and rerank == 0):
+        if rerank is None or (
+            isinstance(rerank, int) and not isinstance(rerank, bool) and rerank == 0
+        ):
             return None
         n = check_int(rerank, "rerank", minimum=1)
         if n < k:

@@ -30,7 +30,11 @@ def retriever(tiny_run):
 def images():
     from tests.tiny import draw_shape
 
-    return [draw_shape("red", "circle"), draw_shape("blue", "square"), draw_shape("green", "circle")]
+    return [
+        draw_shape("red", "circle"),
+        draw_shape("blue", "square"),
+        draw_shape("green", "circle"),
+    ]
 
 
 def _reranker(retriever, **kw):
@@ -123,9 +127,11 @@ def test_step_count_ablation(retriever, images):
     s3 = three.score(toks, caps, **kw)[0]
     s1 = one.score(toks, caps, **kw)[0]
     enc = three.tokenize(caps[0])
-    steps = three(
-        toks, enc["input_ids"][None], enc["attention_mask"][None], torch.zeros(1, 3)
-    ).step_scores[0].detach()
+    steps = (
+        three(toks, enc["input_ids"][None], enc["attention_mask"][None], torch.zeros(1, 3))
+        .step_scores[0]
+        .detach()
+    )
     scale = three.logit_scale.exp().item()
     np.testing.assert_allclose(s1, scale * steps[:, 0].numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(s3, scale * steps.sum(-1).numpy(), rtol=1e-4, atol=1e-5)
@@ -142,7 +148,8 @@ def test_scores_do_not_depend_on_the_other_candidates(retriever, images):
     toks = _tokens(retriever, images[:2])
     alone = model.score(toks[:1], [["a red circle"]], [[0.5]])[0]
     padded = model.score(
-        toks, [["a red circle"], ["a blue square", "a picture of a blue square", "x"]],
+        toks,
+        [["a red circle"], ["a blue square", "a picture of a blue square", "x"]],
         [[0.5], [0.1, 0.2, 0.3]],
     )
     np.testing.assert_allclose(padded[0], alone, rtol=1e-5, atol=1e-5)
@@ -261,7 +268,10 @@ def test_rerank_stage_in_the_pipeline(reranked_run, images):
     assert a.evidence == model.retrieve(images[:1], top_k=2, rerank=8)[0]
     d = a.to_dict()
     assert {"rerank_score", "retrieval_rank"} <= set(d["evidence"][0])
-    assert "rerank_score" not in model.answer(images[0], "what color?", top_k=2).to_dict()["evidence"][0]
+    assert (
+        "rerank_score"
+        not in model.answer(images[0], "what color?", top_k=2).to_dict()["evidence"][0]
+    )
 
 
 def test_rerank_beyond_the_index_returns_what_exists_with_a_note(reranked_run, images):
@@ -316,15 +326,64 @@ def test_cli_ask_and_evaluate_with_rerank(reranked_run, tmp_path, capsys):
     run = reranked_run[0]
     img = tmp_path / "shape.png"
     draw_shape("red", "circle").save(img)
-    assert main(["ask", "--model", str(run), "--image", str(img), "--question", "what color?",
-                 "--top-k", "2", "--rerank", "8", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "ask",
+                "--model",
+                str(run),
+                "--image",
+                str(img),
+                "--question",
+                "what color?",
+                "--top-k",
+                "2",
+                "--rerank",
+                "8",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "re-ranked, best first" in out and "rerank" in out
-    assert main(["ask", "--model", str(run), "--image", str(img), "--question", "what color?",
-                 "--rerank", "8", "--no-retrieval"]) == 1
+    assert (
+        main(
+            [
+                "ask",
+                "--model",
+                str(run),
+                "--image",
+                str(img),
+                "--question",
+                "what color?",
+                "--rerank",
+                "8",
+                "--no-retrieval",
+            ]
+        )
+        == 1
+    )
     assert "exclude each other" in capsys.readouterr().err
-    code = main(["evaluate", "--model", str(run), "--split", "test", "--max-questions", "16",
-                 "--compare", "--rerank", "8", "--device", "cpu", "--out", str(tmp_path / "ev")])
+    code = main(
+        [
+            "evaluate",
+            "--model",
+            str(run),
+            "--split",
+            "test",
+            "--max-questions",
+            "16",
+            "--compare",
+            "--rerank",
+            "8",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "ev"),
+        ]
+    )
     assert code == 0
     rows = json.loads((tmp_path / "ev" / "compare.json").read_text())
     labels = [r["condition"] for r in rows]

@@ -1,4 +1,5 @@
-"""Build image and text towers (any ``transformers`` backbone, or the small CNN).
+"""Build image and text towers (any ``transformers`` backbone, the small CNN, or the GCN
+text tower).
 
 Shared by the retriever and the reader. A tower is described by a plain config
 dict (``PretrainedConfig.to_dict()``, with ``model_type``) so a composite model
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -30,11 +32,14 @@ except ImportError:  # pragma: no cover - transformers 4.x
 from rvqa.errors import ConfigError
 from rvqa.towers.backbones import resolve_text_backbone
 from rvqa.towers.cnn import SmallCNNConfig, SmallCNNModel
+from rvqa.towers.gcn import GCNTextConfig, GCNTextModel
 
 logger = logging.getLogger(__name__)
 
 AutoConfig.register("rvqa-small-cnn", SmallCNNConfig, exist_ok=True)
 AutoModel.register(SmallCNNConfig, SmallCNNModel, exist_ok=True)
+AutoConfig.register("rvqa-gcn-text", GCNTextConfig, exist_ok=True)
+AutoModel.register(GCNTextConfig, GCNTextModel, exist_ok=True)
 
 BUILTIN_VISION = ("cnn",)
 # Composite configs (CLIP, SigLIP, ...) whose image tower lives in `vision_config`.
@@ -94,12 +99,45 @@ def vision_config_from_name(name: str, image_size: int = 64, grid_size: int | No
 
 def text_config_from_name(name: str, num_layers: int | None = None) -> dict:
     """The config dict of a text tower (BERT-like / MiniLM / ALBERT / T5 encoder)."""
-    cfg = _from_pretrained(AutoConfig.from_pretrained, resolve_text_backbone(name), "text backbone")
-    if cfg.model_type in {"clip", "siglip", "siglip2"}:
-        cfg = cfg.text_config
+    cfg = _backbone_text_config(name)
     if num_layers is not None:
         _set_num_layers(cfg, num_layers)
     return cfg.to_dict()
+
+
+def _backbone_text_config(name: str) -> PretrainedConfig:
+    cfg = _from_pretrained(AutoConfig.from_pretrained, resolve_text_backbone(name), "text backbone")
+    if cfg.model_type in {"clip", "siglip", "siglip2"}:
+        cfg = cfg.text_config
+    return cfg
+
+
+def gcn_text_config_from_name(name: str, **options: Any) -> dict:
+    """The config dict of a GCN text tower whose word vectors (and tokenizer) are those of
+    text backbone ``name`` (``'minilm'``: the packaged all-MiniLM-L6-v2's 30522 × 384).
+
+    Args:
+        name: The text backbone whose input embeddings the tower's word vectors copy.
+        **options: :class:`~rvqa.towers.gcn.GCNTextConfig` fields (``hidden_size``,
+            ``num_layers``, ``graph``, ``k``, ``threshold``, ``self_loops``, ``dropout``).
+    """
+    cfg = _backbone_text_config(name)
+    word_dim = next(
+        (
+            getattr(cfg, a)
+            for a in ("embedding_size", "hidden_size", "d_model", "dim")
+            if isinstance(getattr(cfg, a, None), int)
+        ),
+        None,
+    )
+    if word_dim is None or not isinstance(getattr(cfg, "vocab_size", None), int):
+        raise ConfigError(
+            f"text backbone {name!r} ({cfg.model_type}): cannot tell its word vectors' size "
+            f"for the GCN text tower"
+        )
+    return GCNTextConfig(
+        vocab_size=cfg.vocab_size, word_dim=word_dim, pad_token_id=cfg.pad_token_id, **options
+    ).to_dict()
 
 
 def _set_num_layers(cfg: PretrainedConfig, num_layers: int) -> None:
@@ -168,10 +206,14 @@ def drop_unused_heads(tower: nn.Module, *, pooled: bool) -> None:
 
 
 def load_tower_weights(tower: nn.Module, name: str, text: bool) -> None:
-    """Copy pretrained weights of checkpoint ``name`` into ``tower`` (layers may be fewer)."""
+    """Copy pretrained weights of checkpoint ``name`` into ``tower`` (layers may be fewer;
+    a GCN text tower gets the checkpoint's input embeddings as its word vectors)."""
     if name == "cnn":
         return
     path = resolve_text_backbone(name) if text else name
+    if isinstance(tower, GCNTextModel):
+        _copy_word_vectors(tower, path, name)
+        return
     # Load the full checkpoint, then copy what the (possibly truncated) tower has.
     pretrained = _from_pretrained(type(tower).from_pretrained, path, "backbone weights")
     missing, _unexpected = tower.load_state_dict(pretrained.state_dict(), strict=False)
@@ -179,6 +221,20 @@ def load_tower_weights(tower: nn.Module, name: str, text: bool) -> None:
         logger.warning(
             "%s: %d tower weights not in the checkpoint (e.g. %s)", name, len(missing), missing[:3]
         )
+
+
+def _copy_word_vectors(tower: GCNTextModel, path: str, name: str) -> None:
+    pretrained = _from_pretrained(AutoModel.from_pretrained, path, "backbone weights")
+    source = pretrained.get_input_embeddings().weight
+    target = tower.get_input_embeddings().weight
+    if source.shape != target.shape:
+        raise ConfigError(
+            f"the GCN text tower has {tuple(target.shape)} word vectors but {name!r}'s input "
+            f"embeddings are {tuple(source.shape)}; build its config with "
+            f"gcn_text_config_from_name({name!r})"
+        )
+    with torch.no_grad():
+        target.copy_(source)
 
 
 def hidden_size_of(config_dict: dict) -> int:
