@@ -7,10 +7,13 @@ knowledge index over these captions returns) are its candidates, and the image
 tower's tokens (the regions the re-ranker reads) are kept in a memory-mapped
 float16 file beside the run (``reranker/mined/``, rebuilt by every run; never
 read by inference). A training item is one caption record: its image, its
-caption (the positive) and ``num_negatives`` captions drawn from the image's
-top-``top_n`` that are neither its own captions nor identical texts (drawn by a
-generator seeded with the run's seed and the item, so a resumed run sees the same
-negatives). The loss is the listwise softmax of
+caption (the positive), ``num_negatives`` captions drawn from the image's
+top-``top_n`` and ``num_random_negatives`` drawn from all the distinct captions,
+none of them its own captions or identical texts (drawn by a generator seeded with
+the run's seed and the item, so a resumed run sees the same negatives). The random
+ones keep the re-ranker honest where the top-N's "negatives" are often valid
+matches the data does not label (a partial caption such as "a blue shape at the
+top" fits many images). The loss is the listwise softmax of
 :class:`~rvqa.retriever.reranker.RerankerModel`; the shared loop
 (:mod:`rvqa.training`) trains it, keeps the best by validation R@1 after
 re-ranking, and checkpoints for resume.
@@ -245,12 +248,16 @@ def mine_candidates(
 
 
 class RerankDataset(Dataset):
-    """One item per caption record: its image's tokens, the positive caption and
-    ``num_negatives`` hard negatives from the image's top-N (seeded per item)."""
+    """One item per caption record: its image's tokens, the positive caption,
+    ``num_negatives`` hard negatives from the image's top-N and ``num_random_negatives``
+    drawn from the whole gallery (never one of the image's own texts; seeded per item)."""
 
-    def __init__(self, cands: Candidates, num_negatives: int, seed: int):
+    def __init__(
+        self, cands: Candidates, num_negatives: int, seed: int, num_random_negatives: int = 0
+    ):
         self.cands = cands
         self.num_negatives = num_negatives
+        self.num_random_negatives = num_random_negatives
         self.seed = seed
 
     def __len__(self) -> int:
@@ -260,12 +267,21 @@ class RerankDataset(Dataset):
         c = self.cands
         u = int(c.image_of_record[i])
         pos = int(c.gallery_of_record[i])
+        rng = np.random.default_rng([self.seed, i])
         pool = [g for g in c.top[u].tolist() if g not in c.positives[u]]
         if len(pool) > self.num_negatives:
-            rng = np.random.default_rng([self.seed, i])
             pick = np.sort(rng.choice(len(pool), self.num_negatives, replace=False))
             pool = [pool[j] for j in pick]
-        rows = [pos, *pool]
+        taken = set(pool) | c.positives[u]
+        extra: list[int] = []
+        for _ in range(4 * self.num_random_negatives):  # a few draws; a tiny gallery runs out
+            if len(extra) == self.num_random_negatives:
+                break
+            g = int(rng.integers(len(c.texts)))
+            if g not in taken:
+                taken.add(g)
+                extra.append(g)
+        rows = [pos, *pool, *extra]
         return {
             "image_tokens": torch.from_numpy(np.asarray(c.tokens[u], dtype=np.float32)),
             "captions": [c.texts[g] for g in rows],
@@ -313,6 +329,15 @@ class RerankCollator:
             "candidate_mask": cand,
             "labels": labels,
         }
+
+
+def score_spread(top_scores: np.ndarray) -> float:
+    """The median over images of the standard deviation of their top-N retrieval scores
+    (the re-ranker's ``retrieval_score_scale``; 1.0 when it is 0 or undefined)."""
+    if top_scores.shape[1] < 2:
+        return 1.0
+    spread = float(np.median(top_scores.std(axis=1)))
+    return spread if np.isfinite(spread) and spread > 1e-6 else 1.0
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -469,9 +494,11 @@ def train_reranker(
     )
     set_seed(s.seed)
     if model is None:
-        model = RerankerModel.from_retriever(retriever, s)
+        model = RerankerModel.from_retriever(
+            retriever, s, retrieval_score_scale=score_spread(cands.top_scores)
+        )
     model.check_retriever(retriever.fingerprint(), "the model passed to train_reranker")
-    dataset = RerankDataset(cands, s.num_negatives, s.seed)
+    dataset = RerankDataset(cands, s.num_negatives, s.seed, s.num_random_negatives)
     collate = RerankCollator(
         model.tokenizer, model.config.max_caption_length, model.config.pad_token_id
     )
@@ -501,6 +528,7 @@ def train_reranker(
             captions=dataclasses.asdict(captions),
             top_n=s.top_n,
             num_negatives=s.num_negatives,
+            num_random_negatives=s.num_random_negatives,
         ),
         accelerator=accelerator,
         desc="training re-ranker",

@@ -27,9 +27,12 @@ re-ranker's text encoder):
   text-to-image (words query regions) and image-to-text (regions query words)
   scores, IMRAM's full model.
 
-The logit the re-ranker orders by is ``exp(logit_scale) · S`` plus, with
-``fuse_retrieval_score``, ``w · retrieval_score`` (``w`` learned): the re-ranker
-corrects the dual encoder instead of discarding what it knew. Training
+The logit the re-ranker orders by is ``exp(logit_scale) · S``, or, with
+``fuse_retrieval_score``, ``w · retrieval_score / c + α · exp(logit_scale) · S`` (``w``
+and ``α`` learned, ``w`` starting at 1 and ``α`` at 0; ``c`` the typical spread of the
+retriever's top-N scores, measured when training starts): the re-ranker starts as the dual encoder's
+order and corrects it as far as ``S`` earns it, instead of discarding what the dual
+encoder knew. Training
 (:mod:`rvqa.retriever.rerank_train`) is a listwise softmax over one positive and
 hard negatives mined from the dual encoder's own top-N, ``−log Σ_pos softmax``, of
 the fused logits plus (when fused) of the scaled matching score alone, so that
@@ -86,6 +89,11 @@ class RerankerConfig(PretrainedConfig):
         pad_token_id: The tokenizer's padding id.
         retriever_fingerprint: The fingerprint of the retriever it was trained for.
         retriever_metric: That retriever's index metric (``inner_product`` / ``hamming``).
+        retrieval_score_scale: The typical spread of the retriever's scores within an
+            image's top-N (training sets it: the median over the training images of the
+            standard deviation of their top-N scores); fused scores are divided by it,
+            so ``w`` starts at a useful size whatever the retriever (a VSE++ retriever's
+            top-50 cosines can all lie within 0.01 of each other).
     """
 
     model_type = "rvqa-reranker"
@@ -109,6 +117,7 @@ class RerankerConfig(PretrainedConfig):
         pad_token_id: int = 0,
         retriever_fingerprint: str = "",
         retriever_metric: str = "inner_product",
+        retrieval_score_scale: float = 1.0,
         **kwargs: Any,
     ):
         for name, value, low in (
@@ -156,6 +165,11 @@ class RerankerConfig(PretrainedConfig):
         self.max_caption_length = max_caption_length
         self.retriever_fingerprint = retriever_fingerprint
         self.retriever_metric = retriever_metric
+        if not (isinstance(retrieval_score_scale, (int, float)) and retrieval_score_scale > 0):
+            raise ConfigError(
+                f"reranker.retrieval_score_scale must be > 0, got {retrieval_score_scale!r}"
+            )
+        self.retrieval_score_scale = float(retrieval_score_scale)
         super().__init__(pad_token_id=pad_token_id, **kwargs)
 
 
@@ -279,7 +293,12 @@ class RerankerModel(KeepsFrozenOnLoad, PreTrainedModel):
         directions = ("t2i", "i2t") if config.directions == "both" else (config.directions,)
         self.memories = nn.ModuleDict({k: MemoryUnit(d) for k in directions})
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
-        self.fuse_weight = nn.Parameter(torch.tensor(20.0)) if config.fuse_retrieval_score else None
+        # fused: w · retrieval score + α · exp(logit_scale) · S, α starting at 0 (the
+        # re-ranker starts as the dual encoder's order and departs from it as S learns)
+        self.fuse_weight = None
+        if config.fuse_retrieval_score:
+            self.fuse_weight = nn.Parameter(torch.tensor(1.0))
+            self.match_gate = nn.Parameter(torch.tensor(0.0))
         self.tokenizer: Any = None
         self.post_init()
         self.apply_freezing()
@@ -466,11 +485,13 @@ class RerankerModel(KeepsFrozenOnLoad, PreTrainedModel):
         paired = regions.unsqueeze(1).expand(b, m, r, regions.shape[-1]).reshape(b * m, r, -1)
         steps = self.match(paired, words, flat_mask).view(b, m, -1)  # (B, M, K)
         match = steps.sum(-1)
-        logits = self.logit_scale.exp() * match
+        alone = self.logit_scale.exp() * match
+        logits = alone
         if self.fuse_weight is not None:
             if retrieval_scores is None:
                 raise UsageError("this re-ranker fuses the retrieval scores: pass retrieval_scores")
-            logits = logits + self.fuse_weight * retrieval_scores.to(logits.dtype)
+            ret = retrieval_scores.to(alone.dtype) / self.config.retrieval_score_scale
+            logits = self.fuse_weight * ret + self.match_gate * alone
         if candidate_mask is not None:
             logits = logits.masked_fill(~candidate_mask.bool(), float("-inf"))
         loss = None
@@ -482,9 +503,8 @@ class RerankerModel(KeepsFrozenOnLoad, PreTrainedModel):
                 raise UsageError("labels: every image needs at least one positive candidate")
             loss = _listwise_loss(logits, pos)
             if self.fuse_weight is not None:
-                # the matching score alone is trained to rank too: otherwise the fused
-                # logit could lean on the retrieval score and leave S untrained
-                alone = self.logit_scale.exp() * match
+                # the matching score alone is trained to rank too: the fused logit starts
+                # from the retrieval score (α = 0), so S learns from this term first
                 if candidate_mask is not None:
                     alone = alone.masked_fill(~candidate_mask.bool(), float("-inf"))
                 loss = loss + _listwise_loss(alone, pos)

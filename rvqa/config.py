@@ -522,6 +522,9 @@ class RerankerSettings(TrainSettings):
     num_negatives: int = 15
     """Training: negatives scored beside each positive caption (from the image's top_n,
     never one of its own captions or an identical text)."""
+    num_random_negatives: int = 8
+    """Training: negatives drawn from all the distinct training captions besides those
+    (unlabelled valid matches crowd an image's top_n; random ones rarely match)."""
     eval_top_n: int = 50
     """Validation and test: the re-ranker's recall@K over each image's top-N."""
     eval_split: str = "val"

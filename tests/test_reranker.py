@@ -117,7 +117,7 @@ def test_shapes_and_step_scores_sum(retriever, images):
 def test_step_count_ablation(retriever, images):
     """K = 1 scores exactly the first step of K = 3 (same weights); more steps add the
     refined queries' scores, which differ from the first step's."""
-    three = _reranker(retriever, num_steps=3)
+    three = _reranker(retriever, num_steps=3, fuse_retrieval_score=False)  # logits = scale · S
     one = RerankerModel(RerankerConfig(**{**three.config.to_dict(), "num_steps": 1})).eval()
     one.load_state_dict(three.state_dict())
     one.tokenizer = three.tokenizer
@@ -136,6 +136,46 @@ def test_step_count_ablation(retriever, images):
     np.testing.assert_allclose(s1, scale * steps[:, 0].numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(s3, scale * steps.sum(-1).numpy(), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(steps[:, 1], steps[:, 0])
+
+
+def test_an_untrained_fused_reranker_keeps_the_retrieval_order(retriever, images):
+    """α = 0 at the start: the fused logit is w · retrieval score / c (w = 1), whatever S says."""
+    model = _reranker(retriever, retrieval_score_scale=0.25)
+    caps = [["a red circle", "a blue square", "a green circle", "a red square"]]
+    scores = [[0.2, 0.9, 0.5, 0.1]]
+    logits = model.score(_tokens(retriever, images[:1]), caps, scores)[0]
+    assert np.argsort(-logits).tolist() == [1, 2, 0, 3]
+    np.testing.assert_allclose(logits, np.array(scores[0]) / 0.25, rtol=1e-6)
+
+
+def test_score_spread_and_the_negatives_drawn():
+    from rvqa.retriever.rerank_train import Candidates, RerankDataset, score_spread
+
+    top = np.array([[0.9, 0.8, 0.7], [0.5, 0.5, 0.2]], dtype=np.float32)
+    assert score_spread(top) == pytest.approx(np.median(top.std(axis=1)))
+    assert score_spread(np.ones((3, 4), np.float32)) == 1.0  # no spread: no scaling
+    texts = [f"caption {i}" for i in range(12)]
+    emb = np.eye(12, 4, dtype=np.float32)
+    cands = Candidates(
+        images=["a", "b"],
+        image_of_record=np.array([0, 0, 1]),
+        texts=texts,
+        gallery_of_record=np.array([0, 1, 2]),
+        positives=[{0, 1}, {2}],
+        top=np.array([[0, 3, 1, 4, 5], [2, 6, 7, 8, 9]]),
+        top_scores=np.zeros((2, 5), np.float32),
+        image_emb=np.ones((2, 4), np.float32),
+        text_emb=emb,
+        tokens=np.zeros((2, 3, 4), np.float16),
+    )
+    ds = RerankDataset(cands, num_negatives=2, seed=0, num_random_negatives=3)
+    item = ds[0]
+    rows = [texts.index(c) for c in item["captions"]]
+    assert rows[0] == 0 and len(rows) == 1 + 2 + 3 and len(set(rows)) == 6
+    assert set(rows[1:3]) <= {3, 4, 5}  # hard: from the top-N, never an own caption
+    assert not set(rows[1:]) & {0, 1}
+    assert rows == [texts.index(c) for c in ds[0]["captions"]]  # seeded per item
+    np.testing.assert_allclose(item["retrieval_scores"], emb[rows].sum(1))
 
 
 def test_directions_are_separate_memories(retriever):
@@ -201,6 +241,8 @@ def test_bad_config_and_inputs(retriever, images, tmp_path):
         RerankerConfig(directions="sideways")
     with pytest.raises(ConfigError, match="reranker.num_steps"):
         RerankerConfig(num_steps=0)
+    with pytest.raises(ConfigError, match="retrieval_score_scale must be > 0"):
+        RerankerConfig(retrieval_score_scale=0.0)
     model = _reranker(retriever)
     with pytest.raises(UsageError, match="image_tokens must have shape"):
         model.score(torch.zeros(1, 4, 3), [["a red circle"]], [[0.1]])
@@ -216,24 +258,41 @@ def test_bad_config_and_inputs(retriever, images, tmp_path):
 # ------------------------------------------------------------------ training run
 
 
+def _rerank_config(root: Path, **reranker):
+    """The tiny run's config at ``root`` with a tiny re-ranker trained on the COCO-format
+    shapes fixture (24 images, 2 captions each)."""
+    from rvqa.config import CaptionDataConfig
+    from tests.tiny import coco_caption_fixture, tiny_run_config
+
+    captions, images = coco_caption_fixture(root / "coco", n_per_class=3)
+    cfg = tiny_run_config(root)
+    settings = {
+        "captions": CaptionDataConfig(source="coco", path=str(captions), images=str(images)),
+        "hidden_size": 16,
+        "num_heads": 2,
+        "batch_size": 8,
+        "max_steps": 4,
+        "top_n": 8,
+        "num_negatives": 3,
+        "eval_top_n": 8,
+        "val_fraction": 0.25,
+        "test_split": None,
+        "log_every": 1,
+        **reranker,
+    }
+    for key, value in settings.items():
+        setattr(cfg.reranker, key, value)
+    return cfg
+
+
 @pytest.fixture(scope="module")
 def reranked_run(tiny_run, tmp_path_factory):
     """A copy of the tiny run with a re-ranker trained by train_reranker (4 steps)."""
     from rvqa.retriever.rerank_train import train_reranker
-    from tests.tiny import tiny_run_config
 
     root = tmp_path_factory.mktemp("rerank") / "root"
     shutil.copytree(Path(tiny_run).parent, root, ignore=shutil.ignore_patterns("feature_cache"))
-    cfg = tiny_run_config(root)
-    cfg.reranker.hidden_size = 16
-    cfg.reranker.num_heads = 2
-    cfg.reranker.batch_size = 8
-    cfg.reranker.max_steps = 4
-    cfg.reranker.top_n = 8
-    cfg.reranker.num_negatives = 3
-    cfg.reranker.eval_top_n = 8
-    cfg.reranker.max_eval_images = 16
-    cfg.reranker.test_split = None
+    cfg = _rerank_config(root)
     out = train_reranker(cfg)
     return Path(cfg.output_dir), out
 
@@ -247,6 +306,27 @@ def test_train_reranker_writes_a_loadable_model_and_records_it(reranked_run):
     recorded = json.loads((run / "rvqa_run.json").read_text())
     assert recorded["reranker"].startswith("reranker/")
     assert not list((run / "reranker" / "mined").glob("tokens-*.npy"))  # scratch removed
+
+
+def test_train_reranker_resumes_exactly(tiny_run, tmp_path, monkeypatch):
+    from rvqa.retriever.rerank_train import train_reranker
+    from tests.tiny import interrupted_after_checkpoint
+
+    roots = []
+    for name in ("full", "cut"):
+        roots.append(tmp_path / name)
+        shutil.copytree(
+            Path(tiny_run).parent, roots[-1], ignore=shutil.ignore_patterns("feature_cache")
+        )
+    opts = {"max_steps": 4, "checkpoint_every": 2, "eval_every": 0}
+    full = train_reranker(_rerank_config(roots[0], **opts))["result"]
+    cfg = _rerank_config(roots[1], **opts)
+    with interrupted_after_checkpoint(monkeypatch, 2):
+        train_reranker(cfg)
+    resumed = train_reranker(cfg, resume=True)["result"]
+    assert resumed.resumed_from_step == 2 and resumed.steps == 4
+    # the same negatives (seeded per item), data order and RNG: the same last losses
+    assert resumed.losses == pytest.approx(full.losses[2:], rel=1e-5, abs=1e-6)
 
 
 def test_rerank_stage_in_the_pipeline(reranked_run, images):
