@@ -467,7 +467,7 @@ class RetrieverModel(KeepsFrozenOnLoad, PreTrainedModel):
             # and hinge sum would round the loss (and its gradient) to 2-3 digits.
             with torch.autocast(im["emb"].device.type, enabled=False):
                 loss, terms = self._objective(
-                    {k: v.float() for k, v in im.items()},
+                    {k: v.float() for k, v in im.items() if k != "tokens"},  # no loss reads them
                     {k: v.float() for k, v in txt.items()},
                     positive_mask,
                     labels,

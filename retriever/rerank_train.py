@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,17 +47,19 @@ from torch.utils.data import DataLoader, Dataset
 
 from rvqa.config import RunConfig, save_config
 from rvqa.data import has_split, holdout_by_image, load_caption_split
-from rvqa.distributed import log_placement, sharded_map
-from rvqa.errors import DataFormatError
+from rvqa.distributed import log_placement, shard_bounds, sharded_map
+from rvqa.errors import DataFormatError, UsageError
 from rvqa.io import write_json_atomic
-from rvqa.pixels import ImagePixels, carry_errors, loader_options, raise_carried
+from rvqa.pixels import ImagePixels, carry_errors, image_pixels, loader_options, raise_carried
 from rvqa.retriever.modeling import RetrieverModel
 from rvqa.retriever.reranker import RerankerModel
 from rvqa.run_layout import (
     CONFIG_FILE,
     METRICS_FILE,
     RERANKER_DIR,
+    RUN_FILE,
     add_reranker_to_run,
+    read_run_file,
     retriever_dir,
 )
 from rvqa.training import TrainResult, make_accelerator, run_signature, train
@@ -143,11 +146,41 @@ def encode_images(
     accelerator: Any = None,
     out_dir: Path | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(U, D) retrieval vectors and (U, R, H) float16 tokens of ``images`` (streamed
-    through loader workers as float32 pixels, exactly as inference embeds them; each
-    process a shard, gathered). Tokens are written to a memory-mapped file in
-    ``out_dir`` (kept in memory when None)."""
+    """(U, D) retrieval vectors and (U, R, H) float16 tokens of ``images``.
+
+    Images stream through loader workers as float32 pixels, exactly as inference embeds
+    them; each process embeds a contiguous shard. The tokens go batch by batch into one
+    float16 memory-mapped file, ``out_dir/tokens.npy`` (created by the main process;
+    each process writes its own rows, then every process opens it read-only), so memory
+    holds a batch of tokens, never the split's; only the (U, D) vectors are gathered.
+    Without ``out_dir`` (one process only) the tokens are kept in memory.
+
+    Raises:
+        UsageError: Several processes and no ``out_dir``.
+    """
+    images = list(images)
     device = next(retriever.parameters()).device
+    world = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
+    if world > 1 and out_dir is None:
+        raise UsageError("encode_images: several processes need an out_dir for the token file")
+    with torch.inference_mode():  # the token shape: one image through the tower
+        probe = image_pixels(images[0], retriever.image_processor, torch.float32)
+        shape = tuple(
+            retriever._image_parts(probe[None].to(device, retriever.dtype))["tokens"].shape[1:]
+        )
+    full = (len(images), *shape)
+    path = None if out_dir is None else Path(out_dir) / "tokens.npy"
+    if path is None:
+        tokens = np.empty(full, dtype=np.float16)
+    else:
+        if rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=full).flush()
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+        tokens = np.load(path, mmap_mode="r+")
+    lo, _ = shard_bounds(len(images), world, rank)
 
     def run(shard: list) -> np.ndarray:
         ds, collate = carry_errors(
@@ -156,36 +189,25 @@ def encode_images(
         loader = DataLoader(
             ds, batch_size=batch_size, collate_fn=collate, **loader_options(num_workers, device)
         )
-        rows = []
+        rows, at = [], lo
         with torch.inference_mode():
             for batch in loader:
                 pixels = raise_carried(batch).to(device, retriever.dtype)
                 parts = retriever._image_parts(pixels)
-                vec = retriever._retrieval_vector(parts).float()
-                tok = parts["tokens"].float().flatten(1)
-                rows.append(torch.cat([vec, tok], dim=1).cpu().numpy())
-        return np.concatenate(rows) if rows else np.zeros((0, 1), np.float32)
+                rows.append(retriever._retrieval_vector(parts).float().cpu().numpy())
+                tok = parts["tokens"].to(torch.float16).cpu().numpy()
+                tokens[at : at + len(tok)] = tok
+                at += len(tok)
+        return np.concatenate(rows) if rows else np.zeros((0, retriever.embed_dim), np.float32)
 
-    merged = sharded_map(run, list(images), accelerator)
-    d = retriever.embed_dim
-    emb = np.ascontiguousarray(merged[:, :d], dtype=np.float32)
-    flat = merged[:, d:]
-    h = _token_width(retriever)
-    shape = (len(merged), flat.shape[1] // h, h)
-    if out_dir is None:
-        return emb, flat.reshape(shape).astype(np.float16)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"tokens-{accelerator.process_index if accelerator else 0}.npy"
-    tokens = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
-    tokens[:] = flat.reshape(shape)
-    tokens.flush()
+    emb = np.ascontiguousarray(sharded_map(run, images, accelerator), dtype=np.float32)
+    if path is not None:
+        tokens.flush()
+        del tokens
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+        tokens = np.load(path, mmap_mode="r")
     return emb, tokens
-
-
-def _token_width(retriever: RetrieverModel) -> int:
-    from rvqa.towers import hidden_size_of
-
-    return hidden_size_of(retriever.config.vision_config)
 
 
 def exact_top_n(
@@ -250,7 +272,10 @@ def mine_candidates(
 class RerankDataset(Dataset):
     """One item per caption record: its image's tokens, the positive caption,
     ``num_negatives`` hard negatives from the image's top-N and ``num_random_negatives``
-    drawn from the whole gallery (never one of the image's own texts; seeded per item)."""
+    drawn from the whole gallery (never one of the image's own texts). The draws are
+    uniform (the top-N's hardest are often unlabelled valid matches) and seeded by the
+    run's seed, the epoch (:meth:`set_epoch`, called by the training loop) and the item,
+    so every epoch sees other negatives and a resumed run the same ones."""
 
     def __init__(
         self, cands: Candidates, num_negatives: int, seed: int, num_random_negatives: int = 0
@@ -259,6 +284,11 @@ class RerankDataset(Dataset):
         self.num_negatives = num_negatives
         self.num_random_negatives = num_random_negatives
         self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the negatives of ``epoch`` (the training loop calls it before each epoch)."""
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.cands.image_of_record)
@@ -267,7 +297,7 @@ class RerankDataset(Dataset):
         c = self.cands
         u = int(c.image_of_record[i])
         pos = int(c.gallery_of_record[i])
-        rng = np.random.default_rng([self.seed, i])
+        rng = np.random.default_rng([self.seed, self.epoch, i])
         pool = [g for g in c.top[u].tolist() if g not in c.positives[u]]
         if len(pool) > self.num_negatives:
             pick = np.sort(rng.choice(len(pool), self.num_negatives, replace=False))
@@ -333,11 +363,12 @@ class RerankCollator:
 
 def score_spread(top_scores: np.ndarray) -> float:
     """The median over images of the standard deviation of their top-N retrieval scores
-    (the re-ranker's ``retrieval_score_scale``; 1.0 when it is 0 or undefined)."""
+    (the re-ranker's ``retrieval_score_scale``; 1.0 when it is 0 or undefined), to 3
+    significant digits, so that a resumed run (part of its signature) computes the same."""
     if top_scores.shape[1] < 2:
         return 1.0
     spread = float(np.median(top_scores.std(axis=1)))
-    return spread if np.isfinite(spread) and spread > 1e-6 else 1.0
+    return float(f"{spread:.3g}") if np.isfinite(spread) and spread > 1e-9 else 1.0
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -379,6 +410,24 @@ def recall_of(
     return {f"r{k}": 100.0 * hits[k] / n for k in ks}
 
 
+def evaluate_candidates(
+    reranker: RerankerModel, cands: Candidates, *, accelerator: Any = None, batch_size: int = 32
+) -> dict[str, float]:
+    """Image→text recall@1/5/10 (%) of mined candidates: the dual encoder alone
+    (``dual_r*``) and re-ranked (``r*``); the re-ranking is sharded over the processes."""
+    rows = list(range(len(cands.images)))
+    ranked = sharded_map(
+        lambda shard: rerank_candidates(reranker, cands, batch_size=batch_size, images=shard),
+        rows,
+        accelerator,
+    )
+    out = {f"dual_{k}": v for k, v in recall_of(cands.top, cands.positives).items()}
+    out.update(recall_of(ranked, cands.positives))
+    out["images"] = float(len(rows))
+    out["top_n"] = float(cands.top.shape[1])
+    return out
+
+
 def evaluate_reranker(
     reranker: RerankerModel,
     retriever: RetrieverModel,
@@ -388,21 +437,15 @@ def evaluate_reranker(
     accelerator: Any = None,
     max_images: int | None = None,
     batch_size: int = 32,
+    out_dir: Path | None = None,
 ) -> dict[str, float]:
     """Image→text recall@1/5/10 (%) over ``records``' distinct captions: the dual
-    encoder alone (``dual_r*``) and its top-``top_n`` re-ranked (``r*``)."""
+    encoder alone (``dual_r*``) and its top-``top_n`` re-ranked (``r*``). ``out_dir``:
+    where the image tokens are memory-mapped (needed with several processes)."""
     if max_images is not None:
         records = _first_images(records, max_images)
-    cands = mine_candidates(retriever, records, top_n, accelerator=accelerator)
-    rows = list(range(len(cands.images)))
-    pos = [cands.positives[u] for u in rows]
-    dual = recall_of(cands.top[rows], pos)
-    ranked = rerank_candidates(reranker, cands, batch_size=batch_size, images=rows)
-    out = {f"dual_{k}": v for k, v in dual.items()}
-    out.update(recall_of(ranked, pos))
-    out["images"] = float(len(rows))
-    out["top_n"] = float(cands.top.shape[1])
-    return out
+    cands = mine_candidates(retriever, records, top_n, accelerator=accelerator, out_dir=out_dir)
+    return evaluate_candidates(reranker, cands, accelerator=accelerator, batch_size=batch_size)
 
 
 def _first_images(records: Sequence[Any], n: int) -> list:
@@ -476,7 +519,7 @@ def train_reranker(
         len(val_records),
         len(test_records),
     )
-    mined_dir = out / "mined"
+    mined_dir = out / "mined"  # scratch: the image tokens, removed at the end
     cands = mine_candidates(
         retriever,
         train_records,
@@ -484,7 +527,7 @@ def train_reranker(
         batch_size=s.batch_size,
         num_workers=s.num_workers,
         accelerator=accelerator,
-        out_dir=mined_dir,
+        out_dir=mined_dir / "train",
     )
     logger.info(
         "mined the top-%d of %d training images over %d distinct captions",
@@ -497,6 +540,17 @@ def train_reranker(
         model = RerankerModel.from_retriever(
             retriever, s, retrieval_score_scale=score_spread(cands.top_scores)
         )
+    val_cands = None
+    if val_records:  # the retriever is frozen: the validation candidates are mined once
+        val_cands = mine_candidates(
+            retriever,
+            _first_images(val_records, s.max_eval_images) if s.max_eval_images else val_records,
+            s.eval_top_n,
+            batch_size=s.batch_size,
+            num_workers=s.num_workers,
+            accelerator=accelerator,
+            out_dir=mined_dir / "val",
+        )
     model.check_retriever(retriever.fingerprint(), "the model passed to train_reranker")
     dataset = RerankDataset(cands, s.num_negatives, s.seed, s.num_random_negatives)
     collate = RerankCollator(
@@ -504,14 +558,7 @@ def train_reranker(
     )
 
     def evaluate(m: Any, acc: Any) -> dict[str, float]:
-        return evaluate_reranker(
-            acc.unwrap_model(m),
-            retriever,
-            val_records,
-            s.eval_top_n,
-            accelerator=acc,
-            max_images=s.max_eval_images,
-        )
+        return evaluate_candidates(acc.unwrap_model(m), val_cands, accelerator=acc)
 
     result: TrainResult = train(
         model,
@@ -544,7 +591,12 @@ def train_reranker(
     test = None
     if test_records:
         test = evaluate_reranker(
-            unwrapped, retriever, test_records, s.eval_top_n, accelerator=accelerator
+            unwrapped,
+            retriever,
+            test_records,
+            s.eval_top_n,
+            accelerator=accelerator,
+            out_dir=mined_dir / "test",
         )
         if accelerator.is_main_process:
             logger.info("test recall (i2t): %s", {k: round(v, 2) for k, v in test.items()})
@@ -553,19 +605,42 @@ def train_reranker(
         write_json_atomic(
             out / METRICS_FILE, {"model_dir": str(model_dir), "val": val, "test": test}
         )
-        add_reranker_to_run(cfg.output_dir, model_dir)
-        for f in mined_dir.glob("tokens-*.npy"):
-            f.unlink()
+        _record_in_run(Path(cfg.output_dir), model_dir, unwrapped)
     accelerator.wait_for_everyone()
+    cands = val_cands = dataset = None  # drop their memory maps before the files go
+    if accelerator.is_main_process:
+        shutil.rmtree(mined_dir, ignore_errors=True)
     if end_training:
         accelerator.end_training()
     return {"result": result, "model_dir": model_dir, "val": val, "test": test}
+
+
+def _record_in_run(run_dir: Path, model_dir: Path, reranker: RerankerModel) -> None:
+    """Record the re-ranker in the run's ``rvqa_run.json`` when it serves the run's
+    retriever (one trained for another retriever would make the run unloadable)."""
+    run_file = run_dir / RUN_FILE
+    if not run_file.is_file():
+        return
+    run = read_run_file(run_dir)
+    theirs = RetrieverModel.from_pretrained(run.retriever).fingerprint()
+    if theirs != reranker.config.retriever_fingerprint:
+        logger.warning(
+            "not recording the re-ranker in %s: it was trained for retriever %s, the run's is "
+            "%s (load it with --reranker %s beside that retriever)",
+            run_file,
+            reranker.config.retriever_fingerprint,
+            theirs,
+            model_dir,
+        )
+        return
+    add_reranker_to_run(run_dir, model_dir)
 
 
 __all__ = [
     "Candidates",
     "RerankCollator",
     "RerankDataset",
+    "evaluate_candidates",
     "evaluate_reranker",
     "exact_top_n",
     "group_records",

@@ -290,8 +290,12 @@ class RerankerModel(KeepsFrozenOnLoad, PreTrainedModel):
         self.region_projection = nn.Sequential(
             nn.LayerNorm(config.vision_hidden_size), nn.Linear(config.vision_hidden_size, d)
         )
-        directions = ("t2i", "i2t") if config.directions == "both" else (config.directions,)
-        self.memories = nn.ModuleDict({k: MemoryUnit(d) for k in directions})
+        self.directions = ("t2i", "i2t") if config.directions == "both" else (config.directions,)
+        # one memory per direction, refining its queries between steps (none with one step:
+        # parameters without a gradient would stop a multi-process run)
+        self.memories = nn.ModuleDict(
+            {k: MemoryUnit(d) for k in self.directions} if config.num_steps > 1 else {}
+        )
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         # fused: w · retrieval score + α · exp(logit_scale) · S, α starting at 0 (the
         # re-ranker starts as the dual encoder's order and departs from it as S learns)
@@ -439,7 +443,7 @@ class RerankerModel(KeepsFrozenOnLoad, PreTrainedModel):
         k_steps = self.config.num_steps
         for k in range(k_steps):
             total = 0.0
-            for direction, memory in self.memories.items():
+            for direction in self.directions:
                 q = queries[direction]
                 if direction == "t2i":  # words attend over regions
                     c = cross_attention(q, regions, word_mask, None, lam, norm)
@@ -449,7 +453,7 @@ class RerankerModel(KeepsFrozenOnLoad, PreTrainedModel):
                     score = F.cosine_similarity(q, c, dim=-1).mean(dim=1)
                 total = total + score
                 if k + 1 < k_steps:  # the last step's refined query would go unread
-                    queries[direction] = memory(q, c)
+                    queries[direction] = self.memories[direction](q, c)
             steps.append(total)
         return torch.stack(steps, dim=-1)
 
@@ -485,12 +489,14 @@ class RerankerModel(KeepsFrozenOnLoad, PreTrainedModel):
         paired = regions.unsqueeze(1).expand(b, m, r, regions.shape[-1]).reshape(b * m, r, -1)
         steps = self.match(paired, words, flat_mask).view(b, m, -1)  # (B, M, K)
         match = steps.sum(-1)
-        alone = self.logit_scale.exp() * match
+        # float32 even under bf16 autocast: the retrieval scores of one image's top N can
+        # differ in their fourth digit, which bf16 would round away
+        alone = self.logit_scale.exp() * match.float()
         logits = alone
         if self.fuse_weight is not None:
             if retrieval_scores is None:
                 raise UsageError("this re-ranker fuses the retrieval scores: pass retrieval_scores")
-            ret = retrieval_scores.to(alone.dtype) / self.config.retrieval_score_scale
+            ret = retrieval_scores.float() / self.config.retrieval_score_scale
             logits = self.fuse_weight * ret + self.match_gate * alone
         if candidate_mask is not None:
             logits = logits.masked_fill(~candidate_mask.bool(), float("-inf"))
@@ -530,6 +536,7 @@ class RerankerModel(KeepsFrozenOnLoad, PreTrainedModel):
         image_tokens: torch.Tensor,
         captions: Sequence[Sequence[str]],
         retrieval_scores: Sequence[Sequence[float]] | None = None,
+        max_pairs: int = 2048,
     ) -> list[np.ndarray]:
         """Re-ranking logits of each image's candidate captions (ragged lists).
 
@@ -538,6 +545,8 @@ class RerankerModel(KeepsFrozenOnLoad, PreTrainedModel):
                 to the model's).
             captions: Per image, its candidate captions (any number, 0 included).
             retrieval_scores: Per image, the candidates' retrieval scores (same shape).
+            max_pairs: At most this many (image, caption) pairs per forward pass (memory
+                is bounded by it, not by B × N).
 
         Returns:
             Per image, a float32 array of its candidates' logits (higher = better).
@@ -546,14 +555,37 @@ class RerankerModel(KeepsFrozenOnLoad, PreTrainedModel):
         if image_tokens.shape[0] != b:
             raise UsageError(f"{image_tokens.shape[0]} images but {b} caption lists")
         counts = [len(c) for c in captions]
-        m = max(counts, default=0)
-        if m == 0:
-            return [np.zeros(0, dtype=np.float32) for _ in range(b)]
-        if self.fuse_weight is not None:
+        if self.fuse_weight is not None and any(counts):
             if retrieval_scores is None or [len(s) for s in retrieval_scores] != counts:
                 raise UsageError("retrieval_scores: one score per candidate caption is needed")
-        flat = [c for caps in captions for c in caps]
-        enc = self.tokenize(flat)
+        out: list[np.ndarray] = [np.zeros(0, dtype=np.float32) for _ in range(b)]
+        was_training = self.training
+        if was_training:
+            self.eval()
+        i = 0
+        while i < b:  # images whose candidates fit max_pairs together (at least one image)
+            j, pairs = i + 1, counts[i]
+            while j < b and pairs + counts[j] <= max_pairs:
+                pairs += counts[j]
+                j += 1
+            if any(counts[i:j]):
+                scores = None if retrieval_scores is None else retrieval_scores[i:j]
+                out[i:j] = self._score_chunk(image_tokens[i:j], captions[i:j], scores)
+            i = j
+        if was_training:
+            self.train()
+        return out
+
+    def _score_chunk(
+        self,
+        image_tokens: torch.Tensor,
+        captions: Sequence[Sequence[str]],
+        retrieval_scores: Sequence[Sequence[float]] | None,
+    ) -> list[np.ndarray]:
+        b = len(captions)
+        counts = [len(c) for c in captions]
+        m = max(counts)
+        enc = self.tokenize([c for caps in captions for c in caps])
         length = enc["input_ids"].shape[1]
         ids = torch.full((b, m, length), self.config.pad_token_id, dtype=torch.long)
         mask = torch.zeros((b, m, length), dtype=torch.long)
@@ -567,22 +599,16 @@ class RerankerModel(KeepsFrozenOnLoad, PreTrainedModel):
             if retrieval_scores is not None and n:
                 scores[i, :n] = torch.as_tensor(list(retrieval_scores[i]), dtype=torch.float32)
             o += n
-        mask[~cand] = 0
         mask[..., 0] = 1  # padding candidates keep one token (their logits are masked out)
         dev = self.device
-        was_training = self.training
-        if was_training:
-            self.eval()
-        out = self(
+        logits = self(
             image_tokens.to(dev),
             ids.to(dev),
             mask.to(dev),
             retrieval_scores=scores.to(dev),
             candidate_mask=cand.to(dev),
-        )
-        if was_training:
-            self.train()
-        logits = out.logits.float().cpu().numpy()
+        ).logits
+        logits = logits.float().cpu().numpy()
         return [logits[i, :n].copy() for i, n in enumerate(counts)]
 
 

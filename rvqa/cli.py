@@ -274,7 +274,12 @@ def _train_reranker_args(p: argparse.ArgumentParser) -> None:
 def _cmd_train_reranker(args: argparse.Namespace) -> int:
     from rvqa.retriever.rerank_train import train_reranker
 
-    out = train_reranker(_load_cfg(args), resume=args.resume)
+    cfg = _load_cfg(args)
+    if cfg.reranker.captions is not None and "retriever.captions.skip_bad_images=true" in (
+        args.overrides or []
+    ):  # --skip-bad-images applies to the captions the re-ranker trains on
+        cfg.reranker.captions.skip_bad_images = True
+    out = train_reranker(cfg, resume=args.resume)
     _print_main(f"re-ranker saved to {out['model_dir']}")
     for name in ("val", "test"):
         t = out[name]
@@ -637,7 +642,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.indices_root is not None and not Path(args.indices_root).is_dir():
         raise UsageError(f"--indices-root {args.indices_root} is not a folder")
     with _QuietLoading(args.debug):
-        model = RVQA.from_pretrained(args.model, device=args.device, precision=args.precision)
+        # the HTTP API has no re-ranking: the run's re-ranker is not loaded
+        model = RVQA.from_pretrained(
+            args.model, device=args.device, precision=args.precision, reranker=False
+        )
         if args.index:
             keep = model.use_indices(args.index)
             for name in list(model.registry.names):
@@ -676,6 +684,7 @@ def _format_answer(out, retrieval: bool) -> str:
     if not out.evidence:
         why = "no captions retrieved" if retrieval else "answered without retrieval"
         lines.append(f"Evidence: none ({why})")
+        lines.extend(f"Note: {note}" for note in out.notes)
         return "\n".join(lines)
     reranked = out.evidence[0].rerank_score is not None
     order = "re-ranked, best first" if reranked else "best first"

@@ -26,6 +26,7 @@ indices, answer a split, write the files and the resolved ``config.yaml``);
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 import zlib
@@ -47,6 +48,8 @@ from rvqa.pipeline import ALL_INDICES, RVQA, Evidence
 from rvqa.retriever.evaluation import evaluate_retriever
 from rvqa.retriever.modeling import RetrieverModel
 from rvqa.run_layout import CONFIG_FILE, METRICS_FILE, READER_DIR
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -113,6 +116,7 @@ def evaluate_run(
         index = ALL_INDICES
     t0 = time.time()
     predictions, evidence = [], []
+    notes: dict[str, int] = {}
     for s in tqdm(
         range(0, len(records), batch_size),
         desc=f"evaluating {condition}".strip(),
@@ -128,6 +132,8 @@ def evaluate_run(
             swapped = control(found, [r.question_id for r in chunk])
             outs = model.answer_batch(images, questions, evidence=swapped)
         for r, o in zip(chunk, outs):
+            for note in o.notes:
+                notes[note] = notes.get(note, 0) + 1
             predictions.append({"question_id": r.question_id, "answer": o.answer})
             evidence.append(
                 {
@@ -139,6 +145,10 @@ def evaluate_run(
                     "evidence": [_evidence_row(e) for e in o.evidence],
                 }
             )
+    for note, count in notes.items():  # once per run, not once per question
+        logger.warning(
+            "%s (%s: %d of %d questions)", note, condition or "evaluation", count, len(records)
+        )
     has_answers = all(r.answers is not None for r in records)
     accuracy = evaluate_vqa(predictions, records) if has_answers else None
     run = EvalRun(condition, predictions, accuracy, evidence, time.time() - t0)

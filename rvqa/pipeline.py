@@ -67,8 +67,8 @@ class Evidence(NamedTuple):
     stored in its index (the geometric mean of its Gaussian's σ²; larger = vaguer,
     e.g. a caption that fits many images); ``None`` otherwise. With re-ranking
     (``rerank=N``): ``rerank_score``, the re-ranker's logit (the order of the
-    evidence), and ``retrieval_rank``, the caption's rank (1 = best) among the N the
-    indices returned; ``None`` otherwise.
+    evidence), and ``retrieval_rank``, the caption's rank (1 = best) among the N its
+    index returned; ``None`` otherwise.
     """
 
     text: str
@@ -252,13 +252,16 @@ class RVQA:
                 names one (``cuda:1``); CPU with one warning where faiss has no GPU.
             precision: ``"float32"`` (default) or ``"bf16"`` (bfloat16 autocast; see
                 :class:`RVQA`).
-            reranker: A re-ranker folder to load instead of the run's; ``False``: none
-                (default ``None``: the one ``rvqa_run.json`` records, if any).
+            reranker: A re-ranker folder to load instead of the run's; ``False``: none;
+                ``True``: the run's, which must exist (default ``None``: the one
+                ``rvqa_run.json`` records, if any).
 
         Raises:
             RunFolderError: The folder, ``rvqa_run.json`` or a component file is
                 missing (named in the message).
             IndexMismatchError: The re-ranker was trained for another retriever.
+            RunFolderError: ``reranker=True`` and the run records none, or the re-ranker
+                folder does not exist.
             ValueError: ``rvqa_run.json`` is malformed.
             UsageError: ``device`` is unknown or not available; ``nprobe`` /
                 ``ef_search`` not a positive integer; ``precision`` unknown, or bf16
@@ -300,8 +303,15 @@ class RVQA:
             use_gpu=use_gpu,
             precision=precision,
         )
-        chosen = run.reranker if reranker is None else (None if reranker is False else reranker)
-        if chosen is not None and chosen is not True:
+        if reranker is True and run.reranker is None:
+            raise RunFolderError(
+                f"{run.run_dir / 'rvqa_run.json'} records no re-ranker (train one with "
+                "`rvqa train-reranker`, or pass reranker=PATH)"
+            )
+        chosen = run.reranker if reranker in (None, True) else (reranker or None)
+        if chosen is not None:
+            if not Path(chosen).is_dir():
+                raise RunFolderError(f"re-ranker folder {chosen} does not exist")
             model.load_reranker(chosen)
         if load_indices:
             for name, path in run.indices.items():
@@ -316,11 +326,14 @@ class RVQA:
             FileNotFoundError: The folder or one of its files is missing.
             IndexMismatchError: It was trained for another retriever (both fingerprints
                 named); the current re-ranker stays.
+            UsageError: A model without its tokenizer.
         """
         if isinstance(reranker, RerankerModel):
             model, where = reranker, ""
         else:
             model, where = RerankerModel.from_pretrained(reranker), str(reranker)
+        if model.tokenizer is None:
+            raise UsageError("the re-ranker has no tokenizer attached (set model.tokenizer)")
         model.check_retriever(self._retriever_fingerprint(), where)
         self.reranker = model.to(self.device).eval()
 
@@ -379,11 +392,14 @@ class RVQA:
         return None
 
     def placement(self) -> dict[str, str]:
-        """Where each component is: ``retriever``/``reader`` → torch device, and
+        """Where each component is: ``retriever``/``reader`` (and ``reranker`` when one is
+        loaded) → torch device, and
         ``index.NAME`` → ``faiss-gpu`` / ``faiss-cpu`` for every loaded index."""
         from rvqa.distributed import device_name
 
         out = {"retriever": device_name(self.retriever), "reader": device_name(self.reader)}
+        if self.reranker is not None:
+            out["reranker"] = device_name(self.reranker)
         for name in self.registry.names:
             try:
                 out[f"index.{name}"] = device_name(self.registry.get(name))
@@ -553,10 +569,10 @@ class RVQA:
                 retrieval.
             num_alternatives: How many runner-up answers to report.
             rerank: Retrieve the top ``rerank`` captions (N ≥ ``top_k``) from each index,
-                re-order them with the re-ranker (:attr:`reranker`) and read the best
-                ``top_k``; the evidence keeps both scores and the retrieval rank.
-                ``None`` / 0: no re-ranking. More than the indices hold re-ranks what
-                they hold (said in :attr:`Answer.notes`).
+                re-order all of them with the re-ranker (:attr:`reranker`) and read the
+                best ``top_k``; the evidence keeps both scores and each caption's rank in
+                its index's top N. ``None`` / 0: no re-ranking. More than an index holds
+                re-ranks what it holds (said in :attr:`Answer.notes`).
 
         Raises:
             TypeError: ``question`` is not a string, ``top_k`` not an int, ``image`` of
@@ -800,30 +816,30 @@ class RVQA:
         emb = out[0]
         if self.retriever.config.is_probabilistic:
             unc = np.exp(2 * out[1].mean(axis=1)).tolist()
-        results = self.registry.search(emb, rerank or k, names)
-        found = [
-            [Evidence(h.text, float(h.score), h.index_name, h.id, h.uncertainty) for h in res.hits]
-            for res in results
-        ]
         if rerank is None:
+            found = [
+                [_evidence(h) for h in res.hits] for res in self.registry.search(emb, k, names)
+            ]
             return found, unc, notes
+        # each index's own top N (a merged top N would let one index crowd out the others)
+        found = [[] for _ in pil]
+        for name in names:
+            for i, res in enumerate(self.registry.search(emb, rerank, [name])):
+                if len(res.hits) < rerank:
+                    notes[i].append(
+                        f"rerank={rerank} but index {name!r} returned {len(res.hits)} "
+                        f"captions: all {len(res.hits)} were re-ranked"
+                    )
+                found[i].extend(
+                    _evidence(h)._replace(retrieval_rank=r) for r, h in enumerate(res.hits, 1)
+                )
         logits = reranker.score(
             tokens, [[e.text for e in ev] for ev in found], [[e.score for e in ev] for ev in found]
         )
         reranked = []
-        for i, (ev, lg) in enumerate(zip(found, logits)):
-            if len(ev) < rerank:
-                notes[i].append(
-                    f"rerank={rerank} but the searched indices returned {len(ev)} captions: "
-                    f"all {len(ev)} were re-ranked"
-                )
+        for ev, lg in zip(found, logits):
             order = np.argsort(-lg, kind="stable")[:k]
-            reranked.append(
-                [
-                    ev[j]._replace(rerank_score=float(lg[j]), retrieval_rank=int(j) + 1)
-                    for j in order
-                ]
-            )
+            reranked.append([ev[j]._replace(rerank_score=float(lg[j])) for j in order])
         return reranked, unc, notes
 
     def _read(
@@ -898,6 +914,10 @@ class RVQA:
                 empties[0],
             )
         return answers
+
+
+def _evidence(hit: Any) -> Evidence:
+    return Evidence(hit.text, float(hit.score), hit.index_name, hit.id, hit.uncertainty)
 
 
 def _distinct_images(images: Sequence[Any], s: int, batch_size: int) -> tuple[list, list[int]]:

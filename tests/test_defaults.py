@@ -19,7 +19,7 @@ import torch
 
 import rvqa.reader.modeling as reader_modeling
 import rvqa.retriever.modeling as retriever_modeling
-from rvqa.config import ReaderSettings, RetrieverSettings
+from rvqa.config import ReaderSettings, RerankerSettings, RetrieverSettings
 from rvqa.pipeline import RVQA
 from rvqa.reader.configuration import GenerativeReaderConfig, ReaderConfig
 from rvqa.reader.generative_processing import GenerativeReaderProcessor
@@ -28,6 +28,7 @@ from rvqa.reader.processing import ReaderProcessor
 from rvqa.retriever.configuration import RetrieverConfig
 from rvqa.retriever.losses import retrieval_loss
 from rvqa.retriever.modeling import RetrieverModel
+from rvqa.retriever.reranker import RerankerConfig
 from tests.tiny import draw_shape, tiny_text_backbone, tiny_vit_config
 
 ANSWERS = ["red", "blue", "circle"]
@@ -39,6 +40,7 @@ PAIRS = [
     (ReaderSettings, ReaderProcessor),
     (ReaderSettings, GenerativeReaderConfig),
     (ReaderSettings, GenerativeReaderProcessor),
+    (RerankerSettings, RerankerConfig),
 ]
 
 # Intended differences between a settings default and the other side's default.

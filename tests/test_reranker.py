@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rvqa.errors import IndexMismatchError, UsageError
+from rvqa.errors import IndexMismatchError, RunFolderError, UsageError
 from rvqa.retriever.reranker import MemoryUnit, RerankerConfig, RerankerModel, cross_attention
 
 TINY = {"hidden_size": 16, "num_steps": 3, "text_layers": 1, "num_heads": 2, "dropout": 0.0}
@@ -119,7 +119,8 @@ def test_step_count_ablation(retriever, images):
     refined queries' scores, which differ from the first step's."""
     three = _reranker(retriever, num_steps=3, fuse_retrieval_score=False)  # logits = scale · S
     one = RerankerModel(RerankerConfig(**{**three.config.to_dict(), "num_steps": 1})).eval()
-    one.load_state_dict(three.state_dict())
+    missing, unexpected = one.load_state_dict(three.state_dict(), strict=False)
+    assert not missing and all(k.startswith("memories.") for k in unexpected)  # K = 1: none
     one.tokenizer = three.tokenizer
     toks = _tokens(retriever, images[:1])
     caps = [["a red circle", "a blue square", "a green circle"]]
@@ -152,7 +153,7 @@ def test_score_spread_and_the_negatives_drawn():
     from rvqa.retriever.rerank_train import Candidates, RerankDataset, score_spread
 
     top = np.array([[0.9, 0.8, 0.7], [0.5, 0.5, 0.2]], dtype=np.float32)
-    assert score_spread(top) == pytest.approx(np.median(top.std(axis=1)))
+    assert score_spread(top) == pytest.approx(np.median(top.std(axis=1)), rel=5e-3)
     assert score_spread(np.ones((3, 4), np.float32)) == 1.0  # no spread: no scaling
     texts = [f"caption {i}" for i in range(12)]
     emb = np.eye(12, 4, dtype=np.float32)
@@ -305,7 +306,7 @@ def test_train_reranker_writes_a_loadable_model_and_records_it(reranked_run):
     assert 0 <= metrics["val"]["r1"] <= 100
     recorded = json.loads((run / "rvqa_run.json").read_text())
     assert recorded["reranker"].startswith("reranker/")
-    assert not list((run / "reranker" / "mined").glob("tokens-*.npy"))  # scratch removed
+    assert not (run / "reranker" / "mined").exists()  # the token scratch files are removed
 
 
 def test_train_reranker_resumes_exactly(tiny_run, tmp_path, monkeypatch):
@@ -329,20 +330,44 @@ def test_train_reranker_resumes_exactly(tiny_run, tmp_path, monkeypatch):
     assert resumed.losses == pytest.approx(full.losses[2:], rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow
+def test_train_reranker_on_two_cpu_processes(tiny_run, tmp_path):
+    import yaml
+
+    from rvqa.config import config_to_dict
+    from tests.tiny import run_two_cpu_processes
+
+    root = tmp_path / "root"
+    shutil.copytree(Path(tiny_run).parent, root, ignore=shutil.ignore_patterns("feature_cache"))
+    cfg = _rerank_config(root, max_steps=4, eval_every=2)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    proc = run_two_cpu_processes(
+        ["-m", "rvqa", "train-reranker", "--config", str(path)], cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = Path(cfg.output_dir) / "reranker"
+    result = json.loads((out / "train_result.json").read_text())
+    assert result["num_processes"] == 2 and result["steps"] == 4
+    assert "stage=train-reranker rank=1/2" in proc.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["val"] is not None and 0 <= metrics["val"]["r1"] <= 100
+    assert not (out / "mined").exists()
+
+
 def test_rerank_stage_in_the_pipeline(reranked_run, images):
     from rvqa import RVQA
 
     model = RVQA.from_pretrained(reranked_run[0], device="cpu")
     assert model.reranker is not None
     plain = model.retrieve(images, top_k=2, rerank=None)
-    deep = model.retrieve(images, top_k=6)  # what the re-ranker sees
+    deep = model.retrieve(images, top_k=6)  # what the re-ranker sees: the index's top 6
     for i, ev in enumerate(model.retrieve(images, top_k=2, rerank=6)):
         assert len(ev) == 2
         assert [e.rerank_score for e in ev] == sorted((e.rerank_score for e in ev), reverse=True)
         for e in ev:  # retrieval score and rank kept: the caption's place in the top 8
             assert deep[i][e.retrieval_rank - 1].text == e.text
             assert deep[i][e.retrieval_rank - 1].score == pytest.approx(e.score)
-        assert sorted(e.retrieval_rank for e in ev) != [1, 2] or ev[0].retrieval_rank == 1
         assert all(e.rerank_score is None for e in plain[i])
     a = model.answer(images[0], "what color is the shape?", top_k=2, rerank=8)
     assert a.evidence == model.retrieve(images[:1], top_k=2, rerank=8)[0]
@@ -352,6 +377,23 @@ def test_rerank_stage_in_the_pipeline(reranked_run, images):
         "rerank_score"
         not in model.answer(images[0], "what color?", top_k=2).to_dict()["evidence"][0]
     )
+
+
+def test_rerank_takes_each_index_top_n(reranked_run, images):
+    from rvqa import RVQA
+
+    model = RVQA.from_pretrained(reranked_run[0], device="cpu")
+    (name,) = model.registry.names
+    model.load_index(model.registry.get(name).path, name="copy")  # the same captions again
+    ev = model.retrieve(images[:1], top_k=6, rerank=6)[0]
+    # both indices contributed their own top 6 (12 candidates): a caption and its copy
+    # score alike, so the best 6 come from both, each with its rank in its own index
+    assert {e.index for e in ev} == {name, "copy"}
+    for e in ev:
+        own = model.retrieve(images[:1], top_k=6, index=e.index)[0]
+        assert own[e.retrieval_rank - 1].text == e.text
+    placement = model.placement()
+    assert placement["reranker"] == "cpu"
 
 
 def test_rerank_beyond_the_index_returns_what_exists_with_a_note(reranked_run, images):
@@ -371,7 +413,11 @@ def test_rerank_bad_input(reranked_run, tiny_run, images):
     plain = RVQA.from_pretrained(tiny_run, device="cpu", reranker=False)
     with pytest.raises(UsageError, match="needs a re-ranker and none is loaded: train one"):
         plain.answer(images[0], "what color?", rerank=10)
-    model = RVQA.from_pretrained(reranked_run[0], device="cpu")
+    with pytest.raises(RunFolderError, match="records no re-ranker"):
+        RVQA.from_pretrained(tiny_run, device="cpu", reranker=True)
+    with pytest.raises(RunFolderError, match="re-ranker folder .*missing-folder does not exist"):
+        RVQA.from_pretrained(tiny_run, device="cpu", reranker=tiny_run / "missing-folder")
+    model = RVQA.from_pretrained(reranked_run[0], device="cpu", reranker=True)
     with pytest.raises(UsageError, match="fewer captions than top_k=3"):
         model.answer(images[0], "what color?", top_k=3, rerank=2)
     with pytest.raises(TypeError):
