@@ -12,7 +12,8 @@ easy-vqa run of ``objectives_vqa.py`` and a knowledge-task reader of
 3. ``rvqa evaluate --compare --rerank N`` (:func:`rvqa.evaluation.evaluate_split`):
    official VQA accuracy on each split, each index alone, re-ranked, and without
    retrieval. A split is ``SPLIT`` or ``SPLIT@INDEX`` (evaluate that split with that
-   index only, e.g. the knowledge task's ``test_B@knowledge-B``).
+   index only: the name of one of the run's indices or an index folder, e.g. the
+   knowledge task's ``test_B@.../indices/knowledge-B``).
 
 Writes ``WORK/results.json`` and prints the tables.
 
@@ -20,7 +21,7 @@ Usage::
 
     python benchmarks/rerank_vqa.py --work /work/bench/rerank-vqa --rerank 20 \\
         --run demo=/work/bench/objectives-vqa/vse_max:test \\
-        --run knowledge=/work/bench/objectives-kn/vse_max/knowledge-classifier:test@knowledge-A,test_B@knowledge-B
+        --run knowledge=/work/bench/objectives-kn/vse_max/knowledge-classifier:test@knowledge-A,test_B@/work/bench/objectives-kn/vse_max/indices/knowledge-B
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
             split, _, index = split_spec.partition("@")
             ev = evaluate_split(
                 dest,
-                dest / "eval" / split_spec.replace("@", "_"),
+                dest / "eval" / (f"{split}_{Path(index).name}" if index else split),
                 cfg=reader_cfg,
                 split=split,
                 max_questions=a.max_questions,

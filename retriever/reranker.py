@@ -216,14 +216,17 @@ def cross_attention(
     context_mask: torch.Tensor | None,
     lam: float,
     norm: str = "none",
+    context_unit: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(P, Q, d) queries over (P, C, d) context → (P, Q, d) attended context.
 
     ``softmax_j(λ cos(q_i, u_j))`` over the context (masked positions excluded); with
     ``norm="queries"`` SCAN's form: ``s = LeakyReLU_0.1(cos)`` normalised over the
-    queries (masked ones excluded) before the softmax.
+    queries (masked ones excluded) before the softmax. ``context_unit``: the context
+    L2-normalised, when the caller has it already (it is the same at every step).
     """
-    sim = torch.bmm(F.normalize(query, dim=-1), F.normalize(context, dim=-1).transpose(1, 2))
+    unit = F.normalize(context, dim=-1) if context_unit is None else context_unit
+    sim = torch.bmm(F.normalize(query, dim=-1), unit.transpose(1, 2))
     if norm == "queries":
         sim = F.leaky_relu(sim, 0.1)
         if query_mask is not None:
@@ -419,10 +422,27 @@ class RerankerModel(KeepsFrozenOnLoad, PreTrainedModel):
                 f"{self.config.max_caption_length} (tokenise with truncation)"
             )
         pos = torch.arange(length, device=input_ids.device)
-        x = self.word_projection(self.word_embeddings(input_ids)) + self.positions(pos)
+        if torch.is_grad_enabled() or self.training:
+            words = self.word_projection(self.word_embeddings(input_ids))
+        else:  # inference: rows of the projected table (the same values, fewer products)
+            words = F.embedding(input_ids, self._projected_words())
+        x = words + self.positions(pos)
         if self.text_encoder is not None:
             x = self.text_encoder(x, src_key_padding_mask=~attention_mask.bool())
         return self.text_norm(x)
+
+    def _projected_words(self) -> torch.Tensor:
+        """``word_projection(word_embeddings.weight)``, computed once and kept while the
+        weights, their device and dtype are unchanged (their in-place version counters
+        move with every optimiser step)."""
+        w, proj = self.word_embeddings.weight, self.word_projection
+        key = (w.device, w.dtype, w._version, proj.weight._version, proj.bias._version)
+        cached = self.__dict__.get("_word_table")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, proj(w))
+            self.__dict__["_word_table"] = cached
+        return cached[1]
 
     def encode_regions(self, image_tokens: torch.Tensor) -> torch.Tensor:
         """(B, R, H) retriever image-tower tokens → (B, R, d) region features."""
@@ -440,16 +460,18 @@ class RerankerModel(KeepsFrozenOnLoad, PreTrainedModel):
         lam, norm = self.config.attention_lambda, self.config.attention_norm
         steps = []
         queries = {"t2i": words, "i2t": regions}
+        # the contexts do not change between steps: normalised once
+        units = {"t2i": F.normalize(regions, dim=-1), "i2t": F.normalize(words, dim=-1)}
         k_steps = self.config.num_steps
         for k in range(k_steps):
             total = 0.0
             for direction in self.directions:
                 q = queries[direction]
                 if direction == "t2i":  # words attend over regions
-                    c = cross_attention(q, regions, word_mask, None, lam, norm)
+                    c = cross_attention(q, regions, word_mask, None, lam, norm, units[direction])
                     score = _masked_mean(F.cosine_similarity(q, c, dim=-1), word_mask)
                 else:  # regions attend over words
-                    c = cross_attention(q, words, None, word_mask, lam, norm)
+                    c = cross_attention(q, words, None, word_mask, lam, norm, units[direction])
                     score = F.cosine_similarity(q, c, dim=-1).mean(dim=1)
                 total = total + score
                 if k + 1 < k_steps:  # the last step's refined query would go unread

@@ -179,6 +179,21 @@ def test_score_spread_and_the_negatives_drawn():
     np.testing.assert_allclose(item["retrieval_scores"], emb[rows].sum(1))
 
 
+def test_the_inference_word_table_matches_and_follows_the_weights(retriever):
+    model = _reranker(retriever)
+    enc = model.tokenize(["a red circle", "two shapes, one of them blue"])
+    ids, mask = enc["input_ids"], enc["attention_mask"].bool()
+    with torch.no_grad():
+        fast = model.encode_text(ids, mask)  # rows of the projected table
+    slow = model.encode_text(ids, mask).detach()  # grad enabled: the projection itself
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        model.word_projection.weight.mul_(2.0)  # an optimiser step: the table is stale
+        after = model.encode_text(ids, mask)
+    torch.testing.assert_close(after, model.encode_text(ids, mask).detach(), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(after, fast)
+
+
 def test_directions_are_separate_memories(retriever):
     assert set(_reranker(retriever).memories) == {"t2i", "i2t"}
     assert set(_reranker(retriever, directions="t2i").memories) == {"t2i"}
