@@ -4,13 +4,16 @@ The re-ranker learns what the dual encoder confuses. Before training, the traine
 retriever (frozen) embeds every training image and every distinct training caption
 once; each image's top-``top_n`` captions by exact search (the ranking an exact
 knowledge index over these captions returns) are its candidates, and the image
-tower's tokens (the regions the re-ranker reads) are kept in a memory-mapped
-float16 file beside the run (``reranker/mined/``, rebuilt by every run; never
-read by inference). A training item is one caption record: its image, its
+tower's tokens (the regions the re-ranker reads) go into one memory-mapped float16
+file per split in ``reranker/mined/`` (each process writes its shard's rows; only
+the vectors are gathered), removed when the run ends. The validation split is
+mined once (the retriever is frozen) and its re-ranking sharded over the processes.
+A training item is one caption record: its image, its
 caption (the positive), ``num_negatives`` captions drawn from the image's
 top-``top_n`` and ``num_random_negatives`` drawn from all the distinct captions,
-none of them its own captions or identical texts (drawn by a generator seeded with
-the run's seed and the item, so a resumed run sees the same negatives). The random
+none of them its own captions or identical texts (drawn uniformly by a generator
+seeded with the run's seed, the epoch and the item: each epoch draws others, a
+resumed run the same). The random
 ones keep the re-ranker honest where the top-N's "negatives" are often valid
 matches the data does not label (a partial caption such as "a blue shape at the
 top" fits many images). The loss is the listwise softmax of
@@ -22,8 +25,8 @@ Writes ``OUTPUT_DIR/reranker/``: ``best/`` and ``final/`` (``save_pretrained``
 folders with the tokenizer), ``checkpoints/``, ``config.yaml``,
 ``train_result.json`` and ``metrics.json`` (validation and test image→text
 recall@K of the dual encoder alone and re-ranked). An existing
-``OUTPUT_DIR/rvqa_run.json`` gains the re-ranker, so ``RVQA.from_pretrained``
-loads it.
+``OUTPUT_DIR/rvqa_run.json`` gains the re-ranker when it serves the run's retriever
+(fingerprints compared), so ``RVQA.from_pretrained`` loads it.
 
 Captions are compared as a deduplicated gallery (distinct texts, as a knowledge
 index built with ``dedupe`` holds them): an image→text hit is any of the image's

@@ -170,6 +170,7 @@ def test_commands_table():
         "build-index",
         "index-info",
         "train-reader",
+        "train-reranker",
         "demo",
         "ask",
         "evaluate",

@@ -113,7 +113,7 @@ def test_retrieve_then_read_equals_answer_batch(model_and_records):
 def test_answer_batch_evidence_errors(model_and_records):
     model, records = model_and_records
     im, q = [records[0].image], [records[0].question]
-    with pytest.raises(ValueError, match="do not pass top_k or index"):
+    with pytest.raises(ValueError, match="do not pass top_k, index or rerank"):
         model.answer_batch(im, q, top_k=2, evidence=[[("a red circle", 0.5)]])
     with pytest.raises(ValueError, match="evidence for 2 questions but 1"):
         model.answer_batch(im, q, evidence=[[], []])
