@@ -28,9 +28,9 @@ recall@K of the dual encoder alone and re-ranked). An existing
 ``OUTPUT_DIR/rvqa_run.json`` gains the re-ranker when it serves the run's retriever
 (fingerprints compared), so ``RVQA.from_pretrained`` loads it.
 
-Captions are compared as a deduplicated gallery (distinct texts, as a knowledge
-index built with ``dedupe`` holds them): an image→text hit is any of the image's
-own caption texts.
+Captions are compared as a deduplicated gallery (distinct texts, compared ignoring
+case and spacing, as the retriever's training batches compare them): an image→text
+hit is any of the image's own caption texts.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from rvqa.errors import DataFormatError, UsageError
 from rvqa.io import write_json_atomic
 from rvqa.pixels import ImagePixels, carry_errors, image_pixels, loader_options, raise_carried
 from rvqa.retriever.modeling import RetrieverModel
-from rvqa.retriever.reranker import RerankerModel
+from rvqa.retriever.reranker import RerankerModel, pack_candidates
 from rvqa.run_layout import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -217,7 +217,10 @@ def exact_top_n(
     image_emb: np.ndarray, text_emb: np.ndarray, n: int, *, binary: bool = False, device: Any = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each image's ``n`` best gallery rows by inner product (exact), best first, with
-    the index's scores (a hashing retriever: ``1 − 2·hamming/bits``)."""
+    the index's scores (a hashing retriever: ``1 − 2·hamming/bits``). Chunked over the
+    images and run on ``device`` (the retriever's GPU at scale), where
+    :func:`rvqa.retriever.index.tuning.exact_knn` holds every query's scores per
+    gallery chunk in numpy."""
     n = min(n, len(text_emb))
     txt = torch.as_tensor(text_emb, device=device)
     scale = float(image_emb.shape[1]) if binary else 1.0
@@ -332,34 +335,18 @@ class RerankCollator:
         self.pad = pad_token_id
 
     def __call__(self, items: list[dict]) -> dict:
-        b = len(items)
-        m = max(len(it["captions"]) for it in items)
-        flat = [c for it in items for c in it["captions"]]
-        enc = self.tokenizer(
-            flat, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        batch = pack_candidates(
+            self.tokenizer,
+            [it["captions"] for it in items],
+            [it["retrieval_scores"] for it in items],
+            self.max_length,
+            self.pad,
         )
-        length = enc["input_ids"].shape[1]
-        ids = torch.full((b, m, length), self.pad, dtype=torch.long)
-        mask = torch.zeros((b, m, length), dtype=torch.long)
-        mask[..., 0] = 1
-        cand = torch.zeros((b, m), dtype=torch.bool)
-        scores = torch.zeros((b, m))
-        o = 0
-        for i, it in enumerate(items):
-            n = len(it["captions"])
-            ids[i, :n] = enc["input_ids"][o : o + n]
-            mask[i, :n] = enc["attention_mask"][o : o + n]
-            cand[i, :n] = True
-            scores[i, :n] = it["retrieval_scores"]
-            o += n
-        labels = torch.zeros((b, m), dtype=torch.bool)
+        labels = torch.zeros_like(batch["candidate_mask"])
         labels[:, 0] = True
         return {
             "image_tokens": torch.stack([it["image_tokens"] for it in items]),
-            "input_ids": ids,
-            "attention_mask": mask,
-            "retrieval_scores": scores,
-            "candidate_mask": cand,
+            **batch,
             "labels": labels,
         }
 

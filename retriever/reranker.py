@@ -604,34 +604,63 @@ class RerankerModel(KeepsFrozenOnLoad, PreTrainedModel):
         captions: Sequence[Sequence[str]],
         retrieval_scores: Sequence[Sequence[float]] | None,
     ) -> list[np.ndarray]:
-        b = len(captions)
-        counts = [len(c) for c in captions]
-        m = max(counts)
-        enc = self.tokenize([c for caps in captions for c in caps])
-        length = enc["input_ids"].shape[1]
-        ids = torch.full((b, m, length), self.config.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((b, m, length), dtype=torch.long)
-        cand = torch.zeros((b, m), dtype=torch.bool)
-        scores = torch.zeros((b, m), dtype=torch.float32)
-        o = 0
-        for i, n in enumerate(counts):
-            ids[i, :n] = enc["input_ids"][o : o + n]
-            mask[i, :n] = enc["attention_mask"][o : o + n]
-            cand[i, :n] = True
-            if retrieval_scores is not None and n:
-                scores[i, :n] = torch.as_tensor(list(retrieval_scores[i]), dtype=torch.float32)
-            o += n
-        mask[..., 0] = 1  # padding candidates keep one token (their logits are masked out)
+        batch = pack_candidates(
+            self.tokenizer,
+            captions,
+            retrieval_scores,
+            self.config.max_caption_length,
+            self.config.pad_token_id,
+        )
         dev = self.device
         logits = self(
-            image_tokens.to(dev),
-            ids.to(dev),
-            mask.to(dev),
-            retrieval_scores=scores.to(dev),
-            candidate_mask=cand.to(dev),
-        ).logits
-        logits = logits.float().cpu().numpy()
-        return [logits[i, :n].copy() for i, n in enumerate(counts)]
+            image_tokens.to(dev), **{k: v.to(dev) for k, v in batch.items()}
+        ).logits.float()
+        logits = logits.cpu().numpy()
+        return [logits[i, : len(c)].copy() for i, c in enumerate(captions)]
+
+
+def pack_candidates(
+    tokenizer: Any,
+    captions: Sequence[Sequence[str]],
+    retrieval_scores: Sequence[Sequence[float]] | None,
+    max_length: int,
+    pad_token_id: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Ragged per-image candidate lists → the padded (B, M, L) inputs of
+    :meth:`RerankerModel.forward` (``input_ids``, ``attention_mask``, ``retrieval_scores``,
+    ``candidate_mask``); the one layout of training batches and of :meth:`~RerankerModel.score`.
+    A padding candidate keeps one attended token (its logit is masked out)."""
+    b, counts = len(captions), [len(c) for c in captions]
+    m = max(counts)
+    enc = tokenizer(
+        [c for caps in captions for c in caps],
+        padding=True,
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+    )
+    length = enc["input_ids"].shape[1]
+    ids = torch.full((b, m, length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((b, m, length), dtype=torch.long)
+    mask[..., 0] = 1
+    cand = torch.zeros((b, m), dtype=torch.bool)
+    scores = torch.zeros((b, m), dtype=torch.float32)
+    o = 0
+    for i, n in enumerate(counts):
+        ids[i, :n] = enc["input_ids"][o : o + n]
+        mask[i, :n] = enc["attention_mask"][o : o + n]
+        cand[i, :n] = True
+        if retrieval_scores is not None and n:
+            scores[i, :n] = torch.as_tensor(
+                np.asarray(retrieval_scores[i], dtype=np.float32), dtype=torch.float32
+            )
+        o += n
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "retrieval_scores": scores,
+        "candidate_mask": cand,
+    }
 
 
 AutoModel.register(RerankerConfig, RerankerModel, exist_ok=True)

@@ -146,12 +146,10 @@ def add_reranker_to_run(run_dir: str | os.PathLike, reranker: str | os.PathLike)
     run_dir = Path(run_dir)
     if not (run_dir / RUN_FILE).is_file():
         return None
-    run = read_run_file(run_dir)
-    indices = {}
-    raw = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
-    for name, rel in (raw.get("indices") or {}).items():
-        indices[name] = run_dir / rel
-    return write_run_file(run_dir, run.retriever, run.reader, indices, run.top_k, reranker)
+    read_run_file(run_dir)  # its checks: a malformed file is not rewritten
+    data = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
+    data["reranker"] = _relative(reranker, run_dir)  # the rest as recorded
+    return write_json_atomic(run_dir / RUN_FILE, data)
 
 
 def index_candidates(run_dir: Path, name: str, recorded: str) -> list[Path]:

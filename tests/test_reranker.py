@@ -274,6 +274,12 @@ def test_bad_config_and_inputs(retriever, images, tmp_path):
 # ------------------------------------------------------------------ training run
 
 
+def _copy_tiny_run(tiny_run: Path, dest: Path) -> None:
+    """A private copy of the tiny run's folder (run, indices, backbone): training a
+    re-ranker there rewrites its rvqa_run.json, which the shared fixture must keep."""
+    shutil.copytree(Path(tiny_run).parent, dest, ignore=shutil.ignore_patterns("feature_cache"))
+
+
 def _rerank_config(root: Path, **reranker):
     """The tiny run's config at ``root`` with a tiny re-ranker trained on the COCO-format
     shapes fixture (24 images, 2 captions each)."""
@@ -307,7 +313,7 @@ def reranked_run(tiny_run, tmp_path_factory):
     from rvqa.retriever.rerank_train import train_reranker
 
     root = tmp_path_factory.mktemp("rerank") / "root"
-    shutil.copytree(Path(tiny_run).parent, root, ignore=shutil.ignore_patterns("feature_cache"))
+    _copy_tiny_run(tiny_run, root)
     cfg = _rerank_config(root)
     out = train_reranker(cfg)
     return Path(cfg.output_dir), out
@@ -331,9 +337,7 @@ def test_train_reranker_resumes_exactly(tiny_run, tmp_path, monkeypatch):
     roots = []
     for name in ("full", "cut"):
         roots.append(tmp_path / name)
-        shutil.copytree(
-            Path(tiny_run).parent, roots[-1], ignore=shutil.ignore_patterns("feature_cache")
-        )
+        _copy_tiny_run(tiny_run, roots[-1])
     opts = {"max_steps": 4, "checkpoint_every": 2, "eval_every": 0}
     full = train_reranker(_rerank_config(roots[0], **opts))["result"]
     cfg = _rerank_config(roots[1], **opts)
@@ -353,7 +357,7 @@ def test_train_reranker_on_two_cpu_processes(tiny_run, tmp_path):
     from tests.tiny import run_two_cpu_processes
 
     root = tmp_path / "root"
-    shutil.copytree(Path(tiny_run).parent, root, ignore=shutil.ignore_patterns("feature_cache"))
+    _copy_tiny_run(tiny_run, root)
     cfg = _rerank_config(root, max_steps=4, eval_every=2)
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config_to_dict(cfg)))
