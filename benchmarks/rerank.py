@@ -64,7 +64,19 @@ def reranker_settings(a: argparse.Namespace) -> dict:
         "log_every": 50,
         "seed": a.seed,
         "test_split": None,  # evaluated here, at every N
+        # the model's size, when not the defaults (absent otherwise: the runs and stamps
+        # of the default model keep their names)
+        **{k: v for k, v in (("hidden_size", a.hidden_size), ("num_steps", a.num_steps)) if v},
     }
+
+
+def run_name(name: str, a: argparse.Namespace) -> str:
+    """The run folder of one retriever's re-ranker: ``vse_max``, or ``vse_max-h64-k2``
+    for a non-default size."""
+    suffix = (f"-h{a.hidden_size}" if a.hidden_size else "") + (
+        f"-k{a.num_steps}" if a.num_steps else ""
+    )
+    return name.replace("+", "_").replace(", ", "_").replace(" ", "_") + suffix
 
 
 def train_reranker_for(
@@ -74,7 +86,7 @@ def train_reranker_for(
     from rvqa.config import config_from_dict
     from rvqa.retriever.rerank_train import train_reranker
 
-    run = work / "runs" / name.replace("+", "_").replace(", ", "_").replace(" ", "_")
+    run = work / "runs" / name
     stamp = run / "benchmark_stamp.json"
     key = json.dumps(
         {"settings": settings, "retriever": str(retriever_dir), "data": str(data)}, sort_keys=True
@@ -241,6 +253,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--latency-batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--hidden-size", type=int, help="re-ranker width (default: the reranker settings' 128)"
+    )
+    p.add_argument(
+        "--num-steps", type=int, help="re-ranker matching steps (default: the settings' 3)"
+    )
     p.add_argument("--fresh", action="store_true")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -282,14 +300,14 @@ def main(argv: list[str] | None = None) -> None:
             json.loads((run / "retriever" / "metrics.json").read_text())["model_dir"]
         )
         model_dir, train_s = train_reranker_for(
-            name, retriever_dir, data, work, reranker_settings(a), a.fresh
+            run_name(name, a), retriever_dir, data, work, reranker_settings(a), a.fresh
         )
         retriever = RetrieverModel.from_pretrained(retriever_dir).eval()
         reranker = RerankerModel.from_pretrained(model_dir).eval()
         reranker.check_retriever(retriever.fingerprint(), str(model_dir))
-        results[name] = evaluate(retriever, reranker, test_records, test, a.ns, a)
-        results[name]["train_s"] = train_s
-        results[name]["reranker"] = str(model_dir)
+        results[run_name(name, a)] = evaluate(retriever, reranker, test_records, test, a.ns, a)
+        results[run_name(name, a)]["train_s"] = train_s
+        results[run_name(name, a)]["reranker"] = str(model_dir)
     commit = subprocess.run(
         ["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()

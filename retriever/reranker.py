@@ -208,34 +208,42 @@ class MemoryUnit(nn.Module):
         g = torch.sigmoid(self.gate(both))
         return g * query + (1 - g) * torch.tanh(self.update(both))
 
+    def split(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The weights acting on the query and on the context, gate and update stacked,
+        the update's doubled: ``(W_q, W_c, b)`` of shapes (2d, d), (2d, d), (2d,) with
+        ``W_q q + W_c c + b = [gate([q; c]); 2 · update([q; c])]`` (what
+        :func:`_memory_update` reads: ``tanh(x) = 2σ(2x) − 1``, and one sigmoid over both
+        halves is several times cheaper than ``tanh`` on CPU)."""
+        d = self.gate.out_features
+        w = torch.cat([self.gate.weight, 2 * self.update.weight], dim=0)  # (2d, 2d)
+        return w[:, :d], w[:, d:], torch.cat([self.gate.bias, 2 * self.update.bias])
 
-def cross_attention(
+
+def _memory_update(
+    source: torch.Tensor,
     query: torch.Tensor,
-    context: torch.Tensor,
-    query_mask: torch.Tensor | None,
-    context_mask: torch.Tensor | None,
-    lam: float,
-    norm: str = "none",
-    context_unit: torch.Tensor | None = None,
+    context_projection: torch.Tensor,
+    weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    per_image: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """(P, Q, d) queries over (P, C, d) context → (P, Q, d) attended context.
+    """:class:`MemoryUnit`'s update from the projected attended context ``W_c c`` (the
+    weights of :meth:`MemoryUnit.split`): ``z = W_q q + b + W_c c``, ``s = σ(z)``,
+    ``q' = s_gate ⊙ q + (1 − s_gate) ⊙ (2 s_update − 1)``.
 
-    ``softmax_j(λ cos(q_i, u_j))`` over the context (masked positions excluded); with
-    ``norm="queries"`` SCAN's form: ``s = LeakyReLU_0.1(cos)`` normalised over the
-    queries (masked ones excluded) before the softmax. ``context_unit``: the context
-    L2-normalised, when the caller has it already (it is the same at every step).
+    ``source`` is the query before any expansion; with ``per_image = (B, M)`` it is one
+    (B, 1, R, d) row per image, projected once and broadcast over its M candidates.
     """
-    unit = F.normalize(context, dim=-1) if context_unit is None else context_unit
-    sim = torch.bmm(F.normalize(query, dim=-1), unit.transpose(1, 2))
-    if norm == "queries":
-        sim = F.leaky_relu(sim, 0.1)
-        if query_mask is not None:
-            sim = sim * query_mask.unsqueeze(-1)
-        sim = sim / sim.norm(dim=1, keepdim=True).clamp(min=1e-8)
-    logits = lam * sim
-    if context_mask is not None:
-        logits = logits.masked_fill(~context_mask.bool().unsqueeze(1), float("-inf"))
-    return torch.bmm(logits.softmax(dim=-1), context)
+    w_q, _, bias = weights
+    z = F.linear(source, w_q, bias)
+    if per_image is not None:
+        b, m = per_image
+        z = (z + context_projection.view(b, m, *context_projection.shape[1:])).view(
+            context_projection.shape
+        )
+    else:
+        z = z + context_projection
+    g, h = torch.sigmoid(z).chunk(2, dim=-1)
+    return g * query + (1 - g) * (2 * h - 1)
 
 
 def _listwise_loss(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
@@ -456,26 +464,76 @@ class RerankerModel(KeepsFrozenOnLoad, PreTrainedModel):
     def match(
         self, regions: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor
     ) -> torch.Tensor:
-        """(P, R, d) regions, (P, L, d) words, (P, L) mask → (P, K) step scores (directions summed)."""
+        """(B, R, d) regions, (B, M, L, d) words of each image's M candidates and their
+        (B, M, L) mask → (B, M, K) step scores (directions summed).
+
+        The formulas of the module doc, computed so that what one image's candidates
+        share is computed once:
+
+        * the memory unit's ``W [q; c]`` is split as ``W_q q + W_c c``; attention is
+          linear in its context, so ``W_c c = Σ_j α_ij (W_c u_j)``: the context's
+          projection is computed once per forward (per image for the regions, per
+          caption for the words) and attended together with the context, instead of
+          projecting every attended vector at every step;
+        * the words of all M candidates attend over their image's regions in one
+          product per image, and the regions' first-step queries (the same for every
+          candidate) are projected once per image.
+        """
+        b, m, length, d = words.shape
+        r = regions.shape[1]
+        p = b * m
         lam, norm = self.config.attention_lambda, self.config.attention_norm
-        steps = []
-        queries = {"t2i": words, "i2t": regions}
-        # the contexts do not change between steps: normalised once
-        units = {"t2i": F.normalize(regions, dim=-1), "i2t": F.normalize(words, dim=-1)}
         k_steps = self.config.num_steps
+        mask = word_mask.bool()
+        flat_words, flat_mask = words.reshape(p, length, d), mask.reshape(p, length)
+        memory = {k: self.memories[k].split() for k in self.directions} if k_steps > 1 else {}
+
+        def projection(direction: str, context: torch.Tensor) -> torch.Tensor | None:
+            # W_c u per context vector: attending over it gives W_c c
+            return context @ memory[direction][1].T if direction in memory else None
+
+        steps: list[torch.Tensor] = []
+        # t2i (words query their image's regions): (B, M·L, d) queries, (B, R, ·) context
+        q_t2i = words.reshape(b, m * length, d)
+        regions_unit = F.normalize(regions, dim=-1)
+        regions_proj = projection("t2i", regions)
+        # i2t (regions query each candidate's words): (P, R, d) queries, (P, L, ·) context
+        q_i2t = regions  # (B, R, d) until the first update makes it per candidate
+        words_unit = F.normalize(flat_words, dim=-1)
+        words_proj = projection("i2t", flat_words)
         for k in range(k_steps):
-            total = 0.0
-            for direction in self.directions:
-                q = queries[direction]
-                if direction == "t2i":  # words attend over regions
-                    c = cross_attention(q, regions, word_mask, None, lam, norm, units[direction])
-                    score = _masked_mean(F.cosine_similarity(q, c, dim=-1), word_mask)
-                else:  # regions attend over words
-                    c = cross_attention(q, words, None, word_mask, lam, norm, units[direction])
-                    score = F.cosine_similarity(q, c, dim=-1).mean(dim=1)
-                total = total + score
-                if k + 1 < k_steps:  # the last step's refined query would go unread
-                    queries[direction] = self.memories[direction](q, c)
+            last = k + 1 == k_steps
+            total = torch.zeros(b, m, dtype=words.dtype, device=words.device)
+            if "t2i" in self.directions:
+                sim = torch.bmm(F.normalize(q_t2i, dim=-1), regions_unit.transpose(1, 2))
+                if norm == "queries":  # over each candidate's words (its queries)
+                    sim = F.leaky_relu(sim, 0.1).view(b, m, length, r) * mask.unsqueeze(-1)
+                    sim = sim / sim.norm(dim=2, keepdim=True).clamp(min=1e-8)
+                    sim = sim.view(b, m * length, r)
+                attn = (lam * sim).softmax(dim=-1)
+                c = torch.bmm(attn, regions)  # (B, M·L, d)
+                cos = F.cosine_similarity(q_t2i, c, dim=-1).view(p, length)
+                total = total + _masked_mean(cos, flat_mask).view(b, m)
+                if not last:
+                    c_proj = torch.bmm(attn, regions_proj)
+                    q_t2i = _memory_update(q_t2i, q_t2i, c_proj, memory["t2i"])
+            if "i2t" in self.directions:
+                q = q_i2t if k else q_i2t.unsqueeze(1).expand(b, m, r, d).reshape(p, r, d)
+                sim = torch.bmm(F.normalize(q, dim=-1), words_unit.transpose(1, 2))  # (P, R, L)
+                if norm == "queries":
+                    sim = F.leaky_relu(sim, 0.1)
+                    sim = sim / sim.norm(dim=1, keepdim=True).clamp(min=1e-8)
+                sim = (lam * sim).masked_fill(~flat_mask.unsqueeze(1), float("-inf"))
+                attn = sim.softmax(dim=-1)
+                c = torch.bmm(attn, flat_words)  # (P, R, d)
+                total = total + F.cosine_similarity(q, c, dim=-1).mean(dim=1).view(b, m)
+                if not last:
+                    c_proj = torch.bmm(attn, words_proj)
+                    # the first step's queries are the image's regions: projected once per image
+                    if k:
+                        q_i2t = _memory_update(q, q, c_proj, memory["i2t"])
+                    else:
+                        q_i2t = _memory_update(q_i2t.unsqueeze(1), q, c_proj, memory["i2t"], (b, m))
             steps.append(total)
         return torch.stack(steps, dim=-1)
 
@@ -507,9 +565,7 @@ class RerankerModel(KeepsFrozenOnLoad, PreTrainedModel):
         flat_ids = input_ids.reshape(b * m, length)
         flat_mask = attention_mask.reshape(b * m, length).bool()
         words = self.encode_text(flat_ids, flat_mask)  # (BM, L, d)
-        r = regions.shape[1]
-        paired = regions.unsqueeze(1).expand(b, m, r, regions.shape[-1]).reshape(b * m, r, -1)
-        steps = self.match(paired, words, flat_mask).view(b, m, -1)  # (B, M, K)
+        steps = self.match(regions, words.view(b, m, length, -1), flat_mask.view(b, m, length))
         match = steps.sum(-1)
         # float32 even under bf16 autocast: the retrieval scores of one image's top N can
         # differ in their fourth digit, which bf16 would round away

@@ -616,6 +616,20 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         help="decoded megapixels the requests not answered yet may hold (503 above)",
     )
     p.add_argument(
+        "--reranker",
+        default=None,
+        metavar="PATH",
+        help="re-ranker folder for requests' rerank=N (rvqa train-reranker's reranker/best; "
+        "default: the run's, if it records one; 'none': no re-ranking)",
+    )
+    p.add_argument(
+        "--max-rerank",
+        type=int,
+        default=100,
+        metavar="N",
+        help="largest rerank a request may ask for (422 above; default 100)",
+    )
+    p.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available)"
     )
     _add_precision_arg(p)
@@ -641,10 +655,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise UsageError(f"--admin-token-file {path} is empty")
     if args.indices_root is not None and not Path(args.indices_root).is_dir():
         raise UsageError(f"--indices-root {args.indices_root} is not a folder")
+    reranker = args.reranker
+    if reranker is not None and reranker.strip().lower() == "none":
+        reranker = False
     with _QuietLoading(args.debug):
-        # the HTTP API has no re-ranking: the run's re-ranker is not loaded
         model = RVQA.from_pretrained(
-            args.model, device=args.device, precision=args.precision, reranker=False
+            args.model, device=args.device, precision=args.precision, reranker=reranker
         )
         if args.index:
             keep = model.use_indices(args.index)
@@ -660,6 +676,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_upload_mb=args.max_upload_mb,
         max_queued_pixels=_queued_pixels(args.max_queued_mpix),
+        max_rerank=args.max_rerank,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

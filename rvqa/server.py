@@ -9,7 +9,9 @@ answers 503 with ``Retry-After``. Index loads and swaps (``PUT`` / ``DELETE
 /v1/indices/{name}``) need the admin token (``Authorization: Bearer ...``, compared in
 constant time) and a folder under ``indices_root``; without a configured token they are
 disabled. Uploads are checked before any pixel is decoded (size, then the image header's
-pixel count: no decompression bomb). Nothing from a request is unpickled.
+pixel count: no decompression bomb). Nothing from a request is unpickled. With a
+re-ranker loaded, the answer and retrieve endpoints take ``rerank`` (each index's top N
+re-ordered by it before the best ``top_k`` are read; at most ``max_rerank``).
 
 Endpoints: ``POST /v1/answer``, ``POST /v1/answer_batch``, ``POST /v1/retrieve``,
 ``GET /v1/indices``, ``PUT|DELETE /v1/indices/{name}``, ``GET /healthz``, ``GET /metrics``
@@ -163,6 +165,43 @@ def parse_top_k(value: str | None) -> int | None:
     return k
 
 
+DEFAULT_MAX_RERANK = 100
+"""Largest ``rerank`` a request may ask for (the re-ranker's work grows with it)."""
+
+
+def parse_rerank(
+    value: str | None, model: RVQA, top_k: int | None, max_rerank: int = DEFAULT_MAX_RERANK
+) -> int | None:
+    """A form field → ``rerank`` (None when absent, empty or 0: no re-ranking). 422 for a
+    non-integer, a negative one, one over ``max_rerank``, one below the captions read
+    (``top_k``, or the model's default), or when no re-ranker is loaded."""
+    if value is None or value == "":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise ServeError(422, f"rerank must be an integer, got {value!r}") from None
+    if n == 0:
+        return None
+    if n < 0:
+        raise ServeError(422, f"rerank must be 0 (off) or at least top_k, got {n}")
+    if n > max_rerank:
+        raise ServeError(422, f"rerank must be at most {max_rerank} (--max-rerank), got {n}")
+    if model.reranker is None:
+        raise ServeError(
+            422,
+            "rerank needs a re-ranker and this server loaded none: train one with "
+            "`rvqa train-reranker` (recorded in the run folder) or start `rvqa serve` "
+            "with --reranker PATH",
+        )
+    k = model.default_top_k if top_k is None else top_k
+    if n < k:
+        raise ServeError(
+            422, f"rerank={n} re-ranks fewer captions than top_k={k} are read; use rerank ≥ {k}"
+        )
+    return n
+
+
 def parse_index(value: str | None, model: RVQA) -> list[str] | None | object:
     """A form field → the ``index`` argument: absent = every loaded index, ``none`` = no
     retrieval, else comma-separated names (404 for an unknown one)."""
@@ -199,6 +238,7 @@ class _Job:
     index: Any
     future: asyncio.Future = field(repr=False)
     pixels: int = 0  # held in the pixel budget until the job is settled
+    rerank: int | None = None
 
 
 class MicroBatcher:
@@ -208,7 +248,7 @@ class MicroBatcher:
     busy), then waits for more until it holds ``max_batch`` requests or ``max_wait_ms``
     after it took its first one; after a batch of one (a lone client) it does not wait,
     so a lone client pays no batching delay. Requests with different ``top_k`` /
-    ``index`` go into separate calls. ``max_batch=1`` answers one request per forward
+    ``index`` / ``rerank`` go into separate calls. ``max_batch=1`` answers one request per forward
     pass (batching off). The model runs on one worker thread, which :meth:`run` shares
     for other blocking model calls.
 
@@ -325,7 +365,13 @@ class MicroBatcher:
         self._pixels = max(self._pixels - n, 0)
 
     def enqueue(
-        self, image: Any, question: str, top_k: int | None, index: Any, pixels: int = 0
+        self,
+        image: Any,
+        question: str,
+        top_k: int | None,
+        index: Any,
+        pixels: int = 0,
+        rerank: int | None = None,
     ) -> asyncio.Future:
         """Queue one request whose ``pixels`` are held already (released when it is
         answered, or now if it does not fit the queue). No await between :meth:`reserve`
@@ -337,15 +383,21 @@ class MicroBatcher:
             raise
         assert self._queue is not None
         fut = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Job(image, question, top_k, index, fut, pixels))
+        self._queue.put_nowait(_Job(image, question, top_k, index, fut, pixels, rerank))
         return fut
 
     async def submit(
-        self, image: Any, question: str, top_k: int | None, index: Any, pixels: int = 0
+        self,
+        image: Any,
+        question: str,
+        top_k: int | None,
+        index: Any,
+        pixels: int = 0,
+        rerank: int | None = None,
     ):
         if self._queue is None:
             raise RuntimeError("MicroBatcher.start() was not called")
-        return await self.enqueue(image, question, top_k, index, pixels)
+        return await self.enqueue(image, question, top_k, index, pixels, rerank)
 
     async def run(self, fn: Any) -> Any:
         """Run another blocking model call on the model's thread, counted in the queue."""
@@ -394,7 +446,8 @@ class MicroBatcher:
             await self._take(batch)
             groups: dict[tuple, list[_Job]] = defaultdict(list)
             for job in batch:
-                key = (job.top_k, tuple(job.index) if isinstance(job.index, list) else job.index)
+                index = tuple(job.index) if isinstance(job.index, list) else job.index
+                key = (job.top_k, index, job.rerank)
                 groups[key].append(job)
             for jobs in groups.values():
                 try:
@@ -430,6 +483,7 @@ class MicroBatcher:
             top_k=head.top_k,
             index=head.index,
             batch_size=len(jobs),
+            rerank=head.rerank,
         )
 
 
@@ -567,11 +621,13 @@ def create_app(
     max_upload_mb: float = 10.0,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_queued_pixels: int = DEFAULT_MAX_QUEUED_PIXELS,
+    max_rerank: int = DEFAULT_MAX_RERANK,
 ) -> Any:
     """The FastAPI app serving ``model`` (see the module docstring for the endpoints).
 
     ``max_pixels`` bounds one image (413 above), ``max_queued_pixels`` the decoded images
-    of all requests not answered yet (503 above). Sets Pillow's PNG text limits for the
+    of all requests not answered yet (503 above), ``max_rerank`` the ``rerank`` a request
+    may ask for (422 above; its model's re-ranker, :attr:`RVQA.reranker`, answers it). Sets Pillow's PNG text limits for the
     process (:data:`PNG_TEXT_LIMITS`).
     """
     require_serve_extra()
@@ -594,6 +650,8 @@ def create_app(
     )
     if not isinstance(max_upload_mb, (int, float)) or max_upload_mb <= 0:
         raise UsageError(f"max_upload_mb must be a positive number, got {max_upload_mb!r}")
+    if isinstance(max_rerank, bool) or not isinstance(max_rerank, int) or max_rerank < 1:
+        raise UsageError(f"max_rerank must be a positive integer, got {max_rerank!r}")
     batcher = MicroBatcher(
         model,
         max_batch,
@@ -686,13 +744,15 @@ def create_app(
         question: Annotated[str | None, Form()] = None,
         top_k: Annotated[str | None, Form()] = None,
         index: Annotated[str | None, Form()] = None,
+        rerank: Annotated[str | None, Form()] = None,
     ):
         q = check_question(question)
         k = parse_top_k(top_k)
+        n = parse_rerank(rerank, model, k, max_rerank)
         idx = parse_index(index, model)
         batcher.reserve(1)  # a full queue answers 503 before any pixel is decoded
         img, pixels = await _image(image)
-        ans = await batcher.submit(img, q, k, idx, pixels)  # the job releases the pixels
+        ans = await batcher.submit(img, q, k, idx, pixels, n)  # the job releases the pixels
         _count_searches([ans])
         return JSONResponse(ans.to_dict())  # already JSON types: no jsonable_encoder pass
 
@@ -702,11 +762,13 @@ def create_app(
         questions: Annotated[list[str], Form()],
         top_k: Annotated[str | None, Form()] = None,
         index: Annotated[str | None, Form()] = None,
+        rerank: Annotated[str | None, Form()] = None,
     ):
         if len(images) != len(questions):
             raise ServeError(422, f"got {len(images)} images but {len(questions)} questions")
         qs = [check_question(q) for q in questions]
         k = parse_top_k(top_k)
+        n = parse_rerank(rerank, model, k, max_rerank)
         idx = parse_index(index, model)
         if len(images) > batcher.max_queue:
             raise ServeError(
@@ -742,7 +804,7 @@ def create_app(
             raise
         del headers
         futures = [  # no await between the reserve and these
-            batcher.enqueue(img, q, k, idx, pixels) for (img, pixels), q in zip(decoded, qs)
+            batcher.enqueue(img, q, k, idx, pixels, n) for (img, pixels), q in zip(decoded, qs)
         ]
         del decoded
         answers = await asyncio.gather(*futures, return_exceptions=True)  # every one retrieved
@@ -757,13 +819,15 @@ def create_app(
         image: Annotated[UploadFile, File()],
         top_k: Annotated[str | None, Form()] = None,
         index: Annotated[str | None, Form()] = None,
+        rerank: Annotated[str | None, Form()] = None,
     ):
         k = parse_top_k(top_k)
+        n = parse_rerank(rerank, model, k, max_rerank)
         idx = parse_index(index, model)
         batcher.reserve(1)
         img, pixels = await _image(image)
         try:
-            found = await batcher.run(lambda: model.retrieve([img], k, idx))
+            found = await batcher.run(lambda: model.retrieve([img], k, idx, rerank=n))
         finally:
             batcher.release_pixels(pixels)
         return JSONResponse({"evidence": [e.to_dict() for e in found[0]]})
@@ -835,6 +899,8 @@ def create_app(
         return {
             "status": "ok",
             "indices": list(model.registry.names),
+            "reranker": model.reranker is not None,
+            "max_rerank": max_rerank if model.reranker is not None else 0,
             "queued": batcher.queued,
             "in_flight": batcher.in_flight,
         }

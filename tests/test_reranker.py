@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from rvqa.errors import IndexMismatchError, RunFolderError, UsageError
-from rvqa.retriever.reranker import MemoryUnit, RerankerConfig, RerankerModel, cross_attention
+from rvqa.retriever.reranker import MemoryUnit, RerankerConfig, RerankerModel
 
 TINY = {"hidden_size": 16, "num_steps": 3, "text_layers": 1, "num_heads": 2, "dropout": 0.0}
 
@@ -50,6 +50,50 @@ def _tokens(retriever, images):
 # ------------------------------------------------------------------ formulas
 
 
+def cross_attention(q, c, query_mask, context_mask, lam, norm="none"):
+    """The reference: (P, Q, d) queries over (P, C, d) context, one pair per row, as the
+    module doc writes it (``softmax_j(λ cos(q_i, u_j))``; with ``norm="queries"`` SCAN's
+    LeakyReLU and normalisation over the valid queries first)."""
+    sim = torch.bmm(F.normalize(q, dim=-1), F.normalize(c, dim=-1).transpose(1, 2))
+    if norm == "queries":
+        sim = F.leaky_relu(sim, 0.1)
+        if query_mask is not None:
+            sim = sim * query_mask.unsqueeze(-1)
+        sim = sim / sim.norm(dim=1, keepdim=True).clamp(min=1e-8)
+    logits = lam * sim
+    if context_mask is not None:
+        logits = logits.masked_fill(~context_mask.bool().unsqueeze(1), float("-inf"))
+    return torch.bmm(logits.softmax(dim=-1), c)
+
+
+def reference_match(model, regions, words, word_mask):
+    """IMRAM's matching written out per (image, caption) pair: (B, R, d) regions, (B, M, L,
+    d) words → (B, M, K); each step's attention, score and ``MemoryUnit`` update as the
+    module doc writes them (no shared projections)."""
+    b, m, length, d = words.shape
+    cfg = model.config
+    pairs = regions.unsqueeze(1).expand(b, m, *regions.shape[1:]).reshape(b * m, -1, d)
+    flat, mask = words.reshape(b * m, length, d), word_mask.reshape(b * m, length)
+    queries = {"t2i": flat, "i2t": pairs}
+    steps = []
+    for k in range(cfg.num_steps):
+        total = 0.0
+        for direction in model.directions:
+            q = queries[direction]
+            if direction == "t2i":
+                c = cross_attention(q, pairs, mask, None, cfg.attention_lambda, cfg.attention_norm)
+                cos = F.cosine_similarity(q, c, dim=-1)
+                score = (cos * mask).sum(1) / mask.sum(1)
+            else:
+                c = cross_attention(q, flat, None, mask, cfg.attention_lambda, cfg.attention_norm)
+                score = F.cosine_similarity(q, c, dim=-1).mean(1)
+            total = total + score
+            if k + 1 < cfg.num_steps:
+                queries[direction] = model.memories[direction](q, c)
+        steps.append(total)
+    return torch.stack(steps, -1).view(b, m, -1)
+
+
 def test_cross_attention_matches_the_formula_written_out():
     torch.manual_seed(1)
     q, c = torch.randn(1, 3, 4), torch.randn(1, 5, 4)
@@ -76,6 +120,53 @@ def test_cross_attention_matches_the_formula_written_out():
         w = w / w.sum()
         expected = (w[:, None] * c[0]).sum(0)
         torch.testing.assert_close(got[i], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"attention_norm": "queries"},
+        {"directions": "t2i"},
+        {"directions": "i2t", "num_steps": 2},
+        {"num_steps": 1},
+    ],
+)
+def test_match_agrees_with_the_pairwise_reference(retriever, kw):
+    """The shared-projection ``match`` (module doc) equals IMRAM written out pair by pair,
+    in its scores and in its gradients, with ragged captions and two images."""
+    model = _reranker(retriever, **kw).train()
+    torch.manual_seed(5)
+    b, m, length, r, d = 2, 3, 6, 4, model.config.hidden_size
+    regions = torch.randn(b, r, d, requires_grad=True)
+    words = torch.randn(b, m, length, d, requires_grad=True)
+    mask = torch.ones(b, m, length, dtype=torch.bool)
+    mask[0, 1, 3:] = False
+    mask[1, 2, 1:] = False
+    got = model.match(regions, words, mask)
+    want = reference_match(model, regions, words, mask)
+    assert got.shape == (b, m, model.config.num_steps)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    weights = torch.randn_like(got)
+    params = [regions, words, *[p for p in model.memories.parameters()]]
+    g_got = torch.autograd.grad((got * weights).sum(), params, allow_unused=True)
+    g_want = torch.autograd.grad((want * weights).sum(), params, allow_unused=True)
+    for x, y in zip(g_got, g_want):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+
+
+def test_memory_unit_split_is_the_same_update():
+    """``split`` stacks the query and context halves (the update doubled: tanh(x) =
+    2σ(2x) − 1); ``_memory_update`` from them is ``MemoryUnit.forward``."""
+    from rvqa.retriever.reranker import _memory_update
+
+    torch.manual_seed(3)
+    mem = MemoryUnit(4)
+    q, c = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
+    w_q, w_c, _ = mem.split()
+    got = _memory_update(q, q, c @ w_c.T, mem.split())
+    torch.testing.assert_close(got, mem(q, c), atol=1e-6, rtol=1e-5)
+    assert w_q.shape == w_c.shape == (8, 4)
 
 
 def test_memory_unit_is_the_gated_update():

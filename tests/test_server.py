@@ -694,9 +694,11 @@ def test_web_page_upload_answer_evidence_swap_in_a_real_browser(live_server, mod
     image = tmp_path / "shape.png"
     image.write_bytes(png("green", "square"))
     shot = tmp_path / "page.png"
+    model.load_reranker(_tiny_reranker(model))  # the page shows its field when one is loaded
     try:
         _drive_the_page(sync_playwright, chromium, live_server, name, image, shot)
     finally:  # the module's model is shared: leave it as it was
+        model.reranker = None
         if "extra" in model.registry:
             model.unload_index("extra")
     assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -716,6 +718,15 @@ def _drive_the_page(sync_playwright, chromium, live_server, name, image, shot) -
         rows = page.locator("#evidence tbody tr")
         assert rows.count() >= 1 and name in rows.first.inner_text()
         assert "score" in first
+        assert not page.locator("#evidence th.rr").first.is_visible()  # not re-ranked
+        # re-ranked: the re-rank score and each caption's rank in its index shown
+        page.fill("#rerank", "6")
+        page.click("#ask-button")
+        page.wait_for_selector("#evidence.reranked tbody tr td.rr")
+        cells = page.locator("#evidence tbody tr").first.locator("td").all_inner_texts()
+        assert len(cells) == 5 and cells[-1] == name and 1 <= int(cells[3]) <= 6, cells
+        float(cells[2])
+        page.fill("#rerank", "")
         # the admin swap: a wrong token is refused on the page, the right one loads "extra"
         page.fill("#token", "wrong")
         page.fill("#swap-name", "extra")
@@ -735,3 +746,146 @@ def _drive_the_page(sync_playwright, chromium, live_server, name, image, shot) -
         assert cells and set(cells) == {"extra"}
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
+
+
+# ------------------------------------------------------------------ re-ranking
+
+
+def _tiny_reranker(model):
+    """An untrained, unfused re-ranker (its own order, not the index's) for ``model``."""
+    import torch
+
+    from rvqa.retriever.reranker import RerankerModel
+
+    torch.manual_seed(0)
+    return RerankerModel.from_retriever(
+        model.retriever,
+        hidden_size=16,
+        num_steps=2,
+        num_heads=2,
+        dropout=0.0,
+        fuse_retrieval_score=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def reranking_model(tiny_run):
+    """The tiny run with a re-ranker loaded."""
+    m = RVQA.from_pretrained(tiny_run, device="cpu", reranker=False)
+    m.load_reranker(_tiny_reranker(m))
+    return m
+
+
+def test_rerank_over_http_agrees_with_the_python_api(reranking_model):
+    from PIL import Image
+
+    m = reranking_model
+    app = create_app(m, max_rerank=8)
+    data = png("green", "square")
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    k = m.default_top_k
+    with TestClient(app) as c:
+        assert c.get("/healthz").json()["reranker"] is True
+        assert c.get("/healthz").json()["max_rerank"] == 8
+        r = c.post(
+            "/v1/answer",
+            files={"image": ("s.png", data)},
+            data={"question": "what shape is it?", "rerank": "6"},
+        )
+        assert r.status_code == 200, r.text
+        want = m.answer(img, "what shape is it?", rerank=6)
+        got = r.json()
+        assert got["answer"] == want.answer
+        assert [e["text"] for e in got["evidence"]] == [e.text for e in want.evidence]
+        assert [e["retrieval_rank"] for e in got["evidence"]] == [
+            e.retrieval_rank for e in want.evidence
+        ]
+        assert [e["rerank_score"] for e in got["evidence"]] == pytest.approx(
+            [e.rerank_score for e in want.evidence], abs=1e-5
+        )
+        # the re-ranker's order (best first), not the index's
+        assert len(got["evidence"]) == k
+        scores = [e["rerank_score"] for e in got["evidence"]]
+        assert scores == sorted(scores, reverse=True)
+        assert [e["retrieval_rank"] for e in got["evidence"]] != list(range(1, k + 1))
+        plain = c.post(
+            "/v1/answer", files={"image": ("s.png", data)}, data={"question": "what shape?"}
+        ).json()
+        assert "rerank_score" not in plain["evidence"][0]  # no rerank: the plain answer
+
+        r = c.post("/v1/retrieve", files={"image": ("r.png", data)}, data={"rerank": "6"})
+        assert r.status_code == 200, r.text
+        assert [e["text"] for e in r.json()["evidence"]] == [
+            e.text for e in m.retrieve([img], rerank=6)[0]
+        ]
+
+        files = [("images", (f"{i}.png", png(col))) for i, col in enumerate(["red", "blue"])]
+        r = c.post(
+            "/v1/answer_batch",
+            files=files,
+            data={"questions": ["what color?", "what shape?"], "rerank": "6"},
+        )
+        assert r.status_code == 200, r.text
+        imgs = [draw_shape(col, "circle").convert("RGB") for col in ("red", "blue")]
+        want = m.answer_batch(imgs, ["what color?", "what shape?"], rerank=6)
+        for a, w in zip(r.json()["answers"], want):
+            assert [e["text"] for e in a["evidence"]] == [e.text for e in w.evidence]
+            assert all("rerank_score" in e for e in a["evidence"])
+
+        for value, message in (
+            ("many", "rerank must be an integer"),
+            ("-3", "rerank must be 0 (off) or at least top_k"),
+            ("9", "rerank must be at most 8 (--max-rerank)"),
+        ):
+            r = c.post(
+                "/v1/answer",
+                files={"image": ("s.png", data)},
+                data={"question": "what?", "rerank": value},
+            )
+            assert r.status_code == 422 and message in r.json()["error"], r.text
+        r = c.post(
+            "/v1/answer",
+            files={"image": ("s.png", data)},
+            data={"question": "what?", "top_k": "3", "rerank": "2"},
+        )
+        assert r.status_code == 422
+        assert "re-ranks fewer captions than top_k=3" in r.json()["error"]
+
+
+def test_rerank_without_a_reranker_says_how_to_get_one(client):
+    r = client.post(
+        "/v1/answer",
+        files={"image": ("s.png", png())},
+        data={"question": "what color?", "rerank": "5"},
+    )
+    assert r.status_code == 422
+    assert "rvqa train-reranker" in r.json()["error"] and "--reranker" in r.json()["error"]
+    assert client.get("/healthz").json()["reranker"] is False
+    r = client.post(
+        "/v1/answer", files={"image": ("s.png", png())}, data={"question": "q?", "rerank": "0"}
+    )
+    assert r.status_code == 200  # 0: off
+
+
+def test_requests_with_and_without_rerank_batch_apart(reranking_model):
+    counting = _CountingModel(reranking_model)
+    images = [draw_shape(col, "circle") for col in ("red", "green", "blue", "yellow")]
+    reranks = [None, 6, None, 6]
+
+    async def main():
+        b = MicroBatcher(counting, max_batch=8, max_wait_ms=200)
+        b.start()
+        out = await asyncio.gather(
+            *(b.submit(i, "what color?", None, ALL, 0, n) for i, n in zip(images, reranks))
+        )
+        await b.stop()
+        return out
+
+    from rvqa.pipeline import ALL_INDICES as ALL
+
+    answers = asyncio.run(main())
+    assert sorted(counting.calls) == [2, 2]  # one call per rerank value
+    for a, img, n in zip(answers, images, reranks):
+        want = reranking_model.answer(img, "what color?", rerank=n)
+        assert [e.text for e in a.evidence] == [e.text for e in want.evidence]
+        assert (a.evidence[0].rerank_score is not None) == (n is not None)
