@@ -399,14 +399,33 @@ class MicroBatcher:
             raise RuntimeError("MicroBatcher.start() was not called")
         return await self.enqueue(image, question, top_k, index, pixels, rerank)
 
-    async def run(self, fn: Any) -> Any:
-        """Run another blocking model call on the model's thread, counted in the queue."""
-        self.reserve(1)
-        self._side += 1
+    async def run(self, fn: Any, pixels: int = 0) -> Any:
+        """Run another blocking model call on the model's thread, counted in the queue
+        (with the ``pixels`` it holds) until the call has finished or was dropped
+        unstarted: a caller that goes away (a client disconnecting) does not uncount
+        a call the model thread still runs."""
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
-        finally:
+            self.reserve(1)
+        except ServeError:
+            self.release_pixels(pixels)
+            raise
+        assert self._executor is not None
+        loop = asyncio.get_running_loop()
+        self._side += 1
+
+        def finished() -> None:
             self._side -= 1
+            self.release_pixels(pixels)
+
+        def on_done(_: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(finished)
+            except RuntimeError:  # the loop has closed (shut down): nothing left to count
+                pass
+
+        job = self._executor.submit(fn)
+        job.add_done_callback(on_done)
+        return await asyncio.wrap_future(job)
 
     async def _run(self) -> None:
         batch: list[_Job] = []
@@ -826,10 +845,8 @@ def create_app(
         idx = parse_index(index, model)
         batcher.reserve(1)
         img, pixels = await _image(image)
-        try:
-            found = await batcher.run(lambda: model.retrieve([img], k, idx, rerank=n))
-        finally:
-            batcher.release_pixels(pixels)
+        # the call releases the pixels when it has run
+        found = await batcher.run(lambda: model.retrieve([img], k, idx, rerank=n), pixels)
         return JSONResponse({"evidence": [e.to_dict() for e in found[0]]})
 
     @app.get("/v1/indices")

@@ -889,3 +889,32 @@ def test_requests_with_and_without_rerank_batch_apart(reranking_model):
         want = reranking_model.answer(img, "what color?", rerank=n)
         assert [e.text for e in a.evidence] == [e.text for e in want.evidence]
         assert (a.evidence[0].rerank_score is not None) == (n is not None)
+
+
+def test_a_retrieve_whose_client_left_stays_counted_until_it_has_run(model):
+    """A side call (``/v1/retrieve``) cancelled by its caller keeps its place in the queue
+    bound and its pixels until the model thread has finished it."""
+    release = threading.Event()
+
+    async def main():
+        b = MicroBatcher(model, max_queue=4)
+        b.start()
+        b.hold_pixels(1000)
+        task = asyncio.ensure_future(b.run(lambda: release.wait(60), pixels=1000))
+        await asyncio.sleep(0.05)
+        assert b.queued == 1 and b.pixels == 1000
+        task.cancel()  # the client went away
+        await asyncio.sleep(0.05)
+        counted = (b.queued, b.pixels)  # the model thread still runs it
+        release.set()
+        for _ in range(100):
+            if b.queued == 0:
+                break
+            await asyncio.sleep(0.01)
+        after = (b.queued, b.pixels)
+        await b.stop()
+        return counted, after
+
+    counted, after = asyncio.run(main())
+    assert counted == (1, 1000)
+    assert after == (0, 0)
