@@ -46,6 +46,8 @@ features, tokenizer and word vectors, and records the retriever's fingerprint
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +65,9 @@ from rvqa.errors import ConfigError, IndexMismatchError, UsageError
 from rvqa.towers import KeepsFrozenOnLoad, hidden_size_of
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer_config.json")
+DEFAULT_CAPTION_CACHE = 4096
+"""Captions whose word features :meth:`RerankerModel.score` keeps (about 8 KB each at
+the default width: some 30 MB)."""
 DIRECTIONS = ("both", "t2i", "i2t")
 ATTENTION_NORMS = ("none", "queries")
 _S = RerankerSettings
@@ -262,6 +267,59 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
+class CaptionCache:
+    """The word features of the last ``size`` distinct captions scored (least recently
+    used dropped first), valid for one state of the text side's weights: :meth:`check`
+    empties it when its key (the weights' versions, device, dtype) changes. Thread-safe;
+    a copy of it (``copy.deepcopy`` of the model) starts empty."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.hits = self.misses = 0
+        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._key: Any = None
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getstate__(self) -> dict:
+        return {"size": self.size}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["size"])
+
+    def check(self, key: Any) -> None:
+        with self._lock:
+            if key != self._key:
+                self._entries.clear()
+                self._key = key
+
+    def get(self, texts: Sequence[str]) -> list[torch.Tensor | None]:
+        with self._lock:
+            out = []
+            for t in texts:
+                f = self._entries.get(t)
+                if f is not None:
+                    self._entries.move_to_end(t)
+                out.append(f)
+            found = sum(f is not None for f in out)
+            self.hits += found
+            self.misses += len(out) - found
+            return out
+
+    def put(self, key: Any, features: dict[str, torch.Tensor]) -> None:
+        """Store ``features`` computed under ``key`` (dropped if the weights moved since)."""
+        with self._lock:
+            if key != self._key:
+                return
+            for t, f in features.items():
+                self._entries[t] = f
+                self._entries.move_to_end(t)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+
 class RerankerModel(KeepsFrozenOnLoad, PreTrainedModel):
     """Scores (image, caption) candidates by iterative cross-attention (see the module doc).
 
@@ -315,8 +373,19 @@ class RerankerModel(KeepsFrozenOnLoad, PreTrainedModel):
             self.fuse_weight = nn.Parameter(torch.tensor(1.0))
             self.match_gate = nn.Parameter(torch.tensor(0.0))
         self.tokenizer: Any = None
+        self.caption_cache: CaptionCache | None = None
+        self.set_caption_cache(DEFAULT_CAPTION_CACHE)
         self.post_init()
         self.apply_freezing()
+
+    def set_caption_cache(self, size: int) -> None:
+        """Keep the word features of the last ``size`` distinct captions :meth:`score` saw
+        (0: none). A caption scored again (a popular fact, the same caption under many
+        images) then skips tokenising and the text encoder; the scores are those of
+        encoding it afresh. Emptied whenever the text side's weights change."""
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise UsageError(f"caption cache size must be an integer ≥ 0, got {size!r}")
+        self.caption_cache = CaptionCache(size) if size else None
 
     def apply_freezing(self) -> None:
         """Fix the word vectors when the config says so."""
@@ -452,6 +521,42 @@ class RerankerModel(KeepsFrozenOnLoad, PreTrainedModel):
             self.__dict__["_word_table"] = cached
         return cached[1]
 
+    def _text_key(self) -> tuple:
+        """The state of everything :meth:`encode_text` reads (in-place version counters
+        move with every optimiser step) and the autocast it would run under."""
+        mods = [self.word_embeddings, self.word_projection, self.positions, self.text_norm]
+        if self.text_encoder is not None:
+            mods.append(self.text_encoder)
+        w = self.word_embeddings.weight
+        versions = tuple(p._version for m in mods for p in m.parameters())
+        kind = w.device.type
+        autocast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+        return (w.device, w.dtype, autocast, self.training, versions)
+
+    def encode_captions(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captions → (P, L, d) word features and (P, L) bool mask (inference), through
+        the caption cache: only the captions it does not hold are tokenised and
+        encoded. Padding positions are zeros."""
+        cache = self.caption_cache
+        key = self._text_key()
+        found: list[torch.Tensor | None] = [None] * len(texts)
+        if cache is not None:
+            cache.check(key)
+            found = cache.get(texts)
+        missing = list(dict.fromkeys(t for t, f in zip(texts, found) if f is None))
+        if missing:
+            enc = self.tokenize(missing)
+            mask = enc["attention_mask"].to(self.device).bool()
+            words = self.encode_text(enc["input_ids"].to(self.device), mask)
+            new = {t: words[i][mask[i]] for i, t in enumerate(missing)}
+            if cache is not None:
+                cache.put(key, new)
+            found = [new[t] if f is None else f for t, f in zip(texts, found)]
+        lengths = torch.tensor([len(f) for f in found], device=self.device)
+        feats = nn.utils.rnn.pad_sequence(found, batch_first=True)  # type: ignore[arg-type]
+        mask = torch.arange(feats.shape[1], device=self.device) < lengths[:, None]
+        return feats, mask
+
     def encode_regions(self, image_tokens: torch.Tensor) -> torch.Tensor:
         """(B, R, H) retriever image-tower tokens → (B, R, d) region features."""
         if image_tokens.ndim != 3 or image_tokens.shape[-1] != self.config.vision_hidden_size:
@@ -540,11 +645,12 @@ class RerankerModel(KeepsFrozenOnLoad, PreTrainedModel):
     def forward(
         self,
         image_tokens: torch.Tensor,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         retrieval_scores: torch.Tensor | None = None,
         candidate_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        word_features: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> RerankerOutput:
         """Score each image's candidate captions.
@@ -555,17 +661,23 @@ class RerankerModel(KeepsFrozenOnLoad, PreTrainedModel):
             retrieval_scores: (B, M) their retrieval scores (needed when fused).
             candidate_mask: (B, M) bool, False for padding candidates (scored -inf).
             labels: (B, M) bool/float, True for the positives: gives ``loss``.
+            word_features: (B, M, L, d) the captions already encoded
+                (:meth:`encode_captions`) instead of ``input_ids``; ``attention_mask``
+                is their mask.
         """
-        b, m, length = input_ids.shape
+        if attention_mask is None or (input_ids is None) == (word_features is None):
+            raise UsageError("pass attention_mask and one of input_ids or word_features")
+        b, m, length = attention_mask.shape
         if image_tokens.shape[0] != b:
             raise UsageError(
                 f"{image_tokens.shape[0]} images but candidates for {b}; one row per image"
             )
         regions = self.encode_regions(image_tokens)  # (B, R, d)
-        flat_ids = input_ids.reshape(b * m, length)
-        flat_mask = attention_mask.reshape(b * m, length).bool()
-        words = self.encode_text(flat_ids, flat_mask)  # (BM, L, d)
-        steps = self.match(regions, words.view(b, m, length, -1), flat_mask.view(b, m, length))
+        mask = attention_mask.bool()
+        if word_features is None:
+            words = self.encode_text(input_ids.reshape(b * m, length), mask.view(b * m, length))
+            word_features = words.view(b, m, length, -1)
+        steps = self.match(regions, word_features.to(regions.dtype), mask)
         match = steps.sum(-1)
         # float32 even under bf16 autocast: the retrieval scores of one image's top N can
         # differ in their fourth digit, which bf16 would round away
@@ -660,19 +772,51 @@ class RerankerModel(KeepsFrozenOnLoad, PreTrainedModel):
         captions: Sequence[Sequence[str]],
         retrieval_scores: Sequence[Sequence[float]] | None,
     ) -> list[np.ndarray]:
-        batch = pack_candidates(
-            self.tokenizer,
-            captions,
-            retrieval_scores,
-            self.config.max_caption_length,
-            self.config.pad_token_id,
-        )
+        counts = [len(c) for c in captions]
+        feats, mask = self.encode_captions([c for caps in captions for c in caps])
+        batch = candidate_layout(counts, retrieval_scores)
         dev = self.device
+        words = by_image(feats, counts)
+        word_mask = by_image(mask, counts)
+        word_mask[..., 0] = True  # a padding candidate keeps one attended position
         logits = self(
-            image_tokens.to(dev), **{k: v.to(dev) for k, v in batch.items()}
+            image_tokens.to(dev),
+            attention_mask=word_mask,
+            word_features=words,
+            **{k: v.to(dev) for k, v in batch.items()},
         ).logits.float()
         logits = logits.cpu().numpy()
         return [logits[i, : len(c)].copy() for i, c in enumerate(captions)]
+
+
+def by_image(flat: torch.Tensor, counts: Sequence[int], fill: Any = 0) -> torch.Tensor:
+    """(P, ...) rows of per-image lists laid end to end → (B, M, ...), M the longest
+    list, the rest filled with ``fill``."""
+    b, m = len(counts), max(counts)
+    if b == 1:
+        return flat.unsqueeze(0)
+    out = flat.new_full((b, m, *flat.shape[1:]), fill)
+    o = 0
+    for i, n in enumerate(counts):
+        out[i, :n] = flat[o : o + n]
+        o += n
+    return out
+
+
+def candidate_layout(
+    counts: Sequence[int], retrieval_scores: Sequence[Sequence[float]] | None
+) -> dict[str, torch.Tensor]:
+    """(B, M) ``candidate_mask`` and ``retrieval_scores`` of ragged per-image lists."""
+    b, m = len(counts), max(counts)
+    cand = torch.zeros((b, m), dtype=torch.bool)
+    scores = torch.zeros((b, m), dtype=torch.float32)
+    for i, n in enumerate(counts):
+        cand[i, :n] = True
+        if retrieval_scores is not None and n:
+            scores[i, :n] = torch.as_tensor(
+                np.asarray(retrieval_scores[i], dtype=np.float32), dtype=torch.float32
+            )
+    return {"retrieval_scores": scores, "candidate_mask": cand}
 
 
 def pack_candidates(
@@ -684,10 +828,10 @@ def pack_candidates(
 ) -> dict[str, torch.Tensor]:
     """Ragged per-image candidate lists → the padded (B, M, L) inputs of
     :meth:`RerankerModel.forward` (``input_ids``, ``attention_mask``, ``retrieval_scores``,
-    ``candidate_mask``); the one layout of training batches and of :meth:`~RerankerModel.score`.
-    A padding candidate keeps one attended token (its logit is masked out)."""
-    b, counts = len(captions), [len(c) for c in captions]
-    m = max(counts)
+    ``candidate_mask``): the layout of training batches (:meth:`~RerankerModel.score`
+    lays out encoded captions the same way, :func:`by_image`). A padding candidate keeps
+    one attended token (its logit is masked out)."""
+    counts = [len(c) for c in captions]
     enc = tokenizer(
         [c for caps in captions for c in caps],
         padding=True,
@@ -695,27 +839,12 @@ def pack_candidates(
         max_length=max_length,
         return_tensors="pt",
     )
-    length = enc["input_ids"].shape[1]
-    ids = torch.full((b, m, length), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((b, m, length), dtype=torch.long)
+    mask = by_image(enc["attention_mask"], counts)
     mask[..., 0] = 1
-    cand = torch.zeros((b, m), dtype=torch.bool)
-    scores = torch.zeros((b, m), dtype=torch.float32)
-    o = 0
-    for i, n in enumerate(counts):
-        ids[i, :n] = enc["input_ids"][o : o + n]
-        mask[i, :n] = enc["attention_mask"][o : o + n]
-        cand[i, :n] = True
-        if retrieval_scores is not None and n:
-            scores[i, :n] = torch.as_tensor(
-                np.asarray(retrieval_scores[i], dtype=np.float32), dtype=torch.float32
-            )
-        o += n
     return {
-        "input_ids": ids,
+        "input_ids": by_image(enc["input_ids"], counts, pad_token_id),
         "attention_mask": mask,
-        "retrieval_scores": scores,
-        "candidate_mask": cand,
+        **candidate_layout(counts, retrieval_scores),
     }
 
 

@@ -627,3 +627,41 @@ def test_cli_ask_and_evaluate_with_rerank(reranked_run, tmp_path, capsys):
     (folder,) = (tmp_path / "ev").glob("*rerank*")
     line = json.loads((folder / "evidence.jsonl").read_text().splitlines()[0])
     assert {"rerank_score", "retrieval_rank"} <= set(line["evidence"][0])
+
+
+# ------------------------------------------------------------------ the caption cache
+
+
+def test_the_caption_cache_gives_the_scores_of_encoding_afresh(retriever, images):
+    import copy
+
+    model = _reranker(retriever, fuse_retrieval_score=False)
+    model.set_caption_cache(3)
+    toks = _tokens(retriever, images[:2])
+    caps = [["a red circle", "a blue square", "two green circles"], ["a blue square"]]
+    plain = copy.deepcopy(model)
+    plain.set_caption_cache(0)
+    want = plain.score(toks, caps)
+    cold = model.score(toks, caps)  # 3 distinct captions encoded, then cached
+    assert (model.caption_cache.hits, model.caption_cache.misses) == (0, 4)
+    warm = model.score(toks, caps)
+    assert (model.caption_cache.hits, model.caption_cache.misses) == (4, 4)
+    for a, b, c in zip(want, cold, warm):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-5)
+    # least recently used out first
+    model.score(toks[:1], [["a yellow triangle"]])
+    assert len(model.caption_cache) == 3 and "a red circle" not in model.caption_cache._entries
+    # a weight change empties it: the scores follow the new weights
+    with torch.no_grad():
+        model.text_norm.weight.mul_(3.0)
+        plain.text_norm.weight.mul_(3.0)
+    moved = model.score(toks, caps)
+    assert model.caption_cache.misses == 4 + 1 + 4  # every lookup missed again
+    for a, b in zip(plain.score(toks, caps), moved):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(moved[0], warm[0])
+    # a copy starts empty; a bad size is refused
+    assert len(copy.deepcopy(model).caption_cache) == 0
+    with pytest.raises(UsageError, match="caption cache size"):
+        model.set_caption_cache(-1)
