@@ -320,7 +320,10 @@ class RVQA:
 
     def load_reranker(self, reranker: str | Path | RerankerModel) -> None:
         """Use a re-ranker for ``rerank=N`` (a folder written by ``rvqa train-reranker``,
-        or a loaded model); replaces the current one for subsequent calls.
+        or a loaded model); replaces the current one for subsequent calls. By default
+        it keeps the word features of the last 4,096 distinct captions it scored
+        (``reranker.set_caption_cache(n)``; 0: none), so recurring captions are not
+        encoded again.
 
         Raises:
             FileNotFoundError: The folder or one of its files is missing.
