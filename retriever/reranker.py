@@ -66,8 +66,8 @@ from rvqa.towers import KeepsFrozenOnLoad, hidden_size_of
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer_config.json")
 DEFAULT_CAPTION_CACHE = 4096
-"""Captions whose word features :meth:`RerankerModel.score` keeps (about 8 KB each at
-the default width: some 30 MB)."""
+"""Captions whose word features :meth:`RerankerModel.score` keeps, on the model's device
+(at the default width 8 KB for a 16-token caption, 16 KB at 32 tokens: 30–64 MB)."""
 DIRECTIONS = ("both", "t2i", "i2t")
 ATTENTION_NORMS = ("none", "queries")
 _S = RerankerSettings
@@ -259,10 +259,8 @@ def _listwise_loss(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tenso
     return (log_all - log_pos).mean()
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(P, Q) → (P,): the mean over valid positions."""
-    if mask is None:
-        return x.mean(dim=1)
     m = mask.to(x.dtype)
     return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
 
@@ -270,8 +268,9 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 class CaptionCache:
     """The word features of the last ``size`` distinct captions scored (least recently
     used dropped first), valid for one state of the text side's weights: :meth:`check`
-    empties it when its key (the weights' versions, device, dtype) changes. Thread-safe;
-    a copy of it (``copy.deepcopy`` of the model) starts empty."""
+    empties it when its key (the weights' identities and in-place versions, device, dtype,
+    autocast) changes. Thread-safe; a copy of it (``copy.deepcopy`` of the model) starts
+    empty."""
 
     def __init__(self, size: int):
         self.size = size
@@ -294,6 +293,11 @@ class CaptionCache:
             if key != self._key:
                 self._entries.clear()
                 self._key = key
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._key = None
 
     def get(self, texts: Sequence[str]) -> list[torch.Tensor | None]:
         with self._lock:
@@ -382,10 +386,19 @@ class RerankerModel(KeepsFrozenOnLoad, PreTrainedModel):
         """Keep the word features of the last ``size`` distinct captions :meth:`score` saw
         (0: none). A caption scored again (a popular fact, the same caption under many
         images) then skips tokenising and the text encoder; the scores are those of
-        encoding it afresh. Emptied whenever the text side's weights change."""
+        encoding it afresh. Emptied when the model moves or changes dtype, and checked
+        at every call against the text side's weights (their identities, storage and
+        in-place versions: an optimiser step or ``load_state_dict`` empties it)."""
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise UsageError(f"caption cache size must be an integer ≥ 0, got {size!r}")
         self.caption_cache = CaptionCache(size) if size else None
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        # .to(), .half(), .cuda(): cached features would stay behind (memory, precision)
+        out = super()._apply(fn, *args, **kwargs)
+        if getattr(self, "caption_cache", None) is not None:
+            self.caption_cache.clear()
+        return out
 
     def apply_freezing(self) -> None:
         """Fix the word vectors when the config says so."""
@@ -528,17 +541,19 @@ class RerankerModel(KeepsFrozenOnLoad, PreTrainedModel):
         if self.text_encoder is not None:
             mods.append(self.text_encoder)
         w = self.word_embeddings.weight
-        versions = tuple(p._version for m in mods for p in m.parameters())
+        state = tuple((id(p), p.data_ptr(), p._version) for m in mods for p in m.parameters())
         kind = w.device.type
         autocast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
-        return (w.device, w.dtype, autocast, self.training, versions)
+        return (w.device, w.dtype, autocast, state)
 
     def encode_captions(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Captions → (P, L, d) word features and (P, L) bool mask (inference), through
-        the caption cache: only the captions it does not hold are tokenised and
-        encoded. Padding positions are zeros."""
+        """Captions → (P, L, d) word features and (P, L) bool mask; in inference (no
+        gradient, eval mode) through the caption cache: only the captions it does not
+        hold are tokenised and encoded. Padding positions are zeros."""
         cache = self.caption_cache
-        key = self._text_key()
+        if torch.is_grad_enabled() or self.training:
+            cache = None  # features with a graph, or dropout's: not for keeping
+        key = self._text_key() if cache is not None else None
         found: list[torch.Tensor | None] = [None] * len(texts)
         if cache is not None:
             cache.check(key)
@@ -548,7 +563,11 @@ class RerankerModel(KeepsFrozenOnLoad, PreTrainedModel):
             enc = self.tokenize(missing)
             mask = enc["attention_mask"].to(self.device).bool()
             words = self.encode_text(enc["input_ids"].to(self.device), mask)
-            new = {t: words[i][mask[i]] for i, t in enumerate(missing)}
+            if getattr(self.tokenizer, "padding_side", "right") == "right":
+                lengths = enc["attention_mask"].sum(1).tolist()  # no device sync per caption
+                new = {t: words[i, :n] for i, (t, n) in enumerate(zip(missing, lengths))}
+            else:
+                new = {t: words[i][mask[i]] for i, t in enumerate(missing)}
             if cache is not None:
                 cache.put(key, new)
             found = [new[t] if f is None else f for t, f in zip(texts, found)]
@@ -608,7 +627,8 @@ class RerankerModel(KeepsFrozenOnLoad, PreTrainedModel):
         words_proj = projection("i2t", flat_words)
         for k in range(k_steps):
             last = k + 1 == k_steps
-            total = torch.zeros(b, m, dtype=words.dtype, device=words.device)
+            # summed in float32 (under bf16 autocast the cosines would round together)
+            total = torch.zeros(b, m, dtype=torch.float32, device=words.device)
             if "t2i" in self.directions:
                 sim = torch.bmm(F.normalize(q_t2i, dim=-1), regions_unit.transpose(1, 2))
                 if norm == "queries":  # over each candidate's words (its queries)
@@ -617,7 +637,7 @@ class RerankerModel(KeepsFrozenOnLoad, PreTrainedModel):
                     sim = sim.view(b, m * length, r)
                 attn = (lam * sim).softmax(dim=-1)
                 c = torch.bmm(attn, regions)  # (B, M·L, d)
-                cos = F.cosine_similarity(q_t2i, c, dim=-1).view(p, length)
+                cos = F.cosine_similarity(q_t2i, c, dim=-1).float().view(p, length)
                 total = total + _masked_mean(cos, flat_mask).view(b, m)
                 if not last:
                     c_proj = torch.bmm(attn, regions_proj)
@@ -631,7 +651,8 @@ class RerankerModel(KeepsFrozenOnLoad, PreTrainedModel):
                 sim = (lam * sim).masked_fill(~flat_mask.unsqueeze(1), float("-inf"))
                 attn = sim.softmax(dim=-1)
                 c = torch.bmm(attn, flat_words)  # (P, R, d)
-                total = total + F.cosine_similarity(q, c, dim=-1).mean(dim=1).view(b, m)
+                cos = F.cosine_similarity(q, c, dim=-1).float()
+                total = total + cos.mean(dim=1).view(b, m)
                 if not last:
                     c_proj = torch.bmm(attn, words_proj)
                     # the first step's queries are the image's regions: projected once per image
@@ -667,7 +688,22 @@ class RerankerModel(KeepsFrozenOnLoad, PreTrainedModel):
         """
         if attention_mask is None or (input_ids is None) == (word_features is None):
             raise UsageError("pass attention_mask and one of input_ids or word_features")
+        if attention_mask.ndim != 3:
+            raise UsageError(
+                f"attention_mask must have shape (B, M, L), got {tuple(attention_mask.shape)}"
+            )
         b, m, length = attention_mask.shape
+        d = self.config.hidden_size
+        if input_ids is not None and input_ids.shape != attention_mask.shape:
+            raise UsageError(
+                f"input_ids {tuple(input_ids.shape)} and attention_mask "
+                f"{tuple(attention_mask.shape)} differ in shape"
+            )
+        if word_features is not None and tuple(word_features.shape) != (b, m, length, d):
+            raise UsageError(
+                f"word_features must have shape {(b, m, length, d)} (the mask's (B, M, L) "
+                f"and the hidden size), got {tuple(word_features.shape)}"
+            )
         if image_tokens.shape[0] != b:
             raise UsageError(
                 f"{image_tokens.shape[0]} images but candidates for {b}; one row per image"
@@ -675,7 +711,7 @@ class RerankerModel(KeepsFrozenOnLoad, PreTrainedModel):
         regions = self.encode_regions(image_tokens)  # (B, R, d)
         mask = attention_mask.bool()
         if word_features is None:
-            words = self.encode_text(input_ids.reshape(b * m, length), mask.view(b * m, length))
+            words = self.encode_text(input_ids.reshape(b * m, length), mask.reshape(b * m, length))
             word_features = words.view(b, m, length, -1)
         steps = self.match(regions, word_features.to(regions.dtype), mask)
         match = steps.sum(-1)

@@ -656,8 +656,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.indices_root is not None and not Path(args.indices_root).is_dir():
         raise UsageError(f"--indices-root {args.indices_root} is not a folder")
     reranker = args.reranker
+    if reranker is not None and not reranker.strip():
+        raise UsageError("--reranker needs a re-ranker folder, or 'none' for no re-ranking")
     if reranker is not None and reranker.strip().lower() == "none":
         reranker = False
+    if args.max_rerank < 1:
+        raise UsageError(f"--max-rerank must be a positive integer, got {args.max_rerank}")
     with _QuietLoading(args.debug):
         model = RVQA.from_pretrained(
             args.model, device=args.device, precision=args.precision, reranker=reranker

@@ -11,7 +11,8 @@ constant time) and a folder under ``indices_root``; without a configured token t
 disabled. Uploads are checked before any pixel is decoded (size, then the image header's
 pixel count: no decompression bomb). Nothing from a request is unpickled. With a
 re-ranker loaded, the answer and retrieve endpoints take ``rerank`` (each index's top N
-re-ordered by it before the best ``top_k`` are read; at most ``max_rerank``).
+re-ordered by it before the best ``top_k`` are read; at most ``max_rerank``; ignored
+with ``index=none``, which retrieves nothing).
 
 Endpoints: ``POST /v1/answer``, ``POST /v1/answer_batch``, ``POST /v1/retrieve``,
 ``GET /v1/indices``, ``PUT|DELETE /v1/indices/{name}``, ``GET /healthz``, ``GET /metrics``
@@ -767,8 +768,8 @@ def create_app(
     ):
         q = check_question(question)
         k = parse_top_k(top_k)
-        n = parse_rerank(rerank, model, k, max_rerank)
         idx = parse_index(index, model)
+        n = parse_rerank(rerank, model, k, max_rerank) if idx is not None else None
         batcher.reserve(1)  # a full queue answers 503 before any pixel is decoded
         img, pixels = await _image(image)
         ans = await batcher.submit(img, q, k, idx, pixels, n)  # the job releases the pixels
@@ -787,8 +788,8 @@ def create_app(
             raise ServeError(422, f"got {len(images)} images but {len(questions)} questions")
         qs = [check_question(q) for q in questions]
         k = parse_top_k(top_k)
-        n = parse_rerank(rerank, model, k, max_rerank)
         idx = parse_index(index, model)
+        n = parse_rerank(rerank, model, k, max_rerank) if idx is not None else None
         if len(images) > batcher.max_queue:
             raise ServeError(
                 422,
@@ -841,8 +842,8 @@ def create_app(
         rerank: Annotated[str | None, Form()] = None,
     ):
         k = parse_top_k(top_k)
-        n = parse_rerank(rerank, model, k, max_rerank)
         idx = parse_index(index, model)
+        n = parse_rerank(rerank, model, k, max_rerank) if idx is not None else None
         batcher.reserve(1)
         img, pixels = await _image(image)
         # the call releases the pixels when it has run

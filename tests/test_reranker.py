@@ -94,7 +94,9 @@ def reference_match(model, regions, words, word_mask):
     return torch.stack(steps, -1).view(b, m, -1)
 
 
-def test_cross_attention_matches_the_formula_written_out():
+def test_the_reference_attention_is_the_formula_written_out():
+    """The pairwise reference the fast ``match`` is tested against, checked in turn
+    against the formulas element by element."""
     torch.manual_seed(1)
     q, c = torch.randn(1, 3, 4), torch.randn(1, 5, 4)
     qmask = torch.tensor([[True, True, False]])
@@ -661,7 +663,24 @@ def test_the_caption_cache_gives_the_scores_of_encoding_afresh(retriever, images
     for a, b in zip(plain.score(toks, caps), moved):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
     assert not np.allclose(moved[0], warm[0])
+    # moving or casting the model empties it (no stale precision, nothing left behind)
+    assert len(model.caption_cache) > 0
+    model.half()
+    model.float()
+    assert len(model.caption_cache) == 0
     # a copy starts empty; a bad size is refused
     assert len(copy.deepcopy(model).caption_cache) == 0
     with pytest.raises(UsageError, match="caption cache size"):
         model.set_caption_cache(-1)
+
+
+def test_forward_checks_precomputed_word_features(retriever, images):
+    model = _reranker(retriever)
+    toks = _tokens(retriever, images[:1])
+    mask = torch.ones(1, 2, 3, dtype=torch.bool)
+    with pytest.raises(UsageError, match=r"word_features must have shape \(1, 2, 3, 16\)"):
+        model(toks, attention_mask=mask, word_features=torch.zeros(1, 2, 3, 8))
+    with pytest.raises(UsageError, match="one of input_ids or word_features"):
+        model(toks, attention_mask=mask)
+    with pytest.raises(UsageError, match=r"attention_mask must have shape \(B, M, L\)"):
+        model(toks, attention_mask=mask[0], word_features=torch.zeros(2, 3, 16))

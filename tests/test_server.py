@@ -918,3 +918,29 @@ def test_a_retrieve_whose_client_left_stays_counted_until_it_has_run(model):
     counted, after = asyncio.run(main())
     assert counted == (1, 1000)
     assert after == (0, 0)
+
+
+def test_rerank_with_index_none_is_off(reranking_model):
+    app = create_app(reranking_model)
+    with TestClient(app) as c:
+        r = c.post(
+            "/v1/answer",
+            files={"image": ("s.png", png())},
+            data={"question": "what color?", "index": "none", "rerank": "6"},
+        )
+        assert r.status_code == 200 and r.json()["evidence"] == []
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--reranker", ""], "--reranker needs a re-ranker folder, or 'none'"),
+        (["--max-rerank", "0"], "--max-rerank must be a positive integer, got 0"),
+    ],
+)
+def test_serve_refuses_bad_rerank_flags_before_loading(tmp_path, capsys, flags, message):
+    from rvqa.cli import main
+
+    # the run folder does not exist: the flag is refused before anything loads
+    assert main(["serve", "--model", str(tmp_path / "nowhere"), *flags]) == 1
+    assert message in capsys.readouterr().err
