@@ -684,3 +684,32 @@ def test_forward_checks_precomputed_word_features(retriever, images):
         model(toks, attention_mask=mask)
     with pytest.raises(UsageError, match=r"attention_mask must have shape \(B, M, L\)"):
         model(toks, attention_mask=mask[0], word_features=torch.zeros(2, 3, 16))
+
+
+def test_rerank_under_bf16_autocast(reranked_run, images):
+    """precision="bf16": the stage runs under autocast, its scores are ordered and within
+    bf16's rounding of float32's for every caption, and the caption cache does not hand
+    float32 features to a bf16 call (its key holds the autocast)."""
+    from rvqa import RVQA
+    from rvqa.distributed import bf16_supported
+
+    if not bf16_supported(torch.device("cpu")):
+        pytest.skip("this CPU has no bf16 support")
+    f32 = RVQA.from_pretrained(reranked_run[0], device="cpu")
+    bf16 = RVQA.from_pretrained(reranked_run[0], device="cpu", precision="bf16")
+    want = f32.retrieve(images, top_k=6, rerank=6)  # every candidate, re-ranked
+    got = bf16.retrieve(images, top_k=6, rerank=6)
+    for w, g in zip(want, got):
+        assert [e.rerank_score for e in g] == sorted((e.rerank_score for e in g), reverse=True)
+        ref = {e.text: e.rerank_score for e in w}
+        assert set(ref) == {e.text for e in g}
+        for e in g:  # scores of about 11: bf16 (8 bits) moves them by a few hundredths
+            assert abs(e.rerank_score - ref[e.text]) < 0.15, (e.text, e.rerank_score, ref)
+    cache = bf16.reranker.caption_cache
+    misses = cache.misses
+    bf16.reranker.score(  # the same captions outside autocast: encoded afresh
+        torch.zeros(1, 16, bf16.reranker.config.vision_hidden_size),
+        [[e.text for e in got[0]]],
+        [[e.score for e in got[0]]],
+    )
+    assert cache.misses == misses + len(got[0])
