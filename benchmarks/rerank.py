@@ -127,6 +127,16 @@ def _percentiles(ms: list[float]) -> dict:
     return {"p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95))}
 
 
+def _one_at_a_time(reranker, tokens, caps: list, scores: list) -> list[float]:
+    """Milliseconds of scoring each query's candidates alone (batch 1), in order."""
+    out = []
+    for u in range(len(caps)):
+        t0 = time.perf_counter()
+        reranker.score(tokens[u : u + 1], caps[u : u + 1], scores[u : u + 1])
+        out.append(1000 * (time.perf_counter() - t0))
+    return out
+
+
 def evaluate(
     retriever, reranker, records, test: dict, ns: list[int], a: argparse.Namespace
 ) -> dict:
@@ -171,11 +181,7 @@ def evaluate(
         scores = [cands.top_scores[u, :n] for u in range(q)]
         reranker.set_caption_cache(0)  # every caption encoded
         reranker.score(tokens[:1], caps[:1], scores[:1])  # warm-up
-        one = []
-        for u in range(q):
-            t0 = time.perf_counter()
-            reranker.score(tokens[u : u + 1], caps[u : u + 1], scores[u : u + 1])
-            one.append(1000 * (time.perf_counter() - t0))
+        one = _one_at_a_time(reranker, tokens, caps, scores)
         b = a.latency_batch
         batched = []
         for s in range(0, q - b + 1, b):
@@ -183,11 +189,7 @@ def evaluate(
             reranker.score(tokens[s : s + b], caps[s : s + b], scores[s : s + b])
             batched.append(1000 * (time.perf_counter() - t0) / b)
         reranker.set_caption_cache(DEFAULT_CAPTION_CACHE)  # empty: the stream's own reuse
-        cached = []
-        for u in range(q):
-            t0 = time.perf_counter()
-            reranker.score(tokens[u : u + 1], caps[u : u + 1], scores[u : u + 1])
-            cached.append(1000 * (time.perf_counter() - t0))
+        cached = _one_at_a_time(reranker, tokens, caps, scores)
         cache = reranker.caption_cache
         lat[str(n)] = {
             "batch1": _percentiles(one),
