@@ -355,7 +355,9 @@ def swap_run(args: argparse.Namespace, a_dir: Path, b_dir: Path, pool: list) -> 
 
 def in_process(args: argparse.Namespace, index: Path, pool: list) -> list[str]:
     """The model alone, no HTTP: one question per ``answer`` call vs ``answer_batch`` on
-    ``--max-batch`` distinct images (median of 5), float32 and bf16."""
+    ``--max-batch`` distinct images (medians of 5 rounds), float32 and bf16; each with
+    the reader reading the retriever's image-tower pass (``RVQA.image_tower_shared``)
+    and with both towers run (``share_image_tower = False``), alternating round by round."""
     import statistics
 
     from PIL import Image
@@ -370,25 +372,35 @@ def in_process(args: argparse.Namespace, index: Path, pool: list) -> list[str]:
             args.model, device="cpu", load_indices=False, precision=precision
         )
         model.load_index(index, name="bench")
+        print(f"{precision}: image tower shared: {model.image_tower_shared}", flush=True)
 
-        def timed(fn) -> float:
+        def once(fn) -> float:
+            t0 = time.perf_counter()
             fn()
-            runs = []
-            for _ in range(5):
-                t0 = time.perf_counter()
-                fn()
-                runs.append(time.perf_counter() - t0)
-            return statistics.median(runs)
+            return time.perf_counter() - t0
 
-        one = statistics.median(
-            timed(lambda i=i, m=model: m.answer(images[i], questions[i])) for i in range(8)
-        )
-        batch = timed(lambda m=model: m.answer_batch(images, questions)) / len(images)
-        lines.append(
-            f"{precision}: answer() {one * 1000:.1f} ms a question; answer_batch of "
-            f"{len(images)} {batch * 1000:.1f} ms a question ({one / batch:.2f}x)"
-        )
-        print(lines[-1], flush=True)
+        times: dict[bool, dict[str, list[float]]] = {
+            s: {"one": [], "batch": []} for s in (True, False)
+        }
+        for r in range(6):  # round 0 warms up
+            for share in (True, False):
+                model.share_image_tower = share
+                one = statistics.median(
+                    once(lambda i=i, m=model: m.answer(images[i], questions[i])) for i in range(8)
+                )
+                batch = once(lambda m=model: m.answer_batch(images, questions)) / len(images)
+                if r:
+                    times[share]["one"].append(one)
+                    times[share]["batch"].append(batch)
+        model.share_image_tower = True
+        for share, label in ((True, "one tower pass"), (False, "both towers")):
+            one = statistics.median(times[share]["one"])
+            batch = statistics.median(times[share]["batch"])
+            lines.append(
+                f"{precision}, {label}: answer() {one * 1000:.1f} ms a question; answer_batch "
+                f"of {len(images)} {batch * 1000:.1f} ms a question ({one / batch:.2f}x)"
+            )
+            print(lines[-1], flush=True)
     return lines
 
 

@@ -105,7 +105,19 @@ class VisionTowerMixin:
         With ``freeze_vision`` these are a fixed function of the image, so training
         can compute them once per image and pass ``visual_features`` instead.
         """
-        feats = self.vision_model(pixel_values=pixel_values).last_hidden_state
+        return self.features_from_tokens(
+            self.vision_model(pixel_values=pixel_values).last_hidden_state
+        )
+
+    def features_from_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The image tower's output (``last_hidden_state``: (B, N, C) tokens or a (B, C,
+        h, w) feature map) → (B, V, C) reader features, pooled to the grid.
+
+        What :meth:`vision_features` does after the tower; :class:`rvqa.RVQA` calls it on
+        the retriever's tokens when the reader's frozen tower is the retriever's (one
+        image-tower pass per image, not two).
+        """
+        feats = hidden
         if feats.ndim == 4:  # conv feature map (ResNet, ConvNeXt): (B, C, h, w) → (B, h*w, C)
             feats = feats.flatten(2).transpose(1, 2)
         if self.config.visual_grid is not None:

@@ -62,7 +62,7 @@ from transformers.utils import ModelOutput
 
 from rvqa.config import RerankerSettings, model_options
 from rvqa.errors import ConfigError, IndexMismatchError, UsageError
-from rvqa.towers import KeepsFrozenOnLoad, hidden_size_of
+from rvqa.towers import KeepsFrozenOnLoad, hidden_size_of, tensor_state_key
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer_config.json")
 DEFAULT_CAPTION_CACHE = 4096
@@ -540,11 +540,9 @@ class RerankerModel(KeepsFrozenOnLoad, PreTrainedModel):
         mods = [self.word_embeddings, self.word_projection, self.positions, self.text_norm]
         if self.text_encoder is not None:
             mods.append(self.text_encoder)
-        w = self.word_embeddings.weight
-        state = tuple((id(p), p.data_ptr(), p._version) for m in mods for p in m.parameters())
-        kind = w.device.type
+        kind = self.word_embeddings.weight.device.type
         autocast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
-        return (w.device, w.dtype, autocast, state)
+        return (autocast, tensor_state_key(*mods))
 
     def encode_captions(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Captions → (P, L, d) word features and (P, L) bool mask; in inference (no

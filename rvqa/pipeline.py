@@ -46,6 +46,8 @@ from rvqa.retriever.index import IndexRegistry, KnowledgeIndex, read_manifest
 from rvqa.retriever.modeling import RetrieverModel
 from rvqa.retriever.reranker import RerankerModel
 from rvqa.run_layout import read_run_file
+from rvqa.towers import tensor_state_key
+from rvqa.training import VOLATILE_CONFIG_KEYS
 
 logger = logging.getLogger(__name__)
 
@@ -216,6 +218,10 @@ class RVQA:
         self._swap_lock = threading.Lock()
         # (retriever object, its fingerprint): hashing every weight once, not per index load.
         self._fingerprint: tuple[Any, str] | None = None
+        self.share_image_tower = True
+        self._tower_check = _SharedTowerCheck()
+        if self.image_tower_shared:
+            logger.info("the reader's image tower is the retriever's: one tower pass per image")
         self.reranker: RerankerModel | None = None
         if reranker is not None:
             self.load_reranker(reranker)
@@ -339,6 +345,20 @@ class RVQA:
             raise UsageError("the re-ranker has no tokenizer attached (set model.tokenizer)")
         model.check_retriever(self._retriever_fingerprint(), where)
         self.reranker = model.to(self.device).eval()
+
+    @property
+    def image_tower_shared(self) -> bool:
+        """Whether each image goes through one image tower, not two: the reader's
+        features are read off the retriever's pass. True when :attr:`share_image_tower`
+        is on (the default; set it False to always run the reader's own tower) and the
+        reader's tower is the retriever's, as a reader trained with ``vision_backbone:
+        retriever`` and ``freeze_vision`` has it: equal weights and config (but its
+        output grid), equal image processing, and on two probe images the features the
+        reader reads equal those pooled from the retriever's tokens. Checked again when
+        a weight of either tower is replaced, changed in place, moved or cast."""
+        return self.share_image_tower and self._tower_check(
+            self.retriever, self.reader, self.processor
+        )
 
     # ------------------------------------------------------------------ indices
 
@@ -645,12 +665,15 @@ class RVQA:
                 qs = list(questions[s : s + batch_size])
                 unc: list = [None] * len(pil)
                 notes: list[list[str]] = [[] for _ in pil]
+                tokens = None
                 if evidence is not None:
                     ev = given[s : s + batch_size]
                 else:
-                    found, unc, notes = self._retrieve(pil, k, names, n_rerank)
+                    found, unc, notes, tokens = self._retrieve(
+                        pil, k, names, n_rerank, return_tokens=self.image_tower_shared
+                    )
                     ev = [found[r] for r in rows]
-                answers = self._read(pil, rows, qs, ev, n_alt)
+                answers = self._read(pil, rows, qs, ev, n_alt, tokens)
                 for a, r in zip(answers, rows):
                     a.uncertainty = unc[r]
                     a.notes = list(notes[r])
@@ -682,7 +705,7 @@ class RVQA:
         with self._autocast():
             for s in range(0, len(images), batch_size):
                 pil, rows = _distinct_images(images, s, batch_size)
-                found, _, notes = self._retrieve(pil, k, names, n_rerank)
+                found, _, notes, _ = self._retrieve(pil, k, names, n_rerank)
                 for note in sorted({n for ns in notes for n in ns}):
                     logger.warning("%s", note)
                 out.extend(list(found[r]) for r in rows)
@@ -794,25 +817,33 @@ class RVQA:
         return n
 
     def _retrieve(
-        self, pil: list, k: int, names: list[str] | None, rerank: int | None = None
-    ) -> tuple[list[list[Evidence]], list[float | None], list[list[str]]]:
-        """Evidence per image, each image's uncertainty (PCME retrievers; else None) and
-        notes. With ``rerank``: the top-``rerank`` re-ordered by the re-ranker, top ``k`` kept."""
+        self,
+        pil: list,
+        k: int,
+        names: list[str] | None,
+        rerank: int | None = None,
+        return_tokens: bool = False,
+    ) -> tuple[list[list[Evidence]], list[float | None], list[list[str]], torch.Tensor | None]:
+        """Evidence per image, each image's uncertainty (PCME retrievers; else None),
+        notes, and (``return_tokens``) the retriever's image-tower tokens (None without
+        retrieval). With ``rerank``: the top-``rerank`` re-ordered by the re-ranker, top
+        ``k`` kept."""
         notes: list[list[str]] = [[] for _ in pil]
         if names is None:
-            return [[] for _ in pil], [None] * len(pil), notes
+            return [[] for _ in pil], [None] * len(pil), notes, None
         unc: list[float | None] = [None] * len(pil)
         reranker = self.reranker  # one snapshot per call (load_reranker may swap it)
         tokens = None
         if rerank is not None and reranker is None:  # unloaded meanwhile
             raise UsageError("rerank needs a re-ranker and none is loaded")
+        want_tokens = rerank is not None or return_tokens
         out = self.retriever.embed_images(
             pil,
             batch_size=len(pil),
             return_logsigma=self.retriever.config.is_probabilistic,
-            return_tokens=rerank is not None,
+            return_tokens=want_tokens,
         )
-        if rerank is not None:
+        if want_tokens:
             *out, tokens = out
         else:
             out = [out] if isinstance(out, np.ndarray) else list(out)
@@ -823,7 +854,7 @@ class RVQA:
             found = [
                 [_evidence(h) for h in res.hits] for res in self.registry.search(emb, k, names)
             ]
-            return found, unc, notes
+            return found, unc, notes, tokens
         # each index's own top N (a merged top N would let one index crowd out the others)
         found = [[] for _ in pil]
         for name in names:
@@ -843,7 +874,7 @@ class RVQA:
         for ev, lg in zip(found, logits):
             order = np.argsort(-lg, kind="stable")[:k]
             reranked.append([ev[j]._replace(rerank_score=float(lg[j])) for j in order])
-        return reranked, unc, notes
+        return reranked, unc, notes, tokens
 
     def _read(
         self,
@@ -852,11 +883,13 @@ class RVQA:
         questions: list[str],
         evidence: list[list[Evidence]],
         n_alt: int,
+        tokens: torch.Tensor | None = None,
     ) -> list[Answer]:
-        """Reader forward; ``pil`` are the distinct images, ``rows[i]`` question i's image."""
+        """Reader forward; ``pil`` are the distinct images, ``rows[i]`` question i's image,
+        ``tokens`` the retriever's tower tokens of ``pil`` (when the towers are shared)."""
         retrieved = any(evidence)  # no captions at all: the reader's k = 0 input
         if self.generative:
-            return self._generate(pil, rows, questions, evidence, n_alt)
+            return self._generate(pil, rows, questions, evidence, n_alt, tokens)
         batch = self.processor(
             None,
             questions,
@@ -864,7 +897,7 @@ class RVQA:
             scores=[[e.score for e in ev] for ev in evidence] if retrieved else None,
         )
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        batch["visual_features"] = self._visual_features(pil, rows)  # (B, V, C)
+        batch["visual_features"] = self._visual_features(pil, rows, tokens)  # (B, V, C)
         probs = torch.sigmoid(self.reader(**batch).logits.float())  # (B, A)
         p, idx = probs.topk(min(1 + max(n_alt, 0), probs.shape[-1]), dim=-1)
         answers = []
@@ -873,11 +906,20 @@ class RVQA:
             answers.append(Answer(ranked[0][0], ranked[0][1], ranked[1:], ev, question=q))
         return answers
 
-    def _visual_features(self, pil: list, rows: list[int]) -> torch.Tensor:
-        """(B, V, C) image-tower features of each question's image (each distinct image once)."""
-        pixels = self.processor.image_processor(images=pil, return_tensors="pt")["pixel_values"]
+    def _visual_features(
+        self, pil: list, rows: list[int], tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, V, C) image-tower features of each question's image (each distinct image
+        once): read off the retriever's ``tokens`` of ``pil`` when given, else the
+        reader's own tower run on ``pil``."""
         vision_dtype = next(self.reader.vision_model.parameters()).dtype
-        feats = self.reader.vision_features(pixels.to(self.device, vision_dtype))  # (U, V, C)
+        if tokens is not None:
+            feats = self.reader.features_from_tokens(tokens.to(vision_dtype))  # (U, V, C)
+        else:
+            pixels = self.processor.image_processor(images=pil, return_tensors="pt")
+            feats = self.reader.vision_features(
+                pixels["pixel_values"].to(self.device, vision_dtype)
+            )
         return feats[torch.tensor(rows, device=self.device)]
 
     def _generate(
@@ -887,6 +929,7 @@ class RVQA:
         questions: list[str],
         evidence: list[list[Evidence]],
         n_alt: int,
+        tokens: torch.Tensor | None = None,
     ) -> list[Answer]:
         """The generative reader: beam search; score = sequence probability, alternatives =
         the other beams (at most ``num_beams - 1``); an empty generation is flagged."""
@@ -894,7 +937,9 @@ class RVQA:
         batch = {k: v.to(self.device) for k, v in batch.items()}
         n = min(1 + n_alt, self.reader.config.num_beams)
         out = self.reader.generate_answers(
-            **batch, visual_features=self._visual_features(pil, rows), num_return_sequences=n
+            **batch,
+            visual_features=self._visual_features(pil, rows, tokens),
+            num_return_sequences=n,
         )
         texts = self.processor.decode(out.sequences.flatten(0, 1))
         answers = []
@@ -917,6 +962,71 @@ class RVQA:
                 empties[0],
             )
         return answers
+
+
+class _SharedTowerCheck:
+    """Whether a reader's image features can be read off a retriever's tower pass
+    (:attr:`RVQA.image_tower_shared`), worked out again only when the towers' weights,
+    configs or image processors change. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key: Any = None
+        self._shared = False
+
+    def __call__(self, retriever: RetrieverModel, reader: Any, processor: Any) -> bool:
+        ours = getattr(reader, "vision_model", None)
+        if ours is None or not hasattr(reader, "features_from_tokens"):
+            return False
+        theirs = retriever.vision_model
+        procs = (retriever.image_processor, getattr(processor, "image_processor", None))
+        key = (
+            tensor_state_key(theirs, ours),
+            *(dict(vars(m.config)) for m in (theirs, ours)),  # (a setting changed: again)
+            reader.config.visual_grid,
+            *(json.dumps(p.to_dict(), sort_keys=True, default=str) if p else None for p in procs),
+        )
+        with self._lock:
+            if key != self._key:
+                self._shared = _same_image_features(retriever, reader, processor)
+                self._key = key
+            return self._shared
+
+
+def _same_image_features(retriever: RetrieverModel, reader: Any, processor: Any) -> bool:
+    """See :class:`_SharedTowerCheck`: equal weights (every one the reader's tower has,
+    in the retriever's, equal in dtype, device and value), configs (but the output
+    grid) and image processors, and equal features of two probe images."""
+    theirs, ours = retriever.vision_model, reader.vision_model
+    procs = (retriever.image_processor, getattr(processor, "image_processor", None))
+    if None in procs or procs[0].to_dict() != procs[1].to_dict():
+        return False
+    configs = [m.config.to_dict() for m in (theirs, ours)]
+    for conf in configs:
+        for key in (*VOLATILE_CONFIG_KEYS, "grid_size"):
+            conf.pop(key, None)
+    if configs[0] != configs[1]:
+        return False
+    mine, other = ours.state_dict(), theirs.state_dict()
+    for name, t in mine.items():
+        o = other.get(name)
+        if o is None or (o.dtype, o.device, o.shape) != (t.dtype, t.device, t.shape):
+            return False
+        if not torch.equal(o, t):
+            return False
+    if not mine:
+        return False
+    # The grids: what the reader pools from its tower's output, pooled from the
+    # retriever's tokens instead. Two noise images (a fixed seed), resized by the processor.
+    rng = np.random.default_rng(0)
+    probes = [Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)) for _ in range(2)]
+    device = next(ours.parameters()).device
+    with torch.inference_mode(), torch.autocast(device.type, enabled=False):
+        _, tokens = retriever.embed_images(probes, return_tokens=True)
+        pixels = procs[1](images=probes, return_tensors="pt")["pixel_values"]
+        own = reader.vision_features(pixels.to(device, next(ours.parameters()).dtype))
+        shared = reader.features_from_tokens(tokens.to(own.dtype))
+    return own.shape == shared.shape and torch.allclose(own, shared, rtol=1e-4, atol=1e-5)
 
 
 def _evidence(hit: Any) -> Evidence:

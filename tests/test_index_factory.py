@@ -95,3 +95,50 @@ def test_hnsw_ef_construction_set_and_recorded(tmp_path):
         with pytest.raises(ValueError, match="ef_construction must be an integer ≥ 1"):
             build_arrays(tmp_path, x, name="bad", factory="HNSW16", ef_construction=bad)
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.fixture
+def blas_threshold():
+    """faiss' process-wide BLAS threshold, restored after the test."""
+    saved = faiss.cvar.distance_compute_blas_threshold
+    yield
+    faiss.cvar.distance_compute_blas_threshold = saved
+
+
+def test_flat_batches_use_blas_unless_told_otherwise(blas_threshold, monkeypatch, caplog):
+    """Importing the index code set faiss' threshold to rvqa's (faiss' default was in
+    force); RVQA_FAISS_BLAS_THRESHOLD picks another or keeps faiss'; a value set by
+    someone else is left alone; a bad value is named and the default used."""
+    from rvqa.retriever.index import faiss_ops as ops
+
+    assert faiss.cvar.distance_compute_blas_threshold == ops.FLAT_BLAS_THRESHOLD == 2048
+    cases = [(None, 2048), ("4096", 4096), ("faiss", ops.FAISS_BLAS_THRESHOLD), ("-3", 2048)]
+    for env, want in cases:
+        faiss.cvar.distance_compute_blas_threshold = ops.FAISS_BLAS_THRESHOLD
+        if env is None:
+            monkeypatch.delenv("RVQA_FAISS_BLAS_THRESHOLD", raising=False)
+        else:
+            monkeypatch.setenv("RVQA_FAISS_BLAS_THRESHOLD", env)
+        assert ops.apply_blas_threshold() == want
+        assert faiss.cvar.distance_compute_blas_threshold == want
+    assert "RVQA_FAISS_BLAS_THRESHOLD='-3' is not a non-negative integer" in caplog.text
+    monkeypatch.delenv("RVQA_FAISS_BLAS_THRESHOLD")
+    faiss.cvar.distance_compute_blas_threshold = 50
+    assert ops.apply_blas_threshold() == 50  # the caller's own value stays
+    assert faiss.cvar.distance_compute_blas_threshold == 50
+
+
+def test_flat_search_agrees_with_brute_force_on_both_faiss_paths(blas_threshold):
+    """A batch of queries searched by per-query scan and by BLAS: the same neighbours
+    as numpy, scores within float32 rounding."""
+    import numpy as np
+
+    x, q = unit_rows(5000, 64, seed=3), unit_rows(40, 64, seed=4)
+    index = make_index("Flat", 64)
+    index.add(x)
+    want = np.argsort(-(q @ x.T), axis=1, kind="stable")[:, :5]
+    for threshold in (2**31 - 1, 0):  # every search a scan; every search BLAS
+        faiss.cvar.distance_compute_blas_threshold = threshold
+        scores, rows = index.search(q, 5)
+        np.testing.assert_array_equal(rows, want)
+        np.testing.assert_allclose(scores, np.take_along_axis(q @ x.T, want, 1), atol=1e-5)

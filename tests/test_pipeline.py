@@ -181,6 +181,96 @@ def test_answer_batch_equals_answer(model, images):
     assert model.answer_batch([], []) == []
 
 
+def _tower_calls(model) -> dict[str, int]:
+    """Count each image tower's forward passes (hooks on a model's two towers)."""
+    calls = {"retriever": 0, "reader": 0}
+    for name, tower in (
+        ("retriever", model.retriever.vision_model),
+        ("reader", model.reader.vision_model),
+    ):
+        tower.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    return calls
+
+
+def same_answers(got, want, atol: float = 1e-5) -> None:
+    for g, w in zip(got, want, strict=True):
+        assert g.answer == w.answer
+        assert g.score == pytest.approx(w.score, abs=atol)
+        assert [a for a, _ in g.alternatives] == [a for a, _ in w.alternatives]
+        np.testing.assert_allclose(
+            [s for _, s in g.alternatives], [s for _, s in w.alternatives], atol=atol
+        )
+        assert same_evidence(g.evidence, w.evidence)
+
+
+def test_one_image_tower_pass_when_the_reader_reads_the_retrievers_tower(fresh, images):
+    """The tiny run's reader was built with ``vision_backbone: retriever`` and a frozen
+    tower: its features are read off the retriever's pass (its own tower never runs),
+    with the answers of running both towers; a batch with a repeated image included."""
+    calls = _tower_calls(fresh)
+    read: list[torch.Tensor] = []  # the visual features each reader forward is given
+    fresh.reader.register_forward_pre_hook(
+        lambda _, args, kwargs: read.append(kwargs["visual_features"].clone()), with_kwargs=True
+    )
+    inputs = [images[0], images[1], images[0], images[2]]
+    questions = [QUESTION, "what shape is in the image?", "is there a blue shape?", QUESTION]
+    assert fresh.image_tower_shared
+    shared = fresh.answer_batch(inputs, questions)
+    assert calls == {"retriever": 1, "reader": 0}
+    fresh.share_image_tower = False
+    assert not fresh.image_tower_shared
+    both = fresh.answer_batch(inputs, questions)
+    assert calls == {"retriever": 2, "reader": 1}
+    same_answers(shared, both)
+    # (the tiny reader barely looks at the image: its features are compared too)
+    assert read[0].shape == read[1].shape == (4, 4, fresh.reader.vision_model.config.hidden_size)
+    torch.testing.assert_close(read[0], read[1], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(read[1][0], read[1][1], atol=1e-3)  # the images' differ
+    # without retrieval (no retriever pass) the reader runs its own tower
+    fresh.share_image_tower = True
+    fresh.answer_batch(inputs, questions, index=None)
+    assert calls == {"retriever": 2, "reader": 2}
+
+
+def test_image_tower_sharing_is_checked_again_when_a_tower_changes(fresh, images):
+    """A changed weight (in place) or a retriever grid the reader's cannot be pooled
+    from ends the sharing — each is seen on the next call — and the answers are then
+    the reader's own tower's; undone, the sharing is back."""
+    calls = _tower_calls(fresh)
+    inputs, questions = images[:3], [QUESTION] * 3
+    reader_tower = fresh.reader.vision_model
+    weight = next(reader_tower.parameters())
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight.mul_(1.5)
+    assert not fresh.image_tower_shared
+    changed = fresh.answer_batch(inputs, questions)
+    assert calls == {"retriever": 1, "reader": 1}
+    fresh.share_image_tower = False
+    same_answers(changed, fresh.answer_batch(inputs, questions))
+    fresh.share_image_tower = True
+    with torch.no_grad():
+        weight.copy_(saved)
+    assert fresh.image_tower_shared
+    # The tiny CNN's 8 x 8 map: the retriever's tokens (the whole map) pool to the
+    # reader's 2 x 2 grid, and so would 4 x 4 tokens; 3 x 3 (overlapping windows) not.
+    conf = fresh.retriever.vision_model.config
+    assert (conf.grid_size, fresh.reader.config.visual_grid) == (None, 2)
+    conf.grid_size = 3
+    assert not fresh.image_tower_shared
+    conf.grid_size = 4
+    assert fresh.image_tower_shared
+    conf.grid_size = None
+    assert fresh.image_tower_shared
+    # another image processing (here: its resize) is not shared either
+    fresh.processor.image_processor.size = {"height": 24, "width": 24}
+    try:
+        assert not fresh.image_tower_shared
+    finally:
+        fresh.processor.image_processor.size = {"height": 32, "width": 32}
+    assert fresh.image_tower_shared
+
+
 def test_answer_to_dict_is_json(model, images):
     out = model.answer(images[0], QUESTION)
     d = json.loads(json.dumps(out.to_dict()))

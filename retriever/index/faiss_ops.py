@@ -1,4 +1,5 @@
-"""faiss operations on arrays: make an index from a factory string, train, add, search knobs.
+"""faiss operations on arrays: make an index from a factory string, train, add, search knobs;
+faiss' BLAS threshold for exact search of a batch (:data:`FLAT_BLAS_THRESHOLD`).
 
 A corpus too small for a requested IVF factory is an error (no silent change of
 the user's factory string): ``IVF{nlist}`` needs at least 39·nlist vectors, a
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Any
 
 import faiss
@@ -26,7 +28,10 @@ from rvqa.errors import UsageError
 from rvqa.retriever.index.factory import MIN_POINTS_PER_CENTROID
 
 __all__ = [
+    "FAISS_BLAS_THRESHOLD",
+    "FLAT_BLAS_THRESHOLD",
     "HNSW_EF_CONSTRUCTION",
+    "apply_blas_threshold",
     "BINARY_SEARCH_DEFAULTS",
     "add_vectors",
     "hamming_scores",
@@ -54,6 +59,47 @@ MAX_TRAIN_POINTS = 100_000
 """Training sample cap (raised to 256·nlist for large nlist, faiss' own subsampling limit)."""
 ADD_CHUNK = 1 << 16
 
+
+FAISS_BLAS_THRESHOLD = 128_000
+"""faiss' own ``distance_compute_blas_threshold`` (faiss ≥ 1.14: exact search of ``nq``
+queries of dimension ``d`` multiplies matrices (BLAS) when ``nq·d`` reaches it, else
+scans the database once per query)."""
+FLAT_BLAS_THRESHOLD = 2048
+"""The ``distance_compute_blas_threshold`` rvqa sets: BLAS from 8 queries at d = 256.
+On 2 cores (32 MB L3) a Flat search of 32 queries over 100,000 × 256 vectors takes 98 ms
+scanning per query and 18 ms with BLAS; faiss' default would scan up to 500 queries
+(measured: benchmarks/README.md, "Figures behind the index code's defaults";
+``benchmarks/flat_blas.py`` measures a machine). Applied when this module is imported,
+only where the value is still faiss' default; ``RVQA_FAISS_BLAS_THRESHOLD=N`` sets
+another, ``=faiss`` keeps faiss'."""
+
+
+def apply_blas_threshold() -> int:
+    """Set faiss' ``distance_compute_blas_threshold`` to :data:`FLAT_BLAS_THRESHOLD` (or
+    ``RVQA_FAISS_BLAS_THRESHOLD``) unless it is no longer faiss' default (someone set it,
+    or an older faiss counts queries instead); returns the value in force."""
+    current = int(faiss.cvar.distance_compute_blas_threshold)
+    wanted = os.environ.get("RVQA_FAISS_BLAS_THRESHOLD", "").strip()
+    if wanted == "faiss" or current != FAISS_BLAS_THRESHOLD:
+        return current
+    value = FLAT_BLAS_THRESHOLD
+    if wanted:
+        try:
+            value = int(wanted)
+            if value < 0:
+                raise ValueError
+        except ValueError:
+            logger.warning(
+                "RVQA_FAISS_BLAS_THRESHOLD=%r is not a non-negative integer or 'faiss'; using %d",
+                wanted,
+                FLAT_BLAS_THRESHOLD,
+            )
+            value = FLAT_BLAS_THRESHOLD
+    faiss.cvar.distance_compute_blas_threshold = value
+    return value
+
+
+apply_blas_threshold()
 
 BINARY_SEARCH_DEFAULTS = {"efSearch": 128, "nprobe": 16}
 """Search parameters of binary HNSW / IVF indices (set at build, not tuned: the float

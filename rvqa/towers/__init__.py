@@ -64,6 +64,17 @@ class KeepsFrozenOnLoad:
         return out
 
 
+def tensor_state_key(*modules: nn.Module) -> tuple:
+    """An identity of the modules' weights and buffers that changes when any is
+    replaced, changed in place (its version counter), moved or cast: what a cache of
+    values computed from them is keyed on."""
+    return tuple(
+        (id(t), t.data_ptr(), t._version, t.dtype, t.device)
+        for m in modules
+        for t in (*m.parameters(), *m.buffers())
+    )
+
+
 def small_cnn_processor(image_size: int):
     """Resize to ``image_size``² and scale to [-1, 1]; saved/loaded like any HF processor."""
     return _CNNImageProcessor(
