@@ -980,17 +980,27 @@ class _SharedTowerCheck:
             return False
         theirs = retriever.vision_model
         procs = (retriever.image_processor, getattr(processor, "image_processor", None))
-        key = (
+        key = (  # (a weight, a tower setting or an image-processing setting changed: again)
             tensor_state_key(theirs, ours),
-            *(dict(vars(m.config)) for m in (theirs, ours)),  # (a setting changed: again)
+            *(_settings(x) for x in (theirs.config, ours.config, *procs)),
             reader.config.visual_grid,
-            *(json.dumps(p.to_dict(), sort_keys=True, default=str) if p else None for p in procs),
         )
         with self._lock:
             if key != self._key:
                 self._shared = _same_image_features(retriever, reader, processor)
                 self._key = key
             return self._shared
+
+
+def _settings(obj: Any) -> Any:
+    """A copy of an object's attributes, one level of dicts and lists deep (cheap to take
+    and compare: what a config or an image processor is set to)."""
+    if obj is None:
+        return None
+    return {
+        k: dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v
+        for k, v in vars(obj).items()
+    }
 
 
 def _same_image_features(retriever: RetrieverModel, reader: Any, processor: Any) -> bool:
