@@ -121,6 +121,11 @@ class Server:
             out[key] = float(m.group(1)) if m else 0.0
         return out
 
+    def cpu_seconds(self) -> float:
+        """The server process's CPU time (user + system, all threads) so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def rss_mb(self) -> tuple[float, float]:
         status = Path(f"/proc/{self.proc.pid}/status").read_text()
         rss = int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024
@@ -170,6 +175,7 @@ async def load(
     duration: float,
     check: object = None,
     top_k: int | None = None,
+    cpu_seconds: object = None,
 ) -> dict:
     """``clients`` closed-loop clients on POST /v1/answer; counts what ends in the window.
     ``top_k`` None: the run's own (the demo's 3).
@@ -177,6 +183,8 @@ async def load(
     Each client holds one keep-alive connection and sends prebuilt requests over raw
     asyncio streams: a lean client (about 0.1 ms of CPU a request, where httpx took
     several), so the load generator sharing the machine takes little from the server.
+    ``cpu_seconds``: a callable giving the server's CPU time, read at the window's start
+    and end (``server_cpu_ms_per_answer``).
     """
     host, port = url.removeprefix("http://").split(":")
     requests = [
@@ -237,8 +245,13 @@ async def load(
         if conn is not None:
             conn[1].close()
 
+    cpu: list[float] = []
+    if cpu_seconds is not None:
+        for at in (start, end):
+            loop.call_at(at, lambda: cpu.append(cpu_seconds()))
     await asyncio.gather(*(one(c) for c in range(clients)))
     lat = np.array(latencies) * 1000
+    per_answer = (cpu[1] - cpu[0]) * 1000 / len(latencies) if len(cpu) == 2 and latencies else None
     return {
         "clients": clients,
         "answered": len(latencies),
@@ -247,6 +260,7 @@ async def load(
         "req_per_s": len(latencies) / duration,
         "p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
         "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
+        "server_cpu_ms_per_answer": per_answer,
     }
 
 
@@ -264,7 +278,16 @@ def throughput_table(args: argparse.Namespace, index: Path, pool: list) -> list[
             try:
                 for clients in levels:
                     before = server.metrics()
-                    res = asyncio.run(load(server.url, clients, pool, args.warmup, args.duration))
+                    res = asyncio.run(
+                        load(
+                            server.url,
+                            clients,
+                            pool,
+                            args.warmup,
+                            args.duration,
+                            cpu_seconds=server.cpu_seconds,
+                        )
+                    )
                     after = server.metrics()
                     calls = after["rvqa_batch_size_count"] - before["rvqa_batch_size_count"]
                     reqs = after["rvqa_batch_size_sum"] - before["rvqa_batch_size_sum"]
@@ -456,15 +479,16 @@ def main() -> None:
     base = {(r["precision"], r["clients"]): r["req_per_s"] for r in rows if r["max_batch"] == 1}
     print(
         "\n| precision | server | clients | req/s | vs batching off | p50 (ms) | p99 (ms) "
-        "| mean batch | errors |"
+        "| mean batch | server CPU (ms an answer) | errors |"
     )
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         off = base.get((r["precision"], r["clients"]))
         ratio = f"{r['req_per_s'] / off:.2f}×" if off else "n/a"
         print(
             f"| {r['precision']} | {r['mode']} | {r['clients']} | {r['req_per_s']:.1f} | {ratio} "
-            f"| {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['mean_batch']:.1f} | {r['errors']} |"
+            f"| {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['mean_batch']:.1f} "
+            f"| {r['server_cpu_ms_per_answer'] or float('nan'):.2f} | {r['errors']} |"
         )
     starts = sorted({round(r["startup_s"], 2) for r in rows})
     print(f"\nready (launch to the first /healthz 200), s: {', '.join(map(str, starts))}")
