@@ -415,6 +415,27 @@ def in_process(args: argparse.Namespace, index: Path, pool: list) -> list[str]:
                 if r:
                     times[share]["one"].append(one)
                     times[share]["batch"].append(batch)
+        # the same answers either way: every question of the pool, in batches of 32
+        every = [Image.open(io.BytesIO(b)).convert("RGB") for b, _ in pool]
+        asked = [q for _, q in pool]
+        outs = {}
+        for share in (True, False):
+            model.share_image_tower = share
+            outs[share] = model.answer_batch(every, asked, batch_size=args.max_batch)
+        pairs = list(zip(outs[True], outs[False]))
+        same = sum(a.answer == b.answer for a, b in pairs)
+        same_ev = sum(
+            [(e.text, e.index, e.id) for e in a.evidence]
+            == [(e.text, e.index, e.id) for e in b.evidence]
+            for a, b in pairs
+        )
+        delta = max(abs(a.score - b.score) for a, b in pairs)
+        lines.append(
+            f"{precision}, one tower pass vs both towers on {len(pairs)} questions: identical "
+            f"answers {same}/{len(pairs)}, evidence {same_ev}/{len(pairs)}, "
+            f"largest answer-score difference {delta:.2g}"
+        )
+        print(lines[-1], flush=True)
         model.share_image_tower = True
         for share, label in ((True, "one tower pass"), (False, "both towers")):
             one = statistics.median(times[share]["one"])

@@ -172,6 +172,9 @@ class RVQA:
         reranker: The cross-attention re-ranker ``rerank=N`` uses
             (:class:`rvqa.retriever.reranker.RerankerModel`), or ``None``
             (:meth:`load_reranker` adds one).
+        share_image_tower: Whether the reader may read its image features off the
+            retriever's tower pass (default True; see :attr:`image_tower_shared`, which
+            says whether it does).
     """
 
     def __init__(
@@ -218,8 +221,8 @@ class RVQA:
         self._swap_lock = threading.Lock()
         # (retriever object, its fingerprint): hashing every weight once, not per index load.
         self._fingerprint: tuple[Any, str] | None = None
-        self.share_image_tower = True
         self._tower_check = _SharedTowerCheck()
+        self._share_image_tower = True
         if self.image_tower_shared:
             logger.info("the reader's image tower is the retriever's: one tower pass per image")
         self.reranker: RerankerModel | None = None
@@ -347,16 +350,30 @@ class RVQA:
         self.reranker = model.to(self.device).eval()
 
     @property
+    def share_image_tower(self) -> bool:
+        """Read the reader's image features off the retriever's tower pass where they
+        are the same (:attr:`image_tower_shared`; default True). False: the reader always
+        runs its own tower. Setting it (either way) also forgets the last check."""
+        return self._share_image_tower
+
+    @share_image_tower.setter
+    def share_image_tower(self, value: bool) -> None:
+        self._share_image_tower = bool(value)
+        self._tower_check.forget()
+
+    @property
     def image_tower_shared(self) -> bool:
         """Whether each image goes through one image tower, not two: the reader's
         features are read off the retriever's pass. True when :attr:`share_image_tower`
-        is on (the default; set it False to always run the reader's own tower) and the
-        reader's tower is the retriever's, as a reader trained with ``vision_backbone:
-        retriever`` and ``freeze_vision`` has it: equal weights and config (but its
-        output grid), equal image processing, and on two probe images the features the
-        reader reads equal those pooled from the retriever's tokens. Checked again when
-        a weight of either tower is replaced, changed in place, moved or cast."""
-        return self.share_image_tower and self._tower_check(
+        is on and the reader's tower is the retriever's, as a reader trained with
+        ``vision_backbone: retriever`` and ``freeze_vision`` has it: equal weights and
+        config (but its output grid), equal image processing, both towers in eval mode,
+        and on two probe images the features the reader reads equal those pooled from
+        the retriever's tokens. Checked again when a weight of either tower is replaced,
+        changed in place (its version counter: not by writing to ``.data``), moved or
+        cast, when a tower's or image processor's setting changes, and when
+        :attr:`share_image_tower` is set."""
+        return self._share_image_tower and self._tower_check(
             self.retriever, self.reader, self.processor
         )
 
@@ -626,7 +643,8 @@ class RVQA:
 
         Arguments and errors are those of :meth:`answer`, with one image per question
         (an image error in a batch names the image's position). The results equal
-        calling :meth:`answer` for each question.
+        calling :meth:`answer` for each question, up to float rounding (an exact index
+        searches a batch of queries by matrix multiplication, one query by a scan).
 
         Args:
             evidence: Instead of retrieving, read these captions: per question a list
@@ -669,10 +687,13 @@ class RVQA:
                 if evidence is not None:
                     ev = given[s : s + batch_size]
                 else:
+                    shared = self.image_tower_shared
                     found, unc, notes, tokens = self._retrieve(
-                        pil, k, names, n_rerank, return_tokens=self.image_tower_shared
+                        pil, k, names, n_rerank, return_tokens=shared
                     )
                     ev = [found[r] for r in rows]
+                    if not shared:  # (a re-ranker reads them too: not the reader then)
+                        tokens = None
                 answers = self._read(pil, rows, qs, ev, n_alt, tokens)
                 for a, r in zip(answers, rows):
                     a.uncertainty = unc[r]
@@ -825,9 +846,9 @@ class RVQA:
         return_tokens: bool = False,
     ) -> tuple[list[list[Evidence]], list[float | None], list[list[str]], torch.Tensor | None]:
         """Evidence per image, each image's uncertainty (PCME retrievers; else None),
-        notes, and (``return_tokens``) the retriever's image-tower tokens (None without
-        retrieval). With ``rerank``: the top-``rerank`` re-ordered by the re-ranker, top
-        ``k`` kept."""
+        notes, and the retriever's image-tower tokens (with ``return_tokens`` or
+        ``rerank``; None without retrieval). With ``rerank``: the top-``rerank``
+        re-ordered by the re-ranker, top ``k`` kept."""
         notes: list[list[str]] = [[] for _ in pil]
         if names is None:
             return [[] for _ in pil], [None] * len(pil), notes, None
@@ -974,6 +995,10 @@ class _SharedTowerCheck:
         self._key: Any = None
         self._shared = False
 
+    def forget(self) -> None:
+        with self._lock:
+            self._key = None
+
     def __call__(self, retriever: RetrieverModel, reader: Any, processor: Any) -> bool:
         ours = getattr(reader, "vision_model", None)
         if ours is None or not hasattr(reader, "features_from_tokens"):
@@ -984,6 +1009,8 @@ class _SharedTowerCheck:
             tensor_state_key(theirs, ours),
             *(_settings(x) for x in (theirs.config, ours.config, *procs)),
             reader.config.visual_grid,
+            theirs.training,
+            ours.training,
         )
         with self._lock:
             if key != self._key:
@@ -1006,10 +1033,11 @@ def _settings(obj: Any) -> Any:
 def _same_image_features(retriever: RetrieverModel, reader: Any, processor: Any) -> bool:
     """See :class:`_SharedTowerCheck`: equal weights (every one the reader's tower has,
     in the retriever's, equal in dtype, device and value), configs (but the output
-    grid) and image processors, and equal features of two probe images."""
+    grid) and image processors, the reader's tower in eval mode, and equal features of
+    two probe images (a probe that fails: not shared)."""
     theirs, ours = retriever.vision_model, reader.vision_model
     procs = (retriever.image_processor, getattr(processor, "image_processor", None))
-    if None in procs or procs[0].to_dict() != procs[1].to_dict():
+    if ours.training or None in procs or procs[0].to_dict() != procs[1].to_dict():
         return False
     configs = [m.config.to_dict() for m in (theirs, ours)]
     for conf in configs:
@@ -1027,15 +1055,21 @@ def _same_image_features(retriever: RetrieverModel, reader: Any, processor: Any)
     if not mine:
         return False
     # The grids: what the reader pools from its tower's output, pooled from the
-    # retriever's tokens instead. Two noise images (a fixed seed), resized by the processor.
+    # retriever's tokens instead. Two noise images (a fixed seed) of the processor's size.
+    size = getattr(procs[1], "size", None) or {}
+    hw = (size.get("height", 64), size.get("width", 64)) if isinstance(size, dict) else (64, 64)
     rng = np.random.default_rng(0)
-    probes = [Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)) for _ in range(2)]
+    probes = [Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8)) for _ in range(2)]
     device = next(ours.parameters()).device
-    with torch.inference_mode(), torch.autocast(device.type, enabled=False):
-        _, tokens = retriever.embed_images(probes, return_tokens=True)
-        pixels = procs[1](images=probes, return_tensors="pt")["pixel_values"]
-        own = reader.vision_features(pixels.to(device, next(ours.parameters()).dtype))
-        shared = reader.features_from_tokens(tokens.to(own.dtype))
+    try:
+        with torch.inference_mode(), torch.autocast(device.type, enabled=False):
+            _, tokens = retriever.embed_images(probes, return_tokens=True)
+            pixels = procs[1](images=probes, return_tensors="pt")["pixel_values"]
+            own = reader.vision_features(pixels.to(device, next(ours.parameters()).dtype))
+            shared = reader.features_from_tokens(tokens.to(own.dtype))
+    except Exception as err:  # noqa: BLE001 - whatever the probe hits, the towers run apart
+        logger.info("the reader runs its own image tower (the shared-tower probe failed: %s)", err)
+        return False
     return own.shape == shared.shape and torch.allclose(own, shared, rtol=1e-4, atol=1e-5)
 
 

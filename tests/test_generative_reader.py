@@ -380,13 +380,14 @@ def test_rvqa_answers_with_sequence_probability_and_evidence(rvqa_model):
     image = easy_vqa.get_test_image_paths()[0]
     model = rvqa_model
     assert model.generative and model.answers is None
+    assert model.image_tower_shared  # its features read off the retriever's tower pass
     out = model.answer(image, "what color is the shape?", num_alternatives=1)
     assert isinstance(out.answer, str) and 0 < out.score <= 1
     assert len(out.evidence) == 2 and all(e.text for e in out.evidence)
     assert len(out.alternatives) <= 1  # num_beams = 2: at most one other beam
     assert all(0 < s <= out.score for _, s in out.alternatives)
     assert out.empty == (out.answer == "")
-    # Same as the reader's own generation on the same inputs.
+    # Same as the reader's own generation on the same inputs (its own tower run).
     p = model.processor
     b = p(None, [out.question], [[e.text for e in out.evidence]])
     pixels = p.image_processor(images=[load_image(image)], return_tensors="pt")["pixel_values"]

@@ -106,26 +106,32 @@ def blas_threshold():
 
 
 def test_flat_batches_use_blas_unless_told_otherwise(blas_threshold, monkeypatch, caplog):
-    """Importing the index code set faiss' threshold to rvqa's (faiss' default was in
-    force); RVQA_FAISS_BLAS_THRESHOLD picks another or keeps faiss'; a value set by
-    someone else is left alone; a bad value is named and the default used."""
+    """Over faiss' default rvqa sets its threshold; RVQA_FAISS_BLAS_THRESHOLD sets
+    another (even over a value set before) or keeps faiss'; without it a value someone
+    else set stays; a bad value is named and ignored."""
     from rvqa.retriever.index import faiss_ops as ops
 
-    assert faiss.cvar.distance_compute_blas_threshold == ops.FLAT_BLAS_THRESHOLD == 2048
-    cases = [(None, 2048), ("4096", 4096), ("faiss", ops.FAISS_BLAS_THRESHOLD), ("-3", 2048)]
-    for env, want in cases:
-        faiss.cvar.distance_compute_blas_threshold = ops.FAISS_BLAS_THRESHOLD
+    assert ops.FLAT_BLAS_THRESHOLD == 2048
+    cases = [
+        (None, ops.FAISS_BLAS_THRESHOLD, 2048),
+        ("4096", ops.FAISS_BLAS_THRESHOLD, 4096),
+        ("0", 50, 0),  # an explicit value wins over one set before
+        ("faiss", ops.FAISS_BLAS_THRESHOLD, ops.FAISS_BLAS_THRESHOLD),
+        (None, 50, 50),  # the caller's own value stays
+        ("-3", ops.FAISS_BLAS_THRESHOLD, 2048),
+        ("3000000000", ops.FAISS_BLAS_THRESHOLD, 2048),  # beyond faiss' int: ignored
+        ("many", 50, 50),
+    ]
+    for env, before, want in cases:
+        faiss.cvar.distance_compute_blas_threshold = before
         if env is None:
             monkeypatch.delenv("RVQA_FAISS_BLAS_THRESHOLD", raising=False)
         else:
             monkeypatch.setenv("RVQA_FAISS_BLAS_THRESHOLD", env)
-        assert ops.apply_blas_threshold() == want
+        assert ops.apply_blas_threshold() == want, (env, before)
         assert faiss.cvar.distance_compute_blas_threshold == want
-    assert "RVQA_FAISS_BLAS_THRESHOLD='-3' is not a non-negative integer" in caplog.text
-    monkeypatch.delenv("RVQA_FAISS_BLAS_THRESHOLD")
-    faiss.cvar.distance_compute_blas_threshold = 50
-    assert ops.apply_blas_threshold() == 50  # the caller's own value stays
-    assert faiss.cvar.distance_compute_blas_threshold == 50
+    for bad in ("'-3'", "'3000000000'", "'many'"):
+        assert f"RVQA_FAISS_BLAS_THRESHOLD={bad} is not 'faiss' or an integer" in caplog.text
 
 
 def test_flat_search_agrees_with_brute_force_on_both_faiss_paths(blas_threshold):

@@ -228,8 +228,10 @@ def test_one_image_tower_pass_when_the_reader_reads_the_retrievers_tower(fresh, 
     assert not torch.allclose(read[1][0], read[1][1], atol=1e-3)  # the images' differ
     # without retrieval (no retriever pass) the reader runs its own tower
     fresh.share_image_tower = True
+    assert fresh.image_tower_shared  # (checked again: the probe runs both towers)
+    calls.update(retriever=0, reader=0)
     fresh.answer_batch(inputs, questions, index=None)
-    assert calls == {"retriever": 2, "reader": 2}
+    assert calls == {"retriever": 0, "reader": 1}
 
 
 def test_image_tower_sharing_is_checked_again_when_a_tower_changes(fresh, images):
@@ -269,6 +271,34 @@ def test_image_tower_sharing_is_checked_again_when_a_tower_changes(fresh, images
     finally:
         fresh.processor.image_processor.size = {"height": 32, "width": 32}
     assert fresh.image_tower_shared
+    # a tower in training mode (batch statistics) is not either
+    reader_tower.train()
+    assert not fresh.image_tower_shared
+    reader_tower.eval()
+    assert fresh.image_tower_shared
+
+
+def test_a_failing_shared_tower_probe_runs_the_towers_apart(fresh, images, monkeypatch, caplog):
+    """Whatever the probe hits (here the retriever refusing to return its tokens), the
+    reader runs its own tower, the answers come, and the probe is not retried per call."""
+    embed = fresh.retriever.embed_images
+    probes = []
+
+    def no_tokens(*args, **kwargs):
+        if kwargs.get("return_tokens"):
+            probes.append(1)
+            raise ValueError("no tokens today")
+        return embed(*args, **kwargs)
+
+    monkeypatch.setattr(fresh.retriever, "embed_images", no_tokens)
+    calls = _tower_calls(fresh)
+    with caplog.at_level(logging.INFO, logger="rvqa.pipeline"):
+        fresh.share_image_tower = True  # (setting it forgets the last check)
+        outs = [fresh.answer_batch(images[:2], [QUESTION] * 2) for _ in range(2)]
+    assert "the shared-tower probe failed: no tokens today" in caplog.text
+    assert probes == [1] and not fresh.image_tower_shared
+    assert calls == {"retriever": 2, "reader": 2}
+    same_answers(outs[0], outs[1])
 
 
 def test_answer_to_dict_is_json(model, images):

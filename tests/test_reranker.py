@@ -491,6 +491,37 @@ def test_rerank_stage_in_the_pipeline(reranked_run, images):
     )
 
 
+def test_rerank_reads_the_readers_own_tower_when_not_shared(reranked_run, images):
+    """The re-ranker always reads the retriever's tokens; the reader reads them only
+    where its tower is the retriever's: with the sharing off, or the reader's tower
+    changed, it runs its own tower under ``rerank`` as without."""
+    from rvqa import RVQA
+
+    model = RVQA.from_pretrained(reranked_run[0], device="cpu")
+    reader_tower = model.reader.vision_model
+    runs, read = [], []
+    reader_tower.register_forward_hook(lambda *_: runs.append(1))
+    model.reader.register_forward_pre_hook(
+        lambda _, args, kwargs: read.append(kwargs["visual_features"].clone()), with_kwargs=True
+    )
+    q = ["what color is the shape?"] * 3
+    assert model.image_tower_shared
+    model.answer_batch(images[:3], q, top_k=2, rerank=6)
+    assert not runs
+    model.share_image_tower = False
+    model.answer_batch(images[:3], q, top_k=2, rerank=6)
+    assert len(runs) == 1
+    torch.testing.assert_close(read[0], read[1], rtol=1e-5, atol=1e-6)
+    model.share_image_tower = True
+    with torch.no_grad():
+        next(reader_tower.parameters()).mul_(1.5)
+    model.answer_batch(images[:3], q, top_k=2, rerank=6)
+    model.answer_batch(images[:3], q, top_k=2)
+    assert len(runs) == 3
+    torch.testing.assert_close(read[2], read[3])
+    assert not torch.allclose(read[2], read[0], atol=1e-3)
+
+
 def test_rerank_takes_each_index_top_n(reranked_run, images):
     from rvqa import RVQA
 

@@ -66,40 +66,13 @@ queries of dimension ``d`` multiplies matrices (BLAS) when ``nq·d`` reaches it,
 scans the database once per query)."""
 FLAT_BLAS_THRESHOLD = 2048
 """The ``distance_compute_blas_threshold`` rvqa sets: BLAS from 8 queries at d = 256.
-On 2 cores (32 MB L3) a Flat search of 32 queries over 100,000 × 256 vectors takes 98 ms
+On 2 cores (32 MB L3) a Flat search of 32 queries over 100,000 × 256 vectors takes 93 ms
 scanning per query and 18 ms with BLAS; faiss' default would scan up to 500 queries
 (measured: benchmarks/README.md, "Figures behind the index code's defaults";
-``benchmarks/flat_blas.py`` measures a machine). Applied when this module is imported,
-only where the value is still faiss' default; ``RVQA_FAISS_BLAS_THRESHOLD=N`` sets
-another, ``=faiss`` keeps faiss'."""
+``benchmarks/flat_blas.py`` measures a machine). Applied when this module is imported
+(:func:`apply_blas_threshold`)."""
+MAX_BLAS_THRESHOLD = 2**31 - 1
 
-
-def apply_blas_threshold() -> int:
-    """Set faiss' ``distance_compute_blas_threshold`` to :data:`FLAT_BLAS_THRESHOLD` (or
-    ``RVQA_FAISS_BLAS_THRESHOLD``) unless it is no longer faiss' default (someone set it,
-    or an older faiss counts queries instead); returns the value in force."""
-    current = int(faiss.cvar.distance_compute_blas_threshold)
-    wanted = os.environ.get("RVQA_FAISS_BLAS_THRESHOLD", "").strip()
-    if wanted == "faiss" or current != FAISS_BLAS_THRESHOLD:
-        return current
-    value = FLAT_BLAS_THRESHOLD
-    if wanted:
-        try:
-            value = int(wanted)
-            if value < 0:
-                raise ValueError
-        except ValueError:
-            logger.warning(
-                "RVQA_FAISS_BLAS_THRESHOLD=%r is not a non-negative integer or 'faiss'; using %d",
-                wanted,
-                FLAT_BLAS_THRESHOLD,
-            )
-            value = FLAT_BLAS_THRESHOLD
-    faiss.cvar.distance_compute_blas_threshold = value
-    return value
-
-
-apply_blas_threshold()
 
 BINARY_SEARCH_DEFAULTS = {"efSearch": 128, "nprobe": 16}
 """Search parameters of binary HNSW / IVF indices (set at build, not tuned: the float
@@ -353,3 +326,35 @@ def set_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
             quantizer = faiss.downcast_index(ivf.quantizer)
             if isinstance(quantizer, faiss.IndexHNSW):  # must explore >= nprobe lists
                 quantizer.hnsw.efSearch = max(quantizer.hnsw.efSearch, 2 * int(value))
+
+
+def apply_blas_threshold() -> int:
+    """Set faiss' ``distance_compute_blas_threshold``: to ``RVQA_FAISS_BLAS_THRESHOLD``
+    when that is an integer (``faiss``: leave faiss' value), else to
+    :data:`FLAT_BLAS_THRESHOLD` where faiss' default is still in force (not where
+    someone set another, or an older faiss counts queries instead). Returns the value
+    in force. A bad variable is logged and treated as unset."""
+    current = int(faiss.cvar.distance_compute_blas_threshold)
+    wanted = os.environ.get("RVQA_FAISS_BLAS_THRESHOLD", "").strip()
+    if wanted == "faiss":
+        return current
+    if wanted:
+        try:
+            value = int(wanted)
+        except ValueError:
+            value = -1
+        if 0 <= value <= MAX_BLAS_THRESHOLD:
+            faiss.cvar.distance_compute_blas_threshold = value
+            return value
+        logger.warning(
+            "RVQA_FAISS_BLAS_THRESHOLD=%r is not 'faiss' or an integer from 0 to %d; ignored",
+            wanted,
+            MAX_BLAS_THRESHOLD,
+        )
+    if current != FAISS_BLAS_THRESHOLD:
+        return current
+    faiss.cvar.distance_compute_blas_threshold = FLAT_BLAS_THRESHOLD
+    return FLAT_BLAS_THRESHOLD
+
+
+apply_blas_threshold()
