@@ -11,6 +11,7 @@ request per forward pass); per level the first ``--warmup`` seconds are not coun
     python benchmarks/bench_serve.py --model runs/demo                 # the throughput table
     python benchmarks/bench_serve.py --model runs/demo --swap-run 60   # 32 clients, a swap a second
     python benchmarks/bench_serve.py --model runs/demo --in-process    # the model alone, no HTTP
+    python benchmarks/bench_serve.py --model runs/demo --startup-runs 5  # start-up times
 
 The swap run answers with ``--clients-swap`` (32) clients for ``--swap-run`` seconds while
 another client swaps the served index every second between A (100k captions) and B
@@ -472,6 +473,13 @@ def main() -> None:
         action="store_true",
         help="only time the model itself (answer vs answer_batch), no server",
     )
+    ap.add_argument(
+        "--startup-runs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="only start and stop the server N times: launch to the first /healthz 200",
+    )
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -479,6 +487,16 @@ def main() -> None:
     pool = request_pool(args.pool)
     if args.in_process:
         in_process(args, a_dir, pool)
+        return
+    if args.startup_runs:
+        times = []
+        for _ in range(args.startup_runs):
+            server = Server(args, a_dir, args.max_batch, args.port)
+            times.append(server.startup_s)
+            server.stop()
+        print(
+            f"ready (launch to the first /healthz 200), s: {', '.join(f'{t:.2f}' for t in times)}"
+        )
         return
     if args.swap_run:
         res = swap_run(args, a_dir, b_dir, pool)
