@@ -113,6 +113,12 @@ class Server:
                 raise RuntimeError("rvqa serve did not start in 120 s")
             time.sleep(0.02)
         self.startup_s = time.perf_counter() - t0
+        self.log.flush()
+        split = re.search(
+            r"imports ([\d.]+) s .*model and indices ([\d.]+) s",
+            Path(self.log.name).read_text(errors="replace"),
+        )  # what rvqa serve logs before it starts uvicorn
+        self.imports_s, self.loading_s = map(float, split.groups()) if split else (None, None)
 
     def metrics(self) -> dict[str, float]:
         import httpx
@@ -491,15 +497,19 @@ def main() -> None:
         in_process(args, a_dir, pool)
         return
     if args.startup_runs:  # the run's own indices, and with the 100k one, alternately
-        times: dict[str, list[float]] = {"the run's indices": [], "+ the 100k index": []}
+        times: dict[str, list[Server]] = {"the run's indices": [], "+ the 100k index": []}
         for _ in range(args.startup_runs):
             for label, index in zip(times, (None, a_dir)):
                 server = Server(args, index, args.max_batch, args.port)
-                times[label].append(server.startup_s)
+                times[label].append(server)
                 server.stop()
-        for label, ts in times.items():
-            print(f"ready (launch to the first /healthz 200), {label}, s: ", end="")
-            print(", ".join(f"{t:.2f}" for t in ts))
+        for label, servers in times.items():
+            print(
+                f"{label}: ready (launch to the first /healthz 200) in s; of it, imports "
+                "and loading as rvqa serve logs them"
+            )
+            for s in servers:
+                print(f"  {s.startup_s:.2f} (imports {s.imports_s}, loading {s.loading_s})")
         return
     if args.swap_run:
         res = swap_run(args, a_dir, b_dir, pool)

@@ -2,7 +2,7 @@
 matrix multiply (BLAS), side by side, on this machine.
 
 faiss chooses by ``distance_compute_blas_threshold``: BLAS when ``nq·d`` reaches it.
-Its default (128,000: up to 500 queries at d = 256 are scanned one by one) was
+Its default (128,000: fewer than 500 queries at d = 256 are scanned one by one) was
 measured on a large server; rvqa sets ``FLAT_BLAS_THRESHOLD`` (2,048) from this
 script's table on 2 cores. Run it to see which side of the crossover a machine is on
 (``RVQA_FAISS_BLAS_THRESHOLD`` sets another value for rvqa).

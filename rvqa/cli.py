@@ -637,13 +637,17 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     import os
+    import time
     from pathlib import Path
 
+    t0 = time.perf_counter()
     from rvqa.pipeline import RVQA
     from rvqa.server import create_app, require_serve_extra
 
     require_serve_extra()
     import uvicorn
+
+    t_imports = time.perf_counter()
 
     token = os.environ.get("RVQA_ADMIN_TOKEN", "").strip() or None
     if args.admin_token_file:
@@ -681,6 +685,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_upload_mb=args.max_upload_mb,
         max_queued_pixels=_queued_pixels(args.max_queued_mpix),
         max_rerank=args.max_rerank,
+    )
+    logger.info(
+        "rvqa serve: imports %.2f s (torch, transformers, FastAPI, ...), model and indices "
+        "%.2f s",
+        t_imports - t0,
+        time.perf_counter() - t_imports,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

@@ -1033,11 +1033,16 @@ def _settings(obj: Any) -> Any:
 def _same_image_features(retriever: RetrieverModel, reader: Any, processor: Any) -> bool:
     """See :class:`_SharedTowerCheck`: equal weights (every one the reader's tower has,
     in the retriever's, equal in dtype, device and value), configs (but the output
-    grid) and image processors, the reader's tower in eval mode, and equal features of
+    grid) and image processors, both towers in eval mode, and equal features of
     two probe images (a probe that fails: not shared)."""
     theirs, ours = retriever.vision_model, reader.vision_model
     procs = (retriever.image_processor, getattr(processor, "image_processor", None))
-    if ours.training or None in procs or procs[0].to_dict() != procs[1].to_dict():
+    if (
+        ours.training
+        or theirs.training
+        or None in procs
+        or procs[0].to_dict() != procs[1].to_dict()
+    ):
         return False
     configs = [m.config.to_dict() for m in (theirs, ours)]
     for conf in configs:

@@ -67,7 +67,7 @@ scans the database once per query)."""
 FLAT_BLAS_THRESHOLD = 2048
 """The ``distance_compute_blas_threshold`` rvqa sets: BLAS from 8 queries at d = 256.
 On 2 cores (32 MB L3) a Flat search of 32 queries over 100,000 × 256 vectors takes 93 ms
-scanning per query and 18 ms with BLAS; faiss' default would scan up to 500 queries
+scanning per query and 18 ms with BLAS; faiss' default scans batches of fewer than 500
 (measured: benchmarks/README.md, "Figures behind the index code's defaults";
 ``benchmarks/flat_blas.py`` measures a machine). Applied when this module is imported
 (:func:`apply_blas_threshold`)."""
