@@ -687,8 +687,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_rerank=args.max_rerank,
     )
     logger.info(
-        "rvqa serve: imports %.2f s (torch, transformers, FastAPI, ...), model and indices "
-        "%.2f s",
+        "rvqa serve: imports %.2f s (torch, transformers, FastAPI, ...), model and indices %.2f s",
         t_imports - t0,
         time.perf_counter() - t_imports,
     )
