@@ -668,6 +668,12 @@ def create_app(
     searches = Counter(
         "rvqa_index_searches_total", "answers that searched an index", ["index"], registry=registry
     )
+    reranked = Counter(
+        "rvqa_reranked_total",
+        "answers and retrievals whose evidence the re-ranker ordered (rerank=N)",
+        ["endpoint"],
+        registry=registry,
+    )
     if not isinstance(max_upload_mb, (int, float)) or max_upload_mb <= 0:
         raise UsageError(f"max_upload_mb must be a positive number, got {max_upload_mb!r}")
     if isinstance(max_rerank, bool) or not isinstance(max_rerank, int) or max_rerank < 1:
@@ -774,6 +780,8 @@ def create_app(
         img, pixels = await _image(image)
         ans = await batcher.submit(img, q, k, idx, pixels, n)  # the job releases the pixels
         _count_searches([ans])
+        if n:
+            reranked.labels("/v1/answer").inc()
         return JSONResponse(ans.to_dict())  # already JSON types: no jsonable_encoder pass
 
     @app.post("/v1/answer_batch")
@@ -832,6 +840,8 @@ def create_app(
             if isinstance(a, BaseException):
                 raise a
         _count_searches(answers)
+        if n:
+            reranked.labels("/v1/answer_batch").inc(len(answers))
         return JSONResponse({"answers": [a.to_dict() for a in answers]})
 
     @app.post("/v1/retrieve")
@@ -848,6 +858,8 @@ def create_app(
         img, pixels = await _image(image)
         # the call releases the pixels when it has run
         found = await batcher.run(lambda: model.retrieve([img], k, idx, rerank=n), pixels)
+        if n:
+            reranked.labels("/v1/retrieve").inc()
         return JSONResponse({"evidence": [e.to_dict() for e in found[0]]})
 
     @app.get("/v1/indices")

@@ -831,6 +831,9 @@ def test_rerank_over_http_agrees_with_the_python_api(reranking_model):
         for a, w in zip(r.json()["answers"], want):
             assert [e["text"] for e in a["evidence"]] == [e.text for e in w.evidence]
             assert all("rerank_score" in e for e in a["evidence"])
+        metrics = c.get("/metrics").text  # the plain answer is not counted
+        for endpoint, count in (("/v1/answer", 1), ("/v1/retrieve", 1), ("/v1/answer_batch", 2)):
+            assert f'rvqa_reranked_total{{endpoint="{endpoint}"}} {count}.0' in metrics
 
         for value, message in (
             ("many", "rerank must be an integer"),
