@@ -61,7 +61,7 @@ ADD_CHUNK = 1 << 16
 
 
 FAISS_BLAS_THRESHOLD = 128_000
-"""faiss' own ``distance_compute_blas_threshold`` (faiss ≥ 1.14: exact search of ``nq``
+"""faiss' own ``distance_compute_blas_threshold`` (faiss ≥ 1.14.2: exact search of ``nq``
 queries of dimension ``d`` multiplies matrices (BLAS) when ``nq·d`` reaches it, else
 scans the database once per query)."""
 FLAT_BLAS_THRESHOLD = 2048
