@@ -826,15 +826,7 @@ class RerankerModel(KeepsFrozenOnLoad, PreTrainedModel):
 def by_image(flat: torch.Tensor, counts: Sequence[int], fill: Any = 0) -> torch.Tensor:
     """(P, ...) rows of per-image lists laid end to end → (B, M, ...), M the longest
     list, the rest filled with ``fill``."""
-    b, m = len(counts), max(counts)
-    if b == 1:
-        return flat.unsqueeze(0)
-    out = flat.new_full((b, m, *flat.shape[1:]), fill)
-    o = 0
-    for i, n in enumerate(counts):
-        out[i, :n] = flat[o : o + n]
-        o += n
-    return out
+    return nn.utils.rnn.pad_sequence(flat.split(list(counts)), batch_first=True, padding_value=fill)
 
 
 def candidate_layout(

@@ -377,12 +377,13 @@ class MicroBatcher:
         """Queue one request whose ``pixels`` are held already (released when it is
         answered, or now if it does not fit the queue). No await between :meth:`reserve`
         and this keeps the bound."""
+        if self._queue is None:
+            raise RuntimeError("MicroBatcher.start() was not called")
         try:
             self.reserve(1)
         except ServeError:
             self.release_pixels(pixels)
             raise
-        assert self._queue is not None
         fut = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Job(image, question, top_k, index, fut, pixels, rerank))
         return fut
@@ -396,8 +397,7 @@ class MicroBatcher:
         pixels: int = 0,
         rerank: int | None = None,
     ):
-        if self._queue is None:
-            raise RuntimeError("MicroBatcher.start() was not called")
+        """:meth:`enqueue`, awaited: the request's answer."""
         return await self.enqueue(image, question, top_k, index, pixels, rerank)
 
     async def run(self, fn: Any, pixels: int = 0) -> Any:
